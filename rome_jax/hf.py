@@ -1,0 +1,204 @@
+"""Hugging Face directories <-> Model.
+
+Reads ``config.json`` and weights from ``model.safetensors``, sharded safetensors with
+``model.safetensors.index.json``, or ``pytorch_model.bin`` (only through
+``torch.load(weights_only=True)``, only when torch is installed; nothing else is unpickled),
+plus the tokenizer files. A hub id is fetched with ``huggingface_hub.snapshot_download``.
+Exports write ``config.json``, ``model.safetensors`` and the tokenizer into a temporary directory
+that is renamed into place, so an export is never half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.flax import save_file
+
+from rome_jax.models import gpt2, gptj
+from rome_jax.models.config import ModelConfig
+from rome_jax.models.model import Model
+from rome_jax.models.tokenizer import Tokenizer
+
+FAMILIES = {"gpt2": gpt2, "gptj": gptj}
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "gpt2-cf-tiny"
+
+
+def resolve(path_or_id: str | os.PathLike | None) -> Path:
+    """A local directory, or a hub id downloaded to the HF cache. ``None``: the default model."""
+    if path_or_id is None:
+        path_or_id = os.environ.get("ROME_JAX_DEFAULT_MODEL", DEFAULT_MODEL)
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_id)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise FileNotFoundError(f"{text}: no such model directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=[
+            "config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json",
+            "vocab.json", "merges.txt"]))
+    except Exception as err:
+        raise FileNotFoundError(f"{text}: not a local directory, and the hub download failed "
+                                f"({type(err).__name__}: {err})") from None
+
+
+def _read_config(path: Path) -> ModelConfig:
+    file = path / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: missing (every model directory needs config.json)")
+    try:
+        hf = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from None
+    return ModelConfig.from_hf(hf, source=str(file))
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ValueError(f"{index}: not a safetensors index ({err})") from None
+        return [path / name for name in sorted(set(weight_map.values()))]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return [path / name]
+    raise FileNotFoundError(f"{path}: no weights (model.safetensors, "
+                            "model.safetensors.index.json or pytorch_model.bin)")
+
+
+def _tensor_readers(files: list[Path]) -> dict[str, Callable[[], np.ndarray]]:
+    """HF name (``transformer.`` prefix stripped) -> loader; loading is lazy, per tensor."""
+    readers: dict[str, Callable[[], np.ndarray]] = {}
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: weight file missing")
+        if file.suffix == ".bin":
+            try:
+                import torch
+            except ImportError:
+                raise ValueError(f"{file}: pytorch_model.bin needs torch installed "
+                                 "(or convert the model to safetensors)") from None
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True)
+            except Exception as err:
+                raise ValueError(f"{file}: cannot read ({type(err).__name__}: {err})") from None
+            for name, tensor in state.items():
+                readers[name.removeprefix("transformer.")] = (
+                    lambda t=tensor: t.float().numpy() if t.dtype.is_floating_point else t.numpy())
+            continue
+        try:
+            handle = safe_open(str(file), framework="flax")
+            names = list(handle.keys())
+        except Exception as err:
+            raise ValueError(f"{file}: not a readable safetensors file, truncated or corrupt "
+                             f"({type(err).__name__}: {err})") from None
+        for name in names:
+            readers[name.removeprefix("transformer.")] = (
+                lambda h=handle, n=name, f=file: _get(h, n, f))
+    return readers
+
+
+def _get(handle, name: str, file: Path):
+    try:
+        return handle.get_tensor(name)
+    except Exception as err:
+        raise ValueError(f"{file}: tensor {name!r} cannot be read, the file is truncated or "
+                         f"corrupt ({type(err).__name__}: {err})") from None
+
+
+def load_model(path_or_id: str | os.PathLike | None = None, dtype=jnp.float32) -> Model:
+    """Load an HF GPT-2 / GPT-J directory or hub id (``None``: the embedded default model).
+
+    Raises FileNotFoundError / ValueError naming the file and tensor for a missing config or
+    weights, an unknown architecture, a missing tensor, a wrong shape or a truncated file.
+    """
+    path = resolve(path_or_id)
+    config = _read_config(path)
+    family = FAMILIES[config.model_type]
+    files = _weight_files(path)
+    readers = _tensor_readers(files)
+    where = files[0] if len(files) == 1 else path / "model.safetensors.index.json"
+    used: set[str] = set()
+
+    def read(name: str, shape: tuple) -> jnp.ndarray:
+        if name not in readers:
+            raise ValueError(f"{where}: missing tensor {name!r} "
+                             f"(a {config.model_type} with {config.n_layer} layers needs it)")
+        value = jnp.asarray(readers[name](), dtype=dtype)
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"{where}: tensor {name!r} has shape {tuple(value.shape)}, "
+                             f"expected {tuple(shape)} from config.json")
+        used.add(name)
+        return value
+
+    params = family.import_weights(read, config)
+    unexpected = [n for n in readers if n not in used and not n.endswith(family.IGNORED_SUFFIXES)]
+    if unexpected:
+        raise ValueError(f"{where}: unexpected tensors {unexpected[:5]} for a "
+                         f"{config.model_type} with {config.n_layer} layers")
+    return Model(config, params, Tokenizer.from_dir(path), name=str(path_or_id or path))
+
+
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool,
+                     write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` on a fresh sibling temp dir, then rename it to ``out_dir``.
+
+    An existing ``out_dir`` is refused unless ``overwrite``; then it is replaced only after the
+    new one is complete.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: already exists (pass overwrite=True / --overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_hf(model: Model, out_dir: str | os.PathLike, *, overwrite: bool = False,
+            dtype=None, extra_files: dict[str, str | bytes] | None = None) -> Path:
+    """Write ``model`` as an HF directory that ``transformers.AutoModelForCausalLM`` loads.
+
+    ``dtype`` casts the saved weights (default: as they are); ``extra_files`` maps a file name
+    to text or bytes written beside them (a model card, say).
+    """
+    weights = FAMILIES[model.config.model_type].export_weights(model.params, model.config)
+    weights = {k: jnp.asarray(v if dtype is None else v.astype(dtype)) for k, v in weights.items()}
+    bad = [k for k, v in weights.items() if not bool(jnp.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"refusing to save non-finite weights: {bad[:5]}")
+
+    def write(tmp: Path) -> None:
+        config = model.config.to_hf()
+        config["torch_dtype"] = str(next(iter(weights.values())).dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.tokenizer.save(tmp, model.config.n_positions)
+        for name, content in (extra_files or {}).items():
+            data = content.encode() if isinstance(content, str) else content
+            (tmp / name).write_bytes(data)
+
+    return atomic_directory(out_dir, overwrite, write)

@@ -1,0 +1,77 @@
+"""The GPT-2 byte-level BPE tokenizer, read from a model directory.
+
+Sources, in order: ``tokenizer.json`` (a serialized ``tokenizers`` pipeline), or ``vocab.json`` +
+``merges.txt`` (the original GPT-2 files). The raw files are kept so that export writes exactly
+what was read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+
+EOS_TOKEN = "<|endoftext|>"
+SOURCE_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Tokenizer:
+    """Text <-> token ids. ``files`` maps file name -> bytes of the tokenizer's source files."""
+
+    backend: tokenizers.Tokenizer
+    files: dict[str, bytes]
+
+    @property
+    def eos_id(self) -> int:
+        return self.backend.token_to_id(EOS_TOKEN)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        if (path / "tokenizer.json").is_file():
+            raw = (path / "tokenizer.json").read_bytes()
+            try:
+                backend = tokenizers.Tokenizer.from_str(raw.decode())
+            except Exception as err:  # the tokenizers library raises plain Exception
+                raise ValueError(f"{path / 'tokenizer.json'}: cannot read tokenizer ({err})")
+            return cls(backend, {"tokenizer.json": raw})
+        vocab, merges = path / "vocab.json", path / "merges.txt"
+        missing = [p.name for p in (vocab, merges) if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{path}: no tokenizer (need tokenizer.json, or vocab.json "
+                                    f"and merges.txt; missing {', '.join(missing)})")
+        try:
+            json.loads(vocab.read_bytes())
+            bpe = models.BPE.from_file(str(vocab), str(merges))
+        except Exception as err:
+            raise ValueError(f"{path}: cannot read vocab.json/merges.txt ({err})")
+        backend = tokenizers.Tokenizer(bpe)
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        return cls(backend, {"vocab.json": vocab.read_bytes(), "merges.txt": merges.read_bytes()})
+
+    def save(self, path: Path, model_max_length: int) -> None:
+        """Write the source files and a ``tokenizer_config.json`` for ``transformers``."""
+        for name, raw in self.files.items():
+            (path / name).write_bytes(raw)
+        config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length,
+                  "bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN,
+                  "add_prefix_space": False}
+        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))

@@ -1,0 +1,216 @@
+"""The forward pass of GPT-2 and GPT-J as pure functions over a params pytree, with ROME's taps.
+
+Params layout (every block leaf is stacked along a leading layer axis ``[L, ...]``; dense
+weights are stored ``[in, out]`` and applied as ``x @ w + b``):
+
+    wte [V, D]           token embedding
+    wpe [P, D]           learned positions (GPT-2 only)
+    blocks/ln_1, ln_2    LayerNorm {scale, bias} [L, D] (ln_2: GPT-2 only)
+    blocks/attn/q,k,v,o  {w [L, D, D], b [L, D]} (no b in GPT-J)
+    blocks/mlp/fc_in     {w [L, D, F], b [L, F]}
+    blocks/mlp/fc_out    {w [L, F, D], b [L, D]}  ROME's W (as W^T) and b
+    ln_f                 {scale, bias} [D]
+    lm_head              {w [D, V], b [V]} (GPT-J only; GPT-2 ties logits to wte)
+
+The taps ROME needs (see ``forward``): the MLP key (input of ``fc_out``) at one layer and one
+position per row, a delta added to the MLP output there, a cached residual stream at that layer
+so lower blocks are skipped, and logits at chosen positions only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rome_jax.models.config import ModelConfig
+
+Params = dict[str, Any]
+
+
+class Context(NamedTuple):
+    """Per-batch facts every block needs. positions [B, T] int; attn_bias [B, 1, T, T]."""
+
+    positions: jax.Array
+    attn_bias: jax.Array
+
+
+class ForwardOut(NamedTuple):
+    """logits [B, T or P, V]; key [B, F] at (layer, token_index) or None."""
+
+    logits: jax.Array
+    key: jax.Array | None
+
+
+def make_context(input_shape: tuple[int, int], attention_mask: jax.Array | None,
+                 dtype=jnp.float32) -> Context:
+    """Causal + padding mask and position ids (``cumsum(mask) - 1``) for a [B, T] batch.
+
+    Position ids count only real tokens, so a left-padded row computes exactly what the same row
+    unpadded computes.
+    """
+    batch, seq = input_shape
+    if attention_mask is None:
+        attention_mask = jnp.ones((batch, seq), jnp.int32)
+    mask = attention_mask.astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    causal = jnp.tril(jnp.ones((seq, seq), bool))
+    allowed = causal[None, None] & (mask[:, None, None, :] > 0)
+    bias = jnp.where(allowed, 0.0, jnp.finfo(dtype).min).astype(dtype)
+    return Context(positions, bias)
+
+
+def layer_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def dense(p: Params, x: jax.Array) -> jax.Array:
+    """x @ w (+ b when the layer has a bias)."""
+    y = x @ p["w"]
+    return y + p["b"] if "b" in p else y
+
+
+def activation(name: str, x: jax.Array) -> jax.Array:
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    return jax.nn.relu(x)
+
+
+def rotary(x: jax.Array, positions: jax.Array, rotary_dim: int) -> jax.Array:
+    """GPT-J rotary embedding on the first ``rotary_dim`` dims of x [B, T, H, hd].
+
+    Pairs (2i, 2i+1) rotate by angle ``position / 10000^(2i / rotary_dim)``.
+    """
+    inv_freq = 1.0 / (10000.0 ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+    angle = positions.astype(jnp.float32)[..., None] * inv_freq            # [B, T, rd/2]
+    sin = jnp.repeat(jnp.sin(angle), 2, axis=-1)[:, :, None, :].astype(x.dtype)
+    cos = jnp.repeat(jnp.cos(angle), 2, axis=-1)[:, :, None, :].astype(x.dtype)
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    swapped = jnp.stack([-rot[..., 1::2], rot[..., ::2]], axis=-1).reshape(rot.shape)
+    return jnp.concatenate([rot * cos + swapped * sin, rest], axis=-1)
+
+
+def attention(p: Params, cfg: ModelConfig, x: jax.Array, ctx: Context) -> jax.Array:
+    """Multi-head causal self-attention. x [B, T, D] -> [B, T, D]."""
+    batch, seq, _ = x.shape
+    split = lambda y: y.reshape(batch, seq, cfg.n_head, cfg.head_dim)
+    q, k, v = (split(dense(p[name], x)) for name in ("q", "k", "v"))
+    if cfg.rotary_dim is not None:
+        q = rotary(q, ctx.positions, cfg.rotary_dim)
+        k = rotary(k, ctx.positions, cfg.rotary_dim)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.head_dim)
+    weights = jax.nn.softmax(scores + ctx.attn_bias.astype(scores.dtype), axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, seq, cfg.d_model)
+    return dense(p["o"], out)
+
+
+def mlp(p: Params, cfg: ModelConfig, x: jax.Array, delta: jax.Array | None = None):
+    """MLP with its key. x [B, T, D] -> (out [B, T, D], key [B, T, F]); ``delta`` [B, T, D] is
+    added to the output (ROME's v* = W k + b + delta)."""
+    key = activation(cfg.activation, dense(p["fc_in"], x))
+    out = dense(p["fc_out"], key)
+    return (out if delta is None else out + delta), key
+
+
+def block(p: Params, cfg: ModelConfig, h: jax.Array, ctx: Context,
+          mlp_delta: jax.Array | None = None):
+    """One transformer block. h [B, T, D] -> (h [B, T, D], key [B, T, F])."""
+    eps = cfg.layer_norm_epsilon
+    x = layer_norm(p["ln_1"], h, eps)
+    if cfg.parallel_residual:
+        mlp_out, key = mlp(p["mlp"], cfg, x, mlp_delta)
+        return h + attention(p["attn"], cfg, x, ctx) + mlp_out, key
+    h = h + attention(p["attn"], cfg, x, ctx)
+    mlp_out, key = mlp(p["mlp"], cfg, layer_norm(p["ln_2"], h, eps), mlp_delta)
+    return h + mlp_out, key
+
+
+def run_blocks(params: Params, cfg: ModelConfig, h: jax.Array, ctx: Context,
+               start: int, stop: int) -> jax.Array:
+    """Blocks ``start <= l < stop`` by ``lax.scan`` (one compiled block). h [B, T, D]."""
+    if stop <= start:
+        return h
+    layers = jax.tree.map(lambda w: w[start:stop], params["blocks"])
+
+    def step(h, p):
+        return block(p, cfg, h, ctx)[0], None
+
+    return jax.lax.scan(step, h, layers)[0]
+
+
+def embed(params: Params, cfg: ModelConfig, input_ids: jax.Array, ctx: Context) -> jax.Array:
+    """Token (+ learned position) embedding. input_ids [B, T] -> h [B, T, D]."""
+    h = params["wte"][input_ids]
+    if "wpe" in params:
+        h = h + params["wpe"][ctx.positions]
+    return h
+
+
+def unembed(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
+    """Final LayerNorm and LM head. h [..., D] -> logits [..., V]."""
+    x = layer_norm(params["ln_f"], h, cfg.layer_norm_epsilon)
+    if cfg.tied_lm_head:
+        return x @ params["wte"].T
+    return dense(params["lm_head"], x)
+
+
+def residual_at(params: Params, cfg: ModelConfig, input_ids: jax.Array,
+                attention_mask: jax.Array | None, layer: int) -> jax.Array:
+    """The residual stream entering block ``layer``: [B, T, D]. Cache it; an edit at ``layer``
+    cannot change it."""
+    ctx = make_context(input_ids.shape, attention_mask, params["wte"].dtype)
+    return run_blocks(params, cfg, embed(params, cfg, input_ids, ctx), ctx, 0, layer)
+
+
+def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
+            attention_mask: jax.Array | None = None, *, layer: int | None = None,
+            token_index: jax.Array | None = None, mlp_delta: jax.Array | None = None,
+            residual: jax.Array | None = None,
+            logit_positions: jax.Array | None = None) -> ForwardOut:
+    """Run the model with ROME's taps.
+
+    Args:
+      input_ids: [B, T] token ids (padding anywhere the mask is 0).
+      attention_mask: [B, T], 1 for real tokens; ``None`` means all real.
+      layer: static block index for the taps below.
+      token_index: [B] position per row at which the key is read and ``mlp_delta`` is added.
+      mlp_delta: [D] or [B, D], added to the MLP output of ``layer`` at ``token_index``.
+      residual: [B, T, D] cached input of block ``layer`` (``residual_at``); blocks below it are
+        skipped.
+      logit_positions: [B, P] positions whose logits are wanted; ``None`` means all.
+
+    Returns:
+      ForwardOut(logits [B, T or P, V], key [B, F] at (layer, token_index) or None).
+    """
+    ctx = make_context(input_ids.shape, attention_mask, params["wte"].dtype)
+    key = None
+    if layer is None:
+        if residual is not None or token_index is not None or mlp_delta is not None:
+            raise ValueError("layer: residual, token_index and mlp_delta need a layer")
+        h = run_blocks(params, cfg, embed(params, cfg, input_ids, ctx), ctx, 0, cfg.n_layer)
+    else:
+        cfg.check_layer(layer)
+        h = residual
+        if h is None:
+            h = run_blocks(params, cfg, embed(params, cfg, input_ids, ctx), ctx, 0, layer)
+        delta_full = None
+        onehot = None
+        if token_index is not None:
+            onehot = jax.nn.one_hot(token_index, input_ids.shape[1], dtype=h.dtype)  # [B, T]
+            if mlp_delta is not None:
+                delta_full = onehot[:, :, None] * jnp.broadcast_to(
+                    mlp_delta, (h.shape[0], h.shape[-1]))[:, None, :]
+        p_layer = jax.tree.map(lambda w: w[layer], params["blocks"])
+        h, keys = block(p_layer, cfg, h, ctx, delta_full)
+        if onehot is not None:
+            key = jnp.einsum("bt,btf->bf", onehot, keys)
+        h = run_blocks(params, cfg, h, ctx, layer + 1, cfg.n_layer)
+    if logit_positions is not None:
+        h = jnp.take_along_axis(h, logit_positions[:, :, None], axis=1)
+    return ForwardOut(unembed(params, cfg, h), key)
