@@ -127,7 +127,9 @@ class ModelConfig:
         else:
             if tied:
                 raise ValueError(f"{source}: tie_word_embeddings=True is not supported for gptj")
-            rotary_dim = hf.get("rotary_dim") or d_model // n_head
+            # Absent: GPTJConfig's default 64 (what transformers computes); null: the whole
+            # head (transformers 4 rotates all of it, which only works with one head).
+            rotary_dim = hf.get("rotary_dim", 64) or d_model // n_head
             if rotary_dim % 2 or rotary_dim > d_model // n_head:
                 raise ValueError(f"{source}: rotary_dim={rotary_dim} must be even and at most "
                                  f"the head size {d_model // n_head}")

@@ -214,3 +214,20 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
     if logit_positions is not None:
         h = jnp.take_along_axis(h, logit_positions[:, :, None], axis=1)
     return ForwardOut(unembed(params, cfg, h), key)
+
+
+def mlp_key(params: Params, cfg: ModelConfig, input_ids: jax.Array,
+            attention_mask: jax.Array | None, layer: int,
+            token_index: jax.Array | None = None) -> jax.Array:
+    """ROME's key: the input of block ``layer``'s MLP output projection.
+
+    Returns [B, F] at ``token_index`` [B], or [B, T, F] at every position when it is None.
+    Blocks above ``layer`` are not run.
+    """
+    cfg.check_layer(layer)
+    ctx = make_context(input_ids.shape, attention_mask, params["wte"].dtype)
+    h = run_blocks(params, cfg, embed(params, cfg, input_ids, ctx), ctx, 0, layer)
+    keys = block(jax.tree.map(lambda w: w[layer], params["blocks"]), cfg, h, ctx)[1]
+    if token_index is None:
+        return keys
+    return jnp.take_along_axis(keys, token_index[:, None, None], axis=1)[:, 0]

@@ -1,0 +1,1 @@
+"""ROME: requests, context templates, keys, key statistics, v*, the rank-one update, edits."""

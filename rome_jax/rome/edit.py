@@ -1,0 +1,275 @@
+"""One ROME edit, sequential edits (a fold) and independent edits from one base (a vmap).
+
+    context = prepare(model, hparams, key)                # templates + key statistics, once
+    new_params, report = edit(model, request, hparams, method="c-rome", context=context)
+
+``edit`` is pure: the input params are unchanged and the same inputs (the same key for the
+templates) give the same edit bit for bit. Keys, v* and the update run in one jit-compiled
+function; the residual stream below the edit layer is computed once inside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rome_jax.data import bucket, pad_batch
+from rome_jax.evaluation import continuation_nll
+from rome_jax.models.config import ModelConfig
+from rome_jax.models.model import Model
+from rome_jax.models.transformer import Params, residual_at
+from rome_jax.rome.hparams import RomeHParams, preset_for
+from rome_jax.rome.keys import keys_from_residual
+from rome_jax.rome.request import EditRequest, subject_token_index
+from rome_jax.rome.stats import KeyStats, key_stats
+from rome_jax.rome.templates import ContextTemplates, sample_context_templates
+from rome_jax.rome.update import RankOneEdit, apply_edit, canonical_method, rank_one_update
+from rome_jax.rome.values import VBatch, optimize_v
+
+KL_PROMPT = "{} is a"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EditContext:
+    """What every edit of one model at one layer shares: the context templates, the key
+    statistics and their Cholesky factor."""
+
+    templates: ContextTemplates
+    stats: KeyStats
+    factor: jax.Array
+
+
+def prepare(model: Model, hparams: RomeHParams | None = None, key: jax.Array | None = None, *,
+            templates: ContextTemplates | Sequence[str] | None = None,
+            stats: KeyStats | None = None, log=None) -> EditContext:
+    """Sample the templates with ``key`` (default ``jax.random.key(0)``) unless given, and load
+    or compute the key statistics (cached on disk) unless given."""
+    hparams = (hparams or preset_for(model.config)).check(model.config)
+    if templates is None:
+        templates = sample_context_templates(model, jax.random.key(0) if key is None else key,
+                                             hparams.context_template_length_params)
+    elif not isinstance(templates, ContextTemplates):
+        templates = ContextTemplates(tuple(templates))
+    if stats is None:
+        stats = key_stats(model, hparams.layer, hparams.mom2_corpus,
+                          n_samples=hparams.mom2_n_samples, log=log)
+    if stats.layer != hparams.layer or stats.moment.shape != (model.config.d_mlp,) * 2:
+        raise ValueError(f"stats: computed for layer {stats.layer} with shape "
+                         f"{stats.moment.shape}, the edit needs layer {hparams.layer} and "
+                         f"{(model.config.d_mlp,) * 2}")
+    return EditContext(templates, stats, stats.factor(hparams.mom2_ridge))
+
+
+def build_batch(model: Model, request: EditRequest, templates: ContextTemplates,
+                fact_token: str, length: int | None = None) -> VBatch:
+    """Rows: every template around the prompt with target[:-1] appended, then the KL prompt."""
+    tok = model.tokenizer
+    target = tok.encode(" " + request.target_new.strip())
+    rows, lookups, positions, targets, tmask = [], [], [], [], []
+    for template in templates.apply(request.prompt):
+        ids, index = subject_token_index(tok, template, request.subject, fact_token)
+        rows.append(ids + target[:-1])
+        lookups.append(index)
+        positions.append([len(ids) - 1 + j for j in range(len(target))])
+        targets.append(target)
+        tmask.append([1] * len(target))
+    ids, index = subject_token_index(tok, KL_PROMPT, request.subject, fact_token)
+    rows.append(ids)
+    lookups.append(index)
+    positions.append([index] * len(target))
+    targets.append(target)
+    tmask.append([0] * len(target))
+    width = length or bucket(max(map(len, rows)))
+    if width > model.config.n_positions:
+        raise ValueError(f"prompt: {width} tokens with its template and target exceed the "
+                         f"model's {model.config.n_positions} positions")
+    ids, mask = pad_batch(rows, tok.eos_id, length=width)
+    as_i32 = lambda x: np.asarray(x, np.int32)
+    return VBatch(ids, mask, as_i32(lookups), as_i32(positions), as_i32(targets),
+                  np.asarray(tmask, np.float32))
+
+
+def _pad_targets(batch: VBatch, n_target: int) -> VBatch:
+    """Widen the target axis to ``n_target`` (masked) so that requests stack for vmap."""
+    extra = n_target - batch.target_ids.shape[1]
+    if extra == 0:
+        return batch
+    edge = lambda x: np.concatenate([x, np.repeat(x[:, -1:], extra, 1)], 1)
+    return batch._replace(target_pos=edge(batch.target_pos), target_ids=edge(batch.target_ids),
+                          target_mask=np.pad(batch.target_mask, ((0, 0), (0, extra))))
+
+
+def edit_core(params: Params, config: ModelConfig, layer: int, method: str, steps: int,
+              batch: VBatch, factor: jax.Array, lr, weight_decay, kl_factor, clamp_norm_factor,
+              early_stop_loss):
+    """Keys, v* and the update for one request's batch (traceable; vmap it for many)."""
+    residual = residual_at(params, config, batch.ids, batch.mask, layer)
+    keys = keys_from_residual(params, config, layer, residual, batch.mask, batch.lookup,
+                              n_rows=batch.ids.shape[0] - 1)
+    fc_out = jax.tree.map(lambda w: w[layer], params["blocks"]["mlp"]["fc_out"])
+    v_init = keys.plain @ fc_out["w"] + fc_out["b"]
+    values = optimize_v(params, config, layer, batch, residual, v_init, steps=steps, lr=lr,
+                        weight_decay=weight_decay, kl_factor=kl_factor,
+                        clamp_norm_factor=clamp_norm_factor, early_stop_loss=early_stop_loss)
+    update, diagnostics = rank_one_update(fc_out["w"], fc_out["b"], factor, keys.plain,
+                                          keys.mean, values.v_star, method, layer)
+    cosine = keys.plain @ keys.mean / (jnp.linalg.norm(keys.plain) * jnp.linalg.norm(keys.mean))
+    return update, diagnostics, values, cosine
+
+
+_edit_jit = jax.jit(edit_core, static_argnums=(1, 2, 3, 4))
+_edit_vmap = jax.jit(jax.vmap(edit_core, in_axes=(None,) * 5 + (0,) + (None,) * 6),
+                     static_argnums=(1, 2, 3, 4))
+
+
+@dataclasses.dataclass
+class EditReport:
+    """What an edit did and why it is (un)safe; ``to_dict`` is JSON-ready."""
+
+    method: str
+    layer: int
+    request: dict
+    numerator_norm: float
+    denominator: float
+    delta_norm: float
+    delta_abs: float
+    residual_norm: float
+    key_cosine: float
+    v_init_norm: float
+    delta_v_norm: float
+    v_losses: list[float]
+    v_steps: int
+    p_new_before: float | None = None
+    p_new_after: float | None = None
+    p_true_before: float | None = None
+    p_true_after: float | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _report(request, method, layer, diagnostics, values, cosine) -> EditReport:
+    f = lambda x: float(np.asarray(x))
+    losses = np.asarray(values.losses)
+    return EditReport(
+        method=method, layer=layer, request=request.to_dict(),
+        numerator_norm=f(diagnostics.numerator_norm), denominator=f(diagnostics.denominator),
+        delta_norm=f(diagnostics.delta_norm), delta_abs=f(diagnostics.delta_abs),
+        residual_norm=f(diagnostics.residual_norm), key_cosine=f(cosine),
+        v_init_norm=f(jnp.linalg.norm(values.v_init)), delta_v_norm=f(jnp.linalg.norm(values.delta)),
+        v_losses=[float(x) for x in losses[~np.isnan(losses)]], v_steps=int(values.steps))
+
+
+def _check_finite(update: RankOneEdit, report: EditReport) -> None:
+    finite = bool(jnp.isfinite(update.key_dir).all() & jnp.isfinite(update.value_delta).all())
+    if not finite or not math.isfinite(report.denominator) or report.denominator == 0:
+        raise ValueError(f"non-finite update refused (method {report.method}, denominator "
+                         f"{report.denominator:.3g}, |Δ|_F {report.delta_norm:.3g}); the "
+                         "model is unchanged")
+
+
+def _probabilities(model: Model, params: Params, request: EditRequest) -> tuple[float, float]:
+    targets = [request.target_new] + ([request.target_true] if request.target_true else [])
+    nll = continuation_nll(model, [request.text] * len(targets), targets, params=params)
+    probs = np.exp(-nll)
+    return float(probs[0]), (float(probs[1]) if len(probs) > 1 else None)
+
+
+def compute_edit(model: Model, request: EditRequest, hparams: RomeHParams | None = None,
+                 method: str = "c-rome", *, context: EditContext | None = None,
+                 params: Params | None = None) -> tuple[RankOneEdit, EditReport]:
+    """The edit as a value (not applied) and its report (without probabilities)."""
+    hparams = (hparams or preset_for(model.config)).check(model.config)
+    method = canonical_method(method)
+    if not isinstance(request, EditRequest):
+        request = EditRequest.from_dict(request)
+    params = model.params if params is None else params
+    context = context or prepare(model, hparams)
+    batch = build_batch(model, request, context.templates, hparams.fact_token)
+    update, diagnostics, values, cosine = _edit_jit(
+        params, model.config, hparams.layer, method, hparams.v_num_grad_steps, batch,
+        context.factor, hparams.v_lr, hparams.v_weight_decay, hparams.kl_factor,
+        hparams.clamp_norm_factor, hparams.early_stop_loss)
+    report = _report(request, method, hparams.layer, diagnostics, values, cosine)
+    _check_finite(update, report)
+    return update, report
+
+
+def edit(model: Model, request: EditRequest | dict, hparams: RomeHParams | None = None,
+         method: str = "c-rome", *, context: EditContext | None = None,
+         params: Params | None = None, probabilities: bool = True
+         ) -> tuple[Params, EditReport]:
+    """Apply one edit to ``params`` (default ``model.params``); returns (new params, report).
+
+    Raises ValueError for a bad request, method or layer, and for a non-finite update.
+    """
+    if not isinstance(request, EditRequest):
+        request = EditRequest.from_dict(request)
+    params = model.params if params is None else params
+    update, report = compute_edit(model, request, hparams, method, context=context,
+                                  params=params)
+    new_params = apply_edit(params, update)
+    if probabilities:
+        report.p_new_before, report.p_true_before = _probabilities(model, params, request)
+        report.p_new_after, report.p_true_after = _probabilities(model, new_params, request)
+    return new_params, report
+
+
+def edit_sequential(model: Model, requests: Sequence[EditRequest | dict],
+                    hparams: RomeHParams | None = None, method: str = "c-rome", *,
+                    context: EditContext | None = None, probabilities: bool = False,
+                    progress=None) -> tuple[Params, list[EditReport]]:
+    """Each edit on the result of the previous one (a fold); C and the templates stay those of
+    the base model, as in ROME."""
+    hparams = (hparams or preset_for(model.config)).check(model.config)
+    context = context or prepare(model, hparams)
+    params, reports = model.params, []
+    for request in (progress(requests) if progress else requests):
+        params, report = edit(model, request, hparams, method, context=context, params=params,
+                              probabilities=probabilities)
+        reports.append(report)
+    return params, reports
+
+
+def edit_independent(model: Model, requests: Sequence[EditRequest | dict],
+                     hparams: RomeHParams | None = None, method: str = "c-rome", *,
+                     context: EditContext | None = None
+                     ) -> tuple[RankOneEdit, list[EditReport]]:
+    """Edits of the same base model for every request, computed by one ``jax.vmap`` over
+    requests padded to equal shapes. Returns the stacked edits ([E, F], [E, D]; apply one with
+    ``apply_edit(params, jax.tree.map(lambda x: x[i], edits))``) and their reports."""
+    hparams = (hparams or preset_for(model.config)).check(model.config)
+    method = canonical_method(method)
+    requests = [r if isinstance(r, EditRequest) else EditRequest.from_dict(r) for r in requests]
+    context = context or prepare(model, hparams)
+    batches = [build_batch(model, r, context.templates, hparams.fact_token) for r in requests]
+    width = max(b.ids.shape[1] for b in batches)
+    n_target = max(b.target_ids.shape[1] for b in batches)
+    batches = [_pad_targets(build_batch(model, r, context.templates, hparams.fact_token, width),
+                            n_target) for r in requests]
+    stacked = VBatch(*(np.stack(xs) for xs in zip(*batches)))
+    updates, diagnostics, values, cosine = _edit_vmap(
+        model.params, model.config, hparams.layer, method, hparams.v_num_grad_steps, stacked,
+        context.factor, hparams.v_lr, hparams.v_weight_decay, hparams.kl_factor,
+        hparams.clamp_norm_factor, hparams.early_stop_loss)
+    reports = []
+    for i, request in enumerate(requests):
+        pick = lambda tree: jax.tree.map(lambda x: x[i], tree)
+        report = _report(request, method, hparams.layer, pick(diagnostics), pick(values),
+                         cosine[i])
+        _check_finite(pick(updates), report)
+        reports.append(report)
+    return updates, reports
+
+
+def with_test_prefix(prompt: str, subject: str, prefix: str) -> str:
+    """The "Fall of ROME" test-time fix: a prompt that opens with its subject gets ``prefix``
+    (e.g. ``context.templates.prefixes[0]``) in front, so the model reads the subject with the
+    kind of context it was edited with; other prompts are returned unchanged."""
+    return prefix + prompt if prompt.startswith(subject) else prompt

@@ -1,0 +1,65 @@
+"""ROME hyper-parameters, with the paper's presets and one for the embedded default model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from rome_jax.models.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RomeHParams:
+    """Names follow the ROME code. ``layer`` is ROME's ``layers[0]``; ``v_loss_layer`` None means
+    the last block (the only one ROME's presets use)."""
+
+    layer: int
+    fact_token: str = "subject_last"
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
+    v_loss_layer: int | None = None
+    v_weight_decay: float = 0.5
+    kl_factor: float = 0.0625
+    clamp_norm_factor: float = 4.0
+    early_stop_loss: float = 5e-2
+    context_template_length_params: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
+    mom2_corpus: str = "wikitext"
+    mom2_n_samples: int | None = None
+    mom2_ridge: float = 0.0
+
+    def check(self, config: ModelConfig) -> "RomeHParams":
+        config.check_layer(self.layer)
+        if self.v_loss_layer not in (None, config.n_layer - 1):
+            raise ValueError(f"v_loss_layer: only the last layer ({config.n_layer - 1}) is "
+                             f"supported, got {self.v_loss_layer}")
+        if self.v_num_grad_steps < 1:
+            raise ValueError("v_num_grad_steps: must be at least 1")
+        return self
+
+    def replace(self, **changes) -> "RomeHParams":
+        return dataclasses.replace(self, **changes)
+
+
+# The ROME paper's settings (kmeng01/rome hparams/ROME; GPT-J as in its paper table, which the
+# EasyEdit port also uses).
+PRESETS = {
+    "gpt2-medium": RomeHParams(layer=8),
+    "gpt2-large": RomeHParams(layer=12),
+    "gpt2-xl": RomeHParams(layer=17),
+    "gpt-j-6b": RomeHParams(layer=5),
+    # The embedded default (6 layers): layer 2 sits where ROME's layers sit in GPT-2 XL (17/48).
+    "gpt2-cf-tiny": RomeHParams(layer=2),
+}
+_BY_SHAPE = {("gpt2", 24): "gpt2-medium", ("gpt2", 36): "gpt2-large", ("gpt2", 48): "gpt2-xl",
+             ("gptj", 28): "gpt-j-6b", ("gpt2", 6): "gpt2-cf-tiny"}
+
+
+def preset_for(config: ModelConfig, name: str | None = None) -> RomeHParams:
+    """The preset named ``name``, or the one for a model of this family and depth."""
+    if name is None:
+        name = _BY_SHAPE.get((config.model_type, config.n_layer))
+        if name is None:
+            raise ValueError(f"layer: no preset for a {config.n_layer}-layer "
+                             f"{config.model_type}; pass a layer")
+    if name not in PRESETS:
+        raise ValueError(f"hparams: unknown preset {name!r} ({', '.join(PRESETS)})")
+    return PRESETS[name].check(config)

@@ -1,0 +1,97 @@
+"""EditRequest (a fact to write) and the subject-token lookup ROME uses.
+
+The lookup works on the tokenisation of the whole prompt, so leading spaces and merges are
+exactly what the model sees: a token belongs to the subject when its character span overlaps the
+subject's span, and the subject must start and end on token boundaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from rome_jax.models.tokenizer import Tokenizer
+
+FACT_TOKENS = ("subject_last", "subject_first", "last")
+
+
+@dataclasses.dataclass(frozen=True)
+class EditRequest:
+    """``prompt`` holds one ``{}`` for ``subject``; the model should continue it with
+    ``target_new`` (``target_true`` is the old object, used for reporting only)."""
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    case_id: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.prompt, str) or self.prompt.count("{}") != 1:
+            raise ValueError(f"prompt: must contain exactly one '{{}}' for the subject, got "
+                             f"{self.prompt!r}")
+        if "{" in self.prompt.replace("{}", "") or "}" in self.prompt.replace("{}", ""):
+            raise ValueError(f"prompt: stray brace in {self.prompt!r}")
+        if not isinstance(self.subject, str) or not self.subject.strip():
+            raise ValueError("subject: must be a non-empty string")
+        if not isinstance(self.target_new, str) or not self.target_new.strip():
+            raise ValueError("target_new: must be a non-empty string")
+        if self.target_true is not None and not str(self.target_true).strip():
+            raise ValueError("target_true: must be non-empty when given")
+
+    @property
+    def text(self) -> str:
+        """The prompt with its subject filled in."""
+        return self.prompt.format(self.subject)
+
+    @property
+    def subject_first(self) -> bool:
+        """The subject opens the prompt (the collapse-prone case)."""
+        return self.prompt.startswith("{}")
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> "EditRequest":
+        """From a CounterFact record, its ``requested_rewrite``, or a flat dict; targets may be
+        strings or ``{"str": ...}``."""
+        if not isinstance(record, Mapping):
+            raise ValueError(f"request: expected a JSON object, got {type(record).__name__}")
+        rw = record.get("requested_rewrite", record)
+        missing = [f for f in ("prompt", "subject", "target_new") if f not in rw]
+        if missing:
+            raise ValueError(f"{missing[0]}: missing from the request")
+
+        def text(value):
+            return value.get("str") if isinstance(value, Mapping) else value
+
+        return cls(prompt=rw["prompt"], subject=rw["subject"], target_new=text(rw["target_new"]),
+                   target_true=text(rw.get("target_true")), case_id=record.get("case_id"))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def subject_token_index(tokenizer: Tokenizer, template: str, subject: str,
+                        fact_token: str = "subject_last") -> tuple[list[int], int]:
+    """Token ids of ``template.format(subject)`` and the lookup position.
+
+    ``fact_token``: ``subject_last`` (ROME's default), ``subject_first`` or ``last`` (the last
+    token of the prompt). Raises ValueError when the subject does not fall on token boundaries.
+    """
+    if fact_token not in FACT_TOKENS:
+        raise ValueError(f"fact_token: {fact_token!r} is not one of {FACT_TOKENS}")
+    start = template.index("{}")
+    text = template.format(subject)
+    encoding = tokenizer.backend.encode(text, add_special_tokens=False)
+    ids = encoding.ids
+    if fact_token == "last":
+        return ids, len(ids) - 1
+    lo, hi = start, start + len(subject)
+    inside = [i for i, (a, b) in enumerate(encoding.offsets) if a < hi and b > lo]
+    if not inside:
+        raise ValueError(f"subject: {subject!r} does not tokenise inside the prompt {text!r}")
+    first, last = inside[0], inside[-1]
+    a, b = encoding.offsets[first][0], encoding.offsets[last][1]
+    if text[a:lo].strip() or text[hi:b].strip():
+        raise ValueError(f"subject: {subject!r} does not tokenise inside the prompt {text!r} "
+                         f"(its tokens span {text[a:b]!r})")
+    return ids, first if fact_token == "subject_first" else last

@@ -1,0 +1,167 @@
+"""Key statistics C = E[k kᵀ] over a text corpus, their orbax cache, and solves with C.
+
+The second moment is streamed: per batch, Σ k kᵀ over real tokens is formed on the device in
+float32, and the batches are summed on the host in float64, with the token count. The cache key
+names what C depends on: a fingerprint of the weights that produce the keys at the layer (so an
+edit at that layer, which changes only its output projection, keeps the cache valid), the layer,
+the corpus and the sample count. A cache that cannot be read is rebuilt, never trusted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from rome_jax.data import bucket, load_wikitext, pad_batch
+from rome_jax.models.config import ModelConfig
+from rome_jax.models.model import Model
+from rome_jax.models.transformer import Params, mlp_key
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KeyStats:
+    """moment [F, F] float64 = Σ k kᵀ / count over ``count`` tokens of ``corpus`` at ``layer``."""
+
+    moment: np.ndarray
+    count: int
+    layer: int
+    corpus: str
+
+    def factor(self, ridge: float = 0.0) -> jax.Array:
+        """Lower Cholesky factor of C + ridge·I (float32 [F, F]); solves never form C⁻¹."""
+        c = self.moment + ridge * np.eye(len(self.moment))
+        try:
+            return jnp.asarray(np.linalg.cholesky(c), jnp.float32)
+        except np.linalg.LinAlgError:
+            raise ValueError(f"key statistics at layer {self.layer} are not positive definite "
+                             f"({self.count} tokens); use more samples or a ridge > 0") from None
+
+
+def solve(factor: jax.Array, k: jax.Array) -> jax.Array:
+    """C⁻¹ k from the Cholesky factor L of C (C = L Lᵀ): two triangular solves. k [..., F]."""
+    y = jax.scipy.linalg.solve_triangular(factor, k.T, lower=True)
+    return jax.scipy.linalg.solve_triangular(factor.T, y, lower=False).T
+
+
+@functools.partial(jax.jit, static_argnums=(1, 4))
+def _batch_moment(params: Params, config: ModelConfig, ids, mask, layer: int):
+    keys = mlp_key(params, config, ids, mask, layer) * mask[..., None]
+    return jnp.einsum("btf,btg->fg", keys, keys)
+
+
+def compute_key_stats(model: Model, layer: int, texts: list[str], corpus: str = "custom",
+                      n_samples: int | None = None, batch_size: int = 16,
+                      params: Params | None = None) -> KeyStats:
+    """Stream ``texts`` (each one sample, cut to the model's context) through blocks ≤ layer."""
+    params = model.params if params is None else params
+    model.config.check_layer(layer)
+    seqs = [s[:model.config.n_positions] for s in model.tokenizer.encode_batch(list(texts))
+            if len(s) > 0][:n_samples]
+    if not seqs:
+        raise ValueError(f"corpus {corpus!r}: no text to compute key statistics from")
+    seqs.sort(key=len)  # similar lengths share a batch: little padding, few shapes
+    total = np.zeros((model.config.d_mlp,) * 2, np.float64)
+    count = 0
+    for start in tqdm(range(0, len(seqs), batch_size), desc=f"key stats layer {layer}",
+                      unit="batch", leave=False):
+        chunk = seqs[start:start + batch_size]
+        ids, mask = pad_batch(chunk, model.tokenizer.eos_id, length=min(
+            bucket(max(map(len, chunk)), 32), model.config.n_positions))
+        total += np.asarray(_batch_moment(params, model.config, ids, mask, layer), np.float64)
+        count += int(mask.sum())
+    return KeyStats(total / count, count, layer, corpus)
+
+
+def fingerprint(params: Params, layer: int) -> str:
+    """sha256 over every weight that influences the keys at ``layer``."""
+    digest = hashlib.sha256()
+    below = {k: v for k, v in params.items() if k not in ("blocks", "ln_f", "lm_head")}
+    blocks = jax.tree.map(lambda w: w[:layer + 1], params["blocks"])
+    blocks["mlp"] = {"fc_in": blocks["mlp"]["fc_in"],
+                     "fc_out": jax.tree.map(lambda w: w[:layer], blocks["mlp"]["fc_out"])}
+    for path, leaf in jax.tree_util.tree_flatten_with_path((below, blocks))[0]:
+        digest.update(jax.tree_util.keystr(path).encode())
+        digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return digest.hexdigest()[:20]
+
+
+def default_cache_dir(model: Model) -> Path:
+    """``<model dir>/stats`` for a writable local model, else ``~/.cache/rome_jax/stats``."""
+    local = Path(model.name) if model.name else None
+    if local is not None and local.is_dir() and os.access(local, os.W_OK):
+        return local / "stats"
+    return Path(os.environ.get("ROME_JAX_CACHE", Path.home() / ".cache" / "rome_jax")) / "stats"
+
+
+def cache_path(model: Model, layer: int, corpus: str, n_samples: int | None,
+               cache_dir: Path | None = None) -> Path:
+    name = f"{fingerprint(model.params, layer)}-layer{layer}-{corpus}-{n_samples or 'all'}"
+    return (cache_dir or default_cache_dir(model)) / name
+
+
+def save_key_stats(stats: KeyStats, path: Path) -> None:
+    """Write with orbax (which writes to a temporary name and renames)."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).resolve()
+    if path.exists():
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tree = {"moment_hi": stats.moment.astype(np.float32),
+            "moment_lo": (stats.moment - stats.moment.astype(np.float32)).astype(np.float32),
+            "count": np.array(stats.count, np.int64), "layer": np.array(stats.layer, np.int32)}
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, tree)
+    (path / "corpus.txt").write_text(stats.corpus)
+
+
+def load_key_stats(path: Path) -> KeyStats:
+    """Read a cache written by ``save_key_stats``; ValueError if it is missing or corrupt."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).resolve()
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            tree = checkpointer.restore(path)
+        moment = np.asarray(tree["moment_hi"], np.float64) + np.asarray(tree["moment_lo"],
+                                                                        np.float64)
+        stats = KeyStats(moment, int(tree["count"]), int(tree["layer"]),
+                         (path / "corpus.txt").read_text())
+    except Exception as err:
+        raise ValueError(f"{path}: key statistics cache unreadable ({type(err).__name__}: "
+                         f"{err})") from None
+    if stats.moment.ndim != 2 or not np.isfinite(stats.moment).all() or stats.count <= 0:
+        raise ValueError(f"{path}: key statistics cache is corrupt")
+    return stats
+
+
+def key_stats(model: Model, layer: int, corpus: str = "wikitext",
+              texts: list[str] | None = None, n_samples: int | None = None,
+              cache_dir: Path | None = None, log=None) -> KeyStats:
+    """Cached C for ``model`` at ``layer``: WikiText-2 by default, or ``texts`` named ``corpus``.
+
+    A cache hit is returned as stored; a missing or unreadable cache is (re)computed and saved.
+    """
+    path = cache_path(model, layer, corpus, n_samples, cache_dir)
+    if path.exists():
+        try:
+            return load_key_stats(path)
+        except ValueError as err:
+            if log:
+                log(f"{err}; rebuilding")
+    if texts is None:
+        if corpus != "wikitext":
+            raise ValueError(f"corpus: {corpus!r} needs texts (only 'wikitext' is built in)")
+        texts = load_wikitext()
+    stats = compute_key_stats(model, layer, texts, corpus, n_samples)
+    save_key_stats(stats, path)
+    return stats

@@ -1,0 +1,87 @@
+"""The rank-one update in ROME's three key conventions, as a value you can inspect and apply.
+
+With the model's orientation ``out = k @ w + b`` (w [F, D], ROME's W = wᵀ), an edit is
+``ŵ = w + key_dir ⊗ value_delta``, i.e. ``Ŵ = W + value_delta · key_dirᵀ``, where
+
+    method   u = C⁻¹·ka   residual r = v* − (W kb + b)   key_dir = u / (uᵀ kb)
+    rome     ka = k̄      kb = k^u   (the original code: mixed keys)
+    c-rome   ka = k̄      kb = k̄     (= r-rome; W k̄ + b is the mean MLP output over templates)
+    p-rome   ka = k^u     kb = k^u
+
+For the consistent methods ``ŵᵀ kb + b = v*`` exactly (key_dirᵀ kb = 1). For ``rome`` the
+denominator uᵀk^u can approach 0 when k^u is far from k̄ (subject at the first token): that is the
+collapse mechanism.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from rome_jax.models.transformer import Params
+from rome_jax.rome.stats import solve
+
+METHODS = ("rome", "c-rome", "r-rome", "p-rome")
+
+
+def canonical_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
+    return "c-rome" if method == "r-rome" else method
+
+
+@struct.dataclass
+class RankOneEdit:
+    """``ŵ[layer] = w[layer] + key_dir ⊗ value_delta``. key_dir [F], value_delta [D]; a batch of
+    independent edits stacks them ([E, F], [E, D]) under one static layer."""
+
+    key_dir: jax.Array
+    value_delta: jax.Array
+    layer: int = struct.field(pytree_node=False)
+
+    def weight_delta(self) -> jax.Array:
+        """Δw [F, D] in the model's orientation (ROME's Δ is its transpose)."""
+        return jnp.outer(self.key_dir, self.value_delta)
+
+
+def apply_edit(params: Params, edit: RankOneEdit) -> Params:
+    """New params with the edit added; the input params are not touched."""
+    fc_out = params["blocks"]["mlp"]["fc_out"]
+    w = fc_out["w"].at[edit.layer].add(edit.weight_delta().astype(fc_out["w"].dtype))
+    mlp = {**params["blocks"]["mlp"], "fc_out": {**fc_out, "w": w}}
+    return {**params, "blocks": {**params["blocks"], "mlp": mlp}}
+
+
+class UpdateDiagnostics(NamedTuple):
+    """numerator_norm = ‖r uᵀ‖_F; denominator = uᵀkb; delta_norm = ‖Δ‖_F;
+    delta_abs = ‖Δ‖_F / (F·D) (the |Δ| of "The Fall of ROME"); residual_norm = ‖r‖."""
+
+    numerator_norm: jax.Array
+    denominator: jax.Array
+    delta_norm: jax.Array
+    delta_abs: jax.Array
+    residual_norm: jax.Array
+
+
+def rank_one_update(w: jax.Array, b: jax.Array, factor: jax.Array, key_plain: jax.Array,
+                    key_mean: jax.Array, v_star: jax.Array, method: str, layer: int = 0):
+    """The update for w [F, D], b [D], Cholesky factor of C [F, F], keys [F], v* [D].
+
+    Returns (RankOneEdit, UpdateDiagnostics). Pure and traceable; ``method`` is static.
+    """
+    method = canonical_method(method)
+    key_a = key_plain if method == "p-rome" else key_mean
+    key_b = key_mean if method == "c-rome" else key_plain
+    u = solve(factor, key_a)
+    denominator = u @ key_b
+    residual = v_star - (key_b @ w + b)
+    key_dir = u / denominator
+    numerator_norm = jnp.linalg.norm(residual) * jnp.linalg.norm(u)
+    delta_norm = numerator_norm / jnp.abs(denominator)
+    diagnostics = UpdateDiagnostics(numerator_norm, denominator, delta_norm,
+                                    delta_norm / (w.shape[0] * w.shape[1]),
+                                    jnp.linalg.norm(residual))
+    return RankOneEdit(key_dir, residual, layer), diagnostics
