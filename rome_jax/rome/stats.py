@@ -116,8 +116,7 @@ def save_key_stats(stats: KeyStats, path: Path) -> None:
     if path.exists():
         shutil.rmtree(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tree = {"moment_hi": stats.moment.astype(np.float32),
-            "moment_lo": (stats.moment - stats.moment.astype(np.float32)).astype(np.float32),
+    tree = {"moment": np.asarray(stats.moment, np.float64),
             "count": np.array(stats.count, np.int64), "layer": np.array(stats.layer, np.int32)}
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path, tree)
@@ -132,8 +131,9 @@ def load_key_stats(path: Path) -> KeyStats:
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             tree = checkpointer.restore(path)
-        moment = np.asarray(tree["moment_hi"], np.float64) + np.asarray(tree["moment_lo"],
-                                                                        np.float64)
+        moment = np.asarray(tree["moment"])
+        if moment.dtype != np.float64:
+            raise TypeError(f"moment stored as {moment.dtype}, not float64")
         stats = KeyStats(moment, int(tree["count"]), int(tree["layer"]),
                          (path / "corpus.txt").read_text())
     except Exception as err:

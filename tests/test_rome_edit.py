@@ -1,0 +1,141 @@
+"""Edits on a tiny random GPT-2: purity, determinism, exactness at the key, vmap, fold, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rome_jax import data
+from rome_jax.models.model import Model
+from rome_jax.models.tokenizer import Tokenizer
+from rome_jax.models.transformer import mlp_key
+from rome_jax.rome.edit import (EditContext, build_batch, compute_edit, edit, edit_core,
+                                edit_independent, edit_sequential, prepare, with_test_prefix)
+from rome_jax.rome.hparams import RomeHParams
+from rome_jax.rome.request import EditRequest
+from rome_jax.rome.stats import compute_key_stats
+from rome_jax.rome.templates import sample_context_templates
+from rome_jax.rome.update import apply_edit
+from rome_jax.training import TrainSettings, init_params, model_config
+
+HP = RomeHParams(layer=1, v_num_grad_steps=6, v_lr=0.1,
+                 context_template_length_params=((4, 5), (6, 5)))
+REQUEST = EditRequest("{} plays the", "Lionel Messi", "piano", "football")
+OTHER = EditRequest("The capital of {} is", "France", "Rome", "Paris")
+
+
+@pytest.fixture(scope="module")
+def model():
+    tok = Tokenizer.from_dir(data.tokenizer_dir())
+    cfg = model_config(TrainSettings(n_layer=3, d_model=32, n_head=4, seq_len=64), tok.vocab_size)
+    return Model(cfg, init_params(cfg, jax.random.key(3)), tok)
+
+
+@pytest.fixture(scope="module")
+def context(model):
+    stats = compute_key_stats(model, HP.layer, data.load_wikitext()[:200], "wiki200")
+    return prepare(model, HP, jax.random.key(0), stats=stats)
+
+
+def host(tree):
+    return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+
+
+def test_templates_are_reproducible_from_the_key(model):
+    a = sample_context_templates(model, jax.random.key(7), ((4, 5),))
+    b = sample_context_templates(model, jax.random.key(7), ((4, 5),))
+    c = sample_context_templates(model, jax.random.key(8), ((4, 5),))
+    assert a == b and a != c
+    assert a.templates[0] == "{}" and len(a.templates) == 6
+    assert all(t.endswith(". {}") for t in a.templates[1:])
+
+
+@pytest.mark.parametrize("method", ["rome", "c-rome", "p-rome"])
+def test_edit_is_pure_and_bit_for_bit_deterministic(model, context, method):
+    before = host(model.params)
+    new_a, report_a = edit(model, REQUEST, HP, method, context=context)
+    new_b, report_b = edit(model, REQUEST, HP, method, context=context)
+    jax.tree.map(np.testing.assert_array_equal, host(model.params), before)
+    jax.tree.map(np.testing.assert_array_equal, host(new_a), host(new_b))
+    assert report_a.to_dict() == report_b.to_dict()
+    changed = np.asarray(new_a["blocks"]["mlp"]["fc_out"]["w"]) != before["blocks"]["mlp"]["fc_out"]["w"]
+    assert changed[HP.layer].any() and not changed[np.arange(3) != HP.layer].any()
+    assert report_a.method == method and 1 <= report_a.v_steps <= HP.v_num_grad_steps
+    assert len(report_a.v_losses) == report_a.v_steps
+
+
+@pytest.mark.parametrize("method", ["c-rome", "p-rome"])
+def test_edited_weights_map_the_key_to_v_star(model, context, method):
+    batch = build_batch(model, REQUEST, context.templates, HP.fact_token)
+    update, diag, values, _ = edit_core(model.params, model.config, HP.layer, method,
+                                        HP.v_num_grad_steps, batch, context.factor, HP.v_lr,
+                                        HP.v_weight_decay, HP.kl_factor, HP.clamp_norm_factor,
+                                        HP.early_stop_loss)
+    new = apply_edit(model.params, update)
+    keys = mlp_key(model.params, model.config, batch.ids, batch.mask, HP.layer, batch.lookup)[:-1]
+    key = keys.mean(0) if method == "c-rome" else keys[0]
+    fc_out = jax.tree.map(lambda w: w[HP.layer], new["blocks"]["mlp"]["fc_out"])
+    np.testing.assert_allclose(key @ fc_out["w"] + fc_out["b"], values.v_star, atol=2e-4,
+                               rtol=1e-4)
+    # the plain key through the unedited weights is v_init, the start of v*
+    old = jax.tree.map(lambda w: w[HP.layer], model.params["blocks"]["mlp"]["fc_out"])
+    np.testing.assert_allclose(keys[0] @ old["w"] + old["b"], values.v_init, atol=1e-5)
+
+
+def test_independent_edits_by_vmap_match_single_edits(model, context):
+    edits, reports = edit_independent(model, [REQUEST, OTHER], HP, "c-rome", context=context)
+    assert edits.key_dir.shape == (2, model.config.d_mlp)
+    for i, request in enumerate([REQUEST, OTHER]):
+        single, report = compute_edit(model, request, HP, "c-rome", context=context)
+        np.testing.assert_allclose(edits.value_delta[i], single.value_delta, rtol=2e-3, atol=2e-4)
+        np.testing.assert_allclose(edits.key_dir[i], single.key_dir, rtol=2e-3, atol=1e-5)
+        assert reports[i].request == request.to_dict()
+
+
+def test_sequential_edits_are_a_fold(model, context):
+    params, reports = edit_sequential(model, [REQUEST, OTHER], HP, "c-rome", context=context)
+    first, _ = edit(model, REQUEST, HP, "c-rome", context=context, probabilities=False)
+    second, _ = edit(model, OTHER, HP, "c-rome", context=context, params=first,
+                     probabilities=False)
+    jax.tree.map(np.testing.assert_array_equal, host(params), host(second))
+    assert [r.request["subject"] for r in reports] == ["Lionel Messi", "France"]
+
+
+def test_non_finite_update_is_refused(model, context):
+    poisoned = EditContext(context.templates, context.stats, context.factor * jnp.nan)
+    with pytest.raises(ValueError, match="non-finite update"):
+        edit(model, REQUEST, HP, "c-rome", context=poisoned)
+
+
+@pytest.mark.parametrize("changes,field", [
+    (dict(prompt="{} plays {} the"), "prompt"), (dict(prompt="plays the"), "prompt"),
+    (dict(target_new=" "), "target_new"), (dict(subject=""), "subject"),
+])
+def test_bad_requests_name_the_field(changes, field):
+    fields = dict(prompt="{} plays the", subject="Messi", target_new="piano")
+    with pytest.raises(ValueError, match=field):
+        EditRequest(**{**fields, **changes})
+
+
+def test_subject_that_does_not_tokenise_inside_the_prompt(model, context):
+    with pytest.raises(ValueError, match="subject"):
+        edit(model, EditRequest("{}s are made in", "Apple", "China"), HP, context=context)
+
+
+def test_layer_out_of_range_is_refused(model, context):
+    with pytest.raises(ValueError, match="layer"):
+        edit(model, REQUEST, HP.replace(layer=3), context=context)
+
+
+def test_counterfact_records_become_requests():
+    record = data.load_counterfact()[0]
+    request = EditRequest.from_dict(record)
+    assert request.subject == "Danielle Darrieux" and request.target_new == "English"
+    assert request.target_true == "French" and request.case_id == 0
+    with pytest.raises(ValueError, match="target_new"):
+        EditRequest.from_dict({"prompt": "{} is", "subject": "x"})
+
+
+def test_test_time_prefix_only_for_first_token_subjects():
+    assert with_test_prefix("Messi plays the", "Messi", "The game. ") == "The game. Messi plays the"
+    assert with_test_prefix("The sport of Messi", "Messi", "X. ") == "The sport of Messi"

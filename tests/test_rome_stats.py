@@ -1,0 +1,88 @@
+"""Key statistics: exact second moment, Cholesky solves, orbax cache round trip and rebuild."""
+
+import jax
+import numpy as np
+import pytest
+
+from rome_jax import data
+from rome_jax.models.model import Model
+from rome_jax.models.tokenizer import Tokenizer
+from rome_jax.models.transformer import mlp_key
+from rome_jax.rome import stats as stats_mod
+from rome_jax.rome.stats import (KeyStats, compute_key_stats, key_stats, load_key_stats,
+                                 save_key_stats, solve)
+from rome_jax.training import TrainSettings, init_params, model_config
+
+TEXTS = ["The cat sat on the mat.", "Paris is the capital of France, a country in Europe.",
+         "One", "Rank-one model editing changes a single fact in a language model."]
+
+
+@pytest.fixture(scope="module")
+def model():
+    tok = Tokenizer.from_dir(data.tokenizer_dir())
+    cfg = model_config(TrainSettings(n_layer=2, d_model=16, n_head=2, seq_len=32), tok.vocab_size)
+    return Model(cfg, init_params(cfg, jax.random.key(5)), tok, name="tiny-test-model")
+
+
+def test_moment_equals_brute_force(model):
+    stats = compute_key_stats(model, 1, TEXTS, "four", batch_size=3)
+    keys = [np.asarray(mlp_key(model.params, model.config, np.array([ids]), None, 1))[0]
+            for ids in model.tokenizer.encode_batch(TEXTS)]
+    keys = np.concatenate(keys).astype(np.float64)
+    assert stats.count == len(keys)
+    np.testing.assert_allclose(stats.moment, keys.T @ keys / len(keys), rtol=1e-5, atol=1e-7)
+
+
+def test_solve_matches_numpy():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(6, 12))
+    stats = KeyStats(a @ a.T / 12, 12, 0, "x")
+    k = rng.normal(size=6)
+    np.testing.assert_allclose(solve(stats.factor(), k), np.linalg.solve(stats.moment, k),
+                               rtol=1e-4)
+    ridge = np.linalg.solve(stats.moment + 0.5 * np.eye(6), k)
+    np.testing.assert_allclose(solve(stats.factor(0.5), k), ridge, rtol=1e-4)
+
+
+def test_singular_statistics_are_refused():
+    with pytest.raises(ValueError, match="positive definite"):
+        KeyStats(np.zeros((3, 3)), 1, 0, "x").factor()
+
+
+def test_cache_round_trip_keeps_float64(tmp_path):
+    rng = np.random.default_rng(1)
+    moment = rng.normal(size=(5, 5)) * 1e3 + np.pi
+    save_key_stats(KeyStats(moment, 17, 2, "wiki"), tmp_path / "c")
+    back = load_key_stats(tmp_path / "c")
+    assert back.count == 17 and back.layer == 2 and back.corpus == "wiki"
+    np.testing.assert_array_equal(back.moment, moment)
+
+
+def test_key_stats_caches_and_rebuilds_a_corrupt_cache(model, tmp_path, monkeypatch):
+    first = key_stats(model, 1, "four", texts=TEXTS, cache_dir=tmp_path)
+    path = stats_mod.cache_path(model, 1, "four", None, tmp_path)
+    assert path.is_dir()
+    calls = []
+    real = stats_mod.compute_key_stats
+    monkeypatch.setattr(stats_mod, "compute_key_stats",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = key_stats(model, 1, "four", texts=TEXTS, cache_dir=tmp_path)
+    assert calls == [] and np.array_equal(again.moment, first.moment)
+    # corrupt: every file emptied -> rebuilt, not trusted
+    for file in path.rglob("*"):
+        if file.is_file():
+            file.write_bytes(b"")
+    messages = []
+    rebuilt = key_stats(model, 1, "four", texts=TEXTS, cache_dir=tmp_path, log=messages.append)
+    assert calls == [1] and messages and "rebuilding" in messages[0]
+    np.testing.assert_allclose(rebuilt.moment, first.moment, rtol=1e-12)
+
+
+def test_cache_key_changes_with_weights_below_the_layer_only(model, tmp_path):
+    base = stats_mod.cache_path(model, 1, "c", None, tmp_path)
+    fc_out = model.params["blocks"]["mlp"]["fc_out"]
+    edited_here = {**model.params, "blocks": {**model.params["blocks"], "mlp": {
+        **model.params["blocks"]["mlp"], "fc_out": {**fc_out, "w": fc_out["w"].at[1].add(1.0)}}}}
+    edited_below = {**model.params, "wte": model.params["wte"] + 1.0}
+    assert stats_mod.cache_path(model.with_params(edited_here), 1, "c", None, tmp_path) == base
+    assert stats_mod.cache_path(model.with_params(edited_below), 1, "c", None, tmp_path) != base
