@@ -58,11 +58,13 @@ class Tokenizer:
             raise FileNotFoundError(f"{path}: no tokenizer (need tokenizer.json, or vocab.json "
                                     f"and merges.txt; missing {', '.join(missing)})")
         try:
-            json.loads(vocab.read_bytes())
+            vocab_map = json.loads(vocab.read_bytes())
             bpe = models.BPE.from_file(str(vocab), str(merges))
         except Exception as err:
             raise ValueError(f"{path}: cannot read vocab.json/merges.txt ({err})")
         backend = tokenizers.Tokenizer(bpe)
+        if EOS_TOKEN in vocab_map:  # one token in text, as in transformers and tokenizer.json
+            backend.add_special_tokens([tokenizers.AddedToken(EOS_TOKEN, special=True)])
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
         return cls(backend, {"vocab.json": vocab.read_bytes(), "merges.txt": merges.read_bytes()})

@@ -96,18 +96,25 @@ def rotary(x: jax.Array, positions: jax.Array, rotary_dim: int) -> jax.Array:
     return jnp.concatenate([rot * cos + swapped * sin, rest], axis=-1)
 
 
-def attention(p: Params, cfg: ModelConfig, x: jax.Array, ctx: Context) -> jax.Array:
-    """Multi-head causal self-attention. x [B, T, D] -> [B, T, D]."""
+def attention(p: Params, cfg: ModelConfig, x: jax.Array, ctx: Context,
+              past: tuple[jax.Array, jax.Array] | None = None):
+    """Multi-head causal self-attention. x [B, T, D] -> (out [B, T, D], (k, v) [B, T, H, hd]).
+
+    ``past`` = (k, v) [B, Tp, H, hd] of earlier positions (rotary already applied) is attended
+    before this call's own keys; ``ctx.attn_bias`` is then [B, 1, T, Tp + T].
+    """
     batch, seq, _ = x.shape
     split = lambda y: y.reshape(batch, seq, cfg.n_head, cfg.head_dim)
     q, k, v = (split(dense(p[name], x)) for name in ("q", "k", "v"))
     if cfg.rotary_dim is not None:
         q = rotary(q, ctx.positions, cfg.rotary_dim)
         k = rotary(k, ctx.positions, cfg.rotary_dim)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.head_dim)
+    k_all, v_all = (k, v) if past is None else (jnp.concatenate([past[0], k], 1),
+                                                jnp.concatenate([past[1], v], 1))
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k_all) / math.sqrt(cfg.head_dim)
     weights = jax.nn.softmax(scores + ctx.attn_bias.astype(scores.dtype), axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, seq, cfg.d_model)
-    return dense(p["o"], out)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v_all).reshape(batch, seq, cfg.d_model)
+    return dense(p["o"], out), (k, v)
 
 
 def mlp(p: Params, cfg: ModelConfig, x: jax.Array, delta: jax.Array | None = None):
@@ -119,16 +126,20 @@ def mlp(p: Params, cfg: ModelConfig, x: jax.Array, delta: jax.Array | None = Non
 
 
 def block(p: Params, cfg: ModelConfig, h: jax.Array, ctx: Context,
-          mlp_delta: jax.Array | None = None):
-    """One transformer block. h [B, T, D] -> (h [B, T, D], key [B, T, F])."""
+          mlp_delta: jax.Array | None = None, past=None):
+    """One transformer block. h [B, T, D] -> (h [B, T, D], key [B, T, F], (k, v)).
+
+    ``mlp_delta`` [B, T, D] is added to the MLP output; ``past`` as in ``attention``.
+    """
     eps = cfg.layer_norm_epsilon
     x = layer_norm(p["ln_1"], h, eps)
+    attn_out, kv = attention(p["attn"], cfg, x, ctx, past)
     if cfg.parallel_residual:
         mlp_out, key = mlp(p["mlp"], cfg, x, mlp_delta)
-        return h + attention(p["attn"], cfg, x, ctx) + mlp_out, key
-    h = h + attention(p["attn"], cfg, x, ctx)
+        return h + attn_out + mlp_out, key, kv
+    h = h + attn_out
     mlp_out, key = mlp(p["mlp"], cfg, layer_norm(p["ln_2"], h, eps), mlp_delta)
-    return h + mlp_out, key
+    return h + mlp_out, key, kv
 
 
 def run_blocks(params: Params, cfg: ModelConfig, h: jax.Array, ctx: Context,
@@ -207,7 +218,7 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
                 delta_full = onehot[:, :, None] * jnp.broadcast_to(
                     mlp_delta, (h.shape[0], h.shape[-1]))[:, None, :]
         p_layer = jax.tree.map(lambda w: w[layer], params["blocks"])
-        h, keys = block(p_layer, cfg, h, ctx, delta_full)
+        h, keys, _ = block(p_layer, cfg, h, ctx, delta_full)
         if onehot is not None:
             key = jnp.einsum("bt,btf->bf", onehot, keys)
         h = run_blocks(params, cfg, h, ctx, layer + 1, cfg.n_layer)
@@ -231,3 +242,42 @@ def mlp_key(params: Params, cfg: ModelConfig, input_ids: jax.Array,
     if token_index is None:
         return keys
     return jnp.take_along_axis(keys, token_index[:, None, None], axis=1)[:, 0]
+
+
+def blocks_kv(params: Params, cfg: ModelConfig, h: jax.Array, ctx: Context, start: int):
+    """Blocks ``start..L-1`` on h [B, T, D], keeping every layer's attention keys and values.
+
+    Returns (h [B, T, D], k [L - start, B, T, H, hd], v [L - start, B, T, H, hd]).
+    """
+    layers = jax.tree.map(lambda w: w[start:], params["blocks"])
+
+    def step(h, p):
+        h, _, kv = block(p, cfg, h, ctx)
+        return h, kv
+
+    h, (k, v) = jax.lax.scan(step, h, layers)
+    return h, k, v
+
+
+def forward_live(params: Params, cfg: ModelConfig, layer: int, h: jax.Array, ctx: Context,
+                 past_k: jax.Array, past_v: jax.Array, mlp_delta: jax.Array,
+                 logit_positions: jax.Array) -> jax.Array:
+    """Blocks ``layer..L-1`` on the positions that can still change ("live") only.
+
+    h [B, W, D] is the residual entering ``layer`` at the live positions; past_k, past_v
+    [L - layer, B, Tp, H, hd] the cached attention keys and values of the earlier positions at
+    every layer from ``layer`` up (they cannot change: attention is causal); ctx holds the live
+    positions [B, W] and a bias [B, 1, W, Tp + W]; mlp_delta [B, W, D] is added to the MLP output
+    of ``layer``. Returns logits [B, P, V] at ``logit_positions`` [B, P] (live coordinates).
+    """
+    first = jax.tree.map(lambda w: w[layer], params["blocks"])
+    h = block(first, cfg, h, ctx, mlp_delta, past=(past_k[0], past_v[0]))[0]
+    rest = jax.tree.map(lambda w: w[layer + 1:], params["blocks"])
+
+    def step(h, xs):
+        p, k, v = xs
+        return block(p, cfg, h, ctx, past=(k, v))[0], None
+
+    h = jax.lax.scan(step, h, (rest, past_k[1:], past_v[1:]))[0]
+    h = jnp.take_along_axis(h, logit_positions[:, :, None], axis=1)
+    return unembed(params, cfg, h)

@@ -67,8 +67,10 @@ def prepare(model: Model, hparams: RomeHParams | None = None, key: jax.Array | N
 
 
 def build_batch(model: Model, request: EditRequest, templates: ContextTemplates,
-                fact_token: str, length: int | None = None) -> VBatch:
-    """Rows: every template around the prompt with target[:-1] appended, then the KL prompt."""
+                fact_token: str, length: int | None = None,
+                live_width: int | None = None) -> VBatch:
+    """Rows: every template around the prompt with target[:-1] appended, then the KL prompt.
+    ``length`` and ``live_width`` pad to common shapes (for vmap)."""
     tok = model.tokenizer
     target = tok.encode(" " + request.target_new.strip())
     rows, lookups, positions, targets, tmask = [], [], [], [], []
@@ -90,9 +92,17 @@ def build_batch(model: Model, request: EditRequest, templates: ContextTemplates,
         raise ValueError(f"prompt: {width} tokens with its template and target exceed the "
                          f"model's {model.config.n_positions} positions")
     ids, mask = pad_batch(rows, tok.eos_id, length=width)
+    lookups = np.asarray(lookups, np.int32)
+    live = np.asarray([len(r) for r in rows]) - lookups
+    live_width = live_width or int(live.max())
+    if live_width < live.max():
+        raise ValueError(f"live_width {live_width} is below the {live.max()} needed")
+    offsets = np.arange(live_width)[None, :]
+    live_index = np.minimum(lookups[:, None] + offsets, width - 1).astype(np.int32)
+    live_mask = (offsets < live[:, None]).astype(np.int32)
     as_i32 = lambda x: np.asarray(x, np.int32)
-    return VBatch(ids, mask, as_i32(lookups), as_i32(positions), as_i32(targets),
-                  np.asarray(tmask, np.float32))
+    return VBatch(ids, mask, lookups, as_i32(positions), as_i32(targets),
+                  np.asarray(tmask, np.float32), live_index, live_mask)
 
 
 def _pad_targets(batch: VBatch, n_target: int) -> VBatch:
@@ -250,9 +260,10 @@ def edit_independent(model: Model, requests: Sequence[EditRequest | dict],
     context = context or prepare(model, hparams)
     batches = [build_batch(model, r, context.templates, hparams.fact_token) for r in requests]
     width = max(b.ids.shape[1] for b in batches)
+    live_width = max(b.live_index.shape[1] for b in batches)
     n_target = max(b.target_ids.shape[1] for b in batches)
-    batches = [_pad_targets(build_batch(model, r, context.templates, hparams.fact_token, width),
-                            n_target) for r in requests]
+    batches = [_pad_targets(build_batch(model, r, context.templates, hparams.fact_token, width,
+                                        live_width), n_target) for r in requests]
     stacked = VBatch(*(np.stack(xs) for xs in zip(*batches)))
     updates, diagnostics, values, cosine = _edit_vmap(
         model.params, model.config, hparams.layer, method, hparams.v_num_grad_steps, stacked,

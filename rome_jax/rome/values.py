@@ -9,8 +9,10 @@ the loss, minimised by Adam for at most ``v_num_grad_steps`` steps (stopping ear
     + v_weight_decay · ‖δ‖ / ‖v_init‖²,
 
 with δ projected after each step onto the ball ‖δ‖ ≤ clamp_norm_factor · ‖v_init‖. The residual
-entering the edit layer is computed once; only blocks ≥ layer run inside the loop, with logits
-only at the target positions. The whole loop is one ``lax.while_loop`` on the device.
+entering the edit layer, and the attention keys and values of the positions before each row's
+lookup token at every layer ≥ layer, are computed once (δ cannot change them: attention is
+causal). Inside the loop only the live positions (lookup token onwards) of blocks ≥ layer run,
+with logits only at the target positions. The whole loop is one ``lax.while_loop``.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ import jax.numpy as jnp
 import optax
 
 from rome_jax.models.config import ModelConfig
-from rome_jax.models.transformer import Params, forward
+from rome_jax.models.transformer import Context, Params, blocks_kv, forward_live, make_context
 
 
 class VBatch(NamedTuple):
-    """ids, mask [R, T]; lookup [R]; target_pos, target_ids, target_mask [R, P].
+    """ids, mask [R, T]; lookup [R]; target_pos, target_ids, target_mask [R, P];
+    live_index, live_mask [R, W]: the positions ``lookup + j`` that δ can change.
 
     Rows 0..R-2 are the templates (row 0 the plain prompt), row R-1 the KL prompt, whose
     target_mask is 0 and whose target_pos all point at its lookup token."""
@@ -37,6 +40,8 @@ class VBatch(NamedTuple):
     target_pos: jax.Array
     target_ids: jax.Array
     target_mask: jax.Array
+    live_index: jax.Array
+    live_mask: jax.Array
 
 
 class VResult(NamedTuple):
@@ -53,16 +58,39 @@ class VResult(NamedTuple):
     decay: jax.Array
 
 
+def live_context(params: Params, config: ModelConfig, layer: int, batch: VBatch,
+                 residual: jax.Array) -> tuple[Context, jax.Array, jax.Array]:
+    """Positions and attention bias of the live positions, and the fixed keys/values.
+
+    A live query j of row r attends to cached positions p < lookup[r] (real tokens) and to live
+    positions j' <= j. Returns (Context [R, W], past_k, past_v [L - layer, R, T, H, hd]).
+    """
+    full = make_context(batch.ids.shape, batch.mask, residual.dtype)
+    _, past_k, past_v = blocks_kv(params, config, residual, full, layer)
+    seq, width = batch.ids.shape[1], batch.live_index.shape[1]
+    past_ok = (jnp.arange(seq)[None, :] < batch.lookup[:, None]) & (batch.mask > 0)
+    live_ok = jnp.tril(jnp.ones((width, width), bool))[None] & (batch.live_mask[:, None, :] > 0)
+    allowed = jnp.concatenate(
+        [jnp.broadcast_to(past_ok[:, None, :], (len(past_ok), width, seq)), live_ok], -1)
+    bias = jnp.where(allowed, 0.0, jnp.finfo(residual.dtype).min).astype(residual.dtype)
+    positions = jnp.take_along_axis(full.positions, batch.live_index, axis=1)
+    return Context(positions, bias[:, None]), past_k, past_v
+
+
 def optimize_v(params: Params, config: ModelConfig, layer: int, batch: VBatch,
                residual: jax.Array, v_init: jax.Array, *, steps: int, lr, weight_decay,
                kl_factor, clamp_norm_factor, early_stop_loss) -> VResult:
     """Run ROME's δ optimisation (traceable; ``steps`` is static). residual [R, T, D] is the
     stream entering ``layer``; v_init [D] the MLP output at row 0's lookup token."""
 
+    live_ctx, past_k, past_v = live_context(params, config, layer, batch, residual)
+    h_live = jnp.take_along_axis(residual, batch.live_index[:, :, None], axis=1)
+    at_lookup = (jnp.arange(batch.live_index.shape[1]) == 0)[None, :, None]   # live j = 0
+    live_targets = batch.target_pos - batch.lookup[:, None]
+
     def logprobs(delta):
-        logits = forward(params, config, batch.ids, batch.mask, layer=layer,
-                         token_index=batch.lookup, mlp_delta=delta, residual=residual,
-                         logit_positions=batch.target_pos).logits
+        logits = forward_live(params, config, layer, h_live, live_ctx, past_k, past_v,
+                              at_lookup * delta, live_targets)
         return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)     # [R, P, V]
 
     kl_init = jax.lax.stop_gradient(logprobs(jnp.zeros_like(v_init))[-1, 0])
