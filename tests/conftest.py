@@ -1,0 +1,156 @@
+"""Shared fixtures: tiny random Hugging Face models built with ``transformers`` + ``torch``.
+
+``hf_model(family, **config)`` returns an :class:`HFModel` whose directory holds what
+``save_pretrained`` wrote plus the GPT-2 ``vocab.json`` / ``merges.txt`` from the shared tokenizer
+folder. Models are cached for the whole session by their arguments, so every test asking for the
+same architecture shares one directory; tests that damage a checkpoint copy it first
+(``copy_model_dir``).
+
+Weights are re-drawn with O(1) scales (``randomize``): HF's default init (std 0.02) makes every
+attention pattern almost uniform and every logit almost zero, so a wrong rotary layout, a swapped
+projection or a wrong position id would still match HF to 1e-4. With O(1) weights they do not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+from rome_jax.data import tokenizer_dir
+
+# torch and transformers (the ``test`` extra) are imported where used, so that test files which
+# do not need them still run without them.
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+
+@dataclasses.dataclass(frozen=True)
+class HFModel:
+    """A saved tiny HF model: its directory, the torch module (eval mode) and its config."""
+
+    path: Path
+    torch_model: Any
+    family: str
+    config: dict
+
+    def logits(self, input_ids, attention_mask=None, position_ids=None) -> np.ndarray:
+        """HF logits (float32 numpy) for numpy inputs."""
+        import torch
+
+        kwargs = {"input_ids": torch.as_tensor(np.asarray(input_ids), dtype=torch.long)}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = torch.as_tensor(np.asarray(attention_mask),
+                                                       dtype=torch.long)
+        if position_ids is not None:
+            kwargs["position_ids"] = torch.as_tensor(np.asarray(position_ids), dtype=torch.long)
+        with torch.no_grad():
+            return self.torch_model(**kwargs).logits.float().numpy()
+
+
+def randomize(model, seed: int) -> None:
+    """Re-draw every parameter at O(1) scale (see the module docstring)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+            elif p.ndim == 1:  # biases (LayerNorm and dense)
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(("wte.weight", "wpe.weight")):
+                p.copy_(torch.randn(p.shape, generator=gen))
+            else:  # dense weights; Conv1D [in, out], Linear [out, in]
+                fan_in = p.shape[0] if "c_" in name.rsplit(".", 2)[-2] else p.shape[1]
+                p.copy_(1.5 / math.sqrt(fan_in) * torch.randn(p.shape, generator=gen))
+
+
+def build_hf_model(family: str, seed: int = 0, **overrides):
+    """A random tiny ``GPT2LMHeadModel`` / ``GPTJForCausalLM`` (float32, eval mode)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg: dict[str, Any] = dict(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    cfg.update(overrides)
+    if family == "gpt2":
+        config = transformers.GPT2Config(**cfg)
+        cls = transformers.GPT2LMHeadModel
+    elif family == "gptj":
+        cfg.setdefault("rotary_dim", 4)
+        hf_cfg = dict(cfg)
+        if cfg["rotary_dim"] is None:
+            # transformers 5 refuses rotary_dim=None; transformers 4 then rotates
+            # sin/cos of width n_embd over each head, which only works with one head.
+            if cfg["n_head"] != 1:
+                raise ValueError("rotary_dim=None is only computable by HF with n_head=1")
+            hf_cfg["rotary_dim"] = cfg["n_embd"]  # same sin/cos table as None
+        config = transformers.GPTJConfig(**hf_cfg)
+        cls = transformers.GPTJForCausalLM
+    else:
+        raise ValueError(family)
+    torch.manual_seed(seed)
+    model = cls(config).float().eval()
+    if family == "gptj" and cfg["rotary_dim"] is None:
+        for block in model.transformer.h:  # take HF's rotary_dim=None code path
+            block.attn.rotary_dim = None
+    randomize(model, seed)
+    return model, cfg
+
+
+def save_hf_dir(model, cfg: dict, path: Path) -> None:
+    """``save_pretrained`` + tokenizer files; ``rotary_dim=None`` is written as JSON null."""
+    model.save_pretrained(path)
+    if cfg.get("rotary_dim", 0) is None:
+        config = json.loads((path / "config.json").read_text())
+        config["rotary_dim"] = None
+        (path / "config.json").write_text(json.dumps(config, indent=2))
+    copy_tokenizer(path)
+
+
+def copy_tokenizer(dest: Path) -> None:
+    src = tokenizer_dir()
+    for name in TOKENIZER_FILES:
+        if not (src / name).is_file():
+            pytest.skip(f"{src / name}: shared GPT-2 tokenizer file missing")
+        shutil.copyfile(src / name, dest / name)
+
+
+@pytest.fixture(scope="session")
+def hf_model(tmp_path_factory) -> Callable[..., HFModel]:
+    """Factory: ``hf_model("gpt2", n_head=3, n_embd=24)`` -> cached :class:`HFModel`.
+
+    Defaults: vocab 101, 32 positions, width 32, 2 layers, 4 heads (GPT-J: rotary_dim 4).
+    Pass ``vocab_size=50257`` where the tokenizer must agree with the embedding.
+    """
+    cache: dict[tuple, HFModel] = {}
+
+    def make(family: str, seed: int = 0, **overrides) -> HFModel:
+        key = (family, seed, tuple(sorted(overrides.items())))
+        if key not in cache:
+            model, cfg = build_hf_model(family, seed, **overrides)
+            path = tmp_path_factory.mktemp(f"hf-{family}")
+            save_hf_dir(model, cfg, path)
+            cache[key] = HFModel(path, model, family, cfg)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def copy_model_dir(tmp_path) -> Callable[[HFModel | Path], Path]:
+    """Copy a cached model directory into this test's tmp dir (safe to damage)."""
+
+    def copy(src: HFModel | Path) -> Path:
+        src = src.path if isinstance(src, HFModel) else Path(src)
+        dest = tmp_path / f"model-{sum(1 for _ in tmp_path.glob('model-*'))}"
+        shutil.copytree(src, dest)
+        return dest
+
+    return copy
+

@@ -1,0 +1,208 @@
+"""rome_jax computes what ``transformers`` computes, and its exports load back into ``transformers``.
+
+Every comparison is float32 logits to 1e-4 absolute, on tiny random models whose weights are
+O(1) (see conftest), so attention patterns and positions matter.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+import rome_jax
+from rome_jax.data import pad_batch
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+ATOL = 1e-4
+
+CONFIGS = {
+    "gpt2": ("gpt2", {}),
+    "gpt2-3heads-gelu": ("gpt2", dict(n_embd=24, n_head=3, n_layer=3,
+                                      activation_function="gelu")),
+    "gpt2-5heads-relu": ("gpt2", dict(n_embd=40, n_head=5, n_layer=1, n_inner=56,
+                                      activation_function="relu", layer_norm_epsilon=1e-3)),
+    # head_dim 12, rotary on the first 4 dims only
+    "gptj-partial-rotary": ("gptj", dict(n_embd=48, n_head=4, rotary_dim=4)),
+    "gptj-3heads-full-rotary": ("gptj", dict(n_embd=36, n_head=3, rotary_dim=12, n_inner=40)),
+    "gptj-5heads-gelu": ("gptj", dict(n_embd=40, n_head=5, rotary_dim=6, n_layer=3,
+                                      activation_function="gelu")),
+    # config.json "rotary_dim": null; HF rotates the whole (single) head
+    "gptj-rotary-none": ("gptj", dict(n_embd=16, n_head=1, rotary_dim=None)),
+}
+SEQ = 12
+LENGTHS = (12, 7, 1)
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+def case(request, hf_model):
+    family, overrides = CONFIGS[request.param]
+    hf = hf_model(family, **overrides)
+    return hf, rome_jax.load_model(hf.path)
+
+
+def _ids(vocab: int, batch: int = len(LENGTHS), seq: int = SEQ, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=(batch, seq), dtype=np.int32)
+
+
+def _real(mask: np.ndarray, *arrays: np.ndarray) -> list[np.ndarray]:
+    """Rows of each [B, T, ...] array at the real (mask == 1) positions, concatenated."""
+    return [a[mask.astype(bool)] for a in arrays]
+
+
+def test_config_read(case):
+    hf, model = case
+    cfg = model.config
+    assert (cfg.d_model, cfg.n_layer, cfg.n_head) == (
+        hf.config["n_embd"], hf.config["n_layer"], hf.config["n_head"])
+    assert cfg.d_mlp == (hf.config.get("n_inner") or 4 * hf.config["n_embd"])
+    if hf.family == "gptj":
+        assert cfg.rotary_dim == (hf.config["rotary_dim"] or cfg.head_dim)
+    else:
+        assert cfg.rotary_dim is None
+
+
+def test_logits_unpadded(case):
+    hf, model = case
+    ids = _ids(model.config.vocab_size)
+    ours = np.asarray(rome_jax.logits(model, ids))
+    assert ours.shape == (*ids.shape, model.config.vocab_size)
+    np.testing.assert_allclose(ours, hf.logits(ids), atol=ATOL, rtol=0)
+
+
+def test_logits_right_padding(case):
+    hf, model = case
+    rows = [list(r[:n]) for r, n in zip(_ids(model.config.vocab_size, seed=1), LENGTHS)]
+    ids, mask = pad_batch(rows, pad_id=0, side="right", length=SEQ)
+    ours = np.asarray(rome_jax.logits(model, ids, mask))
+    ref = hf.logits(ids, attention_mask=mask)
+    a, b = _real(mask, ours, ref)
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+
+
+def test_logits_left_padding(case):
+    hf, model = case
+    rows = [list(r[:n]) for r, n in zip(_ids(model.config.vocab_size, seed=2), LENGTHS)]
+    ids, mask = pad_batch(rows, pad_id=0, side="left", length=SEQ)
+    ours = np.asarray(rome_jax.logits(model, ids, mask))
+    positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+    ref = hf.logits(ids, attention_mask=mask, position_ids=positions)
+    a, b = _real(mask, ours, ref)
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+    # And each left-padded row computes what the row alone computes in HF.
+    for row, (seq, n) in enumerate(zip(rows, LENGTHS)):
+        alone = hf.logits(np.asarray([seq]))[0]
+        np.testing.assert_allclose(ours[row, SEQ - n:], alone, atol=ATOL, rtol=0)
+
+
+def test_export_loads_in_transformers(case, tmp_path):
+    hf, model = case
+    out = rome_jax.save_hf(model, tmp_path / "export")
+    assert {"config.json", "model.safetensors", "vocab.json", "merges.txt",
+            "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    ids = _ids(model.config.vocab_size, seed=3)
+    reloaded_hf = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    assert type(reloaded_hf) is type(hf.torch_model)
+    with torch.no_grad():
+        ref = reloaded_hf(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(rome_jax.logits(model, ids)), ref, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(hf.logits(ids), ref, atol=ATOL, rtol=0)
+
+    again = rome_jax.load_model(out)
+    assert again.config == model.config
+    jax.tree.map(np.testing.assert_array_equal, again.params, model.params)
+
+
+def test_exported_tokenizer_matches(hf_model, tmp_path):
+    hf = hf_model("gpt2", vocab_size=50257, n_embd=16, n_layer=1, n_head=2)
+    model = rome_jax.load_model(hf.path)
+    assert model.tokenizer.vocab_size == model.config.vocab_size == 50257
+    assert model.tokenizer.eos_id == 50256
+    out = rome_jax.save_hf(model, tmp_path / "export")
+    texts = ["The Eiffel Tower is located in", " Paris, France.", "  two  spaces\nand a newline",
+             "Ünïcödé — 東京 🙂", "don't won't it's", "", "1234567 3.14159", "\t tabs\t",
+             "<|endoftext|>", "end.<|endoftext|>The next"]
+    tokenizers = [transformers.AutoTokenizer.from_pretrained(out),
+                  transformers.GPT2TokenizerFast.from_pretrained(out)]
+    reloaded = rome_jax.load_model(out).tokenizer
+    for text in texts:
+        ours = model.tokenizer.encode(text)
+        assert reloaded.encode(text) == ours, text
+        assert model.tokenizer.decode(ours) == text
+        for tok in tokenizers:
+            assert tok(text)["input_ids"] == ours, (type(tok).__name__, text)
+            assert tok.decode(ours) == text
+    for tok in tokenizers:
+        assert tok.eos_token_id == model.tokenizer.eos_id
+    # The exported weights and the exported tokenizer agree in HF as they do in rome_jax.
+    ids = np.asarray([model.tokenizer.encode(texts[0])])
+    reloaded_hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        ref = reloaded_hf(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(rome_jax.logits(model, ids)), ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gptj-partial-rotary"])
+def test_sharded_safetensors(name, hf_model, tmp_path):
+    family, overrides = CONFIGS[name]
+    hf = hf_model(family, **overrides)
+    d = tmp_path / "sharded"
+    hf.torch_model.save_pretrained(d, max_shard_size="20KB")
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copyfile(hf.path / f, d / f)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert not (d / "model.safetensors").exists()
+    model = rome_jax.load_model(d)
+    ids = _ids(model.config.vocab_size, seed=4)
+    np.testing.assert_allclose(np.asarray(rome_jax.logits(model, ids)), hf.logits(ids),
+                               atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gptj-partial-rotary"])
+def test_pytorch_model_bin(name, hf_model, tmp_path):
+    family, overrides = CONFIGS[name]
+    hf = hf_model(family, **overrides)
+    d = tmp_path / "bin"
+    d.mkdir()
+    # transformers 5 no longer writes pytorch_model.bin (no safe_serialization=False).
+    torch.save(hf.torch_model.state_dict(), d / "pytorch_model.bin")
+    for f in ("config.json", "vocab.json", "merges.txt"):
+        shutil.copyfile(hf.path / f, d / f)
+    model = rome_jax.load_model(d)
+    ids = _ids(model.config.vocab_size, seed=5)
+    np.testing.assert_allclose(np.asarray(rome_jax.logits(model, ids)), hf.logits(ids),
+                               atol=ATOL, rtol=0)
+
+
+def test_gpt2_names_without_transformer_prefix(hf_model, tmp_path):
+    """The original OpenAI conversion stores ``h.0.attn...`` without ``transformer.``."""
+    from safetensors.torch import save_file
+
+    hf = hf_model("gpt2")
+    d = tmp_path / "noprefix"
+    d.mkdir()
+    state = {k.removeprefix("transformer."): v.contiguous()
+             for k, v in hf.torch_model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(d / "model.safetensors"))
+    for f in ("config.json", "vocab.json", "merges.txt"):
+        shutil.copyfile(hf.path / f, d / f)
+    model = rome_jax.load_model(d)
+    ids = _ids(model.config.vocab_size, seed=6)
+    np.testing.assert_allclose(np.asarray(rome_jax.logits(model, ids)), hf.logits(ids),
+                               atol=ATOL, rtol=0)
+
+
+def test_missing_rotary_dim_means_hf_default():
+    """A GPT-J config.json without rotary_dim computes with GPTJConfig's default (64)."""
+    base = dict(model_type="gptj", vocab_size=11, n_positions=8, n_layer=1,
+                tie_word_embeddings=False)
+    cfg = rome_jax.ModelConfig.from_hf(dict(base, n_embd=256, n_head=2))
+    assert cfg.rotary_dim == transformers.GPTJConfig().rotary_dim == 64
+    assert rome_jax.ModelConfig.from_hf(dict(base, n_embd=256, n_head=2,
+                                             rotary_dim=None)).rotary_dim == 128
