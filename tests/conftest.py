@@ -16,14 +16,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from rome_jax.data import tokenizer_dir
+
+# Property tests draw the same examples on every run (CI must not be flaky); set
+# HYPOTHESIS_PROFILE=explore locally to search new ones.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # torch and transformers (the ``test`` extra) are imported where used, so that test files which
 # do not need them still run without them.
