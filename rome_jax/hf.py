@@ -165,6 +165,7 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         write(tmp)
+        _usual_permissions(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
@@ -176,6 +177,15 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _usual_permissions(root: Path) -> None:
+    """mkdtemp makes a 0700 directory (and some writers 0600 files): give the result the
+    permissions a plain mkdir / open would have under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def save_hf(model: Model, out_dir: str | os.PathLike, *, overwrite: bool = False,
