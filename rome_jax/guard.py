@@ -151,12 +151,12 @@ class GuardProfile:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "GuardProfile":
-        if not isinstance(data, Mapping) or data.get("version") != PROFILE_VERSION:
+    def from_dict(cls, raw: Mapping[str, Any]) -> "GuardProfile":
+        if not isinstance(raw, Mapping) or raw.get("version") != PROFILE_VERSION:
             raise ValueError("guard profile: not a version-1 profile")
         names = {f.name for f in dataclasses.fields(cls)}
         try:
-            kwargs = {k: v for k, v in data.items() if k in names}
+            kwargs = {k: v for k, v in raw.items() if k in names}
             for k in ("denominators", "delta_abs", "case_ids"):
                 kwargs[k] = tuple(kwargs.get(k, ()))
             return cls(**kwargs)

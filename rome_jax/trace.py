@@ -86,6 +86,7 @@ def _block(p: Params, cfg: ModelConfig, h, ctx, patch_h, patch_a, patch_m, clean
     eps = cfg.layer_norm_epsilon
     x = layer_norm(p["ln_1"], h, eps)
     a = attention(p["attn"], cfg, x, ctx)
+    a = a[0] if isinstance(a, tuple) else a  # newer transformer.attention also returns (k, v)
     a = jnp.where(patch_a[..., None], clean_a, a)
     if cfg.parallel_residual:
         m = mlp(p["mlp"], cfg, x)[0]
