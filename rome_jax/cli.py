@@ -62,6 +62,26 @@ def _template_lengths(text: str) -> tuple[tuple[int, int], ...]:
             f"{text!r} is not LENGTHxCOUNT[,LENGTHxCOUNT...] (e.g. 5x10,10x10)") from None
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -114,9 +134,9 @@ def _add_guard_args(p: argparse.ArgumentParser, force: bool = True) -> None:
     g.add_argument("--guard-samples", type=_positive_int, default=48, metavar="N",
                    help="normal CounterFact edits in the guard profile (default 48; computed "
                         "once, cached beside the key statistics)")
-    g.add_argument("--guard-margin", type=float, metavar="M",
+    g.add_argument("--guard-margin", type=_positive_float, metavar="M",
                    help="refuse denominators below the normal 5%% quantile / M (default 3)")
-    g.add_argument("--guard-k", type=float, metavar="K",
+    g.add_argument("--guard-k", type=_positive_float, metavar="K",
                    help="refuse |Δ| above median·exp(K·1.4826·MAD) of normal log|Δ| "
                         "(default 5)")
     g.add_argument("--max-ppl-ratio", type=_ratio, default=10.0, metavar="X",
@@ -215,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also record the guard's prediction for every edit (builds the "
                         "profile) and its confusion counts")
     p.add_argument("--guard-samples", type=_positive_int, default=48, metavar="N")
-    p.add_argument("--guard-margin", type=float, metavar="M")
-    p.add_argument("--guard-k", type=float, metavar="K")
+    p.add_argument("--guard-margin", type=_positive_float, metavar="M")
+    p.add_argument("--guard-k", type=_positive_float, metavar="K")
     p.add_argument("--save-every", type=_positive_int, default=10, metavar="N",
                    help="write the file after every N records (and at the end; default 10)")
     _add_model_args(p)
@@ -234,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated states to restore: hidden, mlp, attn (default all)")
     p.add_argument("--samples", type=_positive_int, default=10,
                    help="noise samples (default 10)")
-    p.add_argument("--noise", type=float, default=3.0,
+    p.add_argument("--noise", type=_nonnegative_float, default=3.0,
                    help="noise = NOISE × embedding std (default 3)")
     p.add_argument("--window", type=_positive_int, default=10,
                    help="layers restored around each layer for mlp/attn (default 10)")
@@ -689,14 +709,13 @@ def cmd_demo(args) -> int:
                  "subject opens the prompt")
         print(f"\n[case {row['case_id']}] {r['prompt'].format(r['subject'])!r}: "
               f"{r['target_true']!r} -> {r['target_new']!r} ({where})")
-        print(f"  {'before':<8} | {r['prompt'].format(r['subject'])}{row['completion_before']!r}")
+        print(f"  {'before':<8} | ...{row['completion_before']!r}")
         for e in row["edits"]:
             if "error" in e:
                 print(f"  {e['method']:<8} | error: {e['error']}")
             else:
-                print(f"  {e['method']:<8} | {r['prompt'].format(r['subject'])}"
-                      f"{e['completion_after']!r}")
-    header = (f"{'case':>6}  {'method':<7} {'P(new) before->after':>23} "
+                print(f"  {e['method']:<8} | ...{e['completion_after']!r}")
+    header = (f"{'case':>6}  {'method':<7} {'P(new) before -> after':>22} "
               f"{'P(true) after':>13} {'ME-PPL_50 after':>15} {'x base':>8} "
               f"{'denominator':>11} {'|Δ|':>9}  guard")
     print("\n" + header + "\n" + "-" * len(header))
@@ -709,7 +728,7 @@ def cmd_demo(args) -> int:
             verdict = "-" if g is None else "ok" if g["ok"] else "REFUSE"
             ratio = e["perplexity_after"] / base_ppl
             print(f"{row['case_id']:>6}  {e['method']:<7} "
-                  f"{_fmt(row['p_new_before'], '.3g'):>10} -> {_fmt(e['p_new_after'], '.3g'):<9} "
+                  f"{_fmt(row['p_new_before'], '.3g'):>9} -> {_fmt(e['p_new_after'], '.3g'):<9} "
                   f"{_fmt(e['p_true_after'], '.3g'):>13} {e['perplexity_after']:>15.4g} "
                   f"{ratio:>8.3g} {e['denominator']:>11.4g} {e['delta_abs']:>9.2e}  {verdict}")
     if profile is not None:
@@ -746,9 +765,10 @@ def cmd_stats(args) -> int:
             "condition_number": float(eig[-1] / eig[0]) if eig[0] > 0 else math.inf,
             "positive_definite": bool(eig[0] > 0), "guard_profile": None}
     if args.guard:
-        info["guard_profile"] = s.profile().summary()
-        info["guard_profile"]["path"] = str(path.with_name(
-            f"{path.name}.guard-n{args.guard_samples}.json"))
+        from rome_jax.guard import profile_path
+
+        info["guard_profile"] = {**s.profile().summary(), "path": str(
+            profile_path(s.model, hp, args.guard_samples))}
     else:
         found = sorted(path.parent.glob(f"{path.name}.guard-n*.json"))
         if found:
@@ -1009,11 +1029,21 @@ def _compilation_cache() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``rome-jax``; returns the exit status."""
+    for stream in (sys.stdout, sys.stderr):  # never a UnicodeEncodeError for ‖Δ‖ on odd locales
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):
+            pass
     parser = build_parser()
     args = parser.parse_args(argv)
     _compilation_cache()
     try:
         return args.func(args) or 0
+    except BrokenPipeError:  # `rome-jax ... | head`: stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ValueError, OSError) as err:  # FileNotFoundError, FileExistsError, JSON errors...
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,0 +1,353 @@
+"""``rome-jax`` as a user runs it: subprocesses on a tiny random GPT-2 saved as an HF directory.
+
+Every command runs with ``--layer 1`` and small settings (40 WikiText texts for the key
+statistics, 4 v* steps, 5 context templates, a 4-edit guard profile); the XLA compilation cache
+is shared by the subprocesses of the session, so only the first run of each function compiles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SMALL = ["--layer", "1", "--mom2-n-samples", "40", "--v-steps", "4", "--template-lengths", "5x5"]
+GUARD = ["--guard-samples", "4"]
+REQUEST = ["--prompt", "{} plays the", "--subject", "Danielle Darrieux", "--target-new", "piano",
+           "--target-true", "violin"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer, 64-wide random GPT-2 with the real tokenizer, saved with rome_jax.save_hf."""
+    import jax
+
+    from rome_jax import save_hf, training
+    from rome_jax.data import tokenizer_dir
+    from rome_jax.models.model import Model
+    from rome_jax.models.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tokenizer_dir())
+    cfg = training.model_config(training.TrainSettings(n_layer=2, d_model=64, n_head=4,
+                                                       seq_len=64), tok.vocab_size)
+    path = tmp_path_factory.mktemp("cli") / "tiny-gpt2"
+    save_hf(Model(cfg, training.init_params(cfg, jax.random.key(0)), tok), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("cli-env")
+    out = dict(os.environ)
+    out.update(JAX_COMPILATION_CACHE_DIR=str(root / "xla"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_PLATFORMS="cpu",
+               ROME_JAX_CACHE=str(root / "cache"),
+               ROME_JAX_DEFAULT_MODEL=str(root / "no-default-model"), TQDM_DISABLE="1")
+    return out
+
+
+def cli(env, *args, cwd=None, script: bool = False) -> subprocess.CompletedProcess:
+    if script:
+        command = [str(Path(sys.executable).with_name("rome-jax"))]
+        if not Path(command[0]).exists():
+            pytest.skip("the rome-jax console script is not installed beside python")
+    else:
+        command = [sys.executable, "-m", "rome_jax.cli"]
+    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, match: str) -> None:
+    assert proc.returncode == 2, f"rc {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("rome-jax: error: ")
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- help
+
+
+def test_help(env):
+    proc = cli(env, "--help", script=True)
+    assert_ok(proc)
+    for command in ("edit", "demo", "stats", "screen", "trace"):
+        assert command in proc.stdout
+    for command, option in [("edit", "--test-prefix"), ("demo", "--methods"),
+                            ("stats", "--rebuild"), ("screen", "--threshold"),
+                            ("trace", "--samples")]:
+        proc = cli(env, command, "--help")
+        assert_ok(proc)
+        assert proc.stdout.startswith(f"usage: rome-jax {command}") and option in proc.stdout
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+BAD_FILES = {
+    "malformed.json": '[{"prompt": "{} plays the", ',
+    "object.json": '{"prompt": "{} plays the", "subject": "A", "target_new": "b"}',
+    "missing.json": '[{"prompt": "{} plays the", "subject": "Danielle Darrieux"}]',
+    "nobraces.json": '[{"prompt": "Danielle plays the", "subject": "Danielle", '
+                     '"target_new": "piano"}]',
+    "screen.json": "this is not JSON",
+}
+
+BAD = {
+    "malformed-json": (["edit", "--requests", "{tmp}/malformed.json"], "not valid JSON"),
+    "requests-not-a-list": (["edit", "--requests", "{tmp}/object.json"], "JSON list"),
+    "missing-request-field": (["edit", "--requests", "{tmp}/missing.json"],
+                              "request 0: target_new: missing"),
+    "requests-prompt-without-braces": (["edit", "--requests", "{tmp}/nobraces.json"],
+                                       "exactly one '{}'"),
+    "requests-file-missing": (["edit", "--requests", "{tmp}/nope.json"], "no such requests"),
+    "prompt-without-braces": (["edit", "--prompt", "Danielle Darrieux plays the", "--subject",
+                               "Danielle Darrieux", "--target-new", "piano"],
+                              "write '{} plays the'"),
+    "subject-not-in-prompt": (["edit", "--prompt", "Somebody plays the", "--subject",
+                               "Danielle Darrieux", "--target-new", "piano"],
+                              "is not in it either"),
+    "subject-off-token-boundaries": (["edit", "--prompt", "{}x plays the", "--subject",
+                                      "Danielle", "--target-new", "piano", "--model", "{model}",
+                                      "--layer", "1"], "does not tokenise inside"),
+    "missing-subject": (["edit", "--prompt", "{} plays", "--target-new", "piano"],
+                        "--subject: required"),
+    "prompt-and-requests": (["edit", *REQUEST, "--requests", "{tmp}/missing.json"],
+                            "use either"),
+    "unknown-method": (["edit", *REQUEST, "--method", "b-rome"], "invalid choice: 'b-rome'"),
+    "unknown-model": (["edit", *REQUEST, "--model", "/nonexistent/model"],
+                      "no such model directory"),
+    "default-model-missing": (["stats"], "no such model directory"),
+    "out-exists": (["edit", *REQUEST, "--model", "{model}", "--out", "{tmp}"],
+                   "already exists (pass --overwrite"),
+    "layer-out-of-range": (["edit", *REQUEST, "--model", "{model}", "--layer", "7"],
+                           "out of range"),
+    "no-preset-no-layer": (["edit", *REQUEST, "--model", "{model}"], "pass a layer"),
+    "bad-template-lengths": (["edit", *REQUEST, "--template-lengths", "5by3"], "LENGTHxCOUNT"),
+    "bad-guard-samples": (["edit", *REQUEST, "--guard-samples", "0"], "at least 1"),
+    "demo-unknown-method": (["demo", "--methods", "rome,x-rome"], "'x-rome' is not one of"),
+    "screen-bad-file": (["screen", "--n", "1", "--out", "{tmp}/screen.json"],
+                        "not a screening file"),
+    "screen-missing-out": (["screen", "--n", "1"], "required: --out"),
+    "trace-bad-kind": (["trace", "--prompt", "{} plays", "--subject", "A", "--kind", "ffn"],
+                       "--kind: 'ffn'"),
+    "trace-out-exists": (["trace", "--prompt", "{} plays", "--subject", "A", "--out",
+                          "{tmp}/screen.json"], "already exists"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_user_errors_are_one_line(env, tiny_model, tmp_path, case):
+    for name, text in BAD_FILES.items():
+        (tmp_path / name).write_text(text)
+    args, match = BAD[case]
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{model}", str(tiny_model)) for a in args]
+    assert_user_error(cli(env, *args), match)
+
+
+# ----------------------------------------------------------------------------- stats
+
+
+def test_stats_build_inspect_rebuild(env, tiny_model):
+    args = ["stats", "--model", tiny_model, "--layer", "1", "--mom2-n-samples", "40"]
+    first = cli(env, *args, "--json")
+    assert_ok(first)
+    info = json.loads(first.stdout)
+    assert info["cached"] is False and info["layer"] == 1 and info["corpus"] == "wikitext"
+    assert info["n_samples"] == 40 and info["tokens"] > 1000 and info["dim"] == 256
+    assert Path(info["path"]).is_dir() and Path(info["path"]).parent == tiny_model / "stats"
+    assert 0 < info["eigenvalue_min"] < info["eigenvalue_max"]
+    assert info["condition_number"] == pytest.approx(
+        info["eigenvalue_max"] / info["eigenvalue_min"])
+
+    again = cli(env, *args)
+    assert_ok(again)
+    assert "(loaded)" in again.stdout and "condition number" in again.stdout
+
+    rebuilt = cli(env, *args, "--rebuild", "--json")
+    assert_ok(rebuilt)
+    assert json.loads(rebuilt.stdout)["cached"] is False
+    assert json.loads(rebuilt.stdout)["tokens"] == info["tokens"]
+
+
+# ----------------------------------------------------------------------------- edit
+
+
+def test_edit_exports_an_hf_model(env, tiny_model, tmp_path):
+    out, report_file = tmp_path / "edited", tmp_path / "report.json"
+    proc = cli(env, "edit", *REQUEST, "--model", tiny_model, "--method", "rome",
+                    "--test-prefix", "--out", out, "--report", report_file, *SMALL, *GUARD)
+    assert_ok(proc)
+    assert "denominator" in proc.stdout and f"wrote {out}" in proc.stdout
+    report = json.loads(report_file.read_text())
+    assert report["method"] == "rome" and report["layer"] == 1 and report["status"] == "applied"
+    assert report["guard"]["ok"] is True and report["guard_profile"]["n"] == 4
+    (e,) = report["edits"]
+    for field in ("numerator_norm", "denominator", "delta_abs", "delta_norm", "p_new_before",
+                  "p_new_after", "p_true_before", "p_true_after", "perplexity_before",
+                  "perplexity_after"):
+        assert np.isfinite(e[field]), field
+    assert 1 <= len(e["v_losses"]) <= 4 and e["applied"] is True
+    assert report["perplexity_before"] == e["perplexity_before"]
+    assert e["test_prefix"]["prompt"].endswith("Danielle Darrieux plays the")
+    assert e["test_prefix"]["prompt"] != "Danielle Darrieux plays the"
+    assert json.loads((out / "rome_edit.json").read_text())["edits"][0]["denominator"] == \
+        e["denominator"]
+
+    # The export loads in transformers and computes what rome_jax computes for it.
+    import jax.numpy as jnp
+    import torch
+    import transformers
+
+    import rome_jax
+    from rome_jax.evaluation import continuation_nll
+
+    edited, base = rome_jax.load_model(out), rome_jax.load_model(tiny_model)
+    ids = np.asarray([edited.tokenizer.encode("Danielle Darrieux plays the piano and")])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    with torch.no_grad():
+        hf_logits = hf(torch.as_tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(hf_logits, np.asarray(rome_jax.logits(edited, jnp.asarray(ids))),
+                               atol=1e-4)
+    # ... and those are the edited params: a rank-one change of layer 1's fc_out, nothing else,
+    # whose P(target_new) is the reported one.
+    diff = np.asarray(edited.params["blocks"]["mlp"]["fc_out"]["w"]
+                      - base.params["blocks"]["mlp"]["fc_out"]["w"])
+    assert np.abs(diff[0]).max() == 0 and np.linalg.matrix_rank(diff[1], tol=1e-6) == 1
+    assert np.linalg.norm(diff[1]) == pytest.approx(e["delta_norm"], rel=1e-3)
+    p_new = float(np.exp(-continuation_nll(edited, ["Danielle Darrieux plays the"], ["piano"])[0]))
+    assert p_new == pytest.approx(e["p_new_after"], rel=1e-4)
+
+
+@pytest.fixture
+def requests_file(tmp_path) -> Path:
+    counterfact = {"case_id": 0, "requested_rewrite": {
+        "prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
+        "target_new": {"str": "English", "id": "Q1860"}, "target_true": {"str": "French"}}}
+    flat = {"prompt": "{} is a citizen of", "subject": "Toko Yasuda", "target_new": "Italy"}
+    path = tmp_path / "requests.json"
+    path.write_text(json.dumps([counterfact, flat]))
+    return path
+
+
+def test_edit_requests_sequential(env, tiny_model, tmp_path, requests_file):
+    out = tmp_path / "seq"
+    proc = cli(env, "edit", "--requests", requests_file, "--model", tiny_model, "--out", out,
+                    "--json", *SMALL, *GUARD)
+    assert_ok(proc)
+    report = json.loads(proc.stdout)
+    assert report["mode"] == "sequential" and report["method"] == "c-rome"
+    first, second = report["edits"]
+    assert first["request"]["case_id"] == 0 and second["request"]["target_true"] is None
+    assert second["perplexity_before"] == first["perplexity_after"]
+    assert report["perplexity_after"] == second["perplexity_after"]
+    import rome_jax
+
+    diff = np.asarray(rome_jax.load_model(out).params["blocks"]["mlp"]["fc_out"]["w"][1]
+                      - rome_jax.load_model(tiny_model).params["blocks"]["mlp"]["fc_out"]["w"][1])
+    assert np.linalg.matrix_rank(diff, tol=1e-6) == 2
+
+
+def test_edit_requests_independent(env, tiny_model, requests_file):
+    proc = cli(env, "edit", "--requests", requests_file, "--mode", "independent",
+                    "--model", tiny_model, "--method", "p-rome", *SMALL, *GUARD)
+    assert_ok(proc)
+    assert "[0] 'The mother tongue of Danielle Darrieux is' -> 'English'" in proc.stdout
+    assert "[1] 'Toko Yasuda is a citizen of' -> 'Italy'" in proc.stdout
+    assert proc.stdout.count("status                 applied") == 2
+
+
+def test_guard_refuses_unless_forced(env, tiny_model, tmp_path):
+    out, report_file = tmp_path / "forced", tmp_path / "r.json"
+    strict = ["--guard-margin", "1e-12"]  # every denominator is "too small"
+    refused = cli(env, "edit", *REQUEST, "--model", tiny_model, "--method", "rome",
+                       "--out", out, "--report", report_file, *SMALL, *GUARD, *strict)
+    assert refused.returncode == 3, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert "edit refused: denominator" in refused.stderr and "c-rome" in refused.stderr
+    assert "--test-prefix" in refused.stderr and not out.exists()
+    report = json.loads(report_file.read_text())
+    assert report["status"] == "refused" and report["guard"]["ok"] is False
+    assert report["edits"][0]["applied"] is False and report["edits"][0]["p_new_after"] is None
+
+    forced = cli(env, "edit", *REQUEST, "--model", tiny_model, "--method", "rome",
+                      "--out", out, "--report", report_file, "--force", *SMALL, *GUARD, *strict)
+    assert_ok(forced)
+    report = json.loads(report_file.read_text())
+    assert report["status"] == "applied" and report["guard"]["ok"] is False and out.is_dir()
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def test_demo(env, tiny_model):
+    proc = cli(env, "demo", "--model", tiny_model, "--n", "2", "--tokens", "4",
+                    *SMALL, *GUARD)
+    assert_ok(proc)
+    text = proc.stdout
+    assert "ME-PPL_50 perplexity" in text and "denominator" in text and "guard" in text
+    assert text.count("[case ") == 2 and "(subject is the first token)" in text
+    assert "  before   | " in text
+    rows = [line.split() for line in text.splitlines()
+            if line.split()[1:2] in (["rome"], ["c-rome"])]
+    assert len(rows) == 4 and all(row[-1] in ("ok", "REFUSE") for row in rows)
+
+
+# ----------------------------------------------------------------------------- screen
+
+
+def test_screen_writes_and_resumes(env, tiny_model, tmp_path):
+    out = tmp_path / "screen.json"
+    first = cli(env, "screen", "--n", "2", "--out", out, "--model", tiny_model,
+                     "--threshold", "5", *SMALL)
+    assert_ok(first)
+    data = json.loads(out.read_text())
+    assert len(data["records"]) == 2 and sorted(data["collapse"] + data["normal"]) == [0, 1]
+    assert data["threshold"] == 5 and data["base_perplexity"] > 0
+    for r in data["records"]:
+        assert r["ratio"] == pytest.approx(r["perplexity"] / data["base_perplexity"])
+        assert np.isfinite(r["denominator"]) and r["collapse"] == (r["ratio"] > 5)
+
+    resumed = cli(env, "screen", "--n", "3", "--out", out, "--model", tiny_model,
+                       "--threshold", "5", "--guard", *SMALL, *GUARD)
+    assert_ok(resumed)
+    assert "2 records done, 1 to go" in resumed.stderr
+    again = json.loads(out.read_text())
+    assert again["records"][:2] == data["records"] and len(again["records"]) == 3
+    assert "guard_ok" in again["records"][2] and "guard_ok" not in again["records"][0]
+    assert sum(again["guard_confusion"].values()) == 1
+    assert [f.name for f in tmp_path.iterdir()] == ["screen.json"]  # no temp files left
+
+    other = cli(env, "screen", "--n", "3", "--out", out, "--model", tiny_model,
+                     "--method", "c-rome", *SMALL)
+    assert_user_error(other, "other settings (method")
+
+
+# ----------------------------------------------------------------------------- trace
+
+
+def test_trace(env, tiny_model, tmp_path):
+    png = tmp_path / "heat.png"
+    proc = cli(env, "trace", "--model", tiny_model, "--prompt", "{} plays the",
+                    "--subject", "Danielle Darrieux", "--target", "piano", "--samples", "3",
+                    "--kind", "hidden,mlp", "--window", "2", "--std-subjects", "50",
+                    "--out", png)
+    assert_ok(proc)
+    assert png.read_bytes()[:4] == b"\x89PNG" and f"wrote {png}" in proc.stdout
+    grid = json.loads(png.with_suffix(".json").read_text())
+    assert grid["tokens"][:2] == ["Daniel", "le"] and grid["subject_range"] == [0, 5]
+    assert set(grid["scores"]) == {"hidden", "mlp"} and grid["layers"] == 2
+    assert np.asarray(grid["scores"]["hidden"]).shape == (7, 2)
+    assert grid["noise_scale"] == 3.0 and grid["samples"] == 3
