@@ -162,3 +162,26 @@ def copy_model_dir(tmp_path) -> Callable[[HFModel | Path], Path]:
 
     return copy
 
+
+
+def tiny_gpt2(n_layer: int, d_model: int, n_head: int, seq_len: int, seed: int,
+              weight_scale: float = 1.0, name: str = ""):
+    """A random GPT-2 with the real tokenizer, built by rome_jax itself (no torch).
+
+    ``weight_scale`` multiplies every matrix: GPT-2's init (std 0.02) makes attention almost
+    uniform, which hides position and attention bugs.
+    """
+    import jax
+
+    from rome_jax import training
+    from rome_jax.models.model import Model
+    from rome_jax.models.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tokenizer_dir())
+    cfg = training.model_config(training.TrainSettings(n_layer=n_layer, d_model=d_model,
+                                                       n_head=n_head, seq_len=seq_len),
+                                tok.vocab_size)
+    params = training.init_params(cfg, jax.random.key(seed))
+    if weight_scale != 1.0:
+        params = jax.tree.map(lambda w: w * weight_scale if w.ndim >= 2 else w, params)
+    return Model(cfg, params, tok, name=name)

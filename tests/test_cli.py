@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_gpt2
 
 SMALL = ["--layer", "1", "--mom2-n-samples", "40", "--v-steps", "4", "--template-lengths", "5x5"]
 GUARD = ["--guard-samples", "4"]
@@ -25,18 +26,10 @@ REQUEST = ["--prompt", "{} plays the", "--subject", "Danielle Darrieux", "--targ
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A 2-layer, 64-wide random GPT-2 with the real tokenizer, saved with rome_jax.save_hf."""
-    import jax
+    from rome_jax import save_hf
 
-    from rome_jax import save_hf, training
-    from rome_jax.data import tokenizer_dir
-    from rome_jax.models.model import Model
-    from rome_jax.models.tokenizer import Tokenizer
-
-    tok = Tokenizer.from_dir(tokenizer_dir())
-    cfg = training.model_config(training.TrainSettings(n_layer=2, d_model=64, n_head=4,
-                                                       seq_len=64), tok.vocab_size)
     path = tmp_path_factory.mktemp("cli") / "tiny-gpt2"
-    save_hf(Model(cfg, training.init_params(cfg, jax.random.key(0)), tok), path)
+    save_hf(tiny_gpt2(n_layer=2, d_model=64, n_head=4, seq_len=64, seed=0), path)
     return path
 
 

@@ -10,6 +10,7 @@ import math
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_gpt2
 from hypothesis import given, settings, strategies as st
 
 from rome_jax import guard
@@ -170,17 +171,7 @@ def test_profile_json_cache(profile, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from rome_jax import training
-    from rome_jax.data import tokenizer_dir
-    from rome_jax.models.model import Model
-    from rome_jax.models.tokenizer import Tokenizer
-
-    tok = Tokenizer.from_dir(tokenizer_dir())
-    cfg = training.model_config(training.TrainSettings(n_layer=2, d_model=32, n_head=4,
-                                                       seq_len=64), tok.vocab_size)
-    params = training.init_params(cfg, jax.random.key(1))
-    params = jax.tree.map(lambda w: w * 20 if w.ndim >= 2 else w, params)  # less uniform
-    return Model(cfg, params, tok)
+    return tiny_gpt2(n_layer=2, d_model=32, n_head=4, seq_len=64, seed=1, weight_scale=20)
 
 
 def test_perplexity_probe_matches_evaluation(tiny):

@@ -4,10 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_gpt2
 
 from rome_jax import data
-from rome_jax.models.model import Model
-from rome_jax.models.tokenizer import Tokenizer
 from rome_jax.models.transformer import mlp_key
 from rome_jax.rome.edit import (EditContext, build_batch, compute_edit, edit, edit_core,
                                 edit_independent, edit_sequential, prepare, with_test_prefix)
@@ -16,7 +15,6 @@ from rome_jax.rome.request import EditRequest
 from rome_jax.rome.stats import compute_key_stats
 from rome_jax.rome.templates import sample_context_templates
 from rome_jax.rome.update import apply_edit
-from rome_jax.training import TrainSettings, init_params, model_config
 
 HP = RomeHParams(layer=1, v_num_grad_steps=6, v_lr=0.1,
                  context_template_length_params=((4, 5), (6, 5)))
@@ -26,9 +24,7 @@ OTHER = EditRequest("The capital of {} is", "France", "Rome", "Paris")
 
 @pytest.fixture(scope="module")
 def model():
-    tok = Tokenizer.from_dir(data.tokenizer_dir())
-    cfg = model_config(TrainSettings(n_layer=3, d_model=32, n_head=4, seq_len=64), tok.vocab_size)
-    return Model(cfg, init_params(cfg, jax.random.key(3)), tok)
+    return tiny_gpt2(n_layer=3, d_model=32, n_head=4, seq_len=64, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,13 @@
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_gpt2
 
 from rome_jax import data
-from rome_jax.models.model import Model
-from rome_jax.models.tokenizer import Tokenizer
 from rome_jax.models.transformer import mlp_key
 from rome_jax.rome import stats as stats_mod
 from rome_jax.rome.stats import (KeyStats, compute_key_stats, key_stats, load_key_stats,
                                  save_key_stats, solve)
-from rome_jax.training import TrainSettings, init_params, model_config
 
 TEXTS = ["The cat sat on the mat.", "Paris is the capital of France, a country in Europe.",
          "One", "Rank-one model editing changes a single fact in a language model."]
@@ -19,9 +17,7 @@ TEXTS = ["The cat sat on the mat.", "Paris is the capital of France, a country i
 
 @pytest.fixture(scope="module")
 def model():
-    tok = Tokenizer.from_dir(data.tokenizer_dir())
-    cfg = model_config(TrainSettings(n_layer=2, d_model=16, n_head=2, seq_len=32), tok.vocab_size)
-    return Model(cfg, init_params(cfg, jax.random.key(5)), tok, name="tiny-test-model")
+    return tiny_gpt2(n_layer=2, d_model=16, n_head=2, seq_len=32, seed=5, name="tiny-test-model")
 
 
 def test_moment_equals_brute_force(model):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_gpt2
 
 from rome_jax.trace import embedding_std, plot_trace, trace
 
@@ -16,17 +17,7 @@ PROMPT, SUBJECT = "{} plays the", "Danielle Darrieux"
 
 @pytest.fixture(scope="module")
 def tiny():
-    from rome_jax import training
-    from rome_jax.data import tokenizer_dir
-    from rome_jax.models.model import Model
-    from rome_jax.models.tokenizer import Tokenizer
-
-    tok = Tokenizer.from_dir(tokenizer_dir())
-    cfg = training.model_config(training.TrainSettings(n_layer=3, d_model=32, n_head=4,
-                                                       seq_len=32), tok.vocab_size)
-    params = training.init_params(cfg, jax.random.key(2))
-    params = jax.tree.map(lambda w: w * 30 if w.ndim >= 2 else w, params)  # O(1) weights
-    return Model(cfg, params, tok)
+    return tiny_gpt2(n_layer=3, d_model=32, n_head=4, seq_len=32, seed=2, weight_scale=30)
 
 
 @pytest.fixture(scope="module")
