@@ -45,17 +45,17 @@ class TrainSettings:
     n_head: int = 8
     seq_len: int = 256
     batch_size: int = 8
-    steps: int = 1700
-    peak_lr: float = 1e-3
+    steps: int = 2400
+    peak_lr: float = 1.5e-3
     warmup_steps: int = 100
     final_lr_fraction: float = 0.1
     weight_decay: float = 0.01
-    n_trained_records: int = 800
+    n_trained_records: int = 400
     n_heldout_records: int = 1000
-    prompt_repeats: int = 3
-    english_fraction: float = 0.4
+    prompt_repeats: int = 6
+    english_fraction: float = 0.35
     seed: int = 0
-    eval_every: int = 500
+    eval_every: int = 400
     checkpoint_every: int = 250
 
 
