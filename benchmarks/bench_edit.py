@@ -15,7 +15,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rome_jax import data, load_model
 from rome_jax.models.transformer import residual_at

@@ -598,13 +598,9 @@ def cmd_edit(args) -> int:
 # ----------------------------------------------------------------------------- demo
 
 
-def _first_token_subject(record: dict, tokenizer) -> bool:
-    rw = record["requested_rewrite"]
-    return rw["prompt"].startswith("{}") and len(tokenizer.encode(rw["subject"])) == 1
-
-
 def _demo_records(s: Setup, args) -> list[dict]:
     from rome_jax.data import load_counterfact
+    from rome_jax.training import first_token_subject
     from rome_jax.rome.request import EditRequest
 
     records = load_counterfact()
@@ -633,7 +629,7 @@ def _demo_records(s: Setup, args) -> list[dict]:
     for r in records:
         if known is not None and r["case_id"] not in known:
             continue
-        is_first = _first_token_subject(r, tok)
+        is_first = first_token_subject(r, tok)
         bucket = first if is_first else other
         if len(bucket) >= (n_first if is_first else args.n - n_first):
             continue
@@ -649,6 +645,7 @@ def _demo_records(s: Setup, args) -> list[dict]:
 
 def cmd_demo(args) -> int:
     from rome_jax.guard import evaluate
+    from rome_jax.training import first_token_subject
     from rome_jax.models.generate import generate
     from rome_jax.rome.edit import compute_edit
     from rome_jax.rome.request import EditRequest
@@ -671,7 +668,7 @@ def cmd_demo(args) -> int:
     for i, (record, request) in enumerate(zip(records, requests)):
         p_new, p_true = _probabilities(model, model.params, request.text, request)
         row = {"case_id": record["case_id"], "request": request.to_dict(),
-               "first_token_subject": _first_token_subject(record, model.tokenizer),
+               "first_token_subject": first_token_subject(record, model.tokenizer),
                "completion_before": before[i], "p_new_before": p_new, "p_true_before": p_true,
                "edits": []}
         for method in methods:
@@ -843,6 +840,7 @@ def cmd_screen(args) -> int:
 
     from rome_jax.data import load_counterfact
     from rome_jax.guard import evaluate, write_json_atomic
+    from rome_jax.training import first_token_subject
     from rome_jax.rome.edit import compute_edit
     from rome_jax.rome.request import EditRequest
     from rome_jax.rome.update import apply_edit
@@ -900,7 +898,7 @@ def cmd_screen(args) -> int:
             row = {"case_id": record["case_id"], "subject": rw["subject"],
                    "prompt": rw["prompt"], "target_new": request.target_new,
                    "subject_first": request.subject_first,
-                   "first_token_subject": _first_token_subject(record, tok)}
+                   "first_token_subject": first_token_subject(record, tok)}
             try:
                 s.check_request(request)
                 s.check_fits(request)

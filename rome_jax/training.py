@@ -201,7 +201,7 @@ def train(settings: TrainSettings, work_dir: Path, tokenizer_dir: Path | None = 
         elapsed = float(restored["elapsed"])
         log(f"resumed at step {start} ({elapsed / 60:.1f} min trained)")
 
-    epoch, windows, cursor, step = -1, None, 0, 0
+    epoch, windows = -1, None
     def batch_at(step: int):  # deterministic: epochs are packed from (seed, epoch)
         nonlocal epoch, windows
         index = step * settings.batch_size

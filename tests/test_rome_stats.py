@@ -1,11 +1,9 @@
 """Key statistics: exact second moment, Cholesky solves, orbax cache round trip and rebuild."""
 
-import jax
 import numpy as np
 import pytest
 from conftest import tiny_gpt2
 
-from rome_jax import data
 from rome_jax.models.transformer import mlp_key
 from rome_jax.rome import stats as stats_mod
 from rome_jax.rome.stats import (KeyStats, compute_key_stats, key_stats, load_key_stats,

@@ -11,7 +11,6 @@ function; the residual stream below the edit layer is computed once inside it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Sequence
 
