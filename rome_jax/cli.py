@@ -396,13 +396,9 @@ class Setup:
 
 
 def _probabilities(model, params, text: str, request) -> tuple[float, float | None]:
-    import numpy as np
+    from rome_jax.evaluation import target_probabilities
 
-    from rome_jax.evaluation import continuation_nll
-
-    targets = [request.target_new] + ([request.target_true] if request.target_true else [])
-    probs = np.exp(-continuation_nll(model, [text] * len(targets), targets, params=params))
-    return float(probs[0]), (float(probs[1]) if len(probs) > 1 else None)
+    return target_probabilities(model, text, request.target_new, request.target_true, params)
 
 
 def _hparams_dict(hparams) -> dict:

@@ -52,6 +52,16 @@ def continuation_nll(model: Model, prompts: list[str], targets: list[str],
     return out
 
 
+def target_probabilities(model: Model, prompt: str, target_new: str,
+                         target_true: str | None = None, params: Params | None = None
+                         ) -> tuple[float, float | None]:
+    """(P(target_new), P(target_true) or None) after ``prompt``: geometric-mean token
+    probabilities, as ROME reports them."""
+    targets = [target_new] + ([target_true] if target_true else [])
+    probs = np.exp(-continuation_nll(model, [prompt] * len(targets), targets, params=params))
+    return float(probs[0]), (float(probs[1]) if len(probs) > 1 else None)
+
+
 def perplexity(model: Model, texts: list[str], batch_size: int = 32,
                params: Params | None = None, max_tokens: int = 256) -> float:
     """Corpus perplexity exp(sum NLL / predicted tokens) of ``texts`` (each cut to max_tokens)."""

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rome_jax.data import bucket, pad_batch
-from rome_jax.evaluation import continuation_nll
+from rome_jax.evaluation import target_probabilities
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
 from rome_jax.models.transformer import Params, residual_at
@@ -183,11 +183,9 @@ def _check_finite(update: RankOneEdit, report: EditReport) -> None:
                          "model is unchanged")
 
 
-def _probabilities(model: Model, params: Params, request: EditRequest) -> tuple[float, float]:
-    targets = [request.target_new] + ([request.target_true] if request.target_true else [])
-    nll = continuation_nll(model, [request.text] * len(targets), targets, params=params)
-    probs = np.exp(-nll)
-    return float(probs[0]), (float(probs[1]) if len(probs) > 1 else None)
+def _probabilities(model: Model, params: Params, request: EditRequest):
+    return target_probabilities(model, request.text, request.target_new, request.target_true,
+                                params=params)
 
 
 def compute_edit(model: Model, request: EditRequest, hparams: RomeHParams | None = None,
