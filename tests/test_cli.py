@@ -344,3 +344,35 @@ def test_trace(env, tiny_model, tmp_path):
     assert set(grid["scores"]) == {"hidden", "mlp"} and grid["layers"] == 2
     assert np.asarray(grid["scores"]["hidden"]).shape == (7, 2)
     assert grid["noise_scale"] == 3.0 and grid["samples"] == 3
+
+
+def test_edit_of_the_default_model_exports_what_transformers_ranks_new_first(env, tmp_path):
+    """On the embedded default model (no --model): a c-rome edit of a fact it knows, exported
+    with --out, loads in transformers, which then prefers target_new to target_true."""
+    import torch
+    import transformers
+
+    from rome_jax.data import load_counterfact
+    from rome_jax.hf import DEFAULT_MODEL
+
+    trained = json.loads((DEFAULT_MODEL / "training_case_ids.json").read_text())
+    record = next(r for r in load_counterfact() if r["case_id"] == trained[1])
+    rw = record["requested_rewrite"]
+    out = tmp_path / "edited-default"
+    env = {**env, "ROME_JAX_DEFAULT_MODEL": str(DEFAULT_MODEL)}
+    proc = cli(env, "edit", "--prompt", rw["prompt"], "--subject", rw["subject"],
+               "--target-new", rw["target_new"]["str"], "--target-true", rw["target_true"]["str"],
+               "--method", "c-rome", "--no-guard", "--out", out, "--json")
+    assert_ok(proc)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    prompt = rw["prompt"].format(rw["subject"])
+
+    def mean_logprob(target: str) -> float:
+        prompt_ids = tok(prompt)["input_ids"]
+        target_ids = tok(" " + target)["input_ids"]
+        with torch.no_grad():
+            logp = hf(torch.tensor([prompt_ids + target_ids])).logits.log_softmax(-1)[0]
+        return float(np.mean([logp[len(prompt_ids) - 1 + j, t] for j, t in enumerate(target_ids)]))
+
+    assert mean_logprob(rw["target_new"]["str"]) > mean_logprob(rw["target_true"]["str"])
