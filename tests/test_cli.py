@@ -356,7 +356,7 @@ def test_edit_of_the_default_model_exports_what_transformers_ranks_new_first(env
     from rome_jax.hf import DEFAULT_MODEL
 
     trained = json.loads((DEFAULT_MODEL / "training_case_ids.json").read_text())
-    record = next(r for r in load_counterfact() if r["case_id"] == trained[1])
+    record = next(r for r in load_counterfact() if r["case_id"] == trained[0])
     rw = record["requested_rewrite"]
     out = tmp_path / "edited-default"
     env = {**env, "ROME_JAX_DEFAULT_MODEL": str(DEFAULT_MODEL)}
