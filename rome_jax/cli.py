@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive_int, required=True, help="records to screen")
     p.add_argument("--start", type=int, default=0, metavar="K",
                    help="skip the first K CounterFact records (sorted by case id)")
+    p.add_argument("--case-ids", metavar="FILE.json",
+                   help="screen only these case ids (a JSON list, e.g. the default model's "
+                        "training_case_ids.json); --start and --n then count within them")
     p.add_argument("--threshold", type=_ratio, default=10.0, metavar="X",
                    help="collapse: perplexity > X times the base model's (default 10)")
     p.add_argument("--method", choices=("rome", "c-rome", "r-rome", "p-rome"), default="rome")
@@ -853,7 +856,15 @@ def cmd_screen(args) -> int:
         except (ValueError, UnicodeDecodeError) as err:
             raise ValueError(f"{out}: exists but is not a screening file ({_one_line(err)}); "
                              "use another --out") from None
-    records = load_counterfact()[args.start:args.start + args.n]
+    records = load_counterfact()
+    if args.case_ids:
+        try:
+            wanted = set(json.loads(Path(args.case_ids).read_text()))
+        except (OSError, ValueError, TypeError) as err:
+            raise ValueError(f"--case-ids: {args.case_ids}: not a JSON list of case ids "
+                             f"({_one_line(err)})") from None
+        records = [r for r in records if r["case_id"] in wanted]
+    records = records[args.start:args.start + args.n]
     if not records:
         raise ValueError(f"--start {args.start}: past the end of CounterFact "
                          f"({len(load_counterfact())} records)")

@@ -376,3 +376,16 @@ def test_edit_of_the_default_model_exports_what_transformers_ranks_new_first(env
         return float(np.mean([logp[len(prompt_ids) - 1 + j, t] for j, t in enumerate(target_ids)]))
 
     assert mean_logprob(rw["target_new"]["str"]) > mean_logprob(rw["target_true"]["str"])
+
+
+def test_screen_case_ids(env, tiny_model, tmp_path):
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps([5, 3, 17000000]))
+    out = tmp_path / "screen.json"
+    proc = cli(env, "screen", "--n", "5", "--case-ids", ids, "--out", out, "--model",
+               tiny_model, *SMALL)
+    assert_ok(proc)
+    assert [r["case_id"] for r in json.loads(out.read_text())["records"]] == [3, 5]
+    ids.write_text("{not json")
+    assert_user_error(cli(env, "screen", "--n", "1", "--case-ids", ids, "--out",
+                          tmp_path / "other.json", "--model", tiny_model, *SMALL), "--case-ids")
