@@ -138,7 +138,7 @@ def _add_guard_args(p: argparse.ArgumentParser, force: bool = True) -> None:
                    help="refuse denominators below the normal 5%% quantile / M (default 3)")
     g.add_argument("--guard-k", type=_positive_float, metavar="K",
                    help="refuse |Δ| above median·exp(K·1.4826·MAD) of normal log|Δ| "
-                        "(default 5)")
+                        "(default 2)")
     g.add_argument("--max-ppl-ratio", type=_ratio, default=10.0, metavar="X",
                    help=f"roll back an edit that multiplies {PPL_CORPUS} perplexity by more "
                         "than X (default 10)")

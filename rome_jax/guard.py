@@ -77,7 +77,10 @@ class GuardProfile:
     method: str = "rome"
     quantile: float = 0.05
     margin: float = 3.0
-    mad_k: float = 5.0
+    # 2: on the default model, 400 screened rome edits (scripts/guard_report.py) put every
+    # ‖Δ‖ outlier and 63% of first-token subjects above the ceiling at 1% false positives;
+    # k = 5 caught 8% of the outliers.
+    mad_k: float = 2.0
     max_ppl_ratio: float = 10.0
     base_perplexity: float | None = None
     fingerprint: str = ""
