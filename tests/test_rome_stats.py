@@ -80,3 +80,15 @@ def test_cache_key_changes_with_weights_below_the_layer_only(model, tmp_path):
     edited_below = {**model.params, "wte": model.params["wte"] + 1.0}
     assert stats_mod.cache_path(model.with_params(edited_here), 1, "c", None, tmp_path) == base
     assert stats_mod.cache_path(model.with_params(edited_below), 1, "c", None, tmp_path) != base
+
+
+def test_key_stats_from_a_text_file(model, tmp_path):
+    corpus = tmp_path / "my corpus.txt"
+    corpus.write_text("\n".join(TEXTS) + "\n\n")
+    from_file = key_stats(model, 1, str(corpus), cache_dir=tmp_path / "cache")
+    from_list = compute_key_stats(model, 1, TEXTS, "list")
+    np.testing.assert_allclose(from_file.moment, from_list.moment, rtol=1e-6)
+    assert from_file.corpus.startswith("my corpus-")
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    with pytest.raises(ValueError, match="corpus"):
+        key_stats(model, 1, str(tmp_path / "missing.txt"), cache_dir=tmp_path / "cache")

@@ -147,10 +147,19 @@ def load_key_stats(path: Path) -> KeyStats:
 def key_stats(model: Model, layer: int, corpus: str = "wikitext",
               texts: list[str] | None = None, n_samples: int | None = None,
               cache_dir: Path | None = None, log=None) -> KeyStats:
-    """Cached C for ``model`` at ``layer``: WikiText-2 by default, or ``texts`` named ``corpus``.
+    """Cached C for ``model`` at ``layer`` over ``corpus``: ``"wikitext"`` (WikiText-2, the
+    default), the path of a text file (one sample per non-empty line), or a name for ``texts``.
 
     A cache hit is returned as stored; a missing or unreadable cache is (re)computed and saved.
     """
+    if texts is None and corpus != "wikitext":
+        file = Path(corpus)
+        if not file.is_file():
+            raise ValueError(f"corpus: {corpus!r} is neither 'wikitext' nor a text file; pass "
+                             "texts for other corpora")
+        raw = file.read_bytes()
+        texts = [line.strip() for line in raw.decode("utf-8").splitlines() if line.strip()]
+        corpus = f"{file.stem}-{hashlib.sha256(raw).hexdigest()[:12]}"
     path = cache_path(model, layer, corpus, n_samples, cache_dir)
     if path.exists():
         try:
@@ -159,8 +168,6 @@ def key_stats(model: Model, layer: int, corpus: str = "wikitext",
             if log:
                 log(f"{err}; rebuilding")
     if texts is None:
-        if corpus != "wikitext":
-            raise ValueError(f"corpus: {corpus!r} needs texts (only 'wikitext' is built in)")
         texts = load_wikitext()
     stats = compute_key_stats(model, layer, texts, corpus, n_samples)
     save_key_stats(stats, path)
