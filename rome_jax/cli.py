@@ -62,44 +62,26 @@ def _template_lengths(text: str) -> tuple[tuple[int, int], ...]:
             f"{text!r} is not LENGTHxCOUNT[,LENGTHxCOUNT...] (e.g. 5x10,10x10)") from None
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
-    return value
+def _number(parse, accept, requirement: str):
+    """An argparse type: ``parse`` the text, then require ``accept(value)``."""
+    noun = "an integer" if parse is int else "a number"
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"{text!r} {requirement}")
+        return value
+
+    return convert
 
 
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 1")
-    return value
+_positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "must be a positive number")
+_nonnegative_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "must be 0 or more")
+_positive_int = _number(int, lambda v: v >= 1, "must be at least 1")
+_ratio = _number(float, lambda v: v > 1, "must be greater than 1")
 
 
 def _add_model_args(p: argparse.ArgumentParser, edits: bool = True) -> None:
