@@ -10,11 +10,17 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
+import jax
+
 from rome_jax.models.model import Model
-from rome_jax.rome.keys import compute_keys
+from rome_jax.models.transformer import mlp_key
+from rome_jax.rome.edit import build_batch
 from rome_jax.rome.request import EditRequest
 from rome_jax.rome.stats import solve
 from rome_jax.rome.templates import ContextTemplates
+
+
+_mlp_key = jax.jit(mlp_key, static_argnums=(1, 4))
 
 
 def key_geometry(model: Model, requests: list[EditRequest], templates: ContextTemplates,
@@ -22,9 +28,13 @@ def key_geometry(model: Model, requests: list[EditRequest], templates: ContextTe
     """Per request: case_id, subject_first, cosine, rome and c-rome denominators."""
     rows = []
     for request in tqdm(requests, desc="key geometry", leave=False):
-        keys = compute_keys(model, request, templates, layer, fact_token)
-        plain, mean = np.asarray(keys.plain, np.float64), np.asarray(keys.mean, np.float64)
-        u = np.asarray(solve(factor, keys.mean), np.float64)
+        # The edit's own batch: the keys at the lookup tokens of the template rows (the last
+        # row is the KL prompt); the target tokens after them cannot change these keys.
+        batch = build_batch(model, request, templates, fact_token)
+        keys = np.asarray(_mlp_key(model.params, model.config, batch.ids, batch.mask, layer,
+                                   batch.lookup)[:-1], np.float64)
+        plain, mean = keys[0], keys.mean(0)
+        u = np.asarray(solve(factor, mean.astype(np.float32)), np.float64)
         rows.append({"case_id": request.case_id, "subject_first": request.subject_first,
                      "cosine": float(plain @ mean / np.linalg.norm(plain) / np.linalg.norm(mean)),
                      "denominator_rome": float(u @ plain), "denominator_c_rome": float(u @ mean)})

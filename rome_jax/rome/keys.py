@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from rome_jax.models.config import ModelConfig
-from rome_jax.models.transformer import Params, block, make_context, mlp_key
+from rome_jax.models.transformer import Params, block, make_context
 
 
 class Keys(NamedTuple):
@@ -35,22 +35,3 @@ def keys_from_residual(params: Params, config: ModelConfig, layer: int, residual
     at = jnp.take_along_axis(keys, lookup[:, None, None], axis=1)[:, 0][:n_rows]
     return Keys(at[0], at.mean(0), at)
 
-
-_mlp_key = jax.jit(mlp_key, static_argnums=(1, 4))
-
-
-def compute_keys(model, request, templates, layer: int, fact_token: str = "subject_last",
-                 params: Params | None = None) -> Keys:
-    """k^u and k̄ of ``request`` (an EditRequest) over ``templates`` (ContextTemplates)."""
-    from rome_jax.data import pad_batch
-    from rome_jax.rome.request import subject_token_index
-
-    rows, lookup = [], []
-    for template in templates.apply(request.prompt):
-        ids, index = subject_token_index(model.tokenizer, template, request.subject, fact_token)
-        rows.append(ids)
-        lookup.append(index)
-    ids, mask = pad_batch(rows, model.tokenizer.eos_id)
-    at = _mlp_key(model.params if params is None else params, model.config, ids, mask, layer,
-                  jnp.asarray(lookup, jnp.int32))
-    return Keys(at[0], at.mean(0), at)
