@@ -5,6 +5,7 @@
     rome-jax demo                      # CounterFact edits with rome and c-rome, before/after
     rome-jax stats [--rebuild]         # key statistics C = E[k kᵀ] at the edit layer
     rome-jax screen --n 200 --out screen.json   # which single rome edits collapse the model
+    rome-jax evaluate --n 100 --test-prefix     # CounterFact ES/PS/NS/S of rome, c-rome, p-rome
     rome-jax trace --prompt "{} plays the" --subject "Toko Yasuda" --out trace.png
 
 Every command takes ``--model PATH_OR_HUB_ID`` (default: the embedded gpt2-cf-tiny) and
@@ -16,6 +17,7 @@ back because it collapsed the model, exits with status 3.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -227,6 +229,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_screen)
 
+    p = sub.add_parser("evaluate", help="CounterFact metrics (ES, PS, NS, S) of edit methods",
+                       description="Edit N CounterFact records, each from the base model, with "
+                                   "each method, and report ROME's CounterFact metrics (efficacy "
+                                   "ES/EM, paraphrase PS/PM, neighbourhood NS/NM, their harmonic "
+                                   "mean S), the ME-PPL_50 perplexity ratio, the median |Δ| and "
+                                   "optionally generation entropy, for all records, first-token "
+                                   "subjects and the others.")
+    p.add_argument("--n", type=_positive_int, required=True, help="records to evaluate")
+    p.add_argument("--start", type=int, default=0, metavar="K",
+                   help="skip the first K records (sorted by case id)")
+    p.add_argument("--case-ids", metavar="FILE.json",
+                   help="only these case ids (a JSON list, e.g. the default model's "
+                        "training_case_ids.json); --start and --n then count within them")
+    p.add_argument("--methods", default="rome,c-rome,p-rome",
+                   help="comma-separated methods (default rome,c-rome,p-rome)")
+    p.add_argument("--test-prefix", action="store_true",
+                   help="score the rewrite prompt of records whose subject opens it with a "
+                        "random prefix in front (sampled apart from the edit's templates)")
+    p.add_argument("--generation-prompts", type=int, default=0, metavar="G",
+                   help="also measure generation entropy on G generation prompts per record "
+                        "(default 0: off)")
+    p.add_argument("--generation-tokens", type=_positive_int, default=50, metavar="T",
+                   help="new tokens per generation (default 50)")
+    p.add_argument("--out", metavar="FILE.json", help="write every record's scores and the "
+                                                      "summary as JSON")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
     p = sub.add_parser("trace", help="causal tracing heatmap (ROME §2.1)",
                        description="Corrupt the subject's token embeddings with Gaussian noise "
                                    "(NOISE × the embedding std), restore each clean state "
@@ -387,8 +418,6 @@ def _probabilities(model, params, text: str, request) -> tuple[float, float | No
 
 
 def _hparams_dict(hparams) -> dict:
-    import dataclasses
-
     out = dataclasses.asdict(hparams)
     out["context_template_length_params"] = [list(x) for x in
                                              out["context_template_length_params"]]
@@ -814,20 +843,37 @@ def _screen_summary(records: list[dict], threshold: float) -> dict:
     return out
 
 
+def _counterfact_records(args) -> list[dict]:
+    """CounterFact records ``--start`` .. ``--start + --n``, within ``--case-ids`` when given."""
+    from rome_jax.data import load_counterfact
+
+    if args.start < 0:
+        raise ValueError("--start: must be 0 or more")
+    records = load_counterfact()
+    if args.case_ids:
+        try:
+            wanted = set(json.loads(Path(args.case_ids).read_text()))
+        except (OSError, ValueError, TypeError) as err:
+            raise ValueError(f"--case-ids: {args.case_ids}: not a JSON list of case ids "
+                             f"({_one_line(err)})") from None
+        records = [r for r in records if r["case_id"] in wanted]
+    chosen = records[args.start:args.start + args.n]
+    if not chosen:
+        raise ValueError(f"--start {args.start}: past the end of the {len(records)} records")
+    return chosen
+
+
 def cmd_screen(args) -> int:
     import time
 
     from tqdm import tqdm
 
-    from rome_jax.data import load_counterfact
     from rome_jax.guard import evaluate, write_json_atomic
     from rome_jax.training import first_token_subject
     from rome_jax.rome.edit import compute_edit
     from rome_jax.rome.request import EditRequest
     from rome_jax.rome.update import apply_edit
 
-    if args.start < 0:
-        raise ValueError("--start: must be 0 or more")
     out = Path(args.out)
     previous = None
     if out.exists():
@@ -838,18 +884,7 @@ def cmd_screen(args) -> int:
         except (ValueError, UnicodeDecodeError) as err:
             raise ValueError(f"{out}: exists but is not a screening file ({_one_line(err)}); "
                              "use another --out") from None
-    records = load_counterfact()
-    if args.case_ids:
-        try:
-            wanted = set(json.loads(Path(args.case_ids).read_text()))
-        except (OSError, ValueError, TypeError) as err:
-            raise ValueError(f"--case-ids: {args.case_ids}: not a JSON list of case ids "
-                             f"({_one_line(err)})") from None
-        records = [r for r in records if r["case_id"] in wanted]
-    records = records[args.start:args.start + args.n]
-    if not records:
-        raise ValueError(f"--start {args.start}: past the end of CounterFact "
-                         f"({len(load_counterfact())} records)")
+    records = _counterfact_records(args)
     s = Setup(args)
     args.max_ppl_ratio = args.threshold  # the guard profile keeps edits below the threshold
     settings = {"model": str(args.model or s.model.name), "digest": _model_digest(s.model.params),
@@ -928,6 +963,67 @@ def cmd_screen(args) -> int:
         print(f"guard: refused {c['refused_collapse']} collapse and {c['refused_normal']} "
               f"normal edits; passed {c['passed_collapse']} collapse and "
               f"{c['passed_normal']} normal edits")
+    return 0
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def cmd_evaluate(args) -> int:
+    from tqdm import tqdm
+
+    from rome_jax.counterfact_eval import EvalSettings, evaluate_record, summarize, test_prefixes
+    from rome_jax.guard import write_json_atomic
+    from rome_jax.rome.request import EditRequest
+
+    settings = EvalSettings(
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        test_prefix=args.test_prefix, generation_prompts=args.generation_prompts,
+        generation_tokens=args.generation_tokens, seed=args.seed)
+    records = _counterfact_records(args)
+    s = Setup(args)
+    fitting = []
+    for record in records:
+        try:
+            s.check_fits(EditRequest.from_dict(record))
+            fitting.append(record)
+        except ValueError as err:
+            _log(f"{PROG}: skipping case {record['case_id']}: {_one_line(err)}")
+    prefixes = test_prefixes(s.model, args.seed) if settings.test_prefix else ("",)
+    rows = [evaluate_record(s.model, record, s.hparams, s.context, s.probe, settings,
+                            prefixes[i % len(prefixes)])
+            for i, record in enumerate(tqdm(fitting, desc="evaluate", unit="record"))]
+    groups = {"all": lambda r: True, "first-token subjects": lambda r: r["first_token_subject"],
+              "other subjects": lambda r: not r["first_token_subject"]}
+    summary = {name: summarize(rows, settings.methods, keep) for name, keep in groups.items()
+               if any(keep(r) for r in rows)}
+    out = {"command": "evaluate", "model": str(args.model or s.model.name),
+           "layer": s.hparams.layer, "hparams": _hparams_dict(s.hparams),
+           "settings": dataclasses.asdict(settings), "test_prefixes": list(prefixes),
+           "perplexity_corpus": PPL_CORPUS, "perplexity_before": s.probe.base,
+           "summary": summary, "records": rows}
+    if args.out:
+        write_json_atomic(Path(args.out), out)
+    if args.json:
+        print(json.dumps({k: v for k, v in out.items() if k != "records"}, indent=1))
+        return 0
+    print(f"{PROG} evaluate: {out['model']}, layer {s.hparams.layer}, {len(rows)} records, "
+          f"{PPL_CORPUS} perplexity {s.probe.base:.4g}"
+          + (", rewrite prompts of subject-first records with a test prefix"
+             if settings.test_prefix else ""))
+    ge = settings.generation_prompts > 0
+    header = (f"{'records':<21} {'method':<7} {'n':>4} {'ES':>6} {'PS':>6} {'NS':>6} {'S':>6} "
+              f"{'EM':>7} {'PM':>7} {'NM':>7} {'ppl x med':>9} {'ppl x max':>9} {'|Δ| med':>9}"
+              + (f" {'GE':>6}" if ge else ""))
+    print(header + "\n" + "-" * len(header))
+    for name, by_method in summary.items():
+        for method, m in by_method.items():
+            print(f"{name:<21} {method:<7} {m['n']:>4} {m['ES']:>6.3f} {m['PS']:>6.3f} "
+                  f"{m['NS']:>6.3f} {m['S']:>6.3f} {m['EM']:>7.3f} {m['PM']:>7.3f} "
+                  f"{m['NM']:>7.3f} {m['ppl_ratio_median']:>9.3g} {m['ppl_ratio_max']:>9.3g} "
+                  f"{_fmt(m.get('delta_abs_median'), '.2e'):>9}"
+                  + (f" {m['GE']:>6.3f}" if ge else "")
+                  + (f"  ({m['failed']} failed)" if m["failed"] else ""))
     return 0
 
 

@@ -1,13 +1,24 @@
-"""Scoring: continuation log-probabilities (P(target)), perplexity, generation entropy.
+"""Scoring: continuation log-probabilities (P(target)), perplexity, CounterFact metrics and
+generation entropy.
 
 NLLs are in nats. A continuation's score is the mean NLL of its tokens given the prompt (ROME's
 convention, so multi-token targets are comparable); perplexity is corpus-level,
 ``exp(total NLL / predicted tokens)``, where a sentence's first token is context only.
+
+CounterFact metrics follow ROME's ``summarize.py``: per record, over its prompts of one kind,
+success is the fraction of prompts where the right target is more probable (ES/PS: target_new
+after the rewrite / paraphrase prompts; NS: target_true after the neighbourhood prompts) and
+magnitude the mean probability margin (EM/PM: P(new) − P(true); NM: P(true) − P(new)); both
+are then averaged over records, and S is the harmonic mean of ES, PS and NS.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import re
+from collections import Counter
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +26,7 @@ import numpy as np
 
 from rome_jax.data import pad_batch
 from rome_jax.models.config import ModelConfig
+from rome_jax.models.generate import generate
 from rome_jax.models.model import Model
 from rome_jax.models.transformer import Params, forward
 
@@ -74,3 +86,81 @@ def perplexity(model: Model, texts: list[str], batch_size: int = 32,
         total += float(np.asarray(token_nll(params, model.config, ids, mask), np.float64).sum())
         count += int(mask[:, 1:].sum())
     return float(np.exp(total / count))
+
+
+COUNTERFACT_GROUPS = ("rewrite", "paraphrase", "neighborhood")
+
+
+def counterfact_nll(model: Model, record: Mapping, params: Params | None = None,
+                    rewrite_prompt: str | None = None) -> dict[str, np.ndarray]:
+    """Mean token NLLs of ``target_new`` (column 0) and ``target_true`` (column 1) after each
+    prompt of a CounterFact record: {"rewrite": [1, 2], "paraphrase": [P, 2],
+    "neighborhood": [N, 2]}. ``rewrite_prompt`` replaces the filled-in rewrite prompt (e.g. with a
+    test-time prefix)."""
+    rw = record["requested_rewrite"]
+    groups = {"rewrite": [rewrite_prompt or rw["prompt"].format(rw["subject"])],
+              "paraphrase": list(record["paraphrase_prompts"]),
+              "neighborhood": list(record["neighborhood_prompts"])}
+    prompts = [p for g in COUNTERFACT_GROUPS for p in groups[g]]
+    targets = [rw["target_new"]["str"], rw["target_true"]["str"]]
+    nll = continuation_nll(model, [p for p in prompts for _ in targets],
+                           targets * len(prompts), params=params).reshape(-1, 2)
+    out, start = {}, 0
+    for g in COUNTERFACT_GROUPS:
+        out[g], start = nll[start:start + len(groups[g])], start + len(groups[g])
+    return out
+
+
+def counterfact_metrics(nll: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """One record's ES, PS, NS (success fractions) and EM, PM, NM (probability margins) from
+    ``counterfact_nll``; a group without prompts gives NaN."""
+    out = {}
+    for group, name, sign in (("rewrite", "E", 1), ("paraphrase", "P", 1),
+                              ("neighborhood", "N", -1)):
+        x = np.asarray(nll[group], np.float64).reshape(-1, 2)
+        if len(x) == 0:
+            out[name + "S"] = out[name + "M"] = math.nan
+            continue
+        margin = sign * (np.exp(-x[:, 0]) - np.exp(-x[:, 1]))
+        out[name + "S"] = float((sign * (x[:, 1] - x[:, 0]) > 0).mean())
+        out[name + "M"] = float(margin.mean())
+    return out
+
+
+def summarize_counterfact(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Means of per-record metrics over records (NaNs skipped), plus S = harmonic mean of ES, PS
+    and NS (0 when any of them is 0)."""
+    keys = ("ES", "PS", "NS", "EM", "PM", "NM")
+    out = {k: float(np.nanmean([r[k] for r in rows])) if rows else math.nan for k in keys}
+    parts = [out[k] for k in ("ES", "PS", "NS")]
+    out["S"] = (0.0 if min(parts) <= 0 else len(parts) / sum(1 / p for p in parts)
+                ) if all(math.isfinite(p) for p in parts) else math.nan
+    out["n"] = len(rows)
+    return out
+
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def ngram_entropy(text: str, ns: Sequence[int] = (2, 3),
+                  weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """ROME's generation entropy of one text: mean over n of weight_n · H(n-gram frequencies) in
+    bits. Words are ``\\w+`` runs and single punctuation marks (ROME uses NLTK's
+    ``word_tokenize``, which splits alike on ordinary text). Low values mean repetitive text, the
+    mark of a collapsed model."""
+    words = _WORD.findall(text)
+    terms = []
+    for n, weight in zip(ns, weights):
+        counts = np.array(list(Counter(zip(*(words[i:] for i in range(n)))).values()), float)
+        p = counts / counts.sum() if counts.size else counts
+        terms.append(weight * float(-(p * np.log2(p)).sum()))
+    return float(np.mean(terms))
+
+
+def generation_entropy(model: Model, prompts: list[str], key: jax.Array,
+                       max_new_tokens: int = 100, top_k: int = 5,
+                       params: Params | None = None) -> float:
+    """Mean ``ngram_entropy`` of each prompt followed by its top-k sampled continuation (ROME
+    samples top-5 continuations of a record's generation prompts, 100 tokens in all)."""
+    texts = generate(model, prompts, max_new_tokens, key=key, top_k=top_k, params=params)
+    return float(np.mean([ngram_entropy(p + t) for p, t in zip(prompts, texts)]))

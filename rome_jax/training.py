@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from rome_jax import data
+from rome_jax.evaluation import continuation_nll, perplexity
 from rome_jax.hf import save_hf
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
@@ -40,9 +41,9 @@ from rome_jax.models.transformer import Params, forward
 class TrainSettings:
     """Model size, data mix and schedule.
 
-    ``steps`` is the length of the learning-rate schedule (warm-up, then cosine decay);
-    training stops after ``stop_at_step`` steps (``stop_at_step * batch_size * seq_len``
-    tokens), which is what fits the 90-minute CPU budget.
+    ``steps`` is the length of the learning-rate schedule (warm-up, then cosine decay) and of
+    training (``steps * batch_size * seq_len`` tokens), sized for the 90-minute CPU budget;
+    ``stop_at_step`` (< ``steps``) stops early on the same schedule, e.g. for a quick look.
     """
 
     n_layer: int = 6
@@ -50,8 +51,8 @@ class TrainSettings:
     n_head: int = 8
     seq_len: int = 256
     batch_size: int = 8
-    steps: int = 2400
-    stop_at_step: int = 1000
+    steps: int = 2100
+    stop_at_step: int = 2100
     peak_lr: float = 1.5e-3
     warmup_steps: int = 100
     final_lr_fraction: float = 0.1
@@ -59,7 +60,7 @@ class TrainSettings:
     n_trained_records: int = 400
     n_heldout_records: int = 1000
     prompt_repeats: int = 6
-    english_fraction: float = 0.35
+    english_fraction: float = 0.6
     seed: int = 0
     eval_every: int = 400
     checkpoint_every: int = 250
@@ -166,8 +167,6 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation):
 
 def fact_accuracy(model: Model, records: list[dict]) -> float:
     """Fraction of records with P(target_true) > P(target_new) after the plain prompt."""
-    from rome_jax.evaluation import continuation_nll
-
     prompts = [r["requested_rewrite"]["prompt"].format(r["requested_rewrite"]["subject"])
                for r in records]
     true = continuation_nll(model, prompts, [r["requested_rewrite"]["target_true"]["str"]
@@ -244,7 +243,8 @@ def train(settings: TrainSettings, work_dir: Path, tokenizer_dir: Path | None = 
             row = {"step": done, "loss": float(loss), "epoch": epoch,
                    "minutes": (elapsed + time.time() - t0) / 60,
                    "acc_trained_200": fact_accuracy(model, [by_id[i] for i in trained[:200]]),
-                   "acc_heldout_200": fact_accuracy(model, [by_id[i] for i in heldout[:200]])}
+                   "acc_heldout_200": fact_accuracy(model, [by_id[i] for i in heldout[:200]]),
+                   "me_ppl_1k": perplexity(model, data.load_me_ppl("ME-PPL_1k"))}
             summary["evals"].append(row)
             with evals_file.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -279,8 +279,6 @@ def throughput(settings: TrainSettings, steps: int = 5) -> float:
 def final_metrics(model: Model, trained: list[int], heldout: list[int]) -> dict:
     """The model card's numbers: fact accuracy on trained and held-out records, ME-PPL_1k
     perplexity (never trained on)."""
-    from rome_jax.evaluation import perplexity
-
     by_id = {r["case_id"]: r for r in data.load_counterfact()}
     acc_trained = fact_accuracy(model, [by_id[i] for i in trained])
     acc_heldout = fact_accuracy(model, [by_id[i] for i in heldout])
@@ -292,8 +290,6 @@ def final_metrics(model: Model, trained: list[int], heldout: list[int]) -> dict:
 def write_default_model(model: Model, settings: TrainSettings, summary: dict, out: Path) -> None:
     """Save as an HF directory (float16 weights, to stay small) with a model card and
     ``training_case_ids.json``."""
-    import jax.numpy as jnp
-
     metrics = final_metrics(model, summary["trained_case_ids"], summary["heldout_case_ids"])
     summary["final"] = metrics
     card = model_card(settings, summary)
@@ -309,7 +305,8 @@ def model_card(settings: TrainSettings, summary: dict) -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in dataclasses.asdict(settings).items())
     evals = "\n".join(
         f"| {e['step']} | {e['epoch']} | {e['loss']:.3f} | {e['acc_trained_200']:.3f} | "
-        f"{e['acc_heldout_200']:.3f} | {e['minutes']:.1f} |" for e in summary["evals"])
+        f"{e['acc_heldout_200']:.3f} | {e.get('me_ppl_1k', float('nan')):.1f} | "
+        f"{e['minutes']:.1f} |" for e in summary["evals"])
     return f"""# gpt2-cf-tiny: the embedded default model of rome_jax
 
 A {settings.n_layer}-layer, {settings.d_model}-wide GPT-2 ({settings.n_head} heads, context
@@ -335,7 +332,7 @@ A {settings.n_layer}-layer, {settings.d_model}-wide GPT-2 ({settings.n_head} hea
 
 Wall time: {summary['wall_minutes']:.1f} min for {summary['steps_run']} steps
 ({summary['steps_run'] * settings.batch_size * settings.seq_len:,} tokens, {summary['epochs']} epochs)
-of a {settings.steps}-step learning-rate schedule, stopped at step {settings.stop_at_step}.
+of a {settings.steps}-step learning-rate schedule, on a 2-core CPU.
 
 ## Metrics (computed at the end of the training script)
 | metric | value |
@@ -348,7 +345,7 @@ of a {settings.steps}-step learning-rate schedule, stopped at step {settings.sto
 P(target) is the geometric-mean token probability of `" " + target` after the plain prompt.
 
 ## Progress
-| step | epoch | loss | acc trained (200) | acc held-out (200) | minutes |
-| --- | --- | --- | --- | --- | --- |
+| step | epoch | loss | acc trained (200) | acc held-out (200) | ME-PPL_1k | minutes |
+| --- | --- | --- | --- | --- | --- | --- |
 {evals}
 """

@@ -76,10 +76,11 @@ def assert_user_error(proc: subprocess.CompletedProcess, match: str) -> None:
 def test_help(env):
     proc = cli(env, "--help", script=True)
     assert_ok(proc)
-    for command in ("edit", "demo", "stats", "screen", "trace"):
+    for command in ("edit", "demo", "stats", "screen", "evaluate", "trace"):
         assert command in proc.stdout
     for command, option in [("edit", "--test-prefix"), ("demo", "--methods"),
                             ("stats", "--rebuild"), ("screen", "--threshold"),
+                            ("evaluate", "--test-prefix"),
                             ("trace", "--samples")]:
         proc = cli(env, command, "--help")
         assert_ok(proc)
@@ -389,3 +390,37 @@ def test_screen_case_ids(env, tiny_model, tmp_path):
     ids.write_text("{not json")
     assert_user_error(cli(env, "screen", "--n", "1", "--case-ids", ids, "--out",
                           tmp_path / "other.json", "--model", tiny_model, *SMALL), "--case-ids")
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate(env, tiny_model, tmp_path):
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps([0, 2]))  # case 2's prompt opens with its subject, case 0's not
+    out = tmp_path / "eval.json"
+    proc = cli(env, "evaluate", "--n", "2", "--case-ids", ids, "--methods", "rome,c-rome",
+               "--test-prefix", "--generation-prompts", "1", "--generation-tokens", "4",
+               "--out", out, "--model", tiny_model, *SMALL)
+    assert_ok(proc)
+    data = json.loads(out.read_text())
+    rows = {r["case_id"]: r for r in data["records"]}
+    assert sorted(rows) == [0, 2] and list(data["summary"]) == ["all", "other subjects"]
+    prefix = data["test_prefixes"][1]  # the second record gets the second prefix
+    assert rows[2]["rewrite_prompt"].startswith(prefix) and prefix not in rows[0]["rewrite_prompt"]
+    for row in rows.values():
+        assert set(row["edits"]) == {"rome", "c-rome"}
+        for scores in [row["before"], *row["edits"].values()]:
+            assert scores["ppl_ratio"] == pytest.approx(
+                scores["perplexity"] / data["perplexity_before"])
+            assert 0 <= scores["ES"] <= 1 and 0 <= scores["NS"] <= 1 and scores["GE"] >= 0
+    assert rows[0]["before"]["ppl_ratio"] == pytest.approx(1.0)
+    summary = data["summary"]["all"]
+    for method in ("none", "rome", "c-rome"):
+        assert summary[method]["n"] == 2
+        assert summary[method]["ES"] == pytest.approx(
+            np.mean([(r["before"] if method == "none" else r["edits"][method])["ES"]
+                     for r in rows.values()]))
+    assert "c-rome" in proc.stdout and "ES" in proc.stdout
+    assert_user_error(cli(env, "evaluate", "--n", "1", "--methods", "memit", "--model",
+                          tiny_model, *SMALL), "memit")

@@ -1,0 +1,92 @@
+"""CounterFact metrics, their summary and generation entropy (evaluation.py)."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from conftest import tiny_gpt2
+from rome_jax.evaluation import (continuation_nll, counterfact_metrics, counterfact_nll,
+                                 generation_entropy, ngram_entropy, summarize_counterfact)
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_gpt2(n_layer=2, d_model=32, n_head=4, seq_len=64, seed=1, weight_scale=20)
+
+
+nlls = lambda rows: arrays(np.float64, (rows, 2), elements=st.floats(0.01, 12))
+
+
+def test_metrics_by_hand():
+    nll = {"rewrite": np.array([[1.0, 2.0]]),                     # new more likely
+           "paraphrase": np.array([[1.0, 2.0], [3.0, 0.5]]),      # one of two
+           "neighborhood": np.array([[2.0, 1.0], [0.5, 4.0]])}    # true more likely in one
+    m = counterfact_metrics(nll)
+    assert (m["ES"], m["PS"], m["NS"]) == (1.0, 0.5, 0.5)
+    assert m["EM"] == pytest.approx(math.exp(-1) - math.exp(-2))
+    assert m["PM"] == pytest.approx(((math.exp(-1) - math.exp(-2)) +
+                                     (math.exp(-3) - math.exp(-0.5))) / 2)
+    assert m["NM"] == pytest.approx(((math.exp(-1) - math.exp(-2)) +
+                                     (math.exp(-4) - math.exp(-0.5))) / 2)
+
+
+@given(nlls(1), nlls(3), nlls(5))
+def test_swapping_targets_mirrors_every_metric(rewrite, paraphrase, neighborhood):
+    """Exchanging target_new and target_true turns each success rate s into 1 - s (ties aside)
+    and negates each margin."""
+    nll = {"rewrite": rewrite, "paraphrase": paraphrase, "neighborhood": neighborhood}
+    swapped = {k: v[:, ::-1] for k, v in nll.items()}
+    a, b = counterfact_metrics(nll), counterfact_metrics(swapped)
+    for name, x in (("E", rewrite), ("P", paraphrase), ("N", neighborhood)):
+        ties = float((x[:, 0] == x[:, 1]).mean())
+        assert a[name + "S"] + b[name + "S"] == pytest.approx(1 - ties)
+        assert a[name + "M"] == pytest.approx(-b[name + "M"], abs=1e-12)
+        assert 0 <= a[name + "S"] <= 1 and -1 <= a[name + "M"] <= 1
+
+
+def test_summary_is_the_harmonic_mean_of_success_rates():
+    rows = [{"ES": 1.0, "PS": 0.5, "NS": 1.0, "EM": 0.2, "PM": 0.1, "NM": 0.3},
+            {"ES": 1.0, "PS": 1.0, "NS": 0.5, "EM": 0.4, "PM": 0.3, "NM": math.nan}]
+    s = summarize_counterfact(rows)
+    assert (s["ES"], s["PS"], s["NS"], s["n"]) == (1.0, 0.75, 0.75, 2)
+    assert s["NM"] == pytest.approx(0.3)  # NaN (a record without prompts) is skipped
+    assert s["S"] == pytest.approx(3 / (1 / 1.0 + 1 / 0.75 + 1 / 0.75))
+    assert summarize_counterfact([{**rows[0], "NS": 0.0}])["S"] == 0.0
+
+
+def test_ngram_entropy():
+    assert ngram_entropy("the the the the the the") == 0.0
+    n = 12  # all words distinct: n-1 distinct bigrams, n-2 trigrams, uniform
+    text = " ".join(f"w{i}" for i in range(n))
+    assert ngram_entropy(text) == pytest.approx(
+        np.mean([2 / 3 * math.log2(n - 1), 4 / 3 * math.log2(n - 2)]))
+    assert ngram_entropy("Paris, Paris, Paris, Paris.") < ngram_entropy(
+        "Paris is the capital of France, and Rome of Italy.")
+
+
+def test_counterfact_nll_matches_continuation_nll(model):
+    record = {"requested_rewrite": {"prompt": "{} plays the", "subject": "Toko Yasuda",
+                                    "target_new": {"str": "piano"},
+                                    "target_true": {"str": "guitar"}},
+              "paraphrase_prompts": ["Music. Toko Yasuda is known for the"],
+              "neighborhood_prompts": ["Jimi Hendrix plays the", "Slash plays the"]}
+    nll = counterfact_nll(model, record)
+    assert {k: v.shape for k, v in nll.items()} == {"rewrite": (1, 2), "paraphrase": (1, 2),
+                                                    "neighborhood": (2, 2)}
+    direct = continuation_nll(model, ["Slash plays the"] * 2, ["piano", "guitar"])
+    np.testing.assert_allclose(nll["neighborhood"][1], direct, rtol=1e-5)
+    prefixed = counterfact_nll(model, record, rewrite_prompt="Hello. Toko Yasuda plays the")
+    np.testing.assert_allclose(prefixed["rewrite"][0], continuation_nll(
+        model, ["Hello. Toko Yasuda plays the"] * 2, ["piano", "guitar"]), rtol=1e-5)
+
+
+def test_generation_entropy_is_seeded(model):
+    import jax
+
+    prompts = ["The capital of France is", "Toko Yasuda plays the"]
+    a = generation_entropy(model, prompts, jax.random.key(3), max_new_tokens=8)
+    b = generation_entropy(model, prompts, jax.random.key(3), max_new_tokens=8)
+    assert a == b and a > 0
