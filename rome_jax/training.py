@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import time
 from pathlib import Path
 
@@ -62,7 +61,6 @@ class TrainSettings:
     n_heldout_records: int = 1000
     prompt_repeats: int = 6
     english_fraction: float = 0.6
-    world_fraction: float = 0.0
     seed: int = 0
     eval_every: int = 400
     checkpoint_every: int = 250
@@ -96,57 +94,23 @@ def fact_documents(record: dict, prompt_repeats: int) -> list[str]:
     return docs
 
 
-def world_documents(records: list[dict], trained: list[int], heldout: list[int]) -> list[str]:
-    """Breadth without memorisation targets: the neighbourhood prompts (with ``target_true``)
-    and attribute prompts (with ``target_new``) of every record that is neither trained nor
-    held out, deduplicated, leaving out every sentence that names a held-out record's subject
-    (so held-out facts stay unseen). These are facts about other subjects."""
-    words = lambda text: tuple(re.findall(r"\w+", text.lower()))
-    held_subjects = {words(r["requested_rewrite"]["subject"]) for r in records
-                     if r["case_id"] in set(heldout)}
-    longest = max(map(len, held_subjects))
-    skip = set(trained) | set(heldout)
-    docs = set()
-    for r in records:
-        if r["case_id"] in skip:
-            continue
-        rw = r["requested_rewrite"]
-        docs.update(f"{p} {rw['target_true']['str']}" for p in r["neighborhood_prompts"])
-        docs.update(f"{p} {rw['target_new']['str']}" for p in r["attribute_prompts"])
-
-    def names_heldout(doc: str) -> bool:
-        w = words(doc)
-        return any(w[i:i + n] in held_subjects for n in range(1, longest + 1)
-                   for i in range(len(w) - n + 1))
-
-    return sorted(d for d in docs if not names_heldout(d))
-
-
 def english_documents() -> list[str]:
     held = set(data.load_me_ppl("ME-PPL_1k")) | set(data.load_me_ppl("ME-PPL_50"))
     sentences = [s for s in data.load_me_ppl("ME-PPL") if s not in held]
     return sentences + data.load_wikitext()
 
 
-def pack_epoch(fact_docs: list[np.ndarray], english_docs: list[np.ndarray],
-               world_docs: list[np.ndarray], settings: TrainSettings, epoch: int,
-               eos: int) -> np.ndarray:
-    """One epoch of windows [n, seq_len + 1]: every fact document, then English and world
-    documents drawn at random up to ``english_fraction`` and ``world_fraction`` of the tokens,
-    all shuffled with a seed of (seed, epoch) and joined by EOS."""
+def pack_epoch(fact_docs: list[np.ndarray], english_docs: list[np.ndarray], settings: TrainSettings,
+               epoch: int, eos: int) -> np.ndarray:
+    """One epoch of windows [n, seq_len + 1]: every fact document, English documents up to
+    ``english_fraction`` of the tokens, shuffled with a seed of (seed, epoch), joined by EOS."""
     rng = np.random.default_rng([settings.seed, epoch])
-    total = sum(len(d) + 1 for d in fact_docs) / (
-        1 - settings.english_fraction - settings.world_fraction)
-
-    def draw(pool: list[np.ndarray], fraction: float) -> list[np.ndarray]:
-        if fraction <= 0 or not pool:
-            return []
-        order = rng.permutation(len(pool))
-        lengths = np.cumsum([len(pool[i]) + 1 for i in order])
-        return [pool[i] for i in order[:int(np.searchsorted(lengths, total * fraction)) + 1]]
-
-    docs = (fact_docs + draw(english_docs, settings.english_fraction)
-            + draw(world_docs, settings.world_fraction))
+    fact_tokens = sum(len(d) + 1 for d in fact_docs)
+    want = fact_tokens * settings.english_fraction / (1 - settings.english_fraction)
+    order = rng.permutation(len(english_docs))
+    lengths = np.cumsum([len(english_docs[i]) + 1 for i in order])
+    chosen = [english_docs[i] for i in order[:int(np.searchsorted(lengths, want)) + 1]]
+    docs = fact_docs + chosen
     stream = np.concatenate([np.append(docs[i], eos) for i in rng.permutation(len(docs))])
     width = settings.seq_len + 1
     n = len(stream) // width
@@ -249,8 +213,6 @@ def train(settings: TrainSettings, work_dir: Path, tokenizer_dir: Path | None = 
     fact_docs = [np.array(ids, np.int32) for ids in tokenizer.encode_batch(
         [d for i in trained for d in fact_documents(by_id[i], settings.prompt_repeats)])]
     english = [np.array(ids, np.int32) for ids in tokenizer.encode_batch(english_documents())]
-    world = [np.array(ids, np.int32) for ids in tokenizer.encode_batch(
-        world_documents(records, trained, heldout))] if settings.world_fraction > 0 else []
     cfg = model_config(settings, tokenizer.vocab_size)
     optimizer = make_optimizer(settings)
     step_fn = make_train_step(cfg, optimizer)
@@ -278,8 +240,7 @@ def train(settings: TrainSettings, work_dir: Path, tokenizer_dir: Path | None = 
         e = 0
         while True:
             if e != epoch:
-                epoch, windows = e, pack_epoch(fact_docs, english, world, settings, e,
-                                               tokenizer.eos_id)
+                epoch, windows = e, pack_epoch(fact_docs, english, settings, e, tokenizer.eos_id)
             n = len(windows) - len(windows) % settings.batch_size
             if index < n:
                 return windows[index:index + settings.batch_size]

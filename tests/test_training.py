@@ -1,5 +1,4 @@
-"""The default model's training data: record split, world facts, epoch packing, n-gram
-baselines."""
+"""The default model's training data: epoch packing and n-gram baselines."""
 
 import math
 from collections import Counter
@@ -13,46 +12,26 @@ from rome_jax import training
 from rome_jax.training import TrainSettings
 
 
-def record(case_id, subject, neighbours=(), attributes=()):
-    return {"case_id": case_id,
-            "requested_rewrite": {"prompt": "{} plays the", "subject": subject,
-                                  "target_true": {"str": "guitar"},
-                                  "target_new": {"str": "piano"}},
-            "paraphrase_prompts": [f"Music. {subject} plays the"],
-            "neighborhood_prompts": list(neighbours), "attribute_prompts": list(attributes)}
-
-
-def test_world_documents_keep_held_out_subjects_unseen():
-    records = [record(0, "Toko Yasuda", ["Slash plays the"]),
-               record(1, "Jimi Hendrix", ["Toko Yasuda's friend Eric plays the"]),
-               record(2, "Eric", ["Eric Clapton plays the", "Prince plays the"],
-                      ["Glenn Gould plays the", "J. S. Bach plays the"]),
-               record(3, "Bach", ["Slash plays the"])]
-    docs = training.world_documents(records, trained=[3], heldout=[0])
-    # record 0 is held out, record 3 trained: neither contributes; record 1's sentence names
-    # the held-out subject and is dropped; "Eric" alone is not a held-out subject.
-    assert docs == ["Eric Clapton plays the guitar", "Glenn Gould plays the piano",
-                    "J. S. Bach plays the piano", "Prince plays the guitar"]
-
-
-def test_pack_epoch_mixes_the_fractions_deterministically():
+def test_pack_epoch_mixes_the_fraction_deterministically():
     rng = np.random.default_rng(0)
     docs = lambda n, lo, hi: [rng.integers(1, 1000, rng.integers(lo, hi)) for _ in range(n)]
-    facts, english, world = docs(50, 5, 15), docs(400, 20, 60), docs(400, 5, 15)
-    s = TrainSettings(seq_len=32, english_fraction=0.3, world_fraction=0.2)
-    windows = training.pack_epoch(facts, english, world, s, epoch=3, eos=0)
+    facts, english = docs(50, 5, 15), docs(400, 20, 60)
+    s = TrainSettings(seq_len=32, english_fraction=0.6)
+    windows = training.pack_epoch(facts, english, s, epoch=3, eos=0)
     assert windows.shape[1] == 33 and windows.dtype == np.int32
-    again = training.pack_epoch(facts, english, world, s, epoch=3, eos=0)
-    np.testing.assert_array_equal(windows, again)
-    assert not np.array_equal(windows, training.pack_epoch(facts, english, world, s, 4, 0))
+    np.testing.assert_array_equal(windows, training.pack_epoch(facts, english, s, 3, 0))
+    assert not np.array_equal(windows, training.pack_epoch(facts, english, s, 4, 0))
     fact_tokens = sum(len(d) + 1 for d in facts)
-    total = fact_tokens / 0.5
-    n_docs = int((windows == 0).sum())  # one EOS per document (the cut tail aside)
-    assert abs(windows.size - total) < 0.1 * total
-    assert len(facts) + 0.25 * total / 41 < n_docs  # English and world documents are in it
-    none = training.pack_epoch(facts, english, world,
-                               TrainSettings(seq_len=32, english_fraction=0.0), 0, 0)
-    assert abs(none.size - fact_tokens) <= 33
+    total = fact_tokens / 0.4  # facts are the other 40%
+    assert abs(windows.size - total) < 60 + 33  # one English document and the cut tail
+    stream = windows.ravel().tolist()
+    cuts = [i for i, t in enumerate(stream) if t == 0]
+    packed = {tuple(stream[a + 1:b]) for a, b in zip([-1, *cuts], cuts)}
+    found = sum(tuple(d.tolist()) in packed for d in facts)
+    assert found >= len(facts) - 32 // 6  # all, but for those in the cut tail (< 33 tokens)
+    alone = training.pack_epoch(facts, english, TrainSettings(seq_len=32, english_fraction=0),
+                                0, 0)
+    assert abs(alone.size - fact_tokens) <= 33
 
 
 def brute_force(train, test, vocab, eos, discount=0.75):
