@@ -252,6 +252,7 @@ def train(settings: TrainSettings, work_dir: Path, tokenizer_dir: Path | None = 
              ] if evals_file.is_file() else []
     summary = {"trained_records": len(trained), "heldout_records": len(heldout),
                "tokens_per_step": settings.batch_size * settings.seq_len,
+               "english_tokens": sum(len(d) + 1 for d in english),
                "evals": [e for e in evals if e["step"] <= start]}
     stop = min(settings.stop_at_step, settings.steps)
     t0 = time.time()
@@ -304,14 +305,22 @@ def throughput(settings: TrainSettings, steps: int = 5) -> float:
 
 
 def final_metrics(model: Model, trained: list[int], heldout: list[int]) -> dict:
-    """The model card's numbers: fact accuracy on trained and held-out records, ME-PPL_1k
-    perplexity (never trained on)."""
+    """The model card's numbers, for the weights as saved (float16): fact accuracy on trained
+    and held-out records, ME-PPL_1k perplexity (never trained on), and for scale the ME-PPL_1k
+    perplexity of a bigram model counted on the same English training text."""
+    model = model.with_params(jax.tree.map(
+        lambda x: x.astype(jnp.float16).astype(jnp.float32), model.params))
     by_id = {r["case_id"]: r for r in data.load_counterfact()}
     acc_trained = fact_accuracy(model, [by_id[i] for i in trained])
     acc_heldout = fact_accuracy(model, [by_id[i] for i in heldout])
+    test = data.load_me_ppl("ME-PPL_1k")
+    tok = model.tokenizer
+    ngram = ngram_perplexities(tok.encode_batch(english_documents()), tok.encode_batch(test),
+                               tok.vocab_size, tok.eos_id)
     return {"acc_trained": acc_trained, "acc_heldout": acc_heldout,
             "acc_gap_points": 100 * (acc_trained - acc_heldout),
-            "me_ppl_1k_perplexity": perplexity(model, data.load_me_ppl("ME-PPL_1k"))}
+            "me_ppl_1k_perplexity": perplexity(model, test),
+            "me_ppl_1k_bigram_baseline": ngram["bigram"]}
 
 
 def write_default_model(model: Model, settings: TrainSettings, summary: dict, out: Path) -> None:
@@ -368,8 +377,12 @@ of a {settings.steps}-step learning-rate schedule, on a 2-core CPU.
 | P(target_true) > P(target_new), held-out records | {m['acc_heldout']:.3f} |
 | gap (points) | {m['acc_gap_points']:.1f} |
 | ME-PPL_1k perplexity (never trained on) | {m['me_ppl_1k_perplexity']:.1f} |
+| ME-PPL_1k perplexity of a bigram model counted on the English training text | {m['me_ppl_1k_bigram_baseline']:.1f} |
 
 P(target) is the geometric-mean token probability of `" " + target` after the plain prompt.
+The English training text is about {summary['english_tokens']:,} tokens; the bigram
+model (absolute discounting, `training.ngram_perplexities`) is a yardstick for what that much
+text teaches.
 
 ## Progress
 | step | epoch | loss | acc trained (200) | acc held-out (200) | ME-PPL_1k | minutes |

@@ -64,3 +64,18 @@ def test_ngram_perplexities_match_counting_by_hand(train, test):
     unigram, bigram = brute_force(train, test, 12, 0)
     assert got["unigram"] == pytest.approx(unigram, rel=1e-9)
     assert got["bigram"] == pytest.approx(bigram, rel=1e-9)
+
+
+def test_model_card_reports_the_summary():
+    s = TrainSettings()
+    summary = {"trained_records": 400, "heldout_records": 1000, "english_tokens": 538035,
+               "wall_minutes": 80.5, "steps_run": 2100, "epochs": 15,
+               "evals": [{"step": 400, "epoch": 2, "loss": 5.6, "acc_trained_200": 0.64,
+                          "acc_heldout_200": 0.575, "me_ppl_1k": 1514.8, "minutes": 14.8}],
+               "final": {"acc_trained": 0.955, "acc_heldout": 0.6, "acc_gap_points": 35.5,
+                         "me_ppl_1k_perplexity": 987.6, "me_ppl_1k_bigram_baseline": 1091.2}}
+    card = training.model_card(s, summary)
+    for text in ("| 0.955 |", "| 35.5 |", "| 987.6 |", "| 1091.2 |", "538,035 tokens",
+                 "80.5 min for 2100 steps", "| 400 | 2 | 5.600 | 0.640 | 0.575 | 1514.8 | 14.8 |",
+                 f"| english_fraction | {s.english_fraction} |"):
+        assert text in card, text
