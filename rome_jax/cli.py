@@ -128,6 +128,16 @@ def _add_guard_args(p: argparse.ArgumentParser, force: bool = True) -> None:
                         "than X (default 10)")
 
 
+def _add_record_args(p: argparse.ArgumentParser, verb: str) -> None:
+    """--n, --start, --case-ids: which CounterFact records (see ``_counterfact_records``)."""
+    p.add_argument("--n", type=_positive_int, required=True, help=f"records to {verb}")
+    p.add_argument("--start", type=int, default=0, metavar="K",
+                   help="skip the first K CounterFact records (sorted by case id)")
+    p.add_argument("--case-ids", metavar="FILE.json",
+                   help=f"{verb} only these case ids (a JSON list, e.g. the default model's "
+                        "training_case_ids.json); --start and --n then count within them")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                      epilog="Run 'rome-jax COMMAND --help' for a command's options.")
@@ -208,12 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "A record collapses when perplexity exceeds THRESHOLD times "
                                    "the unedited model's. Writes {collapse, normal, records} "
                                    "JSON; re-running with the same --out resumes.")
-    p.add_argument("--n", type=_positive_int, required=True, help="records to screen")
-    p.add_argument("--start", type=int, default=0, metavar="K",
-                   help="skip the first K CounterFact records (sorted by case id)")
-    p.add_argument("--case-ids", metavar="FILE.json",
-                   help="screen only these case ids (a JSON list, e.g. the default model's "
-                        "training_case_ids.json); --start and --n then count within them")
+    _add_record_args(p, "screen")
     p.add_argument("--threshold", type=_ratio, default=10.0, metavar="X",
                    help="collapse: perplexity > X times the base model's (default 10)")
     p.add_argument("--method", choices=("rome", "c-rome", "r-rome", "p-rome"), default="rome")
@@ -236,12 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "mean S), the ME-PPL_50 perplexity ratio, the median |Δ| and "
                                    "optionally generation entropy, for all records, first-token "
                                    "subjects and the others.")
-    p.add_argument("--n", type=_positive_int, required=True, help="records to evaluate")
-    p.add_argument("--start", type=int, default=0, metavar="K",
-                   help="skip the first K records (sorted by case id)")
-    p.add_argument("--case-ids", metavar="FILE.json",
-                   help="only these case ids (a JSON list, e.g. the default model's "
-                        "training_case_ids.json); --start and --n then count within them")
+    _add_record_args(p, "evaluate")
     p.add_argument("--methods", default="rome,c-rome,p-rome",
                    help="comma-separated methods (default rome,c-rome,p-rome)")
     p.add_argument("--test-prefix", action="store_true",

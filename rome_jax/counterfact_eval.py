@@ -55,10 +55,9 @@ def test_prefixes(model: Model, seed: int, n: int = 10) -> tuple[str, ...]:
 
 
 def _scores(model: Model, record: Mapping, params, rewrite_prompt: str, settings: EvalSettings,
-            probe: Callable, base_perplexity: float, key: jax.Array) -> dict:
+            perplexity: float, base_perplexity: float, key: jax.Array) -> dict:
     row = counterfact_metrics(counterfact_nll(model, record, params, rewrite_prompt))
-    ppl = probe(params)
-    row.update(perplexity=ppl, ppl_ratio=ppl / base_perplexity)
+    row.update(perplexity=perplexity, ppl_ratio=perplexity / base_perplexity)
     if settings.generation_prompts:
         prompts = list(record["generation_prompts"][:settings.generation_prompts])
         row["GE"] = generation_entropy(model, prompts, key, settings.generation_tokens,
@@ -83,7 +82,7 @@ def evaluate_record(model: Model, record: Mapping, hparams: RomeHParams, context
     row = {"case_id": int(record["case_id"]), "subject_first": request.subject_first,
            "first_token_subject": first_token_subject(record, model.tokenizer),
            "rewrite_prompt": rewrite,
-           "before": _scores(model, record, model.params, rewrite, settings, probe, base, key),
+           "before": _scores(model, record, model.params, rewrite, settings, base, base, key),
            "edits": {}}
     for method in settings.methods:
         try:
@@ -91,8 +90,8 @@ def evaluate_record(model: Model, record: Mapping, hparams: RomeHParams, context
         except ValueError as err:  # a non-finite update: nothing to score
             row["edits"][method] = {"error": " ".join(str(err).split())}
             continue
-        scores = _scores(model, record, apply_edit(model.params, update), rewrite, settings,
-                         probe, base, key)
+        params = apply_edit(model.params, update)
+        scores = _scores(model, record, params, rewrite, settings, probe(params), base, key)
         scores.update(delta_abs=report.delta_abs, denominator=report.denominator,
                       key_cosine=report.key_cosine)
         row["edits"][method] = scores

@@ -255,6 +255,7 @@ def train(settings: TrainSettings, work_dir: Path, tokenizer_dir: Path | None = 
                "english_tokens": sum(len(d) + 1 for d in english),
                "evals": [e for e in evals if e["step"] <= start]}
     stop = min(settings.stop_at_step, settings.steps)
+    me_ppl_1k = data.load_me_ppl("ME-PPL_1k")
     t0 = time.time()
     bar = tqdm(range(start, stop), initial=start, total=stop, desc="train")
     for step in bar:
@@ -272,7 +273,7 @@ def train(settings: TrainSettings, work_dir: Path, tokenizer_dir: Path | None = 
                    "minutes": (elapsed + time.time() - t0) / 60,
                    "acc_trained_200": fact_accuracy(model, [by_id[i] for i in trained[:200]]),
                    "acc_heldout_200": fact_accuracy(model, [by_id[i] for i in heldout[:200]]),
-                   "me_ppl_1k": perplexity(model, data.load_me_ppl("ME-PPL_1k"))}
+                   "me_ppl_1k": perplexity(model, me_ppl_1k)}
             summary["evals"].append(row)
             with evals_file.open("a") as f:
                 f.write(json.dumps(row) + "\n")
