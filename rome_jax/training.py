@@ -34,7 +34,7 @@ from rome_jax.hf import save_hf
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
 from rome_jax.models.tokenizer import Tokenizer
-from rome_jax.models.transformer import Params, forward
+from rome_jax.models.transformer import Dropout, Params, forward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,8 @@ class TrainSettings:
     peak_lr: float = 1.5e-3
     warmup_steps: int = 100
     final_lr_fraction: float = 0.1
-    weight_decay: float = 0.01
+    weight_decay: float = 0.1
+    dropout: float = 0.1
     n_trained_records: int = 400
     n_heldout_records: int = 1000
     prompt_repeats: int = 6
@@ -178,14 +179,17 @@ def make_optimizer(settings: TrainSettings) -> optax.GradientTransformation:
                                    weight_decay=settings.weight_decay, mask=decay_mask))
 
 
-def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation):
-    def loss_fn(params, windows):
-        logits = forward(params, cfg, windows[:, :-1]).logits
+def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, dropout: float):
+    """jit-compiled ``step(params, opt_state, windows [B, T + 1], key) -> (params, opt_state,
+    loss)``; ``key`` draws the dropout masks (rate ``dropout``)."""
+    def loss_fn(params, windows, key):
+        drop = Dropout(key, dropout) if dropout > 0 else None
+        logits = forward(params, cfg, windows[:, :-1], dropout=drop).logits
         return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
 
     @jax.jit
-    def step(params, opt_state, windows):
-        loss, grads = jax.value_and_grad(loss_fn)(params, windows)
+    def step(params, opt_state, windows, key):
+        loss, grads = jax.value_and_grad(loss_fn)(params, windows, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -215,7 +219,8 @@ def train(settings: TrainSettings, work_dir: Path, tokenizer_dir: Path | None = 
     english = [np.array(ids, np.int32) for ids in tokenizer.encode_batch(english_documents())]
     cfg = model_config(settings, tokenizer.vocab_size)
     optimizer = make_optimizer(settings)
-    step_fn = make_train_step(cfg, optimizer)
+    step_fn = make_train_step(cfg, optimizer, settings.dropout)
+    dropout_key = jax.random.fold_in(jax.random.key(settings.seed), 1)  # step keys fold in step
 
     work_dir = Path(work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -259,7 +264,8 @@ def train(settings: TrainSettings, work_dir: Path, tokenizer_dir: Path | None = 
     t0 = time.time()
     bar = tqdm(range(start, stop), initial=start, total=stop, desc="train")
     for step in bar:
-        params, opt_state, loss = step_fn(params, opt_state, jnp.asarray(batch_at(step)))
+        params, opt_state, loss = step_fn(params, opt_state, jnp.asarray(batch_at(step)),
+                                          jax.random.fold_in(dropout_key, step))
         done = step + 1
         if done % 20 == 0:
             bar.set_postfix(loss=f"{float(loss):.3f}", epoch=epoch)
@@ -293,14 +299,15 @@ def throughput(settings: TrainSettings, steps: int = 5) -> float:
     optimizer = make_optimizer(settings)
     params = init_params(cfg, jax.random.key(0))
     opt_state = optimizer.init(params)
-    step_fn = make_train_step(cfg, optimizer)
+    step_fn = make_train_step(cfg, optimizer, settings.dropout)
+    key = jax.random.key(0)
     windows = jnp.asarray(np.random.default_rng(0).integers(
         0, 50257, (settings.batch_size, settings.seq_len + 1), dtype=np.int32))
-    params, opt_state, loss = step_fn(params, opt_state, windows)
+    params, opt_state, loss = step_fn(params, opt_state, windows, key)
     loss.block_until_ready()
     t = time.time()
     for _ in range(steps):
-        params, opt_state, loss = step_fn(params, opt_state, windows)
+        params, opt_state, loss = step_fn(params, opt_state, windows, key)
     loss.block_until_ready()
     return steps * settings.batch_size * settings.seq_len / (time.time() - t)
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import rome_jax
-from rome_jax.models.transformer import forward, mlp, residual_at
+from rome_jax.models.transformer import Dropout, drop, forward, mlp, residual_at
 
 torch = pytest.importorskip("torch")
 
@@ -207,3 +207,31 @@ def test_taps_need_a_layer(models):
         forward(model.params, model.config, ids, token_index=np.zeros(1, np.int32))
     with pytest.raises(ValueError, match="layer"):
         forward(model.params, model.config, ids, layer=model.config.n_layer)
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.1, 0.5])
+def test_drop_zeroes_the_rounded_rate_and_keeps_the_mean(rate):
+    x = np.ones(400_000, np.float32)
+    y = np.asarray(drop(x, jax.random.key(3), rate))
+    p = round(rate * 256) / 256
+    zero = y == 0
+    sigma = np.sqrt(p * (1 - p) / x.size)
+    assert abs(zero.mean() - p) < 4 * sigma
+    np.testing.assert_allclose(y[~zero], 1 / (1 - p), rtol=1e-6)
+    assert abs(y.mean() - 1) < 4 * sigma / (1 - p)
+    assert drop(x, None, rate) is x
+
+
+def test_dropout_is_keyed_and_only_for_training(models):
+    _, model = models["gpt2"]
+    ids = np.arange(2 * SEQ, dtype=np.int32).reshape(2, SEQ)
+    plain = np.asarray(forward(model.params, model.config, ids).logits)
+    run = lambda key, rate: np.asarray(forward(model.params, model.config, ids,
+                                               dropout=Dropout(jax.random.key(key), rate)).logits)
+    np.testing.assert_array_equal(run(0, 0.0), plain)
+    np.testing.assert_array_equal(run(0, 0.2), run(0, 0.2))
+    assert np.abs(run(0, 0.2) - plain).max() > 1e-3
+    assert np.abs(run(0, 0.2) - run(1, 0.2)).max() > 1e-3
+    with pytest.raises(ValueError, match="dropout"):
+        forward(model.params, model.config, ids, layer=0,
+                dropout=Dropout(jax.random.key(0), 0.2))

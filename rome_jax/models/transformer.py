@@ -12,6 +12,10 @@ weights are stored ``[in, out]`` and applied as ``x @ w + b``):
     ln_f                 {scale, bias} [D]
     lm_head              {w [D, V], b [V]} (GPT-J only; GPT-2 ties logits to wte)
 
+Training adds dropout (``Dropout``) on the embedding sum and on the output of each residual
+branch, as GPT-2 does (GPT-2 also drops attention probabilities; left out, as it costs a tenth of
+a CPU training step). Inference never drops anything.
+
 The taps ROME needs (see ``forward``): the MLP key (input of ``fc_out``) at one layer and one
 position per row, a delta added to the MLP output there, a cached residual stream at that layer
 so lower blocks are skipped, and logits at chosen positions only.
@@ -42,6 +46,24 @@ class ForwardOut(NamedTuple):
 
     logits: jax.Array
     key: jax.Array | None
+
+
+class Dropout(NamedTuple):
+    """Training-time dropout: a PRNG ``key`` and the ``rate`` (static) used at every site."""
+
+    key: jax.Array
+    rate: float
+
+
+def drop(x: jax.Array, key: jax.Array | None, rate: float) -> jax.Array:
+    """Inverted dropout: zero each entry with probability p = round(256 rate) / 256 (one random
+    byte per entry, a quarter of the random bits of a float draw), scale the rest by 1 / (1 - p);
+    ``key=None`` returns x unchanged."""
+    cut = round(rate * 256)
+    if key is None or cut == 0:
+        return x
+    keep = jax.random.bits(key, x.shape, jnp.uint8) >= cut
+    return jnp.where(keep, x / (1.0 - cut / 256), jnp.zeros((), x.dtype))
 
 
 def make_context(input_shape: tuple[int, int], attention_mask: jax.Array | None,
@@ -126,33 +148,40 @@ def mlp(p: Params, cfg: ModelConfig, x: jax.Array, delta: jax.Array | None = Non
 
 
 def block(p: Params, cfg: ModelConfig, h: jax.Array, ctx: Context,
-          mlp_delta: jax.Array | None = None, past=None):
+          mlp_delta: jax.Array | None = None, past=None, dropout: Dropout | None = None):
     """One transformer block. h [B, T, D] -> (h [B, T, D], key [B, T, F], (k, v)).
 
-    ``mlp_delta`` [B, T, D] is added to the MLP output; ``past`` as in ``attention``.
+    ``mlp_delta`` [B, T, D] is added to the MLP output; ``past`` as in ``attention``;
+    ``dropout`` drops both branch outputs.
     """
+    attn_drop, mlp_drop = [None] * 2 if dropout is None else jax.random.split(dropout.key)
+    rate = 0.0 if dropout is None else dropout.rate
     eps = cfg.layer_norm_epsilon
     x = layer_norm(p["ln_1"], h, eps)
     attn_out, kv = attention(p["attn"], cfg, x, ctx, past)
+    attn_out = drop(attn_out, attn_drop, rate)
     if cfg.parallel_residual:
         mlp_out, key = mlp(p["mlp"], cfg, x, mlp_delta)
-        return h + attn_out + mlp_out, key, kv
+        return h + attn_out + drop(mlp_out, mlp_drop, rate), key, kv
     h = h + attn_out
     mlp_out, key = mlp(p["mlp"], cfg, layer_norm(p["ln_2"], h, eps), mlp_delta)
-    return h + mlp_out, key, kv
+    return h + drop(mlp_out, mlp_drop, rate), key, kv
 
 
 def run_blocks(params: Params, cfg: ModelConfig, h: jax.Array, ctx: Context,
-               start: int, stop: int) -> jax.Array:
+               start: int, stop: int, dropout: Dropout | None = None) -> jax.Array:
     """Blocks ``start <= l < stop`` by ``lax.scan`` (one compiled block). h [B, T, D]."""
     if stop <= start:
         return h
     layers = jax.tree.map(lambda w: w[start:stop], params["blocks"])
+    if dropout is None:
+        return jax.lax.scan(lambda h, p: (block(p, cfg, h, ctx)[0], None), h, layers)[0]
 
-    def step(h, p):
-        return block(p, cfg, h, ctx)[0], None
+    def step(h, xs):
+        p, key = xs
+        return block(p, cfg, h, ctx, dropout=Dropout(key, dropout.rate))[0], None
 
-    return jax.lax.scan(step, h, layers)[0]
+    return jax.lax.scan(step, h, (layers, jax.random.split(dropout.key, stop - start)))[0]
 
 
 def embed(params: Params, cfg: ModelConfig, input_ids: jax.Array, ctx: Context) -> jax.Array:
@@ -183,7 +212,8 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
             attention_mask: jax.Array | None = None, *, layer: int | None = None,
             token_index: jax.Array | None = None, mlp_delta: jax.Array | None = None,
             residual: jax.Array | None = None,
-            logit_positions: jax.Array | None = None) -> ForwardOut:
+            logit_positions: jax.Array | None = None,
+            dropout: Dropout | None = None) -> ForwardOut:
     """Run the model with ROME's taps.
 
     Args:
@@ -195,6 +225,7 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
       residual: [B, T, D] cached input of block ``layer`` (``residual_at``); blocks below it are
         skipped.
       logit_positions: [B, P] positions whose logits are wanted; ``None`` means all.
+      dropout: training-time ``Dropout`` (full forward only, not with the taps above).
 
     Returns:
       ForwardOut(logits [B, T or P, V], key [B, F] at (layer, token_index) or None).
@@ -204,7 +235,14 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
     if layer is None:
         if residual is not None or token_index is not None or mlp_delta is not None:
             raise ValueError("layer: residual, token_index and mlp_delta need a layer")
-        h = run_blocks(params, cfg, embed(params, cfg, input_ids, ctx), ctx, 0, cfg.n_layer)
+        h = embed(params, cfg, input_ids, ctx)
+        if dropout is not None:
+            embed_key, blocks_key = jax.random.split(dropout.key)
+            h = drop(h, embed_key, dropout.rate)
+            dropout = Dropout(blocks_key, dropout.rate)
+        h = run_blocks(params, cfg, h, ctx, 0, cfg.n_layer, dropout)
+    elif dropout is not None:
+        raise ValueError("dropout is for training and cannot be combined with ROME's taps")
     else:
         cfg.check_layer(layer)
         h = residual
