@@ -989,10 +989,9 @@ def cmd_evaluate(args) -> int:
             fitting.append(record)
         except ValueError as err:
             _log(f"{PROG}: skipping case {record['case_id']}: {_one_line(err)}")
-    prefixes = test_prefixes(s.model, args.seed) if settings.test_prefix else ("",)
-    rows = [evaluate_record(s.model, record, s.hparams, s.context, s.probe, settings,
-                            prefixes[i % len(prefixes)])
-            for i, record in enumerate(tqdm(fitting, desc="evaluate", unit="record"))]
+    prefixes = test_prefixes(s.model, args.seed) if settings.test_prefix else ()
+    rows = [evaluate_record(s.model, record, s.hparams, s.context, s.probe, settings, prefixes)
+            for record in tqdm(fitting, desc="evaluate", unit="record")]
     groups = {"all": lambda r: True, "first-token subjects": lambda r: r["first_token_subject"],
               "other subjects": lambda r: not r["first_token_subject"]}
     summary = {name: summarize(rows, settings.methods, keep) for name, keep in groups.items()

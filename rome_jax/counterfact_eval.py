@@ -4,7 +4,11 @@ perplexity ratio of a probe corpus, the update's size, and optionally generation
 
 With ``test_prefix`` the rewrite prompt of a record whose subject opens it is scored with a
 prefix in front ("The Fall of ROME"'s test-time fix). The prefixes are sampled from the model
-with their own key, so they are not the context templates the edit was computed with.
+with their own key, so they are not the context templates the edit was computed with, and a
+record's prefix is chosen by its case id, so its scores do not depend on which records run.
+
+The keys and v* of a record do not depend on the method, so they are computed once per record
+and every method's update is made from them.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 from rome_jax.evaluation import (counterfact_metrics, counterfact_nll, generation_entropy,
                                  summarize_counterfact)
 from rome_jax.models.model import Model
-from rome_jax.rome.edit import EditContext, compute_edit, with_test_prefix
+from rome_jax.rome.edit import EditContext, compute_edit, solve, with_test_prefix
 from rome_jax.rome.hparams import RomeHParams
 from rome_jax.rome.request import EditRequest
 from rome_jax.rome.templates import sample_context_templates
@@ -66,16 +70,21 @@ def _scores(model: Model, record: Mapping, params, rewrite_prompt: str, settings
 
 
 def evaluate_record(model: Model, record: Mapping, hparams: RomeHParams, context: EditContext,
-                    probe: Callable, settings: EvalSettings, prefix: str = "") -> dict:
+                    probe: Callable, settings: EvalSettings, prefixes: Sequence[str] = ()
+                    ) -> dict:
     """One record: its scores before editing and after each method's edit.
 
     ``probe(params)`` is a perplexity (e.g. ``guard.PerplexityProbe``, whose ``base`` is the
-    unedited value); ``prefix`` is the test-time prefix used when ``settings.test_prefix``.
+    unedited value); with ``settings.test_prefix`` the rewrite prompt gets
+    ``prefixes[case_id % len(prefixes)]`` (``test_prefixes``).
     Returns {"case_id", "subject_first", "first_token_subject", "rewrite_prompt", "before": scores,
     "edits": {method: scores + update diagnostics, or {"error": ...}}}.
     """
     request = EditRequest.from_dict(record)
-    rewrite = (with_test_prefix(request.text, request.subject, prefix)
+    if settings.test_prefix and not prefixes:
+        raise ValueError("test_prefix: give the prefixes to choose from")
+    rewrite = (with_test_prefix(request.text, request.subject,
+                                prefixes[int(record["case_id"]) % len(prefixes)])
                if settings.test_prefix else request.text)
     key = jax.random.fold_in(jax.random.key(settings.seed), int(record["case_id"]))
     base = probe.base
@@ -84,9 +93,11 @@ def evaluate_record(model: Model, record: Mapping, hparams: RomeHParams, context
            "rewrite_prompt": rewrite,
            "before": _scores(model, record, model.params, rewrite, settings, base, base, key),
            "edits": {}}
+    solved = solve(model, request, hparams, context=context)  # keys and v*: the same per method
     for method in settings.methods:
         try:
-            update, report = compute_edit(model, request, hparams, method, context=context)
+            update, report = compute_edit(model, request, hparams, method, context=context,
+                                          solved=solved)
         except ValueError as err:  # a non-finite update: nothing to score
             row["edits"][method] = {"error": " ".join(str(err).split())}
             continue

@@ -9,7 +9,8 @@ from conftest import tiny_gpt2
 from rome_jax import data
 from rome_jax.models.transformer import mlp_key
 from rome_jax.rome.edit import (EditContext, build_batch, compute_edit, edit, edit_core,
-                                edit_independent, edit_sequential, prepare, with_test_prefix)
+                                edit_independent, edit_sequential, prepare, solve,
+                                with_test_prefix)
 from rome_jax.rome.hparams import RomeHParams
 from rome_jax.rome.request import EditRequest
 from rome_jax.rome.stats import compute_key_stats
@@ -86,6 +87,18 @@ def test_independent_edits_by_vmap_match_single_edits(model, context):
         np.testing.assert_allclose(edits.value_delta[i], single.value_delta, rtol=2e-3, atol=2e-4)
         np.testing.assert_allclose(edits.key_dir[i], single.key_dir, rtol=2e-3, atol=1e-5)
         assert reports[i].request == request.to_dict()
+
+
+def test_methods_share_one_solve(model, context):
+    """Keys and v* do not depend on the method: reusing them changes nothing, bit for bit."""
+    solved = solve(model, REQUEST, HP, context=context)
+    for method in ("rome", "c-rome", "p-rome"):
+        fresh, fresh_report = compute_edit(model, REQUEST, HP, method, context=context)
+        reused, reused_report = compute_edit(model, REQUEST, HP, method, context=context,
+                                             solved=solved)
+        np.testing.assert_array_equal(fresh.key_dir, reused.key_dir)
+        np.testing.assert_array_equal(fresh.value_delta, reused.value_delta)
+        assert fresh_report.to_dict() == reused_report.to_dict()
 
 
 def test_sequential_edits_are_a_fold(model, context):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,12 +24,12 @@ from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
 from rome_jax.models.transformer import Params, residual_at
 from rome_jax.rome.hparams import RomeHParams, preset_for
-from rome_jax.rome.keys import keys_from_residual
+from rome_jax.rome.keys import Keys, keys_from_residual
 from rome_jax.rome.request import EditRequest, subject_token_index
 from rome_jax.rome.stats import KeyStats, key_stats
 from rome_jax.rome.templates import ContextTemplates, sample_context_templates
 from rome_jax.rome.update import RankOneEdit, apply_edit, canonical_method, rank_one_update
-from rome_jax.rome.values import VBatch, optimize_v
+from rome_jax.rome.values import VBatch, VResult, optimize_v
 
 KL_PROMPT = "{} is a"
 
@@ -66,10 +66,9 @@ def prepare(model: Model, hparams: RomeHParams | None = None, key: jax.Array | N
 
 
 def build_batch(model: Model, request: EditRequest, templates: ContextTemplates,
-                fact_token: str, length: int | None = None,
-                live_width: int | None = None) -> VBatch:
+                fact_token: str) -> VBatch:
     """Rows: every template around the prompt with target[:-1] appended, then the KL prompt.
-    ``length`` and ``live_width`` pad to common shapes (for vmap)."""
+    The width and the live width are bucketed so that jit sees few shapes."""
     tok = model.tokenizer
     target = tok.encode(" " + request.target_new.strip())
     rows, lookups, positions, targets, tmask = [], [], [], [], []
@@ -86,16 +85,14 @@ def build_batch(model: Model, request: EditRequest, templates: ContextTemplates,
     positions.append([index] * len(target))
     targets.append(target)
     tmask.append([0] * len(target))
-    width = length or bucket(max(map(len, rows)))
+    width = bucket(max(map(len, rows)))
     if width > model.config.n_positions:
         raise ValueError(f"prompt: {width} tokens with its template and target exceed the "
                          f"model's {model.config.n_positions} positions")
     ids, mask = pad_batch(rows, tok.eos_id, length=width)
     lookups = np.asarray(lookups, np.int32)
     live = np.asarray([len(r) for r in rows]) - lookups
-    live_width = live_width or int(live.max())
-    if live_width < live.max():
-        raise ValueError(f"live_width {live_width} is below the {live.max()} needed")
+    live_width = bucket(int(live.max()), 4)
     offsets = np.arange(live_width)[None, :]
     live_index = np.minimum(lookups[:, None] + offsets, width - 1).astype(np.int32)
     live_mask = (offsets < live[:, None]).astype(np.int32)
@@ -104,20 +101,30 @@ def build_batch(model: Model, request: EditRequest, templates: ContextTemplates,
                   np.asarray(tmask, np.float32), live_index, live_mask)
 
 
-def _pad_targets(batch: VBatch, n_target: int) -> VBatch:
-    """Widen the target axis to ``n_target`` (masked) so that requests stack for vmap."""
-    extra = n_target - batch.target_ids.shape[1]
-    if extra == 0:
-        return batch
-    edge = lambda x: np.concatenate([x, np.repeat(x[:, -1:], extra, 1)], 1)
-    return batch._replace(target_pos=edge(batch.target_pos), target_ids=edge(batch.target_ids),
-                          target_mask=np.pad(batch.target_mask, ((0, 0), (0, extra))))
+def _pad_batch(batch: VBatch, pad_id: int, width: int, live_width: int,
+               n_target: int) -> VBatch:
+    """Widen a batch to ``width`` tokens, ``live_width`` live positions and ``n_target`` target
+    tokens, all masked, so that requests stack for vmap."""
+    grow = lambda x, n, value=0: np.pad(x, ((0, 0), (0, n - x.shape[1])), constant_values=value)
+    edge = lambda x: np.concatenate([x, np.repeat(x[:, -1:], n_target - x.shape[1], 1)], 1)
+    live_index = np.minimum(batch.lookup[:, None] + np.arange(live_width)[None, :], width - 1)
+    return batch._replace(
+        ids=grow(batch.ids, width, pad_id), mask=grow(batch.mask, width),
+        target_pos=edge(batch.target_pos), target_ids=edge(batch.target_ids),
+        target_mask=grow(batch.target_mask, n_target),
+        live_index=live_index.astype(np.int32), live_mask=grow(batch.live_mask, live_width))
 
 
-def edit_core(params: Params, config: ModelConfig, layer: int, method: str, steps: int,
-              batch: VBatch, factor: jax.Array, lr, weight_decay, kl_factor, clamp_norm_factor,
-              early_stop_loss):
-    """Keys, v* and the update for one request's batch (traceable; vmap it for many)."""
+class Solved(NamedTuple):
+    """What an edit computes before its method is chosen: the keys (k^u, k̄) and v*."""
+
+    keys: Keys
+    values: VResult
+
+
+def solve_core(params: Params, config: ModelConfig, layer: int, steps: int, batch: VBatch,
+               lr, weight_decay, kl_factor, clamp_norm_factor, early_stop_loss) -> Solved:
+    """Keys and v* for one request's batch (traceable)."""
     residual = residual_at(params, config, batch.ids, batch.mask, layer)
     keys = keys_from_residual(params, config, layer, residual, batch.mask, batch.lookup,
                               n_rows=batch.ids.shape[0] - 1)
@@ -126,13 +133,30 @@ def edit_core(params: Params, config: ModelConfig, layer: int, method: str, step
     values = optimize_v(params, config, layer, batch, residual, v_init, steps=steps, lr=lr,
                         weight_decay=weight_decay, kl_factor=kl_factor,
                         clamp_norm_factor=clamp_norm_factor, early_stop_loss=early_stop_loss)
+    return Solved(keys, values)
+
+
+def update_core(params: Params, layer: int, method: str, factor: jax.Array, solved: Solved):
+    """The rank-one update of ``method`` from solved keys and v* (traceable): (RankOneEdit,
+    UpdateDiagnostics, cos(k^u, k̄))."""
+    keys = solved.keys
+    fc_out = jax.tree.map(lambda w: w[layer], params["blocks"]["mlp"]["fc_out"])
     update, diagnostics = rank_one_update(fc_out["w"], fc_out["b"], factor, keys.plain,
-                                          keys.mean, values.v_star, method, layer)
+                                          keys.mean, solved.values.v_star, method, layer)
     cosine = keys.plain @ keys.mean / (jnp.linalg.norm(keys.plain) * jnp.linalg.norm(keys.mean))
-    return update, diagnostics, values, cosine
+    return update, diagnostics, cosine
 
 
-_edit_jit = jax.jit(edit_core, static_argnums=(1, 2, 3, 4))
+def edit_core(params: Params, config: ModelConfig, layer: int, method: str, steps: int,
+              batch: VBatch, factor: jax.Array, *v_settings):
+    """Keys, v* and the update for one request's batch (traceable; vmap it for many)."""
+    solved = solve_core(params, config, layer, steps, batch, *v_settings)
+    update, diagnostics, cosine = update_core(params, layer, method, factor, solved)
+    return update, diagnostics, solved.values, cosine
+
+
+_solve_jit = jax.jit(solve_core, static_argnums=(1, 2, 3))
+_update_jit = jax.jit(update_core, static_argnums=(1, 2))
 _edit_vmap = jax.jit(jax.vmap(edit_core, in_axes=(None,) * 5 + (0,) + (None,) * 6),
                      static_argnums=(1, 2, 3, 4))
 
@@ -188,22 +212,43 @@ def _probabilities(model: Model, params: Params, request: EditRequest):
                                 params=params)
 
 
-def compute_edit(model: Model, request: EditRequest, hparams: RomeHParams | None = None,
+def _v_settings(hparams: RomeHParams) -> tuple:
+    return (hparams.v_lr, hparams.v_weight_decay, hparams.kl_factor, hparams.clamp_norm_factor,
+            hparams.early_stop_loss)
+
+
+def solve(model: Model, request: EditRequest | dict, hparams: RomeHParams | None = None, *,
+          context: EditContext | None = None, params: Params | None = None) -> Solved:
+    """Keys and v* of ``request`` on ``params`` (default ``model.params``): everything an edit
+    computes before its method. ``compute_edit(..., solved=...)`` reuses it for each method of
+    the same params."""
+    hparams = (hparams or preset_for(model.config)).check(model.config)
+    if not isinstance(request, EditRequest):
+        request = EditRequest.from_dict(request)
+    params = model.params if params is None else params
+    context = context or prepare(model, hparams)
+    batch = build_batch(model, request, context.templates, hparams.fact_token)
+    return _solve_jit(params, model.config, hparams.layer, hparams.v_num_grad_steps, batch,
+                      *_v_settings(hparams))
+
+
+def compute_edit(model: Model, request: EditRequest | dict, hparams: RomeHParams | None = None,
                  method: str = "c-rome", *, context: EditContext | None = None,
-                 params: Params | None = None) -> tuple[RankOneEdit, EditReport]:
-    """The edit as a value (not applied) and its report (without probabilities)."""
+                 params: Params | None = None, solved: Solved | None = None
+                 ) -> tuple[RankOneEdit, EditReport]:
+    """The edit as a value (not applied) and its report (without probabilities); ``solved``
+    (from ``solve`` on the same params) skips recomputing the keys and v*."""
     hparams = (hparams or preset_for(model.config)).check(model.config)
     method = canonical_method(method)
     if not isinstance(request, EditRequest):
         request = EditRequest.from_dict(request)
     params = model.params if params is None else params
     context = context or prepare(model, hparams)
-    batch = build_batch(model, request, context.templates, hparams.fact_token)
-    update, diagnostics, values, cosine = _edit_jit(
-        params, model.config, hparams.layer, method, hparams.v_num_grad_steps, batch,
-        context.factor, hparams.v_lr, hparams.v_weight_decay, hparams.kl_factor,
-        hparams.clamp_norm_factor, hparams.early_stop_loss)
-    report = _report(request, method, hparams.layer, diagnostics, values, cosine)
+    if solved is None:
+        solved = solve(model, request, hparams, context=context, params=params)
+    update, diagnostics, cosine = _update_jit(params, hparams.layer, method, context.factor,
+                                              solved)
+    report = _report(request, method, hparams.layer, diagnostics, solved.values, cosine)
     _check_finite(update, report)
     return update, report
 
@@ -259,13 +304,12 @@ def edit_independent(model: Model, requests: Sequence[EditRequest | dict],
     width = max(b.ids.shape[1] for b in batches)
     live_width = max(b.live_index.shape[1] for b in batches)
     n_target = max(b.target_ids.shape[1] for b in batches)
-    batches = [_pad_targets(build_batch(model, r, context.templates, hparams.fact_token, width,
-                                        live_width), n_target) for r in requests]
+    batches = [_pad_batch(b, model.tokenizer.eos_id, width, live_width, n_target)
+               for b in batches]
     stacked = VBatch(*(np.stack(xs) for xs in zip(*batches)))
     updates, diagnostics, values, cosine = _edit_vmap(
         model.params, model.config, hparams.layer, method, hparams.v_num_grad_steps, stacked,
-        context.factor, hparams.v_lr, hparams.v_weight_decay, hparams.kl_factor,
-        hparams.clamp_norm_factor, hparams.early_stop_loss)
+        context.factor, *_v_settings(hparams))
     reports = []
     for i, request in enumerate(requests):
         pick = lambda tree: jax.tree.map(lambda x: x[i], tree)
