@@ -83,6 +83,7 @@ def _number(parse, accept, requirement: str):
 _positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "must be a positive number")
 _nonnegative_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "must be 0 or more")
 _positive_int = _number(int, lambda v: v >= 1, "must be at least 1")
+_nonnegative_int = _number(int, lambda v: v >= 0, "must be 0 or more")
 _ratio = _number(float, lambda v: v > 1, "must be greater than 1")
 
 
@@ -247,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-prefix", action="store_true",
                    help="score the rewrite prompt of records whose subject opens it with a "
                         "random prefix in front (sampled apart from the edit's templates)")
-    p.add_argument("--generation-prompts", type=int, default=0, metavar="G",
+    p.add_argument("--generation-prompts", type=_nonnegative_int, default=0, metavar="G",
                    help="also measure generation entropy on G generation prompts per record "
                         "(default 0: off)")
     p.add_argument("--generation-tokens", type=_positive_int, default=50, metavar="T",

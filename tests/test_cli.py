@@ -135,6 +135,8 @@ BAD = {
     "screen-bad-file": (["screen", "--n", "1", "--out", "{tmp}/screen.json"],
                         "not a screening file"),
     "screen-missing-out": (["screen", "--n", "1"], "required: --out"),
+    "evaluate-negative-generation-prompts": (["evaluate", "--n", "1", "--generation-prompts",
+                                              "-1"], "'-1' must be 0 or more"),
     "trace-bad-kind": (["trace", "--prompt", "{} plays", "--subject", "A", "--kind", "ffn"],
                        "--kind: 'ffn'"),
     "trace-out-exists": (["trace", "--prompt", "{} plays", "--subject", "A", "--out",
