@@ -74,15 +74,21 @@ def target_probabilities(model: Model, prompt: str, target_new: str,
     return float(probs[0]), (float(probs[1]) if len(probs) > 1 else None)
 
 
+def perplexity_batches(tokenizer, texts: Sequence[str], batch_size: int = 32,
+                       max_tokens: int = 256) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``texts`` with two or more tokens, each cut to ``max_tokens``, as padded (ids, mask)
+    batches [B, T]; sorted by length first, so that little of each batch is padding."""
+    seqs = sorted((s[:max_tokens] for s in tokenizer.encode_batch(list(texts)) if len(s) > 1),
+                  key=len)
+    return [pad_batch(seqs[sl], tokenizer.eos_id) for sl in _batches(len(seqs), batch_size)]
+
+
 def perplexity(model: Model, texts: list[str], batch_size: int = 32,
                params: Params | None = None, max_tokens: int = 256) -> float:
     """Corpus perplexity exp(sum NLL / predicted tokens) of ``texts`` (each cut to max_tokens)."""
     params = model.params if params is None else params
-    tok = model.tokenizer
-    seqs = [s[:max_tokens] for s in tok.encode_batch(list(texts)) if len(s) > 1]
     total, count = 0.0, 0
-    for sl in _batches(len(seqs), batch_size):
-        ids, mask = pad_batch(seqs[sl], tok.eos_id)
+    for ids, mask in perplexity_batches(model.tokenizer, texts, batch_size, max_tokens):
         total += float(np.asarray(token_nll(params, model.config, ids, mask), np.float64).sum())
         count += int(mask[:, 1:].sum())
     return float(np.exp(total / count))

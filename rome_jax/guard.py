@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rome_jax import data
-from rome_jax.data import pad_batch
+from rome_jax.evaluation import perplexity_batches
 from rome_jax.models.transformer import forward, residual_at
 from rome_jax.rome.edit import build_batch, compute_edit, edit_independent
 from rome_jax.rome.request import EditRequest
@@ -316,15 +316,12 @@ class PerplexityProbe:
                  max_tokens: int = 256, params=None):
         self.model, self.layer = model, model.config.check_layer(layer)
         params = model.params if params is None else params
-        tok = model.tokenizer
-        seqs = [s[:max_tokens] for s in tok.encode_batch(list(texts)) if len(s) > 1]
-        if not seqs:
+        batches = perplexity_batches(model.tokenizer, texts, batch_size, max_tokens)
+        if not batches:
             raise ValueError("perplexity: no text with two or more tokens")
         residual = jax.jit(residual_at, static_argnums=(1, 4))
-        self.batches = []
-        for start in range(0, len(seqs), batch_size):
-            ids, mask = pad_batch(seqs[start:start + batch_size], tok.eos_id)
-            self.batches.append((ids, mask, residual(params, model.config, ids, mask, layer)))
+        self.batches = [(ids, mask, residual(params, model.config, ids, mask, layer))
+                        for ids, mask in batches]
         self.count = sum(int(m[:, 1:].sum()) for _, m, _ in self.batches)
         self.base = self(params)
 
