@@ -83,15 +83,34 @@ def perplexity_batches(tokenizer, texts: Sequence[str], batch_size: int = 32,
     return [pad_batch(seqs[sl], tokenizer.eos_id) for sl in _batches(len(seqs), batch_size)]
 
 
+def _text_nlls(model: Model, texts: Sequence[str], batch_size: int, params: Params | None,
+               max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Summed NLL and predicted-token count of each text with two or more tokens: ([N], [N]),
+    in length order. ValueError if no text has two tokens."""
+    params = model.params if params is None else params
+    sums, counts = [], []
+    for ids, mask in perplexity_batches(model.tokenizer, texts, batch_size, max_tokens):
+        sums.append(np.asarray(token_nll(params, model.config, ids, mask), np.float64).sum(1))
+        counts.append(mask[:, 1:].sum(1))
+    if not sums:
+        raise ValueError("perplexity: no text with two or more tokens")
+    return np.concatenate(sums), np.concatenate(counts)
+
+
 def perplexity(model: Model, texts: list[str], batch_size: int = 32,
                params: Params | None = None, max_tokens: int = 256) -> float:
     """Corpus perplexity exp(sum NLL / predicted tokens) of ``texts`` (each cut to max_tokens)."""
-    params = model.params if params is None else params
-    total, count = 0.0, 0
-    for ids, mask in perplexity_batches(model.tokenizer, texts, batch_size, max_tokens):
-        total += float(np.asarray(token_nll(params, model.config, ids, mask), np.float64).sum())
-        count += int(mask[:, 1:].sum())
-    return float(np.exp(total / count))
+    nll, count = _text_nlls(model, texts, batch_size, params, max_tokens)
+    return float(np.exp(nll.sum() / count.sum()))
+
+
+def mean_sentence_perplexity(model: Model, texts: list[str], batch_size: int = 32,
+                             params: Params | None = None, max_tokens: int = 256) -> float:
+    """Mean over texts of exp(mean NLL of the text's predicted tokens): the ME-PPL paper's
+    metric (Yang et al. 2024, ``ppl.py`` without a start token). It weighs every sentence
+    alike, so short, hard sentences count more than in ``perplexity``."""
+    nll, count = _text_nlls(model, texts, batch_size, params, max_tokens)
+    return float(np.mean(np.exp(nll / count)))
 
 
 COUNTERFACT_GROUPS = ("rewrite", "paraphrase", "neighborhood")

@@ -10,7 +10,8 @@ from hypothesis.extra.numpy import arrays
 
 from conftest import tiny_gpt2
 from rome_jax.evaluation import (continuation_nll, counterfact_metrics, counterfact_nll,
-                                 generation_entropy, ngram_entropy, summarize_counterfact)
+                                 generation_entropy, mean_sentence_perplexity, ngram_entropy,
+                                 perplexity, summarize_counterfact)
 
 @pytest.fixture(scope="module")
 def model():
@@ -90,3 +91,19 @@ def test_generation_entropy_is_seeded(model):
     a = generation_entropy(model, prompts, jax.random.key(3), max_new_tokens=8)
     b = generation_entropy(model, prompts, jax.random.key(3), max_new_tokens=8)
     assert a == b and a > 0
+
+
+def test_corpus_and_sentence_perplexity_agree_with_one_text_at_a_time(model):
+    """Batching, padding and the length sort change nothing: each text alone gives its own
+    perplexity, the corpus one weighs them by token count, the ME-PPL one does not."""
+    texts = ["The Eiffel Tower is in Paris, France.", "Hello", "A much longer sentence about "
+             "the history of the city and its many bridges over the river.", "Rome is old."]
+    counts = [len(model.tokenizer.encode(t)) - 1 for t in texts]
+    alone = [(perplexity(model, [t]), n) for t, n in zip(texts, counts) if n > 0]
+    assert len(alone) == 3  # "Hello" is one token: nothing to predict
+    with pytest.raises(ValueError, match="two or more tokens"):
+        perplexity(model, ["Hello"])
+    log_total = sum(math.log(p) * n for p, n in alone) / sum(n for _, n in alone)
+    assert perplexity(model, texts, batch_size=3) == pytest.approx(math.exp(log_total), rel=1e-5)
+    assert mean_sentence_perplexity(model, texts, batch_size=3) == pytest.approx(
+        np.mean([p for p, _ in alone]), rel=1e-5)
