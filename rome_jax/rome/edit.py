@@ -4,8 +4,10 @@
     new_params, report = edit(model, request, hparams, method="c-rome", context=context)
 
 ``edit`` is pure: the input params are unchanged and the same inputs (the same key for the
-templates) give the same edit bit for bit. Keys, v* and the update run in one jit-compiled
-function; the residual stream below the edit layer is computed once inside it.
+templates) give the same edit bit for bit. An edit is two jit-compiled steps: ``solve`` (the
+keys and v*, which do not depend on the method; the residual stream below the edit layer is
+computed once inside it) and the method's closed-form update, so several methods can share one
+``solve``.
 """
 
 from __future__ import annotations
