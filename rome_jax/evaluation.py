@@ -77,23 +77,24 @@ def target_probabilities(model: Model, prompt: str, target_new: str,
 def perplexity_batches(tokenizer, texts: Sequence[str], batch_size: int = 32,
                        max_tokens: int = 256) -> list[tuple[np.ndarray, np.ndarray]]:
     """``texts`` with two or more tokens, each cut to ``max_tokens``, as padded (ids, mask)
-    batches [B, T]; sorted by length first, so that little of each batch is padding."""
+    batches [B, T]; sorted by length first, so that little of each batch is padding.
+    ValueError if no text has two tokens (nothing to predict)."""
     seqs = sorted((s[:max_tokens] for s in tokenizer.encode_batch(list(texts)) if len(s) > 1),
                   key=len)
+    if not seqs:
+        raise ValueError("perplexity: no text with two or more tokens")
     return [pad_batch(seqs[sl], tokenizer.eos_id) for sl in _batches(len(seqs), batch_size)]
 
 
 def _text_nlls(model: Model, texts: Sequence[str], batch_size: int, params: Params | None,
                max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """Summed NLL and predicted-token count of each text with two or more tokens: ([N], [N]),
-    in length order. ValueError if no text has two tokens."""
+    in length order."""
     params = model.params if params is None else params
     sums, counts = [], []
     for ids, mask in perplexity_batches(model.tokenizer, texts, batch_size, max_tokens):
         sums.append(np.asarray(token_nll(params, model.config, ids, mask), np.float64).sum(1))
         counts.append(mask[:, 1:].sum(1))
-    if not sums:
-        raise ValueError("perplexity: no text with two or more tokens")
     return np.concatenate(sums), np.concatenate(counts)
 
 

@@ -317,8 +317,6 @@ class PerplexityProbe:
         self.model, self.layer = model, model.config.check_layer(layer)
         params = model.params if params is None else params
         batches = perplexity_batches(model.tokenizer, texts, batch_size, max_tokens)
-        if not batches:
-            raise ValueError("perplexity: no text with two or more tokens")
         residual = jax.jit(residual_at, static_argnums=(1, 4))
         self.batches = [(ids, mask, residual(params, model.config, ids, mask, layer))
                         for ids, mask in batches]
