@@ -104,7 +104,8 @@ def evaluate_record(model: Model, record: Mapping, hparams: RomeHParams, context
         params = apply_edit(model.params, update)
         scores = _scores(model, record, params, rewrite, settings, probe(params), base, key)
         scores.update(delta_abs=report.delta_abs, denominator=report.denominator,
-                      key_cosine=report.key_cosine)
+                      denominator_unit_u=report.denominator_unit_u,
+                      residual_norm=report.residual_norm, key_cosine=report.key_cosine)
         row["edits"][method] = scores
     return row
 

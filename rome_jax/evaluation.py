@@ -4,6 +4,9 @@ generation entropy.
 NLLs are in nats. A continuation's score is the mean NLL of its tokens given the prompt (ROME's
 convention, so multi-token targets are comparable); perplexity is corpus-level,
 ``exp(total NLL / predicted tokens)``, where a sentence's first token is context only.
+Prompts and texts are read as whole sequences (``Tokenizer.encode_sequence``: after the start
+token when the model has one, which is then the context only, never a scored token); targets are
+continuations and get none.
 
 CounterFact metrics follow ROME's ``summarize.py``: per record, over its prompts of one kind,
 success is the fraction of prompts where the right target is more probable (ES/PS: target_new
@@ -52,7 +55,7 @@ def continuation_nll(model: Model, prompts: list[str], targets: list[str],
     """
     params = model.params if params is None else params
     tok = model.tokenizer
-    prompt_ids = tok.encode_batch(list(prompts))
+    prompt_ids = tok.encode_sequences(list(prompts))
     target_ids = tok.encode_batch([" " + t.strip() for t in targets])
     out = np.zeros(len(prompts))
     for sl in _batches(len(prompts), batch_size):
@@ -76,11 +79,12 @@ def target_probabilities(model: Model, prompt: str, target_new: str,
 
 def perplexity_batches(tokenizer, texts: Sequence[str], batch_size: int = 32,
                        max_tokens: int = 256) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``texts`` with two or more tokens, each cut to ``max_tokens``, as padded (ids, mask)
-    batches [B, T]; sorted by length first, so that little of each batch is padding.
-    ValueError if no text has two tokens (nothing to predict)."""
-    seqs = sorted((s[:max_tokens] for s in tokenizer.encode_batch(list(texts)) if len(s) > 1),
-                  key=len)
+    """``texts`` with two or more tokens (the start token counted, if any), each read as a whole
+    sequence and cut to ``max_tokens``, as padded (ids, mask) batches [B, T]; sorted by length
+    first, so that little of each batch is padding. ValueError if no text has two tokens
+    (nothing to predict)."""
+    seqs = sorted((s[:max_tokens] for s in tokenizer.encode_sequences(list(texts))
+                   if len(s) > 1), key=len)
     if not seqs:
         raise ValueError("perplexity: no text with two or more tokens")
     return [pad_batch(seqs[sl], tokenizer.eos_id) for sl in _batches(len(seqs), batch_size)]

@@ -265,7 +265,7 @@ def profile_settings(hparams, n_samples: int, method: str = "rome") -> dict:
     """What a profile depends on besides the weights and C (stored in it, checked on load)."""
     keep = ("layer", "fact_token", "v_num_grad_steps", "v_lr", "v_weight_decay", "kl_factor",
             "clamp_norm_factor", "early_stop_loss", "context_template_length_params",
-            "mom2_corpus", "mom2_n_samples", "mom2_ridge")
+            "context_templates", "mom2_corpus", "mom2_n_samples", "mom2_ridge")
     out = {k: getattr(hparams, k) for k in keep}
     out["context_template_length_params"] = [list(x) for x in
                                              out["context_template_length_params"]]

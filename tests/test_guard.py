@@ -102,7 +102,7 @@ def test_accepts_an_edit_report_object(profile):
     rep = EditReport(method="rome", layer=1, request={"prompt": PROMPT_FIRST, "subject": "X",
                                                       "target_new": "y"},
                      numerator_norm=1.0, denominator=0.01, delta_norm=1.0, delta_abs=1e-4,
-                     residual_norm=1.0, key_cosine=0.1, v_init_norm=1.0, delta_v_norm=1.0,
+                     residual_norm=1.0, denominator_unit_u=1e-4, key_cosine=0.1, v_init_norm=1.0, delta_v_norm=1.0,
                      v_losses=[1.0], v_steps=1)
     verdict = evaluate(rep, profile)
     assert not verdict.ok and "--test-prefix" in verdict.suggestion

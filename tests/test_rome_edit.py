@@ -126,9 +126,9 @@ def test_bad_requests_name_the_field(changes, field):
         EditRequest(**{**fields, **changes})
 
 
-def test_subject_that_does_not_tokenise_inside_the_prompt(model, context):
-    with pytest.raises(ValueError, match="subject"):
-        edit(model, EditRequest("{}s are made in", "Apple", "China"), HP, context=context)
+def test_subject_that_does_not_start_on_a_token_boundary(model, context):
+    with pytest.raises(ValueError, match="subject: 'dia' does not start on a token boundary"):
+        edit(model, EditRequest("In{} is in", "dia", "China"), HP, context=context)
 
 
 def test_layer_out_of_range_is_refused(model, context):

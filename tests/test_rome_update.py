@@ -93,6 +93,32 @@ def test_rome_denominator_collapses_for_orthogonal_plain_key(seed, f, d, eps):
     assert float(almost.delta_norm) > float(safe.delta_norm) * min(1.0, 1e-2 / eps)
 
 
+@pytest.mark.parametrize("method", ["rome", "c-rome", "p-rome"])
+@settings(max_examples=30, deadline=None)
+@given(**shapes)
+def test_papers_units_unit_u(method, seed, f, d):
+    """The original code's u/‖u‖: denominator_unit_u·‖u‖ = uᵀkb, and ‖Δ‖ = ‖r‖/|kbᵀu/‖u‖|, the
+    same ‖Δ‖ as in this project's units; all recomputed here from the definitions."""
+    p = problem(seed, f, d, np.float64)
+    key_a = p["key_plain"] if method == "p-rome" else p["key_mean"]
+    key_b = p["key_mean"] if method == "c-rome" else p["key_plain"]
+    u = np.linalg.solve(p["cov"], key_a)
+    residual = p["v_star"] - (key_b @ p["w"] + p["b"])
+    with jax.enable_x64(True):
+        edit, diag = run(p, method, np.float64)
+    unit = u / np.linalg.norm(u)
+    np.testing.assert_allclose(float(diag.denominator_unit_u), key_b @ unit, rtol=1e-8)
+    np.testing.assert_allclose(float(diag.denominator_unit_u) * np.linalg.norm(u),
+                               float(diag.denominator), rtol=1e-8)
+    np.testing.assert_allclose(float(diag.residual_norm), np.linalg.norm(residual), rtol=1e-8)
+    original = np.outer(unit, residual) / (key_b @ unit)      # the original code's Δ
+    np.testing.assert_allclose(np.asarray(edit.weight_delta()), original, rtol=1e-7,
+                               atol=1e-9 * np.abs(original).max())
+    delta_norm = float(diag.residual_norm) / abs(float(diag.denominator_unit_u))
+    np.testing.assert_allclose(delta_norm, float(diag.delta_norm), rtol=1e-8)
+    np.testing.assert_allclose(np.linalg.norm(original), float(diag.delta_norm), rtol=1e-7)
+
+
 def test_apply_edit_is_pure():
     params = {"blocks": {"mlp": {"fc_out": {"w": jnp.zeros((3, 4, 2)), "b": jnp.zeros((3, 2))}}},
               "wte": jnp.ones((5, 2))}

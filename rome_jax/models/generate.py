@@ -44,27 +44,36 @@ def _generate(params: Params, config: ModelConfig, ids, mask, key, n_new: int, t
     return jax.lax.fori_loop(0, n_new, step, (ids, mask, key))[0]
 
 
-def generate(model: Model, prompts: list[str], max_new_tokens: int,
-             key: jax.Array | None = None, top_k: int = 1, params: Params | None = None
-             ) -> list[str]:
-    """Continue each prompt by ``max_new_tokens`` tokens; returns only the new text.
-
-    ``top_k=1`` (or ``key=None``) is greedy; otherwise samples from the top-k logits with ``key``.
-    """
+def generate_ids(model: Model, sequences: list[list[int]], max_new_tokens: int,
+                 key: jax.Array | None = None, top_k: int = 1, params: Params | None = None
+                 ) -> np.ndarray:
+    """The ``max_new_tokens`` new token ids [B, max_new_tokens] after each token sequence
+    (already encoded, start token included). ``top_k=1`` (or ``key=None``) is greedy;
+    otherwise samples from the top-k logits with ``key``."""
     params = model.params if params is None else params
-    tok = model.tokenizer
-    encoded = tok.encode_batch(list(prompts))
-    if any(len(e) == 0 for e in encoded):
+    pad_id = model.tokenizer.eos_id
+    if any(len(e) == 0 for e in sequences):
         raise ValueError("prompts: an empty prompt cannot be continued")
-    width = max(len(e) for e in encoded) + max_new_tokens
+    width = max(len(e) for e in sequences) + max_new_tokens
     if width > model.config.n_positions:
         raise ValueError(f"max_new_tokens: prompt + {max_new_tokens} tokens exceed the model's "
                          f"{model.config.n_positions} positions")
-    ids, mask = pad_batch([e + [tok.eos_id] * max_new_tokens for e in encoded], tok.eos_id,
+    ids, mask = pad_batch([list(e) + [pad_id] * max_new_tokens for e in sequences], pad_id,
                           side="left", length=width)
     mask[:, width - max_new_tokens:] = 0
     if key is None:
         top_k = 1
         key = jax.random.key(0)
     out = np.asarray(_generate(params, model.config, ids, mask, key, max_new_tokens, top_k))
-    return [tok.decode(row[width - max_new_tokens:]) for row in out]
+    return out[:, width - max_new_tokens:]
+
+
+def generate(model: Model, prompts: list[str], max_new_tokens: int,
+             key: jax.Array | None = None, top_k: int = 1, params: Params | None = None
+             ) -> list[str]:
+    """Continue each prompt (read as a whole sequence: after the tokenizer's start token, if
+    any) by ``max_new_tokens`` tokens; returns only the new text. See ``generate_ids``."""
+    tok = model.tokenizer
+    new = generate_ids(model, tok.encode_sequences(list(prompts)), max_new_tokens, key, top_k,
+                       params)
+    return [tok.decode(row) for row in new]

@@ -8,7 +8,7 @@ import functools
 import jax
 
 from rome_jax.models.config import ModelConfig
-from rome_jax.models.tokenizer import Tokenizer
+from rome_jax.models.tokenizer import EOS_TOKEN, Tokenizer
 from rome_jax.models.transformer import Params, forward
 
 
@@ -24,6 +24,16 @@ class Model:
 
     def with_params(self, params: Params) -> "Model":
         return dataclasses.replace(self, params=params)
+
+    def with_bos(self, token: str | None = EOS_TOKEN) -> "Model":
+        """A Model that reads every sequence (prompts, templates, corpus texts) after the start
+        token ``token`` (None: nothing prepended). The default is the document separator that
+        GPT-2 and SmolLM2 were pretrained with, not the config's ``bos_token``."""
+        tokenizer = self.tokenizer.with_bos(token)
+        if tokenizer.bos_id is not None and tokenizer.bos_id >= self.config.vocab_size:
+            raise ValueError(f"bos: token {token!r} (id {tokenizer.bos_id}) is outside the "
+                             f"model's {self.config.vocab_size} embeddings")
+        return dataclasses.replace(self, tokenizer=tokenizer)
 
 
 @functools.partial(jax.jit, static_argnums=1)

@@ -20,10 +20,16 @@ SOURCE_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Tokenizer:
-    """Text <-> token ids. ``files`` maps file name -> bytes of the tokenizer's source files."""
+    """Text <-> token ids. ``files`` maps file name -> bytes of the tokenizer's source files.
+
+    ``bos_id``: a start token put before every whole sequence the model reads
+    (``encode_sequence``), never before raw pieces (``encode``, e.g. a target continuation);
+    None: nothing is prepended. Set it with ``with_bos``.
+    """
 
     backend: tokenizers.Tokenizer
     files: dict[str, bytes]
+    bos_id: int | None = None
 
     @property
     def eos_id(self) -> int:
@@ -39,8 +45,38 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
-    def decode(self, ids) -> str:
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+    @property
+    def start_ids(self) -> list[int]:
+        """What ``encode_sequence`` puts before a text: ``[bos_id]`` or ``[]``."""
+        return [] if self.bos_id is None else [self.bos_id]
+
+    def encode_sequence(self, text: str) -> list[int]:
+        """A whole sequence the model reads (prompt, corpus text): start_ids + encode(text)."""
+        return self.start_ids + self.encode(text)
+
+    def encode_sequences(self, texts: list[str]) -> list[list[int]]:
+        return [self.start_ids + ids for ids in self.encode_batch(texts)]
+
+    def token_id(self, token: str) -> int:
+        """The id of one token of the vocabulary; ValueError naming it when absent."""
+        token_id = self.backend.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"token: the tokenizer has no token {token!r}")
+        return token_id
+
+    def with_bos(self, token: str | None = EOS_TOKEN) -> "Tokenizer":
+        """The same tokenizer with ``token`` as start token (None: none). The default,
+        ``<|endoftext|>``, is the document separator GPT-2 and SmolLM2 were pretrained with."""
+        if token is None:
+            return dataclasses.replace(self, bos_id=None)
+        try:
+            return dataclasses.replace(self, bos_id=self.token_id(token))
+        except ValueError:
+            raise ValueError(f"bos: the tokenizer has no token {token!r}; name the model's "
+                             "start token") from None
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":

@@ -54,7 +54,8 @@ def prepare(model: Model, hparams: RomeHParams | None = None, key: jax.Array | N
     hparams = (hparams or preset_for(model.config)).check(model.config)
     if templates is None:
         templates = sample_context_templates(model, jax.random.key(0) if key is None else key,
-                                             hparams.context_template_length_params)
+                                             hparams.context_template_length_params,
+                                             style=hparams.context_templates)
     elif not isinstance(templates, ContextTemplates):
         templates = ContextTemplates(tuple(templates))
     if stats is None:
@@ -165,7 +166,12 @@ _edit_vmap = jax.jit(jax.vmap(edit_core, in_axes=(None,) * 5 + (0,) + (None,) * 
 
 @dataclasses.dataclass
 class EditReport:
-    """What an edit did and why it is (un)safe; ``to_dict`` is JSON-ready."""
+    """What an edit did and why it is (un)safe; ``to_dict`` is JSON-ready.
+
+    With u = C⁻¹ka and r = v* − W kb − b (``rome/update.py``): ``numerator_norm`` = ‖r‖‖u‖ and
+    ``denominator`` = uᵀkb (this project's units, the guard's); ``residual_norm`` = ‖r‖ and
+    ``denominator_unit_u`` = kbᵀu/‖u‖ are the original code's and the papers' numerator and
+    denominator (u normalised to unit length). ``delta_norm`` = ‖Δ‖_F in both."""
 
     method: str
     layer: int
@@ -175,6 +181,7 @@ class EditReport:
     delta_norm: float
     delta_abs: float
     residual_norm: float
+    denominator_unit_u: float
     key_cosine: float
     v_init_norm: float
     delta_v_norm: float
@@ -196,7 +203,8 @@ def _report(request, method, layer, diagnostics, values, cosine) -> EditReport:
         method=method, layer=layer, request=request.to_dict(),
         numerator_norm=f(diagnostics.numerator_norm), denominator=f(diagnostics.denominator),
         delta_norm=f(diagnostics.delta_norm), delta_abs=f(diagnostics.delta_abs),
-        residual_norm=f(diagnostics.residual_norm), key_cosine=f(cosine),
+        residual_norm=f(diagnostics.residual_norm),
+        denominator_unit_u=f(diagnostics.denominator_unit_u), key_cosine=f(cosine),
         v_init_norm=f(jnp.linalg.norm(values.v_init)), delta_v_norm=f(jnp.linalg.norm(values.delta)),
         v_losses=[float(x) for x in losses[~np.isnan(losses)]], v_steps=int(values.steps))
 

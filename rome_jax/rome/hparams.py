@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 
 from rome_jax.models.config import ModelConfig
+from rome_jax.rome.templates import STYLES as TEMPLATE_STYLES
 
 
 @dataclasses.dataclass(frozen=True)
 class RomeHParams:
     """Names follow the ROME code. ``layer`` is ROME's ``layers[0]``; ``v_loss_layer`` None means
-    the last block (the only one ROME's presets use)."""
+    the last block (the only one ROME's presets use). ``context_templates``: how the templates
+    are sampled, ``"rome"`` (from ``<|endoftext|>``, ROME's) or ``"memit"`` (from MEMIT's opening
+    words); see ``rome/templates.py``."""
 
     layer: int
     fact_token: str = "subject_last"
@@ -22,6 +25,7 @@ class RomeHParams:
     clamp_norm_factor: float = 4.0
     early_stop_loss: float = 5e-2
     context_template_length_params: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
+    context_templates: str = "rome"
     mom2_corpus: str = "wikitext"
     mom2_n_samples: int | None = None
     mom2_ridge: float = 0.0
@@ -33,6 +37,9 @@ class RomeHParams:
                              f"supported, got {self.v_loss_layer}")
         if self.v_num_grad_steps < 1:
             raise ValueError("v_num_grad_steps: must be at least 1")
+        if self.context_templates not in TEMPLATE_STYLES:
+            raise ValueError(f"context_templates: {self.context_templates!r} is not one of "
+                             f"{', '.join(TEMPLATE_STYLES)}")
         return self
 
     def replace(self, **changes) -> "RomeHParams":

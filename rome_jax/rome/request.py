@@ -2,7 +2,10 @@
 
 The lookup works on the tokenisation of the whole prompt, so leading spaces and merges are
 exactly what the model sees: a token belongs to the subject when its character span overlaps the
-subject's span, and the subject must start and end on token boundaries.
+subject's span. The subject must start on a token boundary; its last token may merge with what
+follows (``"Comic High!"`` then ``","`` gives ``"!,"``), and that merged token is the lookup, as
+in ROME's ``repr_tools.get_words_idxs_in_templates`` (which counts the tokens of prefix and
+subject alone).
 """
 
 from __future__ import annotations
@@ -72,26 +75,29 @@ class EditRequest:
 
 def subject_token_index(tokenizer: Tokenizer, template: str, subject: str,
                         fact_token: str = "subject_last") -> tuple[list[int], int]:
-    """Token ids of ``template.format(subject)`` and the lookup position.
+    """Token ids of ``template.format(subject)`` as a whole sequence (after the tokenizer's
+    start token, if any) and the lookup position in them.
 
-    ``fact_token``: ``subject_last`` (ROME's default), ``subject_first`` or ``last`` (the last
-    token of the prompt). Raises ValueError when the subject does not fall on token boundaries.
+    ``fact_token``: ``subject_last`` (ROME's default: the token holding the subject's last
+    character), ``subject_first`` or ``last`` (the last token of the prompt). Raises ValueError
+    when the subject does not start on a token boundary (ROME would count its tokens wrongly).
     """
     if fact_token not in FACT_TOKENS:
         raise ValueError(f"fact_token: {fact_token!r} is not one of {FACT_TOKENS}")
     start = template.index("{}")
     text = template.format(subject)
     encoding = tokenizer.backend.encode(text, add_special_tokens=False)
-    ids = encoding.ids
+    shift = len(tokenizer.start_ids)
+    ids = tokenizer.start_ids + encoding.ids
     if fact_token == "last":
         return ids, len(ids) - 1
-    lo, hi = start, start + len(subject)
+    lo, hi = start, start + len(subject.rstrip())
     inside = [i for i, (a, b) in enumerate(encoding.offsets) if a < hi and b > lo]
     if not inside:
         raise ValueError(f"subject: {subject!r} does not tokenise inside the prompt {text!r}")
     first, last = inside[0], inside[-1]
-    a, b = encoding.offsets[first][0], encoding.offsets[last][1]
-    if text[a:lo].strip() or text[hi:b].strip():
-        raise ValueError(f"subject: {subject!r} does not tokenise inside the prompt {text!r} "
-                         f"(its tokens span {text[a:b]!r})")
-    return ids, first if fact_token == "subject_first" else last
+    a = encoding.offsets[first][0]
+    if text[a:lo].strip():
+        raise ValueError(f"subject: {subject!r} does not start on a token boundary in the "
+                         f"prompt {text!r} (its first token is {text[a:encoding.offsets[first][1]]!r})")
+    return ids, shift + (first if fact_token == "subject_first" else last)

@@ -4,7 +4,8 @@ The second moment is streamed: per batch, Σ k kᵀ over real tokens is formed o
 float32, and the batches are summed on the host in float64, with the token count. The cache key
 names what C depends on: a fingerprint of the weights that produce the keys at the layer (so an
 edit at that layer, which changes only its output projection, keeps the cache valid), the layer,
-the corpus and the sample count. A cache that cannot be read is rebuilt, never trusted.
+the corpus, the sample count and the start token. A cache that cannot be read is rebuilt, never
+trusted.
 """
 
 from __future__ import annotations
@@ -61,11 +62,13 @@ def _batch_moment(params: Params, config: ModelConfig, ids, mask, layer: int):
 def compute_key_stats(model: Model, layer: int, texts: list[str], corpus: str = "custom",
                       n_samples: int | None = None, batch_size: int = 16,
                       params: Params | None = None) -> KeyStats:
-    """Stream ``texts`` (each one sample, cut to the model's context) through blocks ≤ layer."""
+    """Stream ``texts`` (each one sample, read after the tokenizer's start token if any, which
+    is then one of its tokens, and cut to the model's context) through blocks ≤ layer."""
     params = model.params if params is None else params
     model.config.check_layer(layer)
-    seqs = [s[:model.config.n_positions] for s in model.tokenizer.encode_batch(list(texts))
-            if len(s) > 0][:n_samples]
+    start = len(model.tokenizer.start_ids)  # a text of the start token alone is no sample
+    seqs = [s[:model.config.n_positions] for s in model.tokenizer.encode_sequences(list(texts))
+            if len(s) > start][:n_samples]
     if not seqs:
         raise ValueError(f"corpus {corpus!r}: no text to compute key statistics from")
     seqs.sort(key=len)  # similar lengths share a batch: little padding, few shapes
@@ -104,7 +107,11 @@ def default_cache_dir(model: Model) -> Path:
 
 def cache_path(model: Model, layer: int, corpus: str, n_samples: int | None,
                cache_dir: Path | None = None) -> Path:
-    name = f"{fingerprint(model.params, layer)}-layer{layer}-{corpus}-{n_samples or 'all'}"
+    """The cache of C: named by the weights' fingerprint, layer, corpus, sample count and the
+    start token (``-bos<id>`` when the model reads one)."""
+    bos = model.tokenizer.bos_id
+    name = (f"{fingerprint(model.params, layer)}-layer{layer}-{corpus}-{n_samples or 'all'}"
+            + ("" if bos is None else f"-bos{bos}"))
     return (cache_dir or default_cache_dir(model)) / name
 
 

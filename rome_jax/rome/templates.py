@@ -1,18 +1,34 @@
 """Context templates: ``"{}"`` plus short prefixes the model writes itself (ROME's k̄ averages
-the key over them). Sampled once per model from an explicit ``jax.random`` key, or given."""
+the key over them). Sampled once per model from an explicit ``jax.random`` key, or given.
+
+Two samplers, as in the original code (its ``generate_fast``: top-k 5, ``max_out_len`` counting
+the prompt token, the text NFKD-normalised, ``"\\n\\n"`` -> ``" "`` and ``<|endoftext|>`` removed,
+here every special token):
+
+* ``"rome"`` (kmeng01/rome ``get_context_templates``): every prefix continues the document
+  separator ``<|endoftext|>`` alone, ``count`` prefixes of ``length - 1`` new tokens each;
+* ``"memit"`` (MEMIT's): prefixes open with "The", "Therefore", "Because", "I", "You",
+  ``count // 5`` each, ``length`` tokens with the opening word.
+
+Braces are removed from the text (MEMIT's ``replace``; ROME has none, and a generated brace
+would break its ``format``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import unicodedata
 
 import jax
 
-from rome_jax.models.generate import generate
+from rome_jax.models.generate import generate_ids
 from rome_jax.models.model import Model
+from rome_jax.models.tokenizer import EOS_TOKEN
 
-# ROME: 10 prefixes of 5 tokens and 10 of 10 tokens, top-k 5, from these opening words.
+# ROME's context_template_length_params: (length, count) = 10 prefixes of 5 and 10 of 10 tokens.
 DEFAULT_LENGTHS = ((5, 10), (10, 10))
-OPENINGS = ("The", "Therefore", "Because", "I", "You")
+MEMIT_OPENINGS = ("The", "Therefore", "Because", "I", "You")
+STYLES = ("rome", "memit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,16 +54,37 @@ class ContextTemplates:
         return [t.replace("{}", prompt) for t in self.templates]
 
 
+def _clean(text: str) -> str:
+    """generate_fast's text clean-up, and the braces removed."""
+    text = unicodedata.normalize("NFKD", text).replace("\n\n", " ")
+    return text.replace("{", "").replace("}", "")
+
+
 def sample_context_templates(model: Model, key: jax.Array,
                              lengths: tuple[tuple[int, int], ...] = DEFAULT_LENGTHS,
-                             top_k: int = 5) -> ContextTemplates:
-    """For each (length, count): ``count`` prefixes of ``length`` tokens (the opening word
-    included), ``count // 5`` per opening word, sampled top-k from the model."""
+                             top_k: int = 5, style: str = "rome") -> ContextTemplates:
+    """For each (length, count) of ``lengths``: ``count`` prefixes sampled top-k from the
+    model with ``key`` (see the module docstring for ``style``). Each generation reads the
+    tokenizer's start token first when the model has one (``Model.with_bos``)."""
+    if style not in STYLES:
+        raise ValueError(f"context_templates: {style!r} is not one of {', '.join(STYLES)}")
+    tok = model.tokenizer
+    if style == "rome":
+        try:
+            separator = tok.token_id(EOS_TOKEN)
+        except ValueError:
+            raise ValueError(f"context_templates: 'rome' samples from {EOS_TOKEN!r}, which this "
+                             "tokenizer lacks; use 'memit' or give the templates") from None
     templates = ["{}"]
     for (length, count), sub in zip(lengths, jax.random.split(key, len(lengths))):
-        openings = [w for w in OPENINGS for _ in range(count // len(OPENINGS))]
-        texts = generate(model, openings, max_new_tokens=length - 1, key=sub, top_k=top_k)
-        for opening, text in zip(openings, texts):
-            prefix = (opening + text).replace("{", " ").replace("}", " ")
-            templates.append(prefix + ". {}")
+        if style == "rome":
+            openings = [""] * count
+            sequences = [tok.start_ids + [separator]] * count
+        else:
+            openings = [w for w in MEMIT_OPENINGS for _ in range(count // len(MEMIT_OPENINGS))]
+            sequences = tok.encode_sequences(openings)
+        new = generate_ids(model, sequences, length - 1, key=sub, top_k=top_k)
+        for opening, row in zip(openings, new):
+            text = opening + tok.decode(row, skip_special_tokens=True)
+            templates.append(_clean(text) + ". {}")
     return ContextTemplates(tuple(templates))

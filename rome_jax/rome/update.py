@@ -11,6 +11,11 @@ With the model's orientation ``out = k @ w + b`` (w [F, D], ROME's W = wᵀ), an
 For the consistent methods ``ŵᵀ kb + b = v*`` exactly (key_dirᵀ kb = 1). For ``rome`` the
 denominator uᵀk^u can approach 0 when k^u is far from k̄ (subject at the first token): that is the
 collapse mechanism.
+
+Units: the original code normalises u to unit length (``compute_u`` returns u/‖u‖) and writes
+Δ = r (u/‖u‖)ᵀ / (kbᵀu/‖u‖), so the numerator and denominator of the papers' tables ("The Fall
+of ROME" Table 1) are ‖r‖ and kbᵀu/‖u‖; here they are reported beside ‖r‖‖u‖ and uᵀkb (the
+guard's units). Δ is the same either way.
 """
 
 from __future__ import annotations
@@ -56,14 +61,17 @@ def apply_edit(params: Params, edit: RankOneEdit) -> Params:
 
 
 class UpdateDiagnostics(NamedTuple):
-    """numerator_norm = ‖r uᵀ‖_F; denominator = uᵀkb; delta_norm = ‖Δ‖_F;
-    delta_abs = ‖Δ‖_F / (F·D) (the |Δ| of "The Fall of ROME"); residual_norm = ‖r‖."""
+    """numerator_norm = ‖r uᵀ‖_F = ‖r‖‖u‖; denominator = uᵀkb; delta_norm = ‖Δ‖_F;
+    delta_abs = ‖Δ‖_F / (F·D) (the |Δ| of "The Fall of ROME"); residual_norm = ‖r‖, the papers'
+    numerator; denominator_unit_u = kbᵀu/‖u‖ = denominator / ‖u‖, the papers' denominator.
+    ‖Δ‖_F = numerator_norm / |denominator| = residual_norm / |denominator_unit_u|."""
 
     numerator_norm: jax.Array
     denominator: jax.Array
     delta_norm: jax.Array
     delta_abs: jax.Array
     residual_norm: jax.Array
+    denominator_unit_u: jax.Array
 
 
 def rank_one_update(w: jax.Array, b: jax.Array, factor: jax.Array, key_plain: jax.Array,
@@ -79,9 +87,10 @@ def rank_one_update(w: jax.Array, b: jax.Array, factor: jax.Array, key_plain: ja
     denominator = u @ key_b
     residual = v_star - (key_b @ w + b)
     key_dir = u / denominator
-    numerator_norm = jnp.linalg.norm(residual) * jnp.linalg.norm(u)
+    u_norm = jnp.linalg.norm(u)
+    numerator_norm = jnp.linalg.norm(residual) * u_norm
     delta_norm = numerator_norm / jnp.abs(denominator)
     diagnostics = UpdateDiagnostics(numerator_norm, denominator, delta_norm,
                                     delta_norm / (w.shape[0] * w.shape[1]),
-                                    jnp.linalg.norm(residual))
+                                    jnp.linalg.norm(residual), denominator / u_norm)
     return RankOneEdit(key_dir, residual, layer), diagnostics
