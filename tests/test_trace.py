@@ -104,7 +104,7 @@ def tiny_logits(tiny):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(prompt="Danielle plays", subject="Danielle"), "exactly one"),
-    (dict(prompt="{}x plays", subject="Danielle"), "tokenise"),
+    (dict(prompt="In{} plays", subject="dia"), "token boundary"),
     (dict(prompt=PROMPT, subject=SUBJECT, kinds=("mlp", "bogus")), "kind"),
     (dict(prompt=PROMPT, subject=" "), "subject")])
 def test_bad_arguments(tiny, kwargs, match):
