@@ -10,18 +10,25 @@
 
 Every command takes ``--model PATH_OR_HUB_ID`` (default: the embedded gpt2-cf-tiny) and
 ``--layer L`` (default: the model's preset). User errors print one line
-``rome-jax: error: ...`` and exit with status 2; an edit refused by the collapse guard, or rolled
-back because it collapsed the model, exits with status 3.
+``rome-jax: error: ...`` and exit with status 2 (library errors that name a field name the
+command's flag instead: ``--target-new``, not ``target_new``); an edit refused by the collapse
+guard, or rolled back because it collapsed the model, exits with status 3. Any other exception is
+a bug: one line ``rome-jax: internal error: ...`` and status 1, with the traceback only when
+``ROME_JAX_DEBUG=1``.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from rome_jax.cli import demo, edit, evaluate, screen, stats, trace
-from rome_jax.cli.common import EXIT_USAGE, PROG, Parser, one_line
+from rome_jax.cli.common import (EXIT_USAGE, PROG, Parser, close_progress_bars, flag_message,
+                                one_line)
+
+EXIT_INTERNAL = 1
 
 COMMANDS = (edit, demo, stats, screen, evaluate, trace)
 
@@ -33,6 +40,8 @@ def build_parser() -> Parser:
                                 parser_class=Parser)
     for command in COMMANDS:
         command.add_parser(sub)
+    for command_parser in sub.choices.values():  # for flag_message
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
@@ -40,8 +49,6 @@ def _compilation_cache() -> None:
     """Keep XLA compilations between runs (most of a small edit's time is compiling): in
     ``$JAX_COMPILATION_CACHE_DIR`` when set, else ``$ROME_JAX_CACHE/jax`` (default
     ``~/.cache/rome_jax/jax``); ``ROME_JAX_COMPILATION_CACHE=0`` turns it off."""
-    import os
-
     if os.environ.get("ROME_JAX_COMPILATION_CACHE", "1") == "0" or os.environ.get(
             "JAX_COMPILATION_CACHE_DIR"):
         return
@@ -65,17 +72,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
     parser = build_parser()
     args = parser.parse_args(argv)
-    _compilation_cache()
+    debug = os.environ.get("ROME_JAX_DEBUG", "0") not in ("", "0")
     try:
+        _compilation_cache()
         return args.func(args) or 0
     except BrokenPipeError:  # `rome-jax ... | head`: stop quietly
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except (ValueError, OSError) as err:  # FileNotFoundError, FileExistsError, JSON errors...
-        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
+        if debug:
+            raise
+        message = flag_message(one_line(err), args.command_parser)
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
+        close_progress_bars()
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug: one line, not a traceback, unless asked for
+        if debug:
+            raise
+        print(f"{PROG}: internal error: {type(err).__name__}: {one_line(err)} (set "
+              "ROME_JAX_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+        return EXIT_INTERNAL

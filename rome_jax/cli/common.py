@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,86 @@ def one_line(text: Any) -> str:
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+# Library fields whose flag is not ``--`` + the field with dashes.
+FIELD_FLAGS = {"v_num_grad_steps": "--v-steps",
+               "context_template_length_params": "--template-lengths"}
+
+
+def flag_message(message: str, parser: argparse.ArgumentParser | None) -> str:
+    """A library error ``field: ...`` as ``--flag: ...`` when the command has that flag (the user
+    typed a flag, not a Python field); other messages unchanged."""
+    field, sep, rest = message.partition(": ")
+    if not sep or not field.isidentifier() or parser is None:
+        return message
+    flag = FIELD_FLAGS.get(field, "--" + field.replace("_", "-"))
+    options = {s for action in parser._actions for s in action.option_strings}
+    return f"{flag}: {rest}" if flag in options else message
+
+
+def close_progress_bars() -> None:
+    """Finish open tqdm bars (an interrupt leaves them mid-line) so that what follows starts on
+    its own line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def check_output(path: str | os.PathLike, flag: str, overwrite: bool,
+                 directory: bool = False) -> Path:
+    """Refuse now, before any work, an output that exists (unless ``overwrite``), is a file where
+    a directory goes (or the reverse), or cannot be created: its nearest existing ancestor must
+    be a writable directory."""
+    path = Path(path)
+    if path.exists():
+        if not overwrite:
+            raise FileExistsError(f"{flag} {path}: already exists (pass --overwrite to replace "
+                                  "it)")
+        if path.is_dir() != directory:
+            raise ValueError(f"{flag} {path}: is a {'directory' if path.is_dir() else 'file'}, "
+                             f"not a {'directory' if directory else 'file'}")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{flag} {path}: cannot be created ({parent} is not a "
+                                 "directory)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path}: cannot be created ({parent} is not writable)")
+    return path
+
+
+def read_results(path: Path, what: str, overwrite: bool) -> dict | None:
+    """The results file of an earlier run of a resumable command (``{"settings", "records"}``),
+    None when there is none or ``overwrite``; ValueError for a file of another kind. The file's
+    location is checked as an output."""
+    check_output(path, "--out", overwrite=True)
+    if overwrite or not path.exists():
+        return None
+    try:
+        previous = json.loads(path.read_text())
+        if not isinstance(previous, dict) or not isinstance(previous.get("records"), list):
+            raise ValueError("no 'records' list")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: exists but is not {what} file ({one_line(err)}); use "
+                         "another --out, or --overwrite to replace it") from None
+    return previous
+
+
+def resumed_records(previous: dict | None, settings: dict, path: Path) -> list[dict]:
+    """The records of ``previous`` when it was made with ``settings`` (``model``, the path,
+    may differ: the digest names the weights); ValueError naming the settings that differ."""
+    if previous is None:
+        return []
+    old = previous.get("settings", {})
+    differ = [k for k in settings if k != "model" and old.get(k) != json.loads(
+        json.dumps(settings[k]))]
+    if differ:
+        raise ValueError(f"{path}: was made with other settings ({', '.join(differ)} differ); "
+                         "use the same settings, another --out, or --overwrite to start over")
+    return previous["records"]
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -227,19 +308,25 @@ def fmt(x, spec: str = ".4g") -> str:
 
 
 def counterfact_records(args) -> list[dict]:
-    """CounterFact records ``--start`` .. ``--start + --n``, within ``--case-ids`` when given."""
-    from rome_jax.data import load_counterfact
+    """CounterFact records ``--start`` .. ``--start + --n`` (sorted by case id), within
+    ``--case-ids`` when given (every id must name a record)."""
+    from rome_jax.data import counterfact_by_case_id, load_counterfact
 
     if args.start < 0:
         raise ValueError("--start: must be 0 or more")
     records = load_counterfact()
     if args.case_ids:
         try:
-            wanted = set(json.loads(Path(args.case_ids).read_text()))
-        except (OSError, ValueError, TypeError) as err:
-            raise ValueError(f"--case-ids: {args.case_ids}: not a JSON list of case ids "
+            wanted = json.loads(Path(args.case_ids).read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--case-ids {args.case_ids}: not a JSON list of case ids "
                              f"({one_line(err)})") from None
-        records = [r for r in records if r["case_id"] in wanted]
+        try:
+            selected = counterfact_by_case_id(records, wanted)
+        except ValueError as err:
+            raise ValueError(f"--case-ids {args.case_ids}: {one_line(err).removeprefix('case_ids: ')}") from None
+        records = sorted({r["case_id"]: r for r in selected}.values(),
+                         key=lambda r: r["case_id"])
     chosen = records[args.start:args.start + args.n]
     if not chosen:
         raise ValueError(f"--start {args.start}: past the end of the {len(records)} records")

@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
 
 
 def _demo_records(s: Setup, args) -> list[dict]:
-    from rome_jax.data import load_counterfact
+    from rome_jax.data import counterfact_by_case_id, load_counterfact
     from rome_jax.training import first_token_subject
     from rome_jax.rome.request import EditRequest
 
@@ -43,12 +43,10 @@ def _demo_records(s: Setup, args) -> list[dict]:
         except ValueError:
             raise ValueError(f"--case-ids: {args.case_ids!r} is not a comma-separated list of "
                              "integers") from None
-        by_id = {r["case_id"]: r for r in records}
-        missing = [i for i in wanted if i not in by_id]
-        if missing or not wanted:
-            raise ValueError(f"--case-ids: no CounterFact record with case id "
-                             f"{missing[0] if missing else '(none given)'}")
-        chosen = [by_id[i] for i in wanted]
+        try:
+            chosen = counterfact_by_case_id(records, wanted)
+        except ValueError as err:
+            raise ValueError(f"--case-ids: {one_line(err).removeprefix('case_ids: ')}") from None
         for r in chosen:
             s.check_fits(EditRequest.from_dict(r))
         return chosen

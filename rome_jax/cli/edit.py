@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from rome_jax.cli.common import (EXIT_REFUSED, PPL_CORPUS, PROG, Setup, add_guard_args,
-                                add_model_args, fmt, hparams_dict, log, one_line, probabilities)
+                                add_model_args, check_output, fmt, hparams_dict, log, one_line,
+                                probabilities)
 
 
 def add_parser(sub) -> None:
@@ -39,7 +40,8 @@ def add_parser(sub) -> None:
     add_guard_args(p)
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="DIR", help="write the edited model as an HF directory")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out or --report")
     g.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
     g.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.set_defaults(func=run)
@@ -71,7 +73,7 @@ def _read_requests(args) -> list:
             try:
                 requests.append(EditRequest.from_dict(item))
             except (ValueError, TypeError, AttributeError) as err:
-                raise ValueError(f"{path}: request {i}: {err}") from None
+                raise ValueError(f"{path}: request {i}: {one_line(err)}") from None
         return requests
     if args.mode == "independent":
         raise ValueError("--mode independent: needs --requests")
@@ -193,22 +195,44 @@ def _print_edit_report(report: dict) -> None:
         print(f"wrote {report['out']}")
 
 
-def run(args) -> int:
+def _write_outputs(model, out: Path | None, report: dict, report_file: Path | None,
+                   overwrite: bool) -> None:
+    """The report first, then the model (when ``model``): a failed export removes the report
+    it described, so the two succeed or fail together."""
     from rome_jax.guard import write_json_atomic
+    from rome_jax.hf import save_hf
+
+    if report_file:
+        write_json_atomic(report_file, report)
+    if model is None:
+        return
+    try:
+        save_hf(model, out, overwrite=overwrite,
+                extra_files={"rome_edit.json": json.dumps(report, indent=1)})
+    except BaseException:
+        if report_file:
+            report_file.unlink(missing_ok=True)
+        raise
+
+
+def run(args) -> int:
+    from tqdm import tqdm
 
     requests = _read_requests(args)
     method = args.method
     if args.out and args.mode == "independent" and len(requests) > 1:
         raise ValueError("--out: independent edits give one model per request; use --mode "
                          "sequential to write one model with all of them")
-    if args.out and Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out}: already exists (pass --overwrite to replace it)")
+    out = check_output(args.out, "--out", args.overwrite, directory=True) if args.out else None
+    report_file = check_output(args.report, "--report", args.overwrite) if args.report else None
+    if out and report_file and out.absolute() in report_file.absolute().parents:
+        raise ValueError(f"--report {report_file}: inside --out {out}, which the export replaces")
     s = Setup(args)
     for i, request in enumerate(requests):
         try:
             s.check_request(request)
         except ValueError as err:
-            where = f"request {i}: " if len(requests) > 1 else ""
+            where = f"request {i}: " if args.requests else ""
             raise ValueError(f"{where}{err}") from None
     for request in requests:
         s.check_fits(request)
@@ -216,19 +240,20 @@ def run(args) -> int:
     base = s.probe.base
     params, ppl = s.model.params, base
     entries, status = [], "applied"
-    for request in requests:
-        start = s.model.params if args.mode == "independent" else params
-        start_ppl = base if args.mode == "independent" else ppl
-        entry, new_params = _one_edit(s, request, start, method, profile, start_ppl,
-                                      args.test_prefix)
-        entries.append(entry)
-        if new_params is None:
-            status = entry.get("status", "refused")
+    with tqdm(requests, desc="edit", unit="request", disable=len(requests) < 2) as bar:
+        for request in bar:
+            start = s.model.params if args.mode == "independent" else params
+            start_ppl = base if args.mode == "independent" else ppl
+            entry, new_params = _one_edit(s, request, start, method, profile, start_ppl,
+                                          args.test_prefix)
+            entries.append(entry)
+            if new_params is None:
+                status = entry.get("status", "refused")
+                if args.mode == "sequential":
+                    break
+                continue
             if args.mode == "sequential":
-                break
-            continue
-        if args.mode == "sequential":
-            params, ppl = new_params, entry["perplexity_after"]
+                params, ppl = new_params, entry["perplexity_after"]
     report = {
         "command": "edit", "model": str(args.model or s.model.name), "method": method,
         "layer": s.hparams.layer, "mode": args.mode if len(requests) > 1 else "single",
@@ -236,15 +261,10 @@ def run(args) -> int:
         "perplexity_after": ppl if args.mode == "sequential" and status == "applied" else None,
         "status": status, "guard": _merge_verdicts(entries),
         "guard_profile": None if profile is None else profile.summary(),
-        "hparams": hparams_dict(s.hparams), "edits": entries, "out": None}
-    if args.out and status == "applied":
-        from rome_jax.hf import save_hf
-
-        report["out"] = str(Path(args.out))
-        save_hf(s.model.with_params(params), args.out, overwrite=args.overwrite,
-                extra_files={"rome_edit.json": json.dumps(report, indent=1)})
-    if args.report:
-        write_json_atomic(args.report, report)
+        "hparams": hparams_dict(s.hparams), "edits": entries,
+        "out": str(out) if out and status == "applied" else None}
+    _write_outputs(s.model.with_params(params) if report["out"] else None, out, report,
+                   report_file, args.overwrite)
     if args.json:
         print(json.dumps(report, indent=1))
     else:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rome_jax.cli.common import (PPL_CORPUS, PROG, Setup, add_model_args, add_record_args,
                                 counterfact_records, fmt, hparams_dict, log, nonnegative_int,
-                                one_line, positive_int)
+                                one_line, positive_int, read_results, resumed_records)
 
 
 def add_parser(sub) -> None:
@@ -30,8 +30,11 @@ def add_parser(sub) -> None:
                         "(default 0: off)")
     p.add_argument("--generation-tokens", type=positive_int, default=50, metavar="T",
                    help="new tokens per generation (default 50)")
-    p.add_argument("--out", metavar="FILE.json", help="write every record's scores and the "
-                                                      "summary as JSON")
+    p.add_argument("--out", metavar="FILE.json",
+                   help="write every record's scores and the summary as JSON, rewritten after "
+                        "each record; a rerun with the same settings resumes it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: replace an existing --out instead of resuming it")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_model_args(p)
     p.set_defaults(func=run)
@@ -42,43 +45,58 @@ def run(args) -> int:
 
     from rome_jax.counterfact_eval import EvalSettings, evaluate_record, summarize, test_prefixes
     from rome_jax.guard import write_json_atomic
+    from rome_jax.models.model import params_digest
     from rome_jax.rome.request import EditRequest
 
-    settings = EvalSettings(
+    evaluation = EvalSettings(
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         test_prefix=args.test_prefix, generation_prompts=args.generation_prompts,
         generation_tokens=args.generation_tokens, seed=args.seed)
+    previous = read_results(Path(args.out), "an evaluation", args.overwrite) if args.out else None
     records = counterfact_records(args)
     s = Setup(args)
-    fitting = []
+    settings = {"model": str(args.model or s.model.name), "digest": params_digest(s.model.params),
+                "layer": s.hparams.layer, "hparams": hparams_dict(s.hparams),
+                "evaluation": dataclasses.asdict(evaluation), "perplexity_corpus": PPL_CORPUS}
+    rows = resumed_records(previous, settings, Path(args.out)) if args.out else []
+    seen = {r["case_id"] for r in rows}
+    todo = []
     for record in records:
+        if record["case_id"] in seen:
+            continue
         try:
             s.check_fits(EditRequest.from_dict(record))
-            fitting.append(record)
+            todo.append(record)
         except ValueError as err:
             log(f"{PROG}: skipping case {record['case_id']}: {one_line(err)}")
-    prefixes = test_prefixes(s.model, args.seed) if settings.test_prefix else ()
-    rows = [evaluate_record(s.model, record, s.hparams, s.context, s.probe, settings, prefixes)
-            for record in tqdm(fitting, desc="evaluate", unit="record")]
+    if rows and todo:
+        log(f"{PROG}: resuming {args.out}: {len(rows)} records done, {len(todo)} to go")
+    prefixes = test_prefixes(s.model, args.seed) if evaluation.test_prefix else ()
     groups = {"all": lambda r: True, "first-token subjects": lambda r: r["first_token_subject"],
               "other subjects": lambda r: not r["first_token_subject"]}
-    summary = {name: summarize(rows, settings.methods, keep) for name, keep in groups.items()
-               if any(keep(r) for r in rows)}
-    out = {"command": "evaluate", "model": str(args.model or s.model.name),
-           "layer": s.hparams.layer, "hparams": hparams_dict(s.hparams),
-           "settings": dataclasses.asdict(settings), "test_prefixes": list(prefixes),
-           "perplexity_corpus": PPL_CORPUS, "perplexity_before": s.probe.base,
-           "summary": summary, "records": rows}
-    if args.out:
-        write_json_atomic(Path(args.out), out)
+
+    def results() -> dict:
+        summary = {name: summarize(rows, evaluation.methods, keep)
+                   for name, keep in groups.items() if any(keep(r) for r in rows)}
+        return {"command": "evaluate", "settings": settings, "test_prefixes": list(prefixes),
+                "perplexity_before": s.probe.base, "summary": summary, "records": rows}
+
+    with tqdm(todo, desc="evaluate", unit="record") as bar:
+        for record in bar:
+            rows.append(evaluate_record(s.model, record, s.hparams, s.context, s.probe,
+                                        evaluation, prefixes))
+            if args.out:  # after every record: an interrupted run resumes from here
+                write_json_atomic(args.out, results())
+    out = results()
+    summary = out["summary"]
     if args.json:
         print(json.dumps({k: v for k, v in out.items() if k != "records"}, indent=1))
         return 0
-    print(f"{PROG} evaluate: {out['model']}, layer {s.hparams.layer}, {len(rows)} records, "
+    print(f"{PROG} evaluate: {settings['model']}, layer {s.hparams.layer}, {len(rows)} records, "
           f"{PPL_CORPUS} perplexity {s.probe.base:.4g}"
           + (", rewrite prompts of subject-first records with a test prefix"
-             if settings.test_prefix else ""))
-    ge = settings.generation_prompts > 0
+             if evaluation.test_prefix else ""))
+    ge = evaluation.generation_prompts > 0
     header = (f"{'records':<21} {'method':<7} {'n':>4} {'ES':>6} {'PS':>6} {'NS':>6} {'S':>6} "
               f"{'EM':>7} {'PM':>7} {'NM':>7} {'ppl x med':>9} {'ppl x max':>9} {'|Δ| med':>9}"
               + (f" {'GE':>6}" if ge else ""))

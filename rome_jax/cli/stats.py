@@ -7,7 +7,7 @@ import json
 import math
 import shutil
 
-from rome_jax.cli.common import (PROG, Setup, add_model_args, log, positive_int,
+from rome_jax.cli.common import (PROG, Setup, add_model_args, log, one_line, positive_int,
                                 template_lengths)
 
 
@@ -16,7 +16,10 @@ def add_parser(sub) -> None:
                        description="Build (or load from the cache) the key statistics "
                                    "C = E[k kᵀ] at the edit layer and show the token count, "
                                    "corpus, cache path and eigenvalue range; with --guard also "
-                                   "the collapse guard's profile.")
+                                   "the collapse guard's profile. Both are cached in the "
+                                   "user cache, $ROME_JAX_CACHE/stats (default "
+                                   "~/.cache/rome_jax/stats), keyed by a fingerprint of the "
+                                   "weights, the layer, the corpus and the sample count.")
     add_model_args(p, edits=False)
     p.add_argument("--rebuild", action="store_true", help="recompute even if cached")
     p.add_argument("--guard", action="store_true",
@@ -33,17 +36,24 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import numpy as np
 
-    from rome_jax.rome.stats import cache_path, fingerprint, key_stats
+    from rome_jax.rome.stats import cache_path, fingerprint, key_stats, load_key_stats
 
     s = Setup(args)
     hp = s.hparams
     path = cache_path(s.model, hp.layer, hp.mom2_corpus, hp.mom2_n_samples)
-    cached = path.exists() and not args.rebuild
-    if args.rebuild and path.exists():
-        shutil.rmtree(path)
+    stats = None
+    if path.exists() and not args.rebuild:
+        try:
+            stats = load_key_stats(path)
+        except ValueError as err:
+            log(f"{PROG}: {one_line(err)}; rebuilding")
+    cached = stats is not None
     if not cached:
+        if path.exists():
+            shutil.rmtree(path)
         log(f"{PROG}: computing key statistics at layer {hp.layer} -> {path}")
-    stats = key_stats(s.model, hp.layer, hp.mom2_corpus, n_samples=hp.mom2_n_samples, log=log)
+        stats = key_stats(s.model, hp.layer, hp.mom2_corpus, n_samples=hp.mom2_n_samples,
+                          log=log)
     eig = np.linalg.eigvalsh(stats.moment)
     info = {"path": str(path), "cached": cached, "layer": stats.layer, "corpus": stats.corpus,
             "n_samples": hp.mom2_n_samples, "tokens": stats.count,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rome_jax.cli.common import PROG, nonnegative_float, positive_int
+from rome_jax.cli.common import PROG, check_output, nonnegative_float, positive_int
 
 
 def add_parser(sub) -> None:
@@ -32,7 +32,8 @@ def add_parser(sub) -> None:
     p.add_argument("--model", metavar="PATH_OR_ID", help="model (default: the embedded one)")
     p.add_argument("--out", metavar="FILE.png",
                    help="heatmap PNG (its grid is written beside it as .json unless --report)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out, its .json or --report")
     p.add_argument("--report", metavar="FILE.json", help="write the grid as JSON")
     p.add_argument("--json", action="store_true", help="print the grid as JSON")
     p.set_defaults(func=run)
@@ -55,8 +56,13 @@ def run(args) -> int:
         hint = (f"; write {args.prompt.replace(args.subject, '{}', 1)!r}"
                 if args.subject and args.subject in args.prompt else "")
         raise ValueError(f"--prompt: must contain {{}} where the subject goes{hint}")
-    if args.out and Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out}: already exists (pass --overwrite to replace it)")
+    report = args.report or (str(Path(args.out).with_suffix(".json")) if args.out else None)
+    if args.out:
+        check_output(args.out, "--out", args.overwrite)
+    if report:
+        check_output(report, "--report" if args.report else "the grid of --out", args.overwrite)
+    if args.out and report and Path(report).absolute() == Path(args.out).absolute():
+        raise ValueError(f"--report {report}: is the --out file")
     if args.std_subjects < 0:
         raise ValueError("--std-subjects: must be 0 or more")
     model = load_model(args.model)
@@ -74,7 +80,6 @@ def run(args) -> int:
                    samples=args.samples, noise_scale=args.noise, std_subjects=subjects,
                    kinds=kinds, window=args.window)
     grid = {"command": "trace", "model": str(args.model or model.name), **result.to_dict()}
-    report = args.report or (str(Path(args.out).with_suffix(".json")) if args.out else None)
     if args.out:
         plot_trace(result, args.out)
     if report:
