@@ -43,6 +43,24 @@ def load_counterfact() -> list[dict]:
     return json.loads(data_file("counterfact.json").read_text())
 
 
+def counterfact_by_case_id(records: list[dict], case_ids) -> list[dict]:
+    """The records with these case ids, in the order given. ValueError unless ``case_ids`` is a
+    non-empty list of integers that all name a record (the unknown ones are listed)."""
+    if not isinstance(case_ids, list) or not case_ids:
+        raise ValueError(f"case_ids: expected a non-empty list of integers, got "
+                         f"{type(case_ids).__name__}{'' if case_ids else ' (empty)'}")
+    bad = [i for i in case_ids if not isinstance(i, int) or isinstance(i, bool)]
+    if bad:
+        raise ValueError(f"case_ids: not integers: {', '.join(map(repr, bad[:10]))}")
+    by_id = {r["case_id"]: r for r in records}
+    unknown = [i for i in case_ids if i not in by_id]
+    if unknown:
+        more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+        raise ValueError(f"case_ids: no record with case id {', '.join(map(str, unknown[:20]))}"
+                         f"{more}")
+    return [by_id[i] for i in case_ids]
+
+
 def load_me_ppl(name: str = "ME-PPL_50") -> list[str]:
     """ME-PPL sentences: ``ME-PPL`` (10k), ``ME-PPL_1k`` or ``ME-PPL_50``."""
     return [r["Text"] for r in json.loads(data_file(f"me_ppl/{name}.json").read_text())]

@@ -97,6 +97,11 @@ BAD_FILES = {
     "nobraces.json": '[{"prompt": "Danielle plays the", "subject": "Danielle", '
                      '"target_new": "piano"}]',
     "screen.json": "this is not JSON",
+    "heat.json": "{}",
+    "target_true_int.json": '[{"prompt": "{} plays the", "subject": "Danielle Darrieux", '
+                            '"target_new": "piano", "target_true": 5}]',
+    "unknown_ids.json": "[5, 3, 17000000]",
+    "object_ids.json": '{"3": 1}',
 }
 
 BAD = {
@@ -127,7 +132,7 @@ BAD = {
     "out-exists": (["edit", *REQUEST, "--model", "{model}", "--out", "{tmp}"],
                    "already exists (pass --overwrite"),
     "layer-out-of-range": (["edit", *REQUEST, "--model", "{model}", "--layer", "7"],
-                           "out of range"),
+                           "--layer: 7 is out of range"),
     "no-preset-no-layer": (["edit", *REQUEST, "--model", "{model}"], "pass a layer"),
     "bad-template-lengths": (["edit", *REQUEST, "--template-lengths", "5by3"], "LENGTHxCOUNT"),
     "bad-guard-samples": (["edit", *REQUEST, "--guard-samples", "0"], "at least 1"),
@@ -141,6 +146,35 @@ BAD = {
                        "--kind: 'ffn'"),
     "trace-out-exists": (["trace", "--prompt", "{} plays", "--subject", "A", "--out",
                           "{tmp}/screen.json"], "already exists"),
+    # issue #12: every output obeys --overwrite and is checked before the work (3, 5)
+    "trace-grid-exists": (["trace", "--prompt", "{} plays", "--subject", "A", "--out",
+                           "{tmp}/heat.png"], "the grid of --out {tmp}/heat.json: already exists"),
+    "report-exists": (["edit", *REQUEST, "--model", "{model}", "--layer", "1", "--report",
+                       "{tmp}/heat.json"], "--report {tmp}/heat.json: already exists"),
+    "evaluate-out-other-file": (["evaluate", "--n", "1", "--out", "{tmp}/screen.json"],
+                                "not an evaluation file"),
+    "report-parent-is-a-file": (["edit", *REQUEST, "--report", "{tmp}/heat.json/r.json"],
+                                "--report {tmp}/heat.json/r.json: cannot be created"),
+    "out-parent-is-a-file": (["edit", *REQUEST, "--out", "{tmp}/heat.json/edited"],
+                             "--out {tmp}/heat.json/edited: cannot be created"),
+    "trace-report-parent-is-a-file": (["trace", "--prompt", "{} plays", "--subject", "A",
+                                       "--report", "{tmp}/heat.json/r.json"], "cannot be created"),
+    # 2: a request field of the wrong type, named with its request, before any set-up
+    "request-field-type": (["edit", "--requests", "{tmp}/target_true_int.json", "--model",
+                            "/nonexistent/model"], "request 0: target_true"),
+    # 7: unknown case ids are refused and listed, non-lists refused
+    "case-ids-unknown": (["screen", "--n", "5", "--case-ids", "{tmp}/unknown_ids.json", "--out",
+                          "{tmp}/s.json"], "no record with case id 17000000"),
+    "case-ids-object": (["evaluate", "--n", "1", "--case-ids", "{tmp}/object_ids.json"],
+                        "expected a non-empty list of integers, got dict"),
+    "demo-case-ids-unknown": (["demo", "--case-ids", "3,17000000,17000001", "--model",
+                               "{model}", "--layer", "1"],
+                              "no record with case id 17000000, 17000001"),
+    # 11: errors about flags name the flags
+    "blank-subject-flag": (["edit", "--prompt", "{} plays", "--subject", " ", "--target-new",
+                            "piano"], "--subject: must be a non-empty string"),
+    "blank-target-flag": (["edit", "--prompt", "{} plays", "--subject", "A", "--target-new",
+                           " "], "--target-new: must be a non-empty string"),
 }
 
 
@@ -150,7 +184,7 @@ def test_user_errors_are_one_line(env, tiny_model, tmp_path, case):
         (tmp_path / name).write_text(text)
     args, match = BAD[case]
     args = [a.replace("{tmp}", str(tmp_path)).replace("{model}", str(tiny_model)) for a in args]
-    assert_user_error(cli(env, *args), match)
+    assert_user_error(cli(env, *args), match.replace("{tmp}", str(tmp_path)))
 
 
 # ----------------------------------------------------------------------------- stats
@@ -176,6 +210,15 @@ def test_stats_build_inspect_rebuild(env, tiny_model):
     assert_ok(rebuilt)
     assert json.loads(rebuilt.stdout)["cached"] is False
     assert json.loads(rebuilt.stdout)["tokens"] == info["tokens"]
+
+    # A corrupt cache is rebuilt, and said to be (issue #12, 6).
+    for file in Path(info["path"]).rglob("*"):
+        if file.is_file() and file.name != "corpus.txt":
+            file.write_bytes(b"corrupt")
+    repaired = cli(env, *args)
+    assert_ok(repaired)
+    assert "(built)" in repaired.stdout and "rebuilding" in repaired.stderr
+    assert json.loads(cli(env, *args, "--json").stdout)["cached"] is True
 
 
 # ----------------------------------------------------------------------------- edit
@@ -257,9 +300,11 @@ def test_edit_requests_sequential(env, tiny_model, tmp_path, requests_file):
 
 
 def test_edit_requests_independent(env, tiny_model, requests_file):
-    proc = cli(env, "edit", "--requests", requests_file, "--mode", "independent",
-                    "--model", tiny_model, "--method", "p-rome", *SMALL, *GUARD)
+    with_progress = {k: v for k, v in env.items() if k != "TQDM_DISABLE"}
+    proc = cli(with_progress, "edit", "--requests", requests_file, "--mode", "independent",
+               "--model", tiny_model, "--method", "p-rome", *SMALL, *GUARD)
     assert_ok(proc)
+    assert "edit: 100%" in proc.stderr and "2/2" in proc.stderr  # progress (issue #12, 8)
     assert "[0] 'The mother tongue of Danielle Darrieux is' -> 'English'" in proc.stdout
     assert "[1] 'Toko Yasuda is a citizen of' -> 'Italy'" in proc.stdout
     assert proc.stdout.count("status                 applied") == 2
@@ -279,7 +324,8 @@ def test_guard_refuses_unless_forced(env, tiny_model, tmp_path):
     assert report["edits"][0]["applied"] is False and report["edits"][0]["p_new_after"] is None
 
     forced = cli(env, "edit", *REQUEST, "--model", tiny_model, "--method", "rome",
-                      "--out", out, "--report", report_file, "--force", *SMALL, *GUARD, *strict)
+                      "--out", out, "--report", report_file, "--force", "--overwrite",
+                      *SMALL, *GUARD, *strict)
     assert_ok(forced)
     report = json.loads(report_file.read_text())
     assert report["status"] == "applied" and report["guard"]["ok"] is False and out.is_dir()
@@ -383,7 +429,7 @@ def test_edit_of_the_default_model_exports_what_transformers_ranks_new_first(env
 
 def test_screen_case_ids(env, tiny_model, tmp_path):
     ids = tmp_path / "ids.json"
-    ids.write_text(json.dumps([5, 3, 17000000]))
+    ids.write_text(json.dumps([5, 3, 5]))
     out = tmp_path / "screen.json"
     proc = cli(env, "screen", "--n", "5", "--case-ids", ids, "--out", out, "--model",
                tiny_model, *SMALL)
@@ -426,3 +472,126 @@ def test_evaluate(env, tiny_model, tmp_path):
     assert "c-rome" in proc.stdout and "ES" in proc.stdout
     assert_user_error(cli(env, "evaluate", "--n", "1", "--methods", "memit", "--model",
                           tiny_model, *SMALL), "memit")
+
+
+# ----------------------------------------------------------------------------- issue #12
+
+
+def test_internal_errors_are_one_line_unless_debugging(monkeypatch, capsys):
+    """An exception that is not a user error ends in one line naming it, exit status 1; with
+    ROME_JAX_DEBUG=1 it propagates with its traceback."""
+    from rome_jax import cli
+    from rome_jax.cli import stats
+
+    def broken(args):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(stats, "run", broken)
+    monkeypatch.setenv("ROME_JAX_COMPILATION_CACHE", "0")
+    monkeypatch.delenv("ROME_JAX_DEBUG", raising=False)
+    assert cli.main(["stats"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rome-jax: internal error: KeyError: 'boom'")
+    assert "ROME_JAX_DEBUG=1" in lines[0]
+    monkeypatch.setenv("ROME_JAX_DEBUG", "1")
+    with pytest.raises(KeyError, match="boom"):
+        cli.main(["stats"])
+
+
+def test_failed_export_removes_its_report(tmp_path, monkeypatch):
+    """--out and --report succeed or fail together: the report is written first and removed
+    when the model export then fails."""
+    import rome_jax.hf
+    from rome_jax.cli.edit import _write_outputs
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rome_jax.hf, "save_hf", full_disk)
+    report = tmp_path / "report.json"
+    with pytest.raises(OSError, match="No space"):
+        _write_outputs(object(), tmp_path / "edited", {"status": "applied"}, report, False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_edit_checks_outputs_before_the_work(env, tmp_path):
+    """An --out that cannot be created is refused before the model is even loaded, and a bad
+    --report leaves --out unwritten."""
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "edited"
+    proc = cli(env, "edit", *REQUEST, "--model", "/nonexistent/model", "--out", out,
+               "--report", tmp_path / "file" / "report.json")
+    assert_user_error(proc, "--report")
+    assert not out.exists()
+
+
+def test_evaluate_resumes(env, tiny_model, tmp_path):
+    out = tmp_path / "eval.json"
+    base = ["evaluate", "--methods", "rome", "--out", out, "--model", tiny_model, *SMALL]
+    assert_ok(cli(env, *base, "--n", "1"))
+    first = json.loads(out.read_text())
+    resumed = cli(env, *base, "--n", "2")
+    assert_ok(resumed)
+    assert "1 records done, 1 to go" in resumed.stderr
+    again = json.loads(out.read_text())
+    assert again["records"][0] == first["records"][0] and len(again["records"]) == 2
+    assert again["summary"]["all"]["rome"]["n"] == 2
+    other = ["evaluate", "--methods", "c-rome", "--out", out, "--model", tiny_model, *SMALL,
+             "--n", "1"]
+    assert_user_error(cli(env, *other), "other settings (evaluation differ)")
+    assert_ok(cli(env, *other, "--overwrite"))
+    assert [r["case_id"] for r in json.loads(out.read_text())["records"]] == [0]
+    assert [f.name for f in tmp_path.iterdir()] == ["eval.json"]  # no temp files left
+
+
+def test_interrupted_evaluate_says_so_on_its_own_line_and_resumes(env, tiny_model, tmp_path):
+    """SIGINT once the first record is saved: exit 130, 'interrupted' on its own line after the
+    progress bar, the saved records kept and a rerun resumes after them."""
+    import signal
+    import time
+
+    out = tmp_path / "eval.json"
+    args = [sys.executable, "-m", "rome_jax.cli", "evaluate", "--methods", "rome", "--n", "40",
+            "--out", out, "--model", tiny_model, *SMALL]
+    with_progress = {k: v for k, v in env.items() if k != "TQDM_DISABLE"}
+    proc = subprocess.Popen(list(map(str, args)), env=with_progress, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        while proc.poll() is None and not out.exists():
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    last_line = stderr.rstrip("\n").split("\n")[-1]
+    assert last_line.split("\r")[-1] == "rome-jax: interrupted", repr(stderr[-300:])
+    assert "evaluate:" in stderr and "Traceback" not in stderr
+    done = json.loads(out.read_text())["records"]
+    assert 1 <= len(done) < 40
+    rerun = cli(env, "evaluate", "--methods", "rome", "--n", len(done) + 1, "--out", out,
+                "--model", tiny_model, *SMALL)
+    assert_ok(rerun)
+    assert f"{len(done)} records done, 1 to go" in rerun.stderr
+    assert json.loads(out.read_text())["records"][:len(done)] == done
+
+
+def test_outputs_have_the_usual_permissions(env, tiny_model, tmp_path):
+    """JSON and PNG outputs are created like any file (0644 under umask 022), not 0600."""
+    files = {"report": tmp_path / "report.json", "screen": tmp_path / "screen.json",
+             "evaluate": tmp_path / "eval.json", "png": tmp_path / "heat.png",
+             "grid": tmp_path / "heat.json"}
+    runs = [["edit", *REQUEST, "--no-guard", "--report", files["report"]],
+            ["screen", "--n", "1", "--out", files["screen"]],
+            ["evaluate", "--n", "1", "--methods", "rome", "--out", files["evaluate"]],
+            ["trace", "--prompt", "{} plays the", "--subject", "Danielle Darrieux",
+             "--samples", "1", "--kind", "hidden", "--std-subjects", "0", "--out", files["png"]]]
+    old = os.umask(0o022)
+    try:
+        for run in runs:
+            small = [] if run[0] == "trace" else SMALL
+            assert_ok(cli(env, *run, "--model", tiny_model, *small))
+    finally:
+        os.umask(old)
+    modes = {name: oct(path.stat().st_mode & 0o777) for name, path in files.items()}
+    assert modes == {name: "0o644" for name in files}

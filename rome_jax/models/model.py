@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 
 import jax
+import numpy as np
 
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.tokenizer import EOS_TOKEN, Tokenizer
@@ -44,3 +46,13 @@ def _logits(params: Params, config: ModelConfig, input_ids, attention_mask):
 def logits(model: Model, input_ids, attention_mask=None) -> jax.Array:
     """Logits [batch, seq, vocab] for input_ids [batch, seq] (mask: 1 = real token)."""
     return _logits(model.params, model.config, input_ids, attention_mask)
+
+
+def params_digest(params: Params) -> str:
+    """The first 20 hex digits of a sha256 over every leaf's path and bytes: the identity of a
+    set of weights (results made with other weights are not resumed)."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        digest.update(jax.tree_util.keystr(path).encode())
+        digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return digest.hexdigest()[:20]

@@ -1,0 +1,333 @@
+"""What the ``rome-jax`` commands share: the one-line error parser, argument types and groups,
+the lazily built :class:`Setup` (model, ROME settings, context, probe, guard profile), and
+small output helpers."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+PROG = "rome-jax"
+EXIT_USAGE = 2
+EXIT_REFUSED = 3
+PPL_CORPUS = "ME-PPL_50"
+
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``rome-jax: error: <sub>: <message>``, exit status 2."""
+
+    def error(self, message: str):
+        where = self.prog.removeprefix(PROG).strip()
+        text = f"{where}: {message}" if where else message
+        self.exit(EXIT_USAGE, f"{PROG}: error: {one_line(text)} (see {self.prog} --help)\n")
+
+
+def one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# Library fields whose flag is not ``--`` + the field with dashes.
+FIELD_FLAGS = {"v_num_grad_steps": "--v-steps",
+               "context_template_length_params": "--template-lengths"}
+
+
+def flag_message(message: str, parser: argparse.ArgumentParser | None) -> str:
+    """A library error ``field: ...`` as ``--flag: ...`` when the command has that flag (the user
+    typed a flag, not a Python field); other messages unchanged."""
+    field, sep, rest = message.partition(": ")
+    if not sep or not field.isidentifier() or parser is None:
+        return message
+    flag = FIELD_FLAGS.get(field, "--" + field.replace("_", "-"))
+    options = {s for action in parser._actions for s in action.option_strings}
+    return f"{flag}: {rest}" if flag in options else message
+
+
+def close_progress_bars() -> None:
+    """Finish open tqdm bars (an interrupt leaves them mid-line) so that what follows starts on
+    its own line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def check_output(path: str | os.PathLike, flag: str, overwrite: bool,
+                 directory: bool = False) -> Path:
+    """Refuse now, before any work, an output that exists (unless ``overwrite``), is a file where
+    a directory goes (or the reverse), or cannot be created: its nearest existing ancestor must
+    be a writable directory."""
+    path = Path(path)
+    if path.exists():
+        if not overwrite:
+            raise FileExistsError(f"{flag} {path}: already exists (pass --overwrite to replace "
+                                  "it)")
+        if path.is_dir() != directory:
+            raise ValueError(f"{flag} {path}: is a {'directory' if path.is_dir() else 'file'}, "
+                             f"not a {'directory' if directory else 'file'}")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{flag} {path}: cannot be created ({parent} is not a "
+                                 "directory)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path}: cannot be created ({parent} is not writable)")
+    return path
+
+
+def read_results(path: Path, what: str, overwrite: bool) -> dict | None:
+    """The results file of an earlier run of a resumable command (``{"settings", "records"}``),
+    None when there is none or ``overwrite``; ValueError for a file of another kind. The file's
+    location is checked as an output."""
+    check_output(path, "--out", overwrite=True)
+    if overwrite or not path.exists():
+        return None
+    try:
+        previous = json.loads(path.read_text())
+        if not isinstance(previous, dict) or not isinstance(previous.get("records"), list):
+            raise ValueError("no 'records' list")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: exists but is not {what} file ({one_line(err)}); use "
+                         "another --out, or --overwrite to replace it") from None
+    return previous
+
+
+def resumed_records(previous: dict | None, settings: dict, path: Path) -> list[dict]:
+    """The records of ``previous`` when it was made with ``settings`` (``model``, the path,
+    may differ: the digest names the weights); ValueError naming the settings that differ."""
+    if previous is None:
+        return []
+    old = previous.get("settings", {})
+    differ = [k for k in settings if k != "model" and old.get(k) != json.loads(
+        json.dumps(settings[k]))]
+    if differ:
+        raise ValueError(f"{path}: was made with other settings ({', '.join(differ)} differ); "
+                         "use the same settings, another --out, or --overwrite to start over")
+    return previous["records"]
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def template_lengths(text: str) -> tuple[tuple[int, int], ...]:
+    try:
+        pairs = tuple(tuple(int(x) for x in part.lower().split("x")) for part in
+                      text.split(","))
+        if not pairs or any(len(p) != 2 or p[0] < 1 or p[1] < 0 for p in pairs):
+            raise ValueError
+        return pairs
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not LENGTHxCOUNT[,LENGTHxCOUNT...] (e.g. 5x10,10x10)") from None
+
+
+def number(parse, accept, requirement: str):
+    """An argparse type: ``parse`` the text, then require ``accept(value)``."""
+    noun = "an integer" if parse is int else "a number"
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"{text!r} {requirement}")
+        return value
+
+    return convert
+
+
+positive_float = number(float, lambda v: v > 0 and math.isfinite(v), "must be a positive number")
+nonnegative_float = number(float, lambda v: v >= 0 and math.isfinite(v), "must be 0 or more")
+positive_int = number(int, lambda v: v >= 1, "must be at least 1")
+nonnegative_int = number(int, lambda v: v >= 0, "must be 0 or more")
+ratio_above_one = number(float, lambda v: v > 1, "must be greater than 1")
+
+
+def add_model_args(p: argparse.ArgumentParser, edits: bool = True) -> None:
+    g = p.add_argument_group("model and ROME settings")
+    g.add_argument("--model", metavar="PATH_OR_ID",
+                   help="HF model directory or hub id (default: $ROME_JAX_DEFAULT_MODEL or the "
+                        "embedded checkpoints/gpt2-cf-tiny)")
+    g.add_argument("--layer", type=int, metavar="L",
+                   help="edit layer (default: the model's preset; required for models without "
+                        "one)")
+    g.add_argument("--mom2-n-samples", type=positive_int, metavar="N",
+                   help="key statistics from the first N WikiText texts only (default: all); "
+                        "small values make statistics for tiny test models quick")
+    if edits:
+        g.add_argument("--v-steps", type=positive_int, metavar="N",
+                       help="maximum optimisation steps for v* (default: the preset's, 20)")
+        g.add_argument("--template-lengths", type=template_lengths, metavar="LxN,...",
+                       help="context templates: N prefixes of L tokens each (default 5x10,10x10 "
+                            "as ROME)")
+        g.add_argument("--seed", type=int, default=0,
+                       help="jax.random seed for the context templates (default 0)")
+
+
+def add_guard_args(p: argparse.ArgumentParser, force: bool = True) -> None:
+    g = p.add_argument_group("collapse guard")
+    g.add_argument("--no-guard", action="store_true",
+                   help="skip the collapse guard (no profile is built, nothing is refused)")
+    if force:
+        g.add_argument("--force", action="store_true",
+                       help="apply edits the guard refuses, and keep edits that collapse "
+                            "perplexity (the verdict is still reported)")
+    g.add_argument("--guard-samples", type=positive_int, default=48, metavar="N",
+                   help="normal CounterFact edits in the guard profile (default 48; computed "
+                        "once, cached beside the key statistics)")
+    g.add_argument("--guard-margin", type=positive_float, metavar="M",
+                   help="refuse denominators below the normal 5%% quantile / M (default 3)")
+    g.add_argument("--guard-k", type=positive_float, metavar="K",
+                   help="refuse |Δ| above median·exp(K·1.4826·MAD) of normal log|Δ| "
+                        "(default 2)")
+    g.add_argument("--max-ppl-ratio", type=ratio_above_one, default=10.0, metavar="X",
+                   help=f"roll back an edit that multiplies {PPL_CORPUS} perplexity by more "
+                        "than X (default 10)")
+
+
+def add_record_args(p: argparse.ArgumentParser, verb: str) -> None:
+    """--n, --start, --case-ids: which CounterFact records (see ``counterfact_records``)."""
+    p.add_argument("--n", type=positive_int, required=True, help=f"records to {verb}")
+    p.add_argument("--start", type=int, default=0, metavar="K",
+                   help="skip the first K CounterFact records (sorted by case id)")
+    p.add_argument("--case-ids", metavar="FILE.json",
+                   help=f"{verb} only these case ids (a JSON list, e.g. the default model's "
+                        "training_case_ids.json); --start and --n then count within them")
+
+
+# ----------------------------------------------------------------------------- shared setup
+
+
+class Setup:
+    """The model, ROME settings and what edits share, built lazily from the arguments."""
+
+    def __init__(self, args):
+        from rome_jax.hf import load_model
+        from rome_jax.rome.hparams import RomeHParams, preset_for
+
+        self.args = args
+        self.model = load_model(args.model)
+        config = self.model.config
+        if args.layer is None:
+            hparams = preset_for(config)
+        else:
+            try:
+                hparams = preset_for(config).replace(layer=args.layer)
+            except ValueError:
+                hparams = RomeHParams(layer=args.layer)
+        changes = {"mom2_n_samples": args.mom2_n_samples,
+                   "v_num_grad_steps": getattr(args, "v_steps", None),
+                   "context_template_length_params": getattr(args, "template_lengths", None)}
+        self.hparams = hparams.replace(**{k: v for k, v in changes.items() if v is not None})
+        self.hparams.check(config)
+
+    @functools.cached_property
+    def context(self):
+        import jax
+
+        from rome_jax.rome.edit import prepare
+
+        return prepare(self.model, self.hparams, jax.random.key(getattr(self.args, "seed", 0)),
+                       log=log)
+
+    @functools.cached_property
+    def probe(self):
+        from rome_jax.data import load_me_ppl
+        from rome_jax.guard import PerplexityProbe
+
+        return PerplexityProbe(self.model, load_me_ppl(PPL_CORPUS), self.hparams.layer)
+
+    def profile(self, build: bool = True):
+        """The guard profile (loaded, or built and cached), with the threshold arguments."""
+        from tqdm import tqdm
+
+        from rome_jax.guard import (build_profile, load_profile, profile_path,
+                                    profile_settings, write_json_atomic)
+
+        n = self.args.guard_samples
+        path = profile_path(self.model, self.hparams, n)
+        profile = load_profile(path, profile_settings(self.hparams, n))
+        if profile is None:
+            if not build:
+                return None
+            context, probe = self.context, self.probe
+            log(f"{PROG}: building the collapse-guard profile ({n} rome edits of CounterFact "
+                 f"records whose subject is not the first token) -> {path}")
+            profile = build_profile(
+                self.model, self.hparams, context, n, probe=probe,
+                max_ppl_ratio=getattr(self.args, "max_ppl_ratio", None) or 10.0,
+                progress=lambda total: tqdm(total=total, desc="guard profile", leave=False))
+            write_json_atomic(path, profile.to_dict())
+        return profile.with_thresholds(margin=getattr(self.args, "guard_margin", None),
+                                       mad_k=getattr(self.args, "guard_k", None),
+                                       max_ppl_ratio=getattr(self.args, "max_ppl_ratio", None))
+
+    def check_request(self, request) -> None:
+        """ValueError now (before any long computation) for a subject that does not tokenise
+        inside its prompt."""
+        from rome_jax.rome.request import subject_token_index
+
+        subject_token_index(self.model.tokenizer, request.prompt, request.subject,
+                            self.hparams.fact_token)
+
+    def check_fits(self, request) -> None:
+        """ValueError when the request with its templates and target is too long."""
+        from rome_jax.rome.edit import build_batch
+
+        build_batch(self.model, request, self.context.templates, self.hparams.fact_token)
+
+
+def probabilities(model, params, text: str, request) -> tuple[float, float | None]:
+    from rome_jax.evaluation import target_probabilities
+
+    return target_probabilities(model, text, request.target_new, request.target_true, params)
+
+
+def hparams_dict(hparams) -> dict:
+    out = dataclasses.asdict(hparams)
+    out["context_template_length_params"] = [list(x) for x in
+                                             out["context_template_length_params"]]
+    return out
+
+
+def fmt(x, spec: str = ".4g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def counterfact_records(args) -> list[dict]:
+    """CounterFact records ``--start`` .. ``--start + --n`` (sorted by case id), within
+    ``--case-ids`` when given (every id must name a record)."""
+    from rome_jax.data import counterfact_by_case_id, load_counterfact
+
+    if args.start < 0:
+        raise ValueError("--start: must be 0 or more")
+    records = load_counterfact()
+    if args.case_ids:
+        try:
+            wanted = json.loads(Path(args.case_ids).read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--case-ids {args.case_ids}: not a JSON list of case ids "
+                             f"({one_line(err)})") from None
+        try:
+            selected = counterfact_by_case_id(records, wanted)
+        except ValueError as err:
+            raise ValueError(f"--case-ids {args.case_ids}: {one_line(err).removeprefix('case_ids: ')}") from None
+        records = sorted({r["case_id"]: r for r in selected}.values(),
+                         key=lambda r: r["case_id"])
+    chosen = records[args.start:args.start + args.n]
+    if not chosen:
+        raise ValueError(f"--start {args.start}: past the end of the {len(records)} records")
+    return chosen

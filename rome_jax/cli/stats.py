@@ -1,0 +1,97 @@
+"""``rome-jax stats``: build or inspect the cached key statistics (and guard profile)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+
+from rome_jax.cli.common import (PROG, Setup, add_model_args, log, one_line, positive_int,
+                                template_lengths)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("stats", help="build or inspect the cached key statistics",
+                       description="Build (or load from the cache) the key statistics "
+                                   "C = E[k kᵀ] at the edit layer and show the token count, "
+                                   "corpus, cache path and eigenvalue range; with --guard also "
+                                   "the collapse guard's profile. Both are cached in the "
+                                   "user cache, $ROME_JAX_CACHE/stats (default "
+                                   "~/.cache/rome_jax/stats), keyed by a fingerprint of the "
+                                   "weights, the layer, the corpus and the sample count.")
+    add_model_args(p, edits=False)
+    p.add_argument("--rebuild", action="store_true", help="recompute even if cached")
+    p.add_argument("--guard", action="store_true",
+                   help="also build (or load) the guard profile (uses the edit settings)")
+    p.add_argument("--guard-samples", type=positive_int, default=48, metavar="N",
+                   help="normal edits in the guard profile (default 48)")
+    p.add_argument("--v-steps", type=positive_int, metavar="N", help=argparse.SUPPRESS)
+    p.add_argument("--template-lengths", type=template_lengths, help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import numpy as np
+
+    from rome_jax.rome.stats import cache_path, fingerprint, key_stats, load_key_stats
+
+    s = Setup(args)
+    hp = s.hparams
+    path = cache_path(s.model, hp.layer, hp.mom2_corpus, hp.mom2_n_samples)
+    stats = None
+    if path.exists() and not args.rebuild:
+        try:
+            stats = load_key_stats(path)
+        except ValueError as err:
+            log(f"{PROG}: {one_line(err)}; rebuilding")
+    cached = stats is not None
+    if not cached:
+        if path.exists():
+            shutil.rmtree(path)
+        log(f"{PROG}: computing key statistics at layer {hp.layer} -> {path}")
+        stats = key_stats(s.model, hp.layer, hp.mom2_corpus, n_samples=hp.mom2_n_samples,
+                          log=log)
+    eig = np.linalg.eigvalsh(stats.moment)
+    info = {"path": str(path), "cached": cached, "layer": stats.layer, "corpus": stats.corpus,
+            "n_samples": hp.mom2_n_samples, "tokens": stats.count,
+            "dim": int(stats.moment.shape[0]),
+            "fingerprint": fingerprint(s.model.params, hp.layer),
+            "eigenvalue_min": float(eig[0]), "eigenvalue_max": float(eig[-1]),
+            "condition_number": float(eig[-1] / eig[0]) if eig[0] > 0 else math.inf,
+            "positive_definite": bool(eig[0] > 0), "guard_profile": None}
+    if args.guard:
+        from rome_jax.guard import profile_path
+
+        info["guard_profile"] = {**s.profile().summary(), "path": str(
+            profile_path(s.model, hp, args.guard_samples))}
+    else:
+        found = sorted(path.parent.glob(f"{path.name}.guard-n*.json"))
+        if found:
+            from rome_jax.guard import load_profile
+
+            profile = load_profile(found[-1])
+            if profile is not None:
+                info["guard_profile"] = {**profile.summary(), "path": str(found[-1])}
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"{PROG} stats: {args.model or s.model.name}, layer {info['layer']}")
+    rows = [("cache", f"{info['path']} ({'loaded' if cached else 'built'})"),
+            ("corpus", f"{info['corpus']} ({info['n_samples'] or 'all'} texts)"),
+            ("tokens", f"{info['tokens']:,}"), ("size", f"{info['dim']} x {info['dim']}"),
+            ("eigenvalues", f"{info['eigenvalue_min']:.4g} .. {info['eigenvalue_max']:.4g}"),
+            ("condition number", f"{info['condition_number']:.4g}"),
+            ("fingerprint", info["fingerprint"])]
+    g = info["guard_profile"]
+    if g:
+        rows.append(("guard profile", f"{g['n']} normal edits: denominator floor "
+                                      f"{g['denominator_floor']:.4g}, |Δ| ceiling "
+                                      f"{g['delta_abs_ceiling']:.3e} ({g['path']})"))
+    for name, value in rows:
+        print(f"  {name:<17} {value}")
+    if not info["positive_definite"]:
+        print("  warning: C is not positive definite; use more samples (--mom2-n-samples)")
+    return 0
