@@ -90,15 +90,24 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool,
 
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive ``fcntl.flock`` on ``.<name>.lock`` beside ``path`` (created, kept):
-    cache builders take it around check-build-save so that concurrent processes build once and
-    the others wait, then load. Released when the block ends or the process dies. Not
-    re-entrant: do not nest two locks on the same path in one process."""
+    """Hold an exclusive ``fcntl.flock`` on ``.<name>.lock`` beside ``path``: cache builders
+    take it around check-build-save, so that concurrent processes build once and the others
+    wait, then load. The holder removes the lock file before releasing it (a waiter that then
+    gets the lock of a removed file retries), so none is left behind. Not re-entrant."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "a") as handle:
+    lock = path.parent / f".{path.name}.lock"
+    while True:
+        handle = open(lock, "a")
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            if os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()  # the holder before us removed this file: lock the new one
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        handle.close()  # releases the lock
