@@ -186,6 +186,34 @@ def test_profile_json_cache(profile, tmp_path):
     assert guard.load_profile(path) is None
 
 
+def test_concurrent_profile_builders_build_once(profile, tmp_path):
+    import threading
+    import time
+
+    settings_ = {"layer": 1, "n_samples": 10}
+    built = []
+
+    def build():
+        built.append(1)
+        time.sleep(0.3)
+        return dataclasses.replace(profile, settings=settings_)
+
+    path = tmp_path / "p.guard.json"
+    results = [None, None]
+
+    def run(i):
+        results[i] = guard.cached_profile(path, settings_, build)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert built == [1] and results[0] == results[1] == guard.load_profile(path, settings_)
+    assert [p.name for p in tmp_path.iterdir()] == ["p.guard.json"]  # no temp or lock file
+    assert guard.cached_profile(path, settings_, lambda: 1 / 0) == results[0]
+
+
 # ----------------------------------------------------------------------------- with a model
 
 
