@@ -25,7 +25,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -35,6 +34,7 @@ import numpy as np
 
 from rome_jax import data
 from rome_jax.evaluation import perplexity_batches
+from rome_jax.files import file_lock, write_json_atomic
 from rome_jax.models.transformer import forward, residual_at
 from rome_jax.rome.edit import build_batch, compute_edit, edit_independent
 from rome_jax.rome.request import EditRequest
@@ -98,6 +98,10 @@ class GuardProfile:
             raise ValueError("guard profile: need 0 <= quantile <= 1, margin > 0, mad_k > 0")
         if self.max_ppl_ratio is not None and self.max_ppl_ratio <= 1:
             raise ValueError("guard profile: max_ppl_ratio must be > 1 (or None: no check)")
+        if self.base_perplexity is not None and not (math.isfinite(self.base_perplexity)
+                                                     and self.base_perplexity > 0):
+            raise ValueError(f"guard profile: base_perplexity {self.base_perplexity} is not "
+                             "finite and positive (non-finite weights?)")
 
     @property
     def n(self) -> int:
@@ -220,45 +224,34 @@ def evaluate(report: Any, profile: GuardProfile) -> Verdict:
                                            _subject_first(report)))
 
 
-def suggest(method: str, subject_first: bool) -> str:
-    """What to do instead of a refused edit."""
+def suggest(method: str, subject_first: bool, finite: bool = True) -> str:
+    """What to do instead of a refused edit of ``method`` (never the method it already is);
+    ``finite`` False: the update itself was non-finite, which ``--force`` cannot apply."""
     if method == "rome":
         text = ("use --method c-rome (consistent keys: its denominator k̄ᵀC⁻¹k̄ cannot vanish)")
         if subject_first:
             text += (", or keep rome and query the edited model with the test-time prefix "
                      "(--test-prefix: the subject no longer opens the prompt)")
-        return text + "; --force applies it anyway"
+        return text + ("; --force applies it anyway" if finite else "")
+    if not finite:  # c-rome's and p-rome's denominators cannot vanish: the inputs are bad
+        return (f"a non-finite {method} update points at non-finite weights or key "
+                "statistics: check the model, or try another --layer")
     return ("this request is an outlier even for " + method + ": check the request (a rare "
             "or one-token subject?), try another --layer, or --force to apply it anyway")
 
 
-def check_perplexity(before: float, after: float, max_ratio: float) -> Verdict:
+def check_perplexity(before: float, after: float, max_ratio: float, method: str,
+                     subject_first: bool) -> Verdict:
     """The rollback check alone: perplexity grew by more than ``max_ratio``."""
     ratio = after / before if before > 0 else math.inf
     if math.isfinite(ratio) and ratio <= max_ratio:
         return Verdict(True, [], "")
     return Verdict(False, [f"ME-PPL perplexity rose from {before:.4g} to {after:.4g} "
                            f"({ratio:.3g}x > {max_ratio:g}x): the edit collapsed the model"],
-                   "roll back; " + suggest("rome", True))
+                   "roll back; " + suggest(method, subject_first))
 
 
 # ----------------------------------------------------------------------------- cache
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    """JSON to ``path`` through a temporary sibling and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, allow_nan=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def profile_settings(hparams, n_samples: int, method: str = "rome") -> dict:
@@ -293,6 +286,21 @@ def load_profile(path: str | os.PathLike, settings: Mapping | None = None
     if settings is not None and json.loads(json.dumps(dict(settings))) != dict(
             profile.settings):
         return None
+    return profile
+
+
+def cached_profile(path: str | os.PathLike, settings: Mapping,
+                   build: Callable[[], GuardProfile]) -> GuardProfile:
+    """The profile cached at ``path`` for ``settings``, else ``build()`` written there
+    atomically. Concurrent callers build it once: the others wait for the lock, then load."""
+    profile = load_profile(path, settings)
+    if profile is not None:
+        return profile
+    with file_lock(path):
+        profile = load_profile(path, settings)
+        if profile is None:
+            profile = build()
+            write_json_atomic(path, profile.to_dict())
     return profile
 
 

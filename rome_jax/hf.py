@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+import pickle
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +21,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.flax import save_file
 
+from rome_jax.files import atomic_directory
 from rome_jax.models import gpt2, gptj
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
@@ -92,11 +92,18 @@ def _tensor_readers(files: list[Path]) -> dict[str, Callable[[], np.ndarray]]:
                                  "(or convert the model to safetensors)") from None
             try:
                 state = torch.load(file, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:
+                state = None
             except Exception as err:
-                raise ValueError(f"{file}: cannot read ({type(err).__name__}: {err})") from None
+                raise ValueError(f"{file}: cannot read ({type(err).__name__}: "
+                                 f"{str(err).splitlines()[0]})") from None
+            if not isinstance(state, dict) or not all(
+                    isinstance(t, torch.Tensor) for t in state.values()):
+                raise ValueError(f"{file}: holds objects other than tensors (a pickle can run "
+                                 "code when loaded); rome_jax never unpickles them. Convert the "
+                                 "weights to safetensors with a tool you trust")
             for name, tensor in state.items():
-                readers[name.removeprefix("transformer.")] = (
-                    lambda t=tensor: t.float().numpy() if t.dtype.is_floating_point else t.numpy())
+                readers[name.removeprefix("transformer.")] = lambda t=tensor: _numpy(t)
             continue
         try:
             handle = safe_open(str(file), framework="flax")
@@ -110,6 +117,15 @@ def _tensor_readers(files: list[Path]) -> dict[str, Callable[[], np.ndarray]]:
     return readers
 
 
+def _numpy(tensor) -> np.ndarray:
+    """A torch tensor as numpy in its own dtype (bfloat16 through its bits)."""
+    import torch
+
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(jnp.bfloat16)
+    return tensor.numpy()
+
+
 def _get(handle, name: str, file: Path):
     try:
         return handle.get_tensor(name)
@@ -121,8 +137,11 @@ def _get(handle, name: str, file: Path):
 def load_model(path_or_id: str | os.PathLike | None = None, dtype=jnp.float32) -> Model:
     """Load an HF GPT-2 / GPT-J directory or hub id (``None``: the embedded default model).
 
+    Computation is in ``dtype``; the dtype the floating weights are stored in is kept as
+    ``Model.source_dtype`` (the widest when they differ), which ``save_hf`` exports by default.
     Raises FileNotFoundError / ValueError naming the file and tensor for a missing config or
-    weights, an unknown architecture, a missing tensor, a wrong shape or a truncated file.
+    weights, an unknown architecture, a missing tensor, a wrong shape, a non-finite value or a
+    truncated file.
     """
     path = resolve(path_or_id)
     config = _read_config(path)
@@ -131,15 +150,21 @@ def load_model(path_or_id: str | os.PathLike | None = None, dtype=jnp.float32) -
     readers = _tensor_readers(files)
     where = files[0] if len(files) == 1 else path / "model.safetensors.index.json"
     used: set[str] = set()
+    stored: set[np.dtype] = set()
 
     def read(name: str, shape: tuple) -> jnp.ndarray:
         if name not in readers:
             raise ValueError(f"{where}: missing tensor {name!r} "
                              f"(a {config.model_type} with {config.n_layer} layers needs it)")
-        value = jnp.asarray(readers[name](), dtype=dtype)
+        raw = readers[name]()
+        value = jnp.asarray(raw, dtype=dtype)
         if tuple(value.shape) != tuple(shape):
             raise ValueError(f"{where}: tensor {name!r} has shape {tuple(value.shape)}, "
                              f"expected {tuple(shape)} from config.json")
+        if jnp.issubdtype(raw.dtype, jnp.floating):
+            stored.add(np.dtype(raw.dtype))
+            if not bool(jnp.isfinite(value).all()):
+                raise ValueError(f"{where}: tensor {name!r} holds NaN or infinite values")
         used.add(name)
         return value
 
@@ -148,53 +173,20 @@ def load_model(path_or_id: str | os.PathLike | None = None, dtype=jnp.float32) -
     if unexpected:
         raise ValueError(f"{where}: unexpected tensors {unexpected[:5]} for a "
                          f"{config.model_type} with {config.n_layer} layers")
-    return Model(config, params, Tokenizer.from_dir(path), name=str(path_or_id or path))
-
-
-def atomic_directory(out_dir: str | os.PathLike, overwrite: bool,
-                     write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` on a fresh sibling temp dir, then rename it to ``out_dir``.
-
-    An existing ``out_dir`` is refused unless ``overwrite``; then it is replaced only after the
-    new one is complete.
-    """
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: already exists (pass overwrite=True / --overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        _usual_permissions(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _usual_permissions(root: Path) -> None:
-    """mkdtemp makes a 0700 directory (and some writers 0600 files): give the result the
-    permissions a plain mkdir / open would have under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [root, *root.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    source_dtype = max(stored, key=lambda d: d.itemsize).name if stored else None
+    return Model(config, params, Tokenizer.from_dir(path), name=str(path_or_id or path),
+                 source_dtype=source_dtype)
 
 
 def save_hf(model: Model, out_dir: str | os.PathLike, *, overwrite: bool = False,
             dtype=None, extra_files: dict[str, str | bytes] | None = None) -> Path:
     """Write ``model`` as an HF directory that ``transformers.AutoModelForCausalLM`` loads.
 
-    ``dtype`` casts the saved weights (default: as they are); ``extra_files`` maps a file name
-    to text or bytes written beside them (a model card, say).
+    ``dtype`` casts the saved weights (default: ``model.source_dtype``, the dtype the model
+    was loaded from, else as they are); ``extra_files`` maps a file name to text or bytes
+    written beside them (a model card, say).
     """
+    dtype = model.source_dtype if dtype is None else dtype
     weights = FAMILIES[model.config.model_type].export_weights(model.params, model.config)
     weights = {k: jnp.asarray(v if dtype is None else v.astype(dtype)) for k, v in weights.items()}
     bad = [k for k, v in weights.items() if not bool(jnp.isfinite(v).all())]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -29,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rome_jax.files import atomic_file
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
 from rome_jax.models.transformer import (Params, attention, embed, layer_norm, make_context,
@@ -251,15 +251,9 @@ def plot_trace(result: TraceResult, path: str | os.PathLike, title: str | None =
     fig.suptitle(title or f"{result.prompt.format(result.subject)!r}: clean "
                  f"{result.high_score:.3g}, corrupted {result.low_score:.3g}", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_file(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
     return path

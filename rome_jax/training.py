@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from rome_jax import data
 from rome_jax.evaluation import continuation_nll, perplexity
+from rome_jax.files import write_json_atomic
 from rome_jax.hf import save_hf
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
@@ -226,7 +227,7 @@ def train(settings: TrainSettings, work_dir: Path, tokenizer_dir: Path | None = 
 
     work_dir = Path(work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
-    (work_dir / "settings.json").write_text(json.dumps(dataclasses.asdict(settings), indent=2))
+    write_json_atomic(work_dir / "settings.json", dataclasses.asdict(settings))
     manager = ocp.CheckpointManager(work_dir / "state",
                                     options=ocp.CheckpointManagerOptions(max_to_keep=2))
     params = init_params(cfg, jax.random.key(settings.seed))

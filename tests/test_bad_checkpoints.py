@@ -173,6 +173,50 @@ def test_garbage_safetensors(gpt2_dir):
         rome_jax.load_model(gpt2_dir)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused_at_load(gpt2_dir, bad):
+    def edit(t):
+        t["transformer.h.1.mlp.c_proj.weight"][3, 5] = bad
+
+    _edit_tensors(gpt2_dir, edit)
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'h\.1\.mlp\.c_proj\.weight'"
+                                         r" holds NaN or infinite values"):
+        rome_jax.load_model(gpt2_dir)
+
+
+def test_fp16_checkpoint_exports_as_fp16(gpt2_dir, tmp_path):
+    from safetensors import safe_open
+
+    _edit_tensors(gpt2_dir, lambda t: t.update({k: v.half() for k, v in t.items()}))
+    model = rome_jax.load_model(gpt2_dir)
+    assert model.source_dtype == "float16"
+    assert model.params["wte"].dtype == np.float32  # computation stays float32
+    out = rome_jax.save_hf(model, tmp_path / "out")
+    with safe_open(str(out / "model.safetensors"), framework="np") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {np.dtype("float16")}
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+    size = (out / "model.safetensors").stat().st_size
+    assert size <= 1.05 * (gpt2_dir / "model.safetensors").stat().st_size
+    wide = rome_jax.save_hf(model, tmp_path / "wide", dtype=np.float32)
+    assert (wide / "model.safetensors").stat().st_size > 1.8 * size  # asked for: float32
+    assert rome_jax.load_model(out).source_dtype == "float16"
+
+
+def test_pickle_with_objects_is_refused_without_torchs_advice(gpt2_dir):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    state = load_file(str(gpt2_dir / "model.safetensors"))
+    torch.save({**state, "extra": Payload()}, gpt2_dir / "pytorch_model.bin")
+    (gpt2_dir / "model.safetensors").unlink()
+    with pytest.raises(ValueError) as err:
+        rome_jax.load_model(gpt2_dir)
+    text = str(err.value)
+    assert "pytorch_model.bin: holds objects other than tensors" in text
+    assert "never unpickles" in text and "weights_only" not in text
+
+
 def test_no_tokenizer_files(gpt2_dir):
     (gpt2_dir / "vocab.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"no tokenizer .*missing vocab\.json"):

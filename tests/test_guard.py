@@ -14,6 +14,7 @@ from conftest import tiny_gpt2
 from hypothesis import given, settings, strategies as st
 
 from rome_jax import guard
+from rome_jax.files import write_json_atomic
 from rome_jax.guard import GuardProfile, Verdict, evaluate
 
 DENS = (10.0, 12.0, 9.0, 11.0, 10.5, 13.0, 8.5, 12.0, 9.5, 11.5)
@@ -91,9 +92,27 @@ def test_perplexity_rollback(profile):
 
 
 def test_check_perplexity():
-    assert guard.check_perplexity(10.0, 20.0, 10.0).ok
-    verdict = guard.check_perplexity(10.0, 200.0, 10.0)
+    assert guard.check_perplexity(10.0, 20.0, 10.0, "rome", True).ok
+    verdict = guard.check_perplexity(10.0, 200.0, 10.0, "rome", True)
     assert not verdict.ok and "roll back" in verdict.suggestion
+    assert "c-rome" in verdict.suggestion and "--test-prefix" in verdict.suggestion
+
+
+@pytest.mark.parametrize("method", ["c-rome", "p-rome"])
+def test_suggestion_never_names_the_method_already_used(method):
+    rolled_back = guard.check_perplexity(10.0, 200.0, 10.0, method, True)
+    non_finite = guard.suggest(method, True, finite=False)
+    for text in (rolled_back.suggestion, non_finite):
+        assert "--method" not in text and "--test-prefix" not in text
+    assert "non-finite weights or key statistics" in non_finite and "--force" not in non_finite
+    assert "--force" not in guard.suggest("rome", False, finite=False)
+    assert "c-rome" in guard.suggest("rome", False, finite=False)
+
+
+def test_profile_refuses_a_non_finite_base_perplexity():
+    for bad in (math.inf, math.nan, 0.0):
+        with pytest.raises(ValueError, match="base_perplexity"):
+            GuardProfile(layer=1, denominators=DENS, delta_abs=DABS, base_perplexity=bad)
 
 
 def test_accepts_an_edit_report_object(profile):
@@ -155,7 +174,7 @@ def test_verdict_is_the_two_thresholds(den, dabs):
 def test_profile_json_cache(profile, tmp_path):
     settings_ = {"layer": 1, "n_samples": 10}
     p = dataclasses.replace(profile, settings=settings_, fingerprint="abc")
-    path = guard.write_json_atomic(tmp_path / "p.guard.json", p.to_dict())
+    path = write_json_atomic(tmp_path / "p.guard.json", p.to_dict())
     assert [f.name for f in tmp_path.iterdir()] == ["p.guard.json"]  # no temp file left
     loaded = guard.load_profile(path, settings_)
     assert loaded == p and loaded.summary()["n"] == 10
@@ -165,6 +184,34 @@ def test_profile_json_cache(profile, tmp_path):
     assert guard.load_profile(path) is None
     path.write_text(json.dumps({"version": 99}))
     assert guard.load_profile(path) is None
+
+
+def test_concurrent_profile_builders_build_once(profile, tmp_path):
+    import threading
+    import time
+
+    settings_ = {"layer": 1, "n_samples": 10}
+    built = []
+
+    def build():
+        built.append(1)
+        time.sleep(0.3)
+        return dataclasses.replace(profile, settings=settings_)
+
+    path = tmp_path / "p.guard.json"
+    results = [None, None]
+
+    def run(i):
+        results[i] = guard.cached_profile(path, settings_, build)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert built == [1] and results[0] == results[1] == guard.load_profile(path, settings_)
+    assert [p.name for p in tmp_path.iterdir()] == ["p.guard.json"]  # no temp or lock file
+    assert guard.cached_profile(path, settings_, lambda: 1 / 0) == results[0]
 
 
 # ----------------------------------------------------------------------------- with a model

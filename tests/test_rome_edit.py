@@ -169,3 +169,85 @@ def test_live_positions_give_the_full_forward_logits(model, context):
                         at_lookup * delta, batch.target_pos - batch.lookup[:, None])
     np.testing.assert_allclose(live, full, atol=1e-4, rtol=1e-4)
     assert batch.live_index.shape[1] < batch.ids.shape[1]
+
+
+@pytest.mark.parametrize("changes,field", [
+    (dict(target_true=5), "target_true"), (dict(target_new=5), "target_new"),
+    (dict(subject=["Messi"]), "subject"), (dict(prompt=None), "prompt"),
+    (dict(target_true=""), "target_true"), (dict(case_id="7"), "case_id"),
+    (dict(case_id=True), "case_id"), (dict(case_id=1.5), "case_id"),
+])
+def test_request_field_types_are_checked_up_front(changes, field):
+    fields = dict(prompt="{} plays the", subject="Messi", target_new="piano")
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        EditRequest(**{**fields, **changes})
+    flat = {**fields, **changes}
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        EditRequest.from_dict(flat)
+    assert EditRequest(**fields, case_id=np.int64(3)).case_id == 3
+
+
+def test_from_dict_targets_as_strings_or_str_objects():
+    flat = dict(prompt="{} plays the", subject="Messi", target_new={"str": "piano"},
+                target_true="football", case_id=4)
+    assert EditRequest.from_dict(flat) == EditRequest("{} plays the", "Messi", "piano",
+                                                      "football", 4)
+    with pytest.raises(ValueError, match="^target_new: .*without \"str\""):
+        EditRequest.from_dict({**flat, "target_new": {"id": "Q1"}})
+    with pytest.raises(ValueError, match="^target_true: must be a string, got int"):
+        EditRequest.from_dict({**flat, "target_true": {"str": 5}})
+    with pytest.raises(ValueError, match="^requested_rewrite: "):
+        EditRequest.from_dict({"requested_rewrite": "x", "case_id": 1})
+
+
+@pytest.mark.parametrize("changes,field", [
+    (dict(layer="2"), "layer"), (dict(layer=True), "layer"), (dict(layer=-1), "layer"),
+    (dict(v_lr=-1), "v_lr"), (dict(v_lr=float("nan")), "v_lr"),
+    (dict(v_num_grad_steps=2.5), "v_num_grad_steps"), (dict(kl_factor="0.1"), "kl_factor"),
+    (dict(mom2_n_samples=0), "mom2_n_samples"), (dict(mom2_ridge=-1e-3), "mom2_ridge"),
+    (dict(fact_token="first"), "fact_token"), (dict(mom2_corpus=None), "mom2_corpus"),
+    (dict(context_template_length_params=((5, 0),)), "context_template_length_params"),
+    (dict(context_template_length_params=5), "context_template_length_params"),
+])
+def test_hparams_fields_are_checked(changes, field):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        RomeHParams(**{"layer": 1, **changes})
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        HP.replace(**changes)
+    same = RomeHParams(layer=1, v_lr=1, context_template_length_params=[[4, 5]])
+    assert same.v_lr == 1.0 and same.context_template_length_params == ((4, 5),)
+
+
+def test_a_context_for_another_layer_is_refused_where_it_is_used(model, context):
+    other = HP.replace(layer=2)
+    with pytest.raises(ValueError, match="^context: prepared for layer 1 .* layer 2"):
+        solve(model, REQUEST, other, context=context)
+    solved = solve(model, REQUEST, HP, context=context)
+    for call in (lambda: compute_edit(model, REQUEST, other, context=context, solved=solved),
+                 lambda: edit(model, REQUEST, other, context=context),
+                 lambda: edit_sequential(model, [REQUEST], other, context=context),
+                 lambda: edit_independent(model, [REQUEST], other, context=context)):
+        with pytest.raises(ValueError, match="^context: prepared for layer 1"):
+            call()
+    with pytest.raises(ValueError, match="^context: .*ridge 0.*ridge 0.5"):
+        compute_edit(model, REQUEST, HP.replace(mom2_ridge=0.5), context=context, solved=solved)
+
+
+@pytest.mark.parametrize("call,exc,field", [
+    (lambda m, c: edit(m, REQUEST, "gpt2", context=c), TypeError, "hparams"),
+    (lambda m, c: edit(m, REQUEST, HP, context="x"), TypeError, "context"),
+    (lambda m, c: solve(m, REQUEST, HP, context="x"), TypeError, "context"),
+    (lambda m, c: compute_edit(m, REQUEST, HP, context=c, solved="x"), TypeError, "solved"),
+    (lambda m, c: edit("gpt2", REQUEST, HP, context=c), TypeError, "model"),
+    (lambda m, c: edit(m, "Messi plays piano", HP, context=c), TypeError, "request"),
+    (lambda m, c: edit(m, REQUEST, HP, "crome", context=c), ValueError, "method"),
+    (lambda m, c: edit_independent(m, [], HP, context=c), ValueError, "requests"),
+    (lambda m, c: edit_independent(m, REQUEST, HP, context=c), TypeError, "requests"),
+    (lambda m, c: edit_sequential(m, REQUEST, HP, context=c), TypeError, "requests"),
+    (lambda m, c: prepare(m, "gpt2"), TypeError, "hparams"),
+    (lambda m, c: prepare(m, HP, "seed"), TypeError, "key"),
+    (lambda m, c: prepare(m, HP, stats=c.factor), TypeError, "stats"),
+])
+def test_api_arguments_of_the_wrong_kind_are_named(model, context, call, exc, field):
+    with pytest.raises(exc, match=f"^{field}: "):
+        call(model, context)

@@ -92,3 +92,72 @@ def test_key_stats_from_a_text_file(model, tmp_path):
     assert len(list((tmp_path / "cache").iterdir())) == 1
     with pytest.raises(ValueError, match="corpus"):
         key_stats(model, 1, str(tmp_path / "missing.txt"), cache_dir=tmp_path / "cache")
+
+
+RACER = """
+import hashlib, json, sys, time
+from pathlib import Path
+from conftest import tiny_gpt2
+from rome_jax.rome import stats
+cache, go, ready = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+texts = json.loads(sys.argv[4])
+model = tiny_gpt2(n_layer=2, d_model=16, n_head=2, seq_len=32, seed=5)
+real = stats.compute_key_stats
+def slow(*args, **kwargs):  # a build that takes a while, as on a real model
+    out = real(*args, **kwargs)
+    time.sleep(1.0)
+    return out
+stats.compute_key_stats = slow
+ready.touch()
+while not go.exists():
+    time.sleep(0.005)
+result = stats.key_stats(model, 1, "four", texts=texts, cache_dir=cache)
+print(json.dumps({"sha": hashlib.sha256(result.moment.tobytes()).hexdigest(),
+                  "count": result.count}))
+"""
+
+
+def test_two_processes_building_the_same_missing_cache(model, tmp_path):
+    """Two processes start building one missing cache at the same moment: both finish with the
+    same statistics, the cache loads, and nothing temporary is left beside it."""
+    import hashlib
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    tests = Path(__file__).parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]))
+    ready = [tmp_path / f"ready{i}" for i in range(2)]
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(cache), str(go), str(r),
+                                json.dumps(TEXTS)], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for r in ready]
+    while not all(r.exists() for r in ready) and all(p.poll() is None for p in racers):
+        time.sleep(0.01)
+    go.touch()
+    outputs = [p.communicate(timeout=300) for p in racers]
+    for p, (out, err) in zip(racers, outputs):
+        assert p.returncode == 0, err[-2000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert results[0] == results[1]
+    path = stats_mod.cache_path(model, 1, "four", None, cache)
+    assert [p.name for p in cache.iterdir()] == [path.name]  # no temp dir, no lock left
+    loaded = load_key_stats(path)
+    assert hashlib.sha256(loaded.moment.tobytes()).hexdigest() == results[0]["sha"]
+    assert loaded.count == results[0]["count"]
+    np.testing.assert_allclose(loaded.moment, compute_key_stats(model, 1, TEXTS).moment,
+                               rtol=1e-12)
+
+
+def test_non_finite_statistics_are_never_saved(model, tmp_path):
+    broken = model.with_params({**model.params, "wte": model.params["wte"] * np.nan})
+    with pytest.raises(ValueError, match="layer 1 are not finite"):
+        key_stats(broken, 1, "four", texts=TEXTS, cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="not finite"):
+        save_key_stats(KeyStats(np.full((3, 3), np.inf), 4, 0, "x"), tmp_path / "c")
+    assert list(tmp_path.iterdir()) == []

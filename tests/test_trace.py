@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -116,5 +117,8 @@ def test_plot_and_json(result, tmp_path):
     out = plot_trace(result, tmp_path / "sub" / "heat.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in out.parent.iterdir()) == ["heat.png"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() makes it, not 0600
     data = json.loads(json.dumps(result.to_dict()))
     assert data["layers"] == 3 and len(data["scores"]["mlp"]) == 7

@@ -254,23 +254,25 @@ class Setup:
         """The guard profile (loaded, or built and cached), with the threshold arguments."""
         from tqdm import tqdm
 
-        from rome_jax.guard import (build_profile, load_profile, profile_path,
-                                    profile_settings, write_json_atomic)
+        from rome_jax.guard import (build_profile, cached_profile, load_profile,
+                                    profile_path, profile_settings)
 
         n = self.args.guard_samples
         path = profile_path(self.model, self.hparams, n)
-        profile = load_profile(path, profile_settings(self.hparams, n))
-        if profile is None:
-            if not build:
-                return None
-            context, probe = self.context, self.probe
+        settings = profile_settings(self.hparams, n)
+
+        def build_it():
             log(f"{PROG}: building the collapse-guard profile ({n} rome edits of CounterFact "
-                 f"records whose subject is not the first token) -> {path}")
-            profile = build_profile(
-                self.model, self.hparams, context, n, probe=probe,
+                f"records whose subject is not the first token) -> {path}")
+            return build_profile(
+                self.model, self.hparams, self.context, n, probe=self.probe,
                 max_ppl_ratio=getattr(self.args, "max_ppl_ratio", None) or 10.0,
                 progress=lambda total: tqdm(total=total, desc="guard profile", leave=False))
-            write_json_atomic(path, profile.to_dict())
+
+        profile = (cached_profile(path, settings, build_it) if build
+                   else load_profile(path, settings))
+        if profile is None:
+            return None
         return profile.with_thresholds(margin=getattr(self.args, "guard_margin", None),
                                        mad_k=getattr(self.args, "guard_k", None),
                                        max_ppl_ratio=getattr(self.args, "max_ppl_ratio", None))

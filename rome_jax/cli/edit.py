@@ -101,7 +101,7 @@ def _merge_verdicts(entries: list[dict]) -> dict | None:
 def _one_edit(s: Setup, request, params, method: str, profile, ppl_before: float,
               test_prefix: bool) -> tuple[dict, Any]:
     """Compute, judge, apply and measure one edit. Returns (entry, new params or None)."""
-    from rome_jax.guard import Verdict, evaluate
+    from rome_jax.guard import Verdict, evaluate, suggest
     from rome_jax.rome.edit import compute_edit, with_test_prefix
     from rome_jax.rome.update import apply_edit
 
@@ -114,7 +114,8 @@ def _one_edit(s: Setup, request, params, method: str, profile, ppl_before: float
     except ValueError as err:  # the request was checked: only a non-finite update is left
         entry = {"method": method, "layer": s.hparams.layer, "request": request.to_dict(),
                  "p_new_before": p_new, "p_true_before": p_true, "applied": False,
-                 "guard": Verdict(False, [one_line(err)], "use --method c-rome").to_dict()}
+                 "guard": Verdict(False, [one_line(err)],
+                                  suggest(method, request.subject_first, finite=False)).to_dict()}
         return entry, None
     entry = report.to_dict()
     entry.update(p_new_before=p_new, p_true_before=p_true, perplexity_before=ppl_before)
@@ -199,7 +200,7 @@ def _write_outputs(model, out: Path | None, report: dict, report_file: Path | No
                    overwrite: bool) -> None:
     """The report first, then the model (when ``model``): a failed export removes the report
     it described, so the two succeed or fail together."""
-    from rome_jax.guard import write_json_atomic
+    from rome_jax.files import write_json_atomic
     from rome_jax.hf import save_hf
 
     if report_file:

@@ -44,7 +44,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from rome_jax.counterfact_eval import EvalSettings, evaluate_record, summarize, test_prefixes
-    from rome_jax.guard import write_json_atomic
+    from rome_jax.files import write_json_atomic
     from rome_jax.models.model import params_digest
     from rome_jax.rome.request import EditRequest
 

@@ -40,7 +40,7 @@ def run(args) -> int:
 
     from tqdm import tqdm
 
-    from rome_jax.guard import write_json_atomic
+    from rome_jax.files import write_json_atomic
     from rome_jax.models.model import params_digest
     from rome_jax.screening import screen_record, summarize_screen
 

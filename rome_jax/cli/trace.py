@@ -43,7 +43,7 @@ def run(args) -> int:
     import jax
     import numpy as np
 
-    from rome_jax.guard import write_json_atomic
+    from rome_jax.files import write_json_atomic
     from rome_jax.hf import load_model
     from rome_jax.trace import KINDS, plot_trace, trace
 

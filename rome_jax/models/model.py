@@ -17,12 +17,14 @@ from rome_jax.models.transformer import Params, forward
 @dataclasses.dataclass(frozen=True, eq=False)
 class Model:
     """A loaded model. ``params`` is an immutable-by-convention pytree (see transformer.py);
-    an edit returns a new Model via ``with_params``."""
+    an edit returns a new Model via ``with_params``. ``source_dtype``: the dtype the weights
+    were stored in (``"float16"``, say; None when built in memory), which exports keep."""
 
     config: ModelConfig
     params: Params
     tokenizer: Tokenizer
     name: str = ""
+    source_dtype: str | None = None
 
     def with_params(self, params: Params) -> "Model":
         return dataclasses.replace(self, params=params)

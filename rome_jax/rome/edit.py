@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,11 +39,61 @@ KL_PROMPT = "{} is a"
 @dataclasses.dataclass(frozen=True, eq=False)
 class EditContext:
     """What every edit of one model at one layer shares: the context templates, the key
-    statistics and their Cholesky factor."""
+    statistics and the Cholesky factor of C + ridge·I. Edits check that their hparams ask for
+    the same layer and ridge."""
 
     templates: ContextTemplates
     stats: KeyStats
     factor: jax.Array
+    ridge: float = 0.0
+
+    @property
+    def layer(self) -> int:
+        """The layer whose key statistics (and C⁻¹) this context holds."""
+        return self.stats.layer
+
+
+def _checked(model: Model, hparams: RomeHParams | None,
+             context: EditContext | None = None) -> RomeHParams:
+    """``hparams`` (the model's preset when None) checked against ``model`` and, when given,
+    ``context``: TypeError / ValueError naming the argument."""
+    if not isinstance(model, Model):
+        raise TypeError(f"model: expected a rome_jax Model (rome_jax.load_model), got "
+                        f"{type(model).__name__}")
+    if hparams is None:
+        hparams = preset_for(model.config)
+    elif not isinstance(hparams, RomeHParams):
+        raise TypeError(f"hparams: expected RomeHParams or None, got {type(hparams).__name__} "
+                        f"{hparams!r} (a preset by name: preset_for(model.config, name))")
+    hparams.check(model.config)
+    if context is None:
+        return hparams
+    if not isinstance(context, EditContext):
+        raise TypeError(f"context: expected an EditContext from prepare(), got "
+                        f"{type(context).__name__}")
+    if context.layer != hparams.layer or context.ridge != hparams.mom2_ridge:
+        raise ValueError(f"context: prepared for layer {context.layer} (ridge "
+                         f"{context.ridge:g}), but hparams ask for layer {hparams.layer} (ridge "
+                         f"{hparams.mom2_ridge:g}); prepare(model, hparams) again")
+    if context.factor.shape != (model.config.d_mlp,) * 2:
+        raise ValueError(f"context: key statistics of shape {context.factor.shape}, the model's "
+                         f"MLP needs {(model.config.d_mlp,) * 2} (prepared for another model?)")
+    return hparams
+
+
+def _request(request: EditRequest | Mapping) -> EditRequest:
+    if isinstance(request, EditRequest):
+        return request
+    if isinstance(request, Mapping):
+        return EditRequest.from_dict(request)
+    raise TypeError(f"request: expected an EditRequest or a dict, got {type(request).__name__}")
+
+
+def _requests(requests: Sequence[EditRequest | Mapping]) -> list[EditRequest]:
+    if not isinstance(requests, (list, tuple)):
+        raise TypeError(f"requests: expected a list of EditRequests or dicts, got "
+                        f"{type(requests).__name__}")
+    return [_request(r) for r in requests]
 
 
 def prepare(model: Model, hparams: RomeHParams | None = None, key: jax.Array | None = None, *,
@@ -51,7 +101,11 @@ def prepare(model: Model, hparams: RomeHParams | None = None, key: jax.Array | N
             stats: KeyStats | None = None, log=None) -> EditContext:
     """Sample the templates with ``key`` (default ``jax.random.key(0)``) unless given, and load
     or compute the key statistics (cached on disk) unless given."""
-    hparams = (hparams or preset_for(model.config)).check(model.config)
+    hparams = _checked(model, hparams)
+    if key is not None and not isinstance(key, jax.Array):
+        raise TypeError(f"key: expected a jax.random.key, got {type(key).__name__}")
+    if stats is not None and not isinstance(stats, KeyStats):
+        raise TypeError(f"stats: expected KeyStats, got {type(stats).__name__}")
     if templates is None:
         templates = sample_context_templates(model, jax.random.key(0) if key is None else key,
                                              hparams.context_template_length_params,
@@ -65,7 +119,7 @@ def prepare(model: Model, hparams: RomeHParams | None = None, key: jax.Array | N
         raise ValueError(f"stats: computed for layer {stats.layer} with shape "
                          f"{stats.moment.shape}, the edit needs layer {hparams.layer} and "
                          f"{(model.config.d_mlp,) * 2}")
-    return EditContext(templates, stats, stats.factor(hparams.mom2_ridge))
+    return EditContext(templates, stats, stats.factor(hparams.mom2_ridge), hparams.mom2_ridge)
 
 
 def build_batch(model: Model, request: EditRequest, templates: ContextTemplates,
@@ -232,9 +286,8 @@ def solve(model: Model, request: EditRequest | dict, hparams: RomeHParams | None
     """Keys and v* of ``request`` on ``params`` (default ``model.params``): everything an edit
     computes before its method. ``compute_edit(..., solved=...)`` reuses it for each method of
     the same params."""
-    hparams = (hparams or preset_for(model.config)).check(model.config)
-    if not isinstance(request, EditRequest):
-        request = EditRequest.from_dict(request)
+    hparams = _checked(model, hparams, context)
+    request = _request(request)
     params = model.params if params is None else params
     context = context or prepare(model, hparams)
     batch = build_batch(model, request, context.templates, hparams.fact_token)
@@ -248,10 +301,11 @@ def compute_edit(model: Model, request: EditRequest | dict, hparams: RomeHParams
                  ) -> tuple[RankOneEdit, EditReport]:
     """The edit as a value (not applied) and its report (without probabilities); ``solved``
     (from ``solve`` on the same params) skips recomputing the keys and v*."""
-    hparams = (hparams or preset_for(model.config)).check(model.config)
+    hparams = _checked(model, hparams, context)
     method = canonical_method(method)
-    if not isinstance(request, EditRequest):
-        request = EditRequest.from_dict(request)
+    request = _request(request)
+    if solved is not None and not isinstance(solved, Solved):
+        raise TypeError(f"solved: expected the result of solve(), got {type(solved).__name__}")
     params = model.params if params is None else params
     context = context or prepare(model, hparams)
     if solved is None:
@@ -271,8 +325,8 @@ def edit(model: Model, request: EditRequest | dict, hparams: RomeHParams | None 
 
     Raises ValueError for a bad request, method or layer, and for a non-finite update.
     """
-    if not isinstance(request, EditRequest):
-        request = EditRequest.from_dict(request)
+    hparams = _checked(model, hparams, context)
+    request = _request(request)
     params = model.params if params is None else params
     update, report = compute_edit(model, request, hparams, method, context=context,
                                   params=params)
@@ -289,7 +343,8 @@ def edit_sequential(model: Model, requests: Sequence[EditRequest | dict],
                     progress=None) -> tuple[Params, list[EditReport]]:
     """Each edit on the result of the previous one (a fold); C and the templates stay those of
     the base model, as in ROME."""
-    hparams = (hparams or preset_for(model.config)).check(model.config)
+    hparams = _checked(model, hparams, context)
+    requests = _requests(requests)
     context = context or prepare(model, hparams)
     params, reports = model.params, []
     for request in (progress(requests) if progress else requests):
@@ -306,9 +361,11 @@ def edit_independent(model: Model, requests: Sequence[EditRequest | dict],
     """Edits of the same base model for every request, computed by one ``jax.vmap`` over
     requests padded to equal shapes. Returns the stacked edits ([E, F], [E, D]; apply one with
     ``apply_edit(params, jax.tree.map(lambda x: x[i], edits))``) and their reports."""
-    hparams = (hparams or preset_for(model.config)).check(model.config)
+    hparams = _checked(model, hparams, context)
     method = canonical_method(method)
-    requests = [r if isinstance(r, EditRequest) else EditRequest.from_dict(r) for r in requests]
+    requests = _requests(requests)
+    if not requests:
+        raise ValueError("requests: empty (edit_independent needs at least one request)")
     context = context or prepare(model, hparams)
     batches = [build_batch(model, r, context.templates, hparams.fact_token) for r in requests]
     width = max(b.ids.shape[1] for b in batches)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 from rome_jax.models.config import ModelConfig
+from rome_jax.rome.request import FACT_TOKENS
 from rome_jax.rome.templates import STYLES as TEMPLATE_STYLES
 
 
@@ -30,20 +33,59 @@ class RomeHParams:
     mom2_n_samples: int | None = None
     mom2_ridge: float = 0.0
 
+    def __post_init__(self):
+        """ValueError naming the field for a wrong type or range; floats are stored as float and
+        the template lengths as a tuple of (length, count) pairs."""
+        for name, low, optional in (("layer", 0, False), ("v_num_grad_steps", 1, False),
+                                    ("v_loss_layer", 0, True), ("mom2_n_samples", 1, True)):
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if not _integer(value, low):
+                raise ValueError(f"{name}: must be an integer >= {low}"
+                                 f"{' or None' if optional else ''}, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        for name, positive in (("v_lr", True), ("v_weight_decay", False), ("kl_factor", False),
+                               ("clamp_norm_factor", True), ("early_stop_loss", False),
+                               ("mom2_ridge", False)):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                    or not math.isfinite(value) or value < 0 or (positive and value == 0)):
+                raise ValueError(f"{name}: must be a finite number "
+                                 f"{'> 0' if positive else '>= 0'}, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.fact_token not in FACT_TOKENS:
+            raise ValueError(f"fact_token: {self.fact_token!r} is not one of {FACT_TOKENS}")
+        if self.context_templates not in TEMPLATE_STYLES:
+            raise ValueError(f"context_templates: {self.context_templates!r} is not one of "
+                             f"{', '.join(TEMPLATE_STYLES)}")
+        if not isinstance(self.mom2_corpus, str) or not self.mom2_corpus:
+            raise ValueError(f"mom2_corpus: must be a non-empty string, got "
+                             f"{self.mom2_corpus!r}")
+        pairs = self.context_template_length_params
+        pairs = tuple(pairs) if isinstance(pairs, (tuple, list)) else None
+        if pairs is None or not all(isinstance(pair, (tuple, list)) and len(pair) == 2
+                                    and all(_integer(x, 1) for x in pair) for pair in pairs):
+            raise ValueError(f"context_template_length_params: must be (length, count) pairs "
+                             f"of positive integers, got "
+                             f"{self.context_template_length_params!r}")
+        object.__setattr__(self, "context_template_length_params",
+                           tuple((int(n), int(k)) for n, k in pairs))
+
     def check(self, config: ModelConfig) -> "RomeHParams":
         config.check_layer(self.layer)
         if self.v_loss_layer not in (None, config.n_layer - 1):
             raise ValueError(f"v_loss_layer: only the last layer ({config.n_layer - 1}) is "
                              f"supported, got {self.v_loss_layer}")
-        if self.v_num_grad_steps < 1:
-            raise ValueError("v_num_grad_steps: must be at least 1")
-        if self.context_templates not in TEMPLATE_STYLES:
-            raise ValueError(f"context_templates: {self.context_templates!r} is not one of "
-                             f"{', '.join(TEMPLATE_STYLES)}")
         return self
 
     def replace(self, **changes) -> "RomeHParams":
         return dataclasses.replace(self, **changes)
+
+
+def _integer(value, low: int) -> bool:
+    """``value`` is an integer (not a bool) >= ``low``."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
 
 
 # The ROME paper's settings (kmeng01/rome hparams/ROME; GPT-J as in its paper table, which the

@@ -11,6 +11,7 @@ subject alone).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Mapping
 
 from rome_jax.models.tokenizer import Tokenizer
@@ -30,17 +31,26 @@ class EditRequest:
     case_id: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.prompt, str) or self.prompt.count("{}") != 1:
+        for name in ("prompt", "subject", "target_new", "target_true"):
+            value = getattr(self, name)
+            if value is None and name == "target_true":
+                continue
+            if not isinstance(value, str):
+                raise ValueError(f"{name}: must be a string, got {type(value).__name__} "
+                                 f"{value!r}")
+            if not value.strip():
+                raise ValueError(f"{name}: must be a non-empty string")
+        if self.prompt.count("{}") != 1:
             raise ValueError(f"prompt: must contain exactly one '{{}}' for the subject, got "
                              f"{self.prompt!r}")
         if "{" in self.prompt.replace("{}", "") or "}" in self.prompt.replace("{}", ""):
             raise ValueError(f"prompt: stray brace in {self.prompt!r}")
-        if not isinstance(self.subject, str) or not self.subject.strip():
-            raise ValueError("subject: must be a non-empty string")
-        if not isinstance(self.target_new, str) or not self.target_new.strip():
-            raise ValueError("target_new: must be a non-empty string")
-        if self.target_true is not None and not str(self.target_true).strip():
-            raise ValueError("target_true: must be non-empty when given")
+        if self.case_id is not None and (isinstance(self.case_id, bool) or not isinstance(
+                self.case_id, numbers.Integral)):
+            raise ValueError(f"case_id: must be an integer, got {type(self.case_id).__name__} "
+                             f"{self.case_id!r}")
+        if self.case_id is not None:
+            object.__setattr__(self, "case_id", int(self.case_id))
 
     @property
     def text(self) -> str:
@@ -59,15 +69,24 @@ class EditRequest:
         if not isinstance(record, Mapping):
             raise ValueError(f"request: expected a JSON object, got {type(record).__name__}")
         rw = record.get("requested_rewrite", record)
+        if not isinstance(rw, Mapping):
+            raise ValueError(f"requested_rewrite: expected a JSON object, got "
+                             f"{type(rw).__name__}")
         missing = [f for f in ("prompt", "subject", "target_new") if f not in rw]
         if missing:
             raise ValueError(f"{missing[0]}: missing from the request")
 
-        def text(value):
-            return value.get("str") if isinstance(value, Mapping) else value
+        def text(name):
+            value = rw.get(name)
+            if isinstance(value, Mapping):
+                if "str" not in value:
+                    raise ValueError(f"{name}: expected a string or {{\"str\": ...}}, got an "
+                                     f"object without \"str\" ({sorted(value)})")
+                return value["str"]
+            return value
 
-        return cls(prompt=rw["prompt"], subject=rw["subject"], target_new=text(rw["target_new"]),
-                   target_true=text(rw.get("target_true")), case_id=record.get("case_id"))
+        return cls(prompt=rw["prompt"], subject=rw["subject"], target_new=text("target_new"),
+                   target_true=text("target_true"), case_id=record.get("case_id"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import hashlib
 import os
-import shutil
 from pathlib import Path
 
 import jax
@@ -23,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rome_jax.data import bucket, load_wikitext, pad_batch
+from rome_jax.files import atomic_directory, file_lock
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
 from rome_jax.models.transformer import Params, mlp_key
@@ -36,6 +36,15 @@ class KeyStats:
     count: int
     layer: int
     corpus: str
+
+    def __post_init__(self):
+        moment = np.asarray(self.moment)
+        if moment.ndim != 2 or moment.shape[0] != moment.shape[1] or self.count <= 0:
+            raise ValueError(f"key statistics at layer {self.layer}: need a square moment and "
+                             f"a positive count, got shape {moment.shape}, count {self.count}")
+        if not np.isfinite(moment).all():
+            raise ValueError(f"key statistics at layer {self.layer} are not finite (the model "
+                             "has non-finite weights or overflows on the corpus)")
 
     def factor(self, ridge: float = 0.0) -> jax.Array:
         """Lower Cholesky factor of C + ridge·I (float32 [F, F]); solves never form C⁻¹."""
@@ -116,18 +125,20 @@ def cache_path(model: Model, layer: int, corpus: str, n_samples: int | None,
 
 
 def save_key_stats(stats: KeyStats, path: Path) -> None:
-    """Write with orbax (which writes to a temporary name and renames)."""
+    """Write with orbax into a fresh temporary sibling that is renamed to ``path`` (replacing
+    it), so that a reader never sees half a cache. Concurrent savers of one path serialise with
+    ``files.file_lock(path)`` (as ``key_stats`` does)."""
     import orbax.checkpoint as ocp
 
-    path = Path(path).resolve()
-    if path.exists():
-        shutil.rmtree(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tree = {"moment": np.asarray(stats.moment, np.float64),
             "count": np.array(stats.count, np.int64), "layer": np.array(stats.layer, np.int32)}
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path, tree)
-    (path / "corpus.txt").write_text(stats.corpus)
+
+    def write(tmp: Path) -> None:
+        with ocp.StandardCheckpointer() as checkpointer:  # force: tmp exists (and is empty)
+            checkpointer.save(tmp, tree, force=True)
+        (tmp / "corpus.txt").write_text(stats.corpus)
+
+    atomic_directory(Path(path).resolve(), True, write)
 
 
 def load_key_stats(path: Path) -> KeyStats:
@@ -146,8 +157,6 @@ def load_key_stats(path: Path) -> KeyStats:
     except Exception as err:
         raise ValueError(f"{path}: key statistics cache unreadable ({type(err).__name__}: "
                          f"{err})") from None
-    if stats.moment.ndim != 2 or not np.isfinite(stats.moment).all() or stats.count <= 0:
-        raise ValueError(f"{path}: key statistics cache is corrupt")
     return stats
 
 
@@ -158,6 +167,8 @@ def key_stats(model: Model, layer: int, corpus: str = "wikitext",
     default), the path of a text file (one sample per non-empty line), or a name for ``texts``.
 
     A cache hit is returned as stored; a missing or unreadable cache is (re)computed and saved.
+    Concurrent callers (threads or processes) for one cache build it once: the others wait for
+    the lock, then load it.
     """
     if texts is None and corpus != "wikitext":
         file = Path(corpus)
@@ -168,14 +179,20 @@ def key_stats(model: Model, layer: int, corpus: str = "wikitext",
         texts = [line.strip() for line in raw.decode("utf-8").splitlines() if line.strip()]
         corpus = f"{file.stem}-{hashlib.sha256(raw).hexdigest()[:12]}"
     path = cache_path(model, layer, corpus, n_samples, cache_dir)
-    if path.exists():
+    if path.exists():  # a hit needs no lock (a cache is replaced in one rename): read-only ok
         try:
             return load_key_stats(path)
-        except ValueError as err:
-            if log:
-                log(f"{err}; rebuilding")
-    if texts is None:
-        texts = load_wikitext()
-    stats = compute_key_stats(model, layer, texts, corpus, n_samples)
-    save_key_stats(stats, path)
+        except ValueError:
+            pass
+    with file_lock(path):
+        if path.exists():  # built by another process meanwhile, or corrupt
+            try:
+                return load_key_stats(path)
+            except ValueError as err:
+                if log:
+                    log(f"{err}; rebuilding")
+        if texts is None:
+            texts = load_wikitext()
+        stats = compute_key_stats(model, layer, texts, corpus, n_samples)
+        save_key_stats(stats, path)
     return stats
