@@ -49,7 +49,8 @@ SOURCES = {
         "https://rome.baulab.info/data/dsets/zsre_mem_eval.json",
         "e6443926dbdb5a24a0aca67d12ee705a160f0959617d871bfb7018930a15c307"),
     "me_ppl/ME-PPL.json": Source(
-        _ME_PPL + "ME-PPL.json", "c09b3d8191ffad954bf3b5e96dac84a7caf83d57c15e262b1d81ef6590742fb4"),
+        _ME_PPL + "ME-PPL.json",
+        "c09b3d8191ffad954bf3b5e96dac84a7caf83d57c15e262b1d81ef6590742fb4"),
     "me_ppl/ME-PPL_1k.json": Source(
         _ME_PPL + "ME-PPL_1k.json",
         "71e29fc5daf443b35ec16c8a9e91e1f4398b5b84ca7c25393639c066b65b5afb"),
