@@ -1,41 +1,164 @@
-"""Data sets from ``../shared/data`` (or the original URLs) and padded token batches.
+"""Data sets (found locally, or downloaded from the original URLs) and padded token batches.
 
-Files are read, never unpickled. Paths default to ``$ROME_JAX_DATA`` or the ``shared/data``
-folder beside the repository.
+A data file is named by its path under a data folder (``counterfact.json``,
+``me_ppl/ME-PPL_50.json``, ...) and looked up in ``$ROME_JAX_DATA``, then ``../shared/data``
+beside a source checkout, then the user cache ``$ROME_JAX_CACHE/data`` (default
+``~/.cache/rome_jax/data``). A file found nowhere is downloaded from its original URL (or from
+``$ROME_JAX_DATA_URL``, a mirror of the original files) into the user cache, atomically, and
+only if its sha256 is the one pinned in ``SOURCES``. Files are read, never unpickled.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import http.client
 import json
 import os
+import tempfile
+import urllib.request
+import zipfile
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parent.parent
-ORIGINAL_URLS = {
-    "counterfact.json": "https://rome.baulab.info/data/dsets/counterfact.json",
-    "zsre_eval.json": "https://rome.baulab.info/data/dsets/zsre_mem_eval.json",
-    "me_ppl/ME-PPL.json": "https://raw.githubusercontent.com/WanliYoung/Collapse-in-Model-Editing/main/data/ME-PPL/ME-PPL.json",
+from rome_jax.hf import DEFAULT_MODEL
+
+CHECKOUT = Path(__file__).resolve().parent.parent  # the repository root, in a source checkout
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where a data file comes from: ``url`` serves bytes whose sha256 is ``sha256``. With
+    ``member``, those bytes are a zip archive and the data file is that member's non-blank
+    lines (kept byte for byte)."""
+
+    url: str
+    sha256: str
+    member: str | None = None
+
+
+_ME_PPL = ("https://raw.githubusercontent.com/WanliYoung/Collapse-in-Model-Editing/"
+           "ba8122e46ce31d3518a44e942540179cc7531f15/data/ME-PPL/")
+SOURCES = {
+    "counterfact.json": Source(
+        "https://rome.baulab.info/data/dsets/counterfact.json",
+        "c72da2d8db4e194143402906e48016c7c53dba095be68721838727a2a3832a81"),
+    "zsre_eval.json": Source(
+        "https://rome.baulab.info/data/dsets/zsre_mem_eval.json",
+        "e6443926dbdb5a24a0aca67d12ee705a160f0959617d871bfb7018930a15c307"),
+    "me_ppl/ME-PPL.json": Source(
+        _ME_PPL + "ME-PPL.json",
+        "c09b3d8191ffad954bf3b5e96dac84a7caf83d57c15e262b1d81ef6590742fb4"),
+    "me_ppl/ME-PPL_1k.json": Source(
+        _ME_PPL + "ME-PPL_1k.json",
+        "71e29fc5daf443b35ec16c8a9e91e1f4398b5b84ca7c25393639c066b65b5afb"),
+    "me_ppl/ME-PPL_50.json": Source(
+        _ME_PPL + "ME-PPL_50.json",
+        "55f3b951d2c4287b90d9e511f256efb9d47461f0da408a17dac5ffcef685c4e4"),
+    # The Salesforce release (s3://research.metamind.io, no longer served), as llama.cpp mirrors it.
+    "corpus/wikitext2_raw_test.txt": Source(
+        "https://huggingface.co/datasets/ggml-org/ci/resolve/main/wikitext-2-raw-v1.zip",
+        "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11",
+        member="wikitext-2-raw/wiki.test.raw"),
 }
 
 
-def data_dir() -> Path:
-    return Path(os.environ.get("ROME_JAX_DATA", REPO.parent / "shared" / "data"))
+def cache_root() -> Path:
+    """The user cache: ``$ROME_JAX_CACHE``, default ``~/.cache/rome_jax``."""
+    return Path(os.environ.get("ROME_JAX_CACHE") or Path.home() / ".cache" / "rome_jax"
+                ).expanduser()
+
+
+def data_dirs() -> list[Path]:
+    """The folders searched for data files, in order (the user cache last)."""
+    dirs = [Path(os.environ["ROME_JAX_DATA"]).expanduser()] if os.environ.get(
+        "ROME_JAX_DATA") else []
+    if (CHECKOUT / "pyproject.toml").is_file():
+        dirs.append(CHECKOUT.parent / "shared" / "data")
+    return [*dirs, cache_root() / "data"]
 
 
 def tokenizer_dir() -> Path:
-    return data_dir().parent / "tokenizer" / "gpt2"
+    """GPT-2's ``vocab.json`` and ``merges.txt``: ``tokenizer/gpt2`` beside a data folder that
+    has them, else the embedded default model's (the same files)."""
+    for folder in data_dirs():
+        if (folder.parent / "tokenizer" / "gpt2" / "vocab.json").is_file():
+            return folder.parent / "tokenizer" / "gpt2"
+    return DEFAULT_MODEL
 
 
-def data_file(name: str) -> Path:
-    """A data file by its name under the data dir; says where to get it when it is missing."""
-    path = data_dir() / name
-    if not path.is_file():
-        hint = f" (download it from {ORIGINAL_URLS[name]})" if name in ORIGINAL_URLS else ""
-        raise FileNotFoundError(f"{path}: data file missing{hint}; set ROME_JAX_DATA to the "
+def data_file(name: str, base_url: str | None = None) -> Path:
+    """The path of data file ``name``: the first data folder that holds it, else a download
+    into the user cache (see ``download``)."""
+    for folder in data_dirs():
+        if (folder / name).is_file():
+            return folder / name
+    if name not in SOURCES:
+        raise FileNotFoundError(f"{name}: data file missing (looked in "
+                                f"{', '.join(map(str, data_dirs()))}); set ROME_JAX_DATA to the "
                                 "folder that holds it")
-    return path
+    return download(name, cache_root() / "data", base_url)
+
+
+def download(name: str, folder: Path, base_url: str | None = None,
+             source: Source | None = None) -> Path:
+    """Fetch data file ``name`` into ``folder / name`` and return that path.
+
+    From ``source.url`` (default ``SOURCES[name]``), or from ``<base_url>/<file name of the
+    url>`` (default ``$ROME_JAX_DATA_URL``). The bytes go to a temporary folder beside the
+    target, which receives the file by a rename only when the download is complete and has the
+    pinned sha256: ``OSError`` for a failed or cut download, ``ValueError`` for a wrong hash, and
+    nothing is left behind either way.
+    """
+    source = source or SOURCES[name]
+    base_url = base_url or os.environ.get("ROME_JAX_DATA_URL")
+    url = f"{base_url.rstrip('/')}/{source.url.rsplit('/', 1)[1]}" if base_url else source.url
+    target = Path(folder) / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
+        fetched = Path(tmp) / "download"
+        digest = _fetch(url, fetched, name)
+        if digest != source.sha256:
+            raise ValueError(f"{url}: sha256 {digest} is not the pinned {source.sha256} of "
+                             f"{name}; the download was discarded")
+        if source.member:
+            fetched = _nonblank_lines(fetched, source.member, Path(tmp) / "member")
+        os.replace(fetched, target)
+    return target
+
+
+def _fetch(url: str, path: Path, name: str) -> str:
+    """Stream ``url`` into ``path`` with a progress bar; the sha256 (hex) of what came."""
+    digest, size = hashlib.sha256(), 0
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as out:
+            length = response.headers.get("Content-Length")
+            expected = int(length) if length else None
+            with tqdm(total=expected, unit="B", unit_scale=True,
+                      desc=f"downloading {name}") as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+                    bar.update(len(chunk))
+    except (OSError, http.client.HTTPException) as err:
+        raise OSError(f"{url}: download of {name} failed ({err or type(err).__name__})") from None
+    if expected is not None and size != expected:
+        raise OSError(f"{url}: download of {name} cut off after {size} of {expected} bytes")
+    return digest.hexdigest()
+
+
+def _nonblank_lines(archive: Path, member: str, out: Path) -> Path:
+    """Write ``member`` of a zip ``archive`` without its blank lines to ``out``."""
+    try:
+        with zipfile.ZipFile(archive) as zipped, zipped.open(member) as lines, \
+                open(out, "wb") as dest:
+            dest.writelines(line for line in lines if line.strip())
+    except (zipfile.BadZipFile, KeyError) as err:
+        raise ValueError(f"{archive}: no {member} in the archive ({err})") from None
+    return out
 
 
 def load_counterfact() -> list[dict]:

@@ -28,7 +28,7 @@ from rome_jax.models.model import Model
 from rome_jax.models.tokenizer import Tokenizer
 
 FAMILIES = {"gpt2": gpt2, "gptj": gptj}
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "gpt2-cf-tiny"
+DEFAULT_MODEL = Path(__file__).resolve().parent / "checkpoints" / "gpt2-cf-tiny"  # package data
 
 
 def resolve(path_or_id: str | os.PathLike | None) -> Path:

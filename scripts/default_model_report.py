@@ -1,6 +1,6 @@
 """Measure the first-token effect on the default model and add it to its model card.
 
-    python scripts/default_model_report.py [--model checkpoints/gpt2-cf-tiny] [--n-later 200]
+    python scripts/default_model_report.py [--model DIR] [--n-later 200]
 
 At the edit layer: mean cos(k^u, k̄) for single-token subjects at position 0 against subjects
 later in the prompt, and the median ratio of the consistent to the original denominator.
@@ -17,6 +17,7 @@ import numpy as np
 
 from rome_jax import data, load_model
 from rome_jax.diagnostics import key_geometry, summarize_geometry
+from rome_jax.hf import DEFAULT_MODEL
 from rome_jax.rome.edit import prepare
 from rome_jax.rome.hparams import preset_for
 from rome_jax.rome.request import EditRequest
@@ -28,7 +29,8 @@ BEGIN, END = "<!-- first-token-effect -->", "<!-- /first-token-effect -->"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=Path("checkpoints/gpt2-cf-tiny"))
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                        help="model directory (default: the embedded default model)")
     parser.add_argument("--n-later", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -1,4 +1,5 @@
-"""Train the embedded default model and write it, with its model card, under checkpoints/.
+"""Train the default model and write it, with its model card, over the embedded one
+(rome_jax/checkpoints/gpt2-cf-tiny, or --out).
 
     python scripts/train_default_model.py [--steps N ...] [--work-dir runs/default]
 
@@ -10,6 +11,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from rome_jax.hf import DEFAULT_MODEL
 from rome_jax.training import TrainSettings, train, write_default_model
 
 
@@ -20,7 +22,7 @@ def main() -> None:
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default),
                             default=field.default)
     parser.add_argument("--work-dir", type=Path, default=Path("runs/default"))
-    parser.add_argument("--out", type=Path, default=Path("checkpoints/gpt2-cf-tiny"))
+    parser.add_argument("--out", type=Path, default=DEFAULT_MODEL)
     args = vars(parser.parse_args())
     work_dir, out = args.pop("work_dir"), args.pop("out")
     settings = TrainSettings(**args)

@@ -197,7 +197,7 @@ def test_stats_build_inspect_rebuild(env, tiny_model):
     info = json.loads(first.stdout)
     assert info["cached"] is False and info["layer"] == 1 and info["corpus"] == "wikitext"
     assert info["n_samples"] == 40 and info["tokens"] > 1000 and info["dim"] == 256
-    assert Path(info["path"]).is_dir() and Path(info["path"]).parent == tiny_model / "stats"
+    assert Path(info["path"]).is_dir() and Path(info["path"]).parent == Path(env["ROME_JAX_CACHE"]) / "stats"
     assert 0 < info["eigenvalue_min"] < info["eigenvalue_max"]
     assert info["condition_number"] == pytest.approx(
         info["eigenvalue_max"] / info["eigenvalue_min"])

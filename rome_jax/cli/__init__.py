@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from rome_jax.cli import demo, edit, evaluate, screen, stats, trace
@@ -54,9 +53,10 @@ def _compilation_cache() -> None:
         return
     import jax
 
-    root = Path(os.environ.get("ROME_JAX_CACHE", Path.home() / ".cache" / "rome_jax"))
+    from rome_jax.data import cache_root
+
     try:
-        jax.config.update("jax_compilation_cache_dir", str(root / "jax"))
+        jax.config.update("jax_compilation_cache_dir", str(cache_root() / "jax"))
         if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     except Exception:  # an older jax without these options: no cache, nothing else changes

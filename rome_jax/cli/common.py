@@ -160,7 +160,7 @@ def add_model_args(p: argparse.ArgumentParser, edits: bool = True) -> None:
     g = p.add_argument_group("model and ROME settings")
     g.add_argument("--model", metavar="PATH_OR_ID",
                    help="HF model directory or hub id (default: $ROME_JAX_DEFAULT_MODEL or the "
-                        "embedded checkpoints/gpt2-cf-tiny)")
+                        "embedded rome_jax/checkpoints/gpt2-cf-tiny)")
     g.add_argument("--layer", type=int, metavar="L",
                    help="edit layer (default: the model's preset; required for models without "
                         "one)")

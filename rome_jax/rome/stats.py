@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import os
 from pathlib import Path
 
 import jax
@@ -21,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from rome_jax.data import bucket, load_wikitext, pad_batch
+from rome_jax.data import bucket, cache_root, load_wikitext, pad_batch
 from rome_jax.files import atomic_directory, file_lock
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
@@ -106,12 +105,10 @@ def fingerprint(params: Params, layer: int) -> str:
     return digest.hexdigest()[:20]
 
 
-def default_cache_dir(model: Model) -> Path:
-    """``<model dir>/stats`` for a writable local model, else ``~/.cache/rome_jax/stats``."""
-    local = Path(model.name) if model.name else None
-    if local is not None and local.is_dir() and os.access(local, os.W_OK):
-        return local / "stats"
-    return Path(os.environ.get("ROME_JAX_CACHE", Path.home() / ".cache" / "rome_jax")) / "stats"
+def default_cache_dir() -> Path:
+    """``$ROME_JAX_CACHE/stats`` (default ``~/.cache/rome_jax/stats``), never a model's folder:
+    the cache key (``cache_path``) names the weights, so models share it safely."""
+    return cache_root() / "stats"
 
 
 def cache_path(model: Model, layer: int, corpus: str, n_samples: int | None,
@@ -121,7 +118,7 @@ def cache_path(model: Model, layer: int, corpus: str, n_samples: int | None,
     bos = model.tokenizer.bos_id
     name = (f"{fingerprint(model.params, layer)}-layer{layer}-{corpus}-{n_samples or 'all'}"
             + ("" if bos is None else f"-bos{bos}"))
-    return (cache_dir or default_cache_dir(model)) / name
+    return (cache_dir or default_cache_dir()) / name
 
 
 def save_key_stats(stats: KeyStats, path: Path) -> None:
