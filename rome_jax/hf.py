@@ -22,12 +22,12 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.flax import save_file
 
-from rome_jax.models import gpt2, gptj
+from rome_jax.models import gpt2, gptj, llama
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
 from rome_jax.models.tokenizer import Tokenizer
 
-FAMILIES = {"gpt2": gpt2, "gptj": gptj}
+FAMILIES = {"gpt2": gpt2, "gptj": gptj, "llama": llama}
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "gpt2-cf-tiny"
 
 
@@ -119,7 +119,7 @@ def _get(handle, name: str, file: Path):
 
 
 def load_model(path_or_id: str | os.PathLike | None = None, dtype=jnp.float32) -> Model:
-    """Load an HF GPT-2 / GPT-J directory or hub id (``None``: the embedded default model).
+    """Load an HF GPT-2 / GPT-J / Llama directory or hub id (``None``: the embedded default model).
 
     Raises FileNotFoundError / ValueError naming the file and tensor for a missing config or
     weights, an unknown architecture, a missing tensor, a wrong shape or a truncated file.
@@ -148,7 +148,8 @@ def load_model(path_or_id: str | os.PathLike | None = None, dtype=jnp.float32) -
     if unexpected:
         raise ValueError(f"{where}: unexpected tensors {unexpected[:5]} for a "
                          f"{config.model_type} with {config.n_layer} layers")
-    return Model(config, params, Tokenizer.from_dir(path), name=str(path_or_id or path))
+    tokenizer = Tokenizer.from_dir(path, config.token_ids)
+    return Model(config, params, tokenizer, name=str(path_or_id or path))
 
 
 def atomic_directory(out_dir: str | os.PathLike, overwrite: bool,

@@ -60,7 +60,7 @@ def generate(model: Model, prompts: list[str], max_new_tokens: int,
     if width > model.config.n_positions:
         raise ValueError(f"max_new_tokens: prompt + {max_new_tokens} tokens exceed the model's "
                          f"{model.config.n_positions} positions")
-    ids, mask = pad_batch([e + [tok.eos_id] * max_new_tokens for e in encoded], tok.eos_id,
+    ids, mask = pad_batch([e + [tok.pad_id] * max_new_tokens for e in encoded], tok.pad_id,
                           side="left", length=width)
     mask[:, width - max_new_tokens:] = 0
     if key is None:
