@@ -48,8 +48,10 @@ _REQUIRED = {
     "gpt2": {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
              "add_cross_attention": False},
     "gptj": {},
-    "llama": {"quantization_config": None, "sliding_window": None,
-              "use_sliding_window": False, "layer_types": None},
+    # rope_interleaved (nanotron exports) is ignored by transformers; refused when true, since
+    # its weights would then expect pairs rotated the GPT-J way.
+    "llama": {"quantization_config": None, "sliding_window": None, "use_sliding_window": False,
+              "layer_types": None, "rope_interleaved": False},
 }
 
 
