@@ -60,7 +60,7 @@ def continuation_nll(model: Model, prompts: list[str], targets: list[str],
     out = np.zeros(len(prompts))
     for sl in _batches(len(prompts), batch_size):
         seqs = [p + t for p, t in zip(prompt_ids[sl], target_ids[sl])]
-        ids, mask = pad_batch(seqs, tok.eos_id)
+        ids, mask = pad_batch(seqs, tok.pad_id)
         nll = np.asarray(token_nll(params, model.config, ids, mask))
         for row, (p, t) in enumerate(zip(prompt_ids[sl], target_ids[sl])):
             out[sl.start + row] = nll[row, len(p) - 1:len(p) + len(t) - 1].mean()
@@ -87,7 +87,7 @@ def perplexity_batches(tokenizer, texts: Sequence[str], batch_size: int = 32,
                    if len(s) > 1), key=len)
     if not seqs:
         raise ValueError("perplexity: no text with two or more tokens")
-    return [pad_batch(seqs[sl], tokenizer.eos_id) for sl in _batches(len(seqs), batch_size)]
+    return [pad_batch(seqs[sl], tokenizer.pad_id) for sl in _batches(len(seqs), batch_size)]
 
 
 def _text_nlls(model: Model, texts: Sequence[str], batch_size: int, params: Params | None,

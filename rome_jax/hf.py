@@ -22,12 +22,12 @@ from safetensors import safe_open
 from safetensors.flax import save_file
 
 from rome_jax.files import atomic_directory
-from rome_jax.models import gpt2, gptj
+from rome_jax.models import gpt2, gptj, llama
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
 from rome_jax.models.tokenizer import Tokenizer
 
-FAMILIES = {"gpt2": gpt2, "gptj": gptj}
+FAMILIES = {"gpt2": gpt2, "gptj": gptj, "llama": llama}
 DEFAULT_MODEL = Path(__file__).resolve().parent / "checkpoints" / "gpt2-cf-tiny"  # package data
 
 
@@ -135,7 +135,7 @@ def _get(handle, name: str, file: Path):
 
 
 def load_model(path_or_id: str | os.PathLike | None = None, dtype=jnp.float32) -> Model:
-    """Load an HF GPT-2 / GPT-J directory or hub id (``None``: the embedded default model).
+    """Load an HF GPT-2 / GPT-J / Llama directory or hub id (``None``: the embedded default model).
 
     Computation is in ``dtype``; the dtype the floating weights are stored in is kept as
     ``Model.source_dtype`` (the widest when they differ), which ``save_hf`` exports by default.
@@ -174,8 +174,8 @@ def load_model(path_or_id: str | os.PathLike | None = None, dtype=jnp.float32) -
         raise ValueError(f"{where}: unexpected tensors {unexpected[:5]} for a "
                          f"{config.model_type} with {config.n_layer} layers")
     source_dtype = max(stored, key=lambda d: d.itemsize).name if stored else None
-    return Model(config, params, Tokenizer.from_dir(path), name=str(path_or_id or path),
-                 source_dtype=source_dtype)
+    return Model(config, params, Tokenizer.from_dir(path, config.token_ids),
+                 name=str(path_or_id or path), source_dtype=source_dtype)
 
 
 def save_hf(model: Model, out_dir: str | os.PathLike, *, overwrite: bool = False,

@@ -69,11 +69,12 @@ def randomize(model, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight", "layernorm.weight",
+                              "model.norm.weight")):
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
             elif p.ndim == 1:  # biases (LayerNorm and dense)
                 p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-            elif name.endswith(("wte.weight", "wpe.weight")):
+            elif name.endswith(("wte.weight", "wpe.weight", "embed_tokens.weight")):
                 p.copy_(torch.randn(p.shape, generator=gen))
             else:  # dense weights; Conv1D [in, out], Linear [out, in]
                 fan_in = p.shape[0] if "c_" in name.rsplit(".", 2)[-2] else p.shape[1]
@@ -81,12 +82,21 @@ def randomize(model, seed: int) -> None:
 
 
 def build_hf_model(family: str, seed: int = 0, **overrides):
-    """A random tiny ``GPT2LMHeadModel`` / ``GPTJForCausalLM`` (float32, eval mode)."""
+    """A random tiny ``GPT2LMHeadModel`` / ``GPTJForCausalLM`` / ``LlamaForCausalLM`` (float32,
+    eval mode)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    cfg: dict[str, Any] = dict(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    if family == "llama":
+        cfg: dict[str, Any] = dict(vocab_size=101, max_position_embeddings=32, hidden_size=32,
+                                   intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, rope_theta=10000.0)
+    else:
+        cfg = dict(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=4)
     cfg.update(overrides)
-    if family == "gpt2":
+    if family == "llama":
+        config = transformers.LlamaConfig(**cfg)
+        cls = transformers.LlamaForCausalLM
+    elif family == "gpt2":
         config = transformers.GPT2Config(**cfg)
         cls = transformers.GPT2LMHeadModel
     elif family == "gptj":
@@ -133,7 +143,8 @@ def copy_tokenizer(dest: Path) -> None:
 def hf_model(tmp_path_factory) -> Callable[..., HFModel]:
     """Factory: ``hf_model("gpt2", n_head=3, n_embd=24)`` -> cached :class:`HFModel`.
 
-    Defaults: vocab 101, 32 positions, width 32, 2 layers, 4 heads (GPT-J: rotary_dim 4).
+    Defaults: vocab 101, 32 positions, width 32, 2 layers, 4 heads (GPT-J: rotary_dim 4;
+    Llama: HF names, MLP 48 wide, untied head).
     Pass ``vocab_size=50257`` where the tokenizer must agree with the embedding.
     """
     cache: dict[tuple, HFModel] = {}

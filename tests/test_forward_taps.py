@@ -1,7 +1,8 @@
 """Properties of ROME's taps in ``rome_jax.models.transformer.forward``.
 
-The reference for the MLP at a layer is HF itself: forward hooks on ``transformer.h[l].mlp``
-record its input (the layer-normed residual) and its output, and can add a delta to that output.
+The reference for the MLP at a layer is HF itself: forward hooks on the MLP of block l record its
+input (the normed residual) and its output, and can add a delta to that output; a hook on ROME's
+edit module (``config.edit_module``) records its input, the key.
 That keeps the checks non-circular: nothing here compares ``forward`` with a re-assembly of the
 same block functions it is built from.
 """
@@ -14,16 +15,19 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import rome_jax
-from rome_jax.models.transformer import Dropout, drop, forward, mlp, residual_at
+from rome_jax.models.transformer import Dropout, drop, forward, mlp, residual_at, rome_weight
 
 torch = pytest.importorskip("torch")
 
-BATCH, SEQ, N_POS = 2, 8, 3
-MODELS = {  # three layers each, odd head counts, GPT-J with partial rotary
-    "gpt2": dict(n_embd=24, n_head=3, n_layer=3, activation_function="gelu"),
-    "gptj": dict(n_embd=40, n_head=5, rotary_dim=6, n_layer=3, activation_function="gelu"),
+BATCH, SEQ, N_POS, N_LAYER = 2, 8, 3, 3
+MODELS = {  # N_LAYER layers each, odd head counts, GPT-J with partial rotary, Llama with GQA
+    "gpt2": dict(n_embd=24, n_head=3, n_layer=N_LAYER, activation_function="gelu"),
+    "gptj": dict(n_embd=40, n_head=5, rotary_dim=6, n_layer=N_LAYER, activation_function="gelu"),
+    "llama": dict(hidden_size=30, num_attention_heads=3, num_key_value_heads=1, head_dim=8,
+                  num_hidden_layers=N_LAYER, attention_bias=True, mlp_bias=True,
+                  rope_theta=1000.0),
 }
-SETTINGS = settings(max_examples=5, deadline=None, derandomize=True)
+SETTINGS = settings(max_examples=3, deadline=None, derandomize=True)  # per family
 
 _forward = jax.jit(forward, static_argnums=1, static_argnames=("layer",))
 _residual_at = jax.jit(residual_at, static_argnums=(1, 4))
@@ -44,10 +48,9 @@ def models(hf_model):
 
 
 @st.composite
-def batches(draw):
+def batches(draw, family: str):
     """A right-padded batch, a layer, one real position per row, and a delta seed."""
-    family = draw(st.sampled_from(sorted(MODELS)))
-    layer = draw(st.integers(0, MODELS[family]["n_layer"] - 1))
+    layer = draw(st.integers(0, N_LAYER - 1))
     lengths = draw(st.lists(st.integers(1, SEQ), min_size=BATCH, max_size=BATCH))
     token_index = [draw(st.integers(0, n - 1)) for n in lengths]
     logit_positions = draw(st.lists(st.lists(st.integers(0, SEQ - 1), min_size=N_POS,
@@ -63,13 +66,16 @@ def batches(draw):
                 delta_seed=seed)
 
 
-def _hf_mlp(hf, batch, delta=None):
-    """HF logits with hooks on the MLP of ``layer``: (logits, mlp input, mlp output).
+def _hf_mlp(hf, cfg, batch, delta=None):
+    """HF logits with hooks on the MLP of ``layer``: (logits, mlp input, mlp output, input of
+    the edit module).
 
     With ``delta`` [B, D], it is added to the MLP output at ``token_index`` of each row.
     """
     seen = {}
-    mlp_module = hf.torch_model.transformer.h[batch["layer"]].mlp
+    edit_name = cfg.edit_module.format(batch["layer"])
+    mlp_module = hf.torch_model.get_submodule(edit_name.rsplit(".", 1)[0])
+    edit_module = hf.torch_model.get_submodule(edit_name)
     rows = torch.arange(BATCH)
     cols = torch.as_tensor(batch["token_index"], dtype=torch.long)
 
@@ -81,12 +87,17 @@ def _hf_mlp(hf, batch, delta=None):
             return output
         return None
 
-    handle = mlp_module.register_forward_hook(hook)
+    def key_hook(module, args):
+        seen["key"] = args[0].numpy().copy()
+
+    handles = [mlp_module.register_forward_hook(hook),
+               edit_module.register_forward_pre_hook(key_hook)]
     try:
         logits = hf.logits(batch["ids"], attention_mask=batch["mask"])
     finally:
-        handle.remove()
-    return logits, seen["in"], seen["out"]
+        for handle in handles:
+            handle.remove()
+    return logits, seen["in"], seen["out"], seen["key"]
 
 
 def _real(mask, a, b):
@@ -99,20 +110,24 @@ def _delta(batch, d_model):
         (BATCH, d_model))).astype(np.float32)
 
 
+@pytest.mark.parametrize("family", sorted(MODELS))
 @SETTINGS
-@given(batch=batches())
-def test_key_is_input_of_mlp_output_projection(models, batch):
+@given(data=st.data())
+def test_key_is_input_of_mlp_output_projection(models, family, data):
+    batch = data.draw(batches(family))
     hf, model = models[batch["family"]]
     params, cfg, layer = model.params, model.config, batch["layer"]
     rows, idx = np.arange(BATCH), batch["token_index"]
     out = _forward(params, cfg, batch["ids"], batch["mask"], layer=layer, token_index=idx)
-    hf_logits, hf_in, hf_out = _hf_mlp(hf, batch)
+    hf_logits, hf_in, hf_out, hf_key = _hf_mlp(hf, cfg, batch)
     key = np.asarray(out.key)
     assert key.shape == (BATCH, cfg.d_mlp)
 
-    # key @ W_out + b_out is the MLP output HF computes there ...
-    fc_out = params["blocks"]["mlp"]["fc_out"]
-    value = key @ np.asarray(fc_out["w"][layer]) + np.asarray(fc_out["b"][layer])
+    # The key is the input HF's edit module (c_proj, fc_out, down_proj) receives there ...
+    np.testing.assert_allclose(key, hf_key[rows, idx], atol=1e-4, rtol=0)
+    # ... key @ W_out + b_out is the MLP output HF computes there ...
+    w, b = rome_weight(params, layer)
+    value = key @ np.asarray(w) + np.asarray(b)
     np.testing.assert_allclose(value, hf_out[rows, idx], atol=1e-4, rtol=0)
     # ... and the key is the post-activation hidden of the MLP applied to HF's MLP input.
     p_mlp = jax.tree.map(lambda w: w[layer], params["blocks"]["mlp"])
@@ -122,9 +137,11 @@ def test_key_is_input_of_mlp_output_projection(models, batch):
     np.testing.assert_allclose(*_real(batch["mask"], out.logits, hf_logits), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("family", sorted(MODELS))
 @SETTINGS
-@given(batch=batches())
-def test_cached_residual_gives_same_outputs(models, batch):
+@given(data=st.data())
+def test_cached_residual_gives_same_outputs(models, family, data):
+    batch = data.draw(batches(family))
     _, model = models[batch["family"]]
     params, cfg, layer = model.params, model.config, batch["layer"]
     ids, mask, idx = batch["ids"], batch["mask"], batch["token_index"]
@@ -143,9 +160,11 @@ def test_cached_residual_gives_same_outputs(models, batch):
     np.testing.assert_allclose(a.key, b.key, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family", sorted(MODELS))
 @SETTINGS
-@given(batch=batches())
-def test_mlp_delta_is_causal_and_matches_hf(models, batch):
+@given(data=st.data())
+def test_mlp_delta_is_causal_and_matches_hf(models, family, data):
+    batch = data.draw(batches(family))
     hf, model = models[batch["family"]]
     params, cfg, layer = model.params, model.config, batch["layer"]
     ids, mask, idx = batch["ids"], batch["mask"], batch["token_index"]
@@ -164,7 +183,7 @@ def test_mlp_delta_is_causal_and_matches_hf(models, batch):
         np.testing.assert_allclose(edited_logits[row, :i], zero[row, :i], atol=1e-6, rtol=0)
         assert np.abs(edited_logits[row, i] - zero[row, i]).max() > 1e-3
     # Same as HF with the delta added to the MLP output by a hook.
-    hf_edited, _, _ = _hf_mlp(hf, batch, delta=delta)
+    hf_edited = _hf_mlp(hf, cfg, batch, delta=delta)[0]
     np.testing.assert_allclose(*_real(mask, edited_logits, hf_edited), atol=1e-4, rtol=0)
     # The key is read before the delta, so the delta does not change it.
     plain = _forward(params, cfg, ids, mask, layer=layer, token_index=idx)
@@ -176,9 +195,11 @@ def test_mlp_delta_is_causal_and_matches_hf(models, batch):
     np.testing.assert_allclose(one.logits, tiled.logits, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("family", sorted(MODELS))
 @SETTINGS
-@given(batch=batches())
-def test_logit_positions_gather_full_logits(models, batch):
+@given(data=st.data())
+def test_logit_positions_gather_full_logits(models, family, data):
+    batch = data.draw(batches(family))
     _, model = models[batch["family"]]
     params, cfg, layer = model.params, model.config, batch["layer"]
     ids, mask, idx, pos = batch["ids"], batch["mask"], batch["token_index"], \
@@ -222,8 +243,9 @@ def test_drop_zeroes_the_rounded_rate_and_keeps_the_mean(rate):
     assert drop(x, None, rate) is x
 
 
-def test_dropout_is_keyed_and_only_for_training(models):
-    _, model = models["gpt2"]
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_dropout_is_keyed_and_only_for_training(models, family):
+    _, model = models[family]
     ids = np.arange(2 * SEQ, dtype=np.int32).reshape(2, SEQ)
     plain = np.asarray(forward(model.params, model.config, ids).logits)
     run = lambda key, rate: np.asarray(forward(model.params, model.config, ids,

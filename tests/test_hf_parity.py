@@ -34,6 +34,20 @@ CONFIGS = {
                                       activation_function="gelu")),
     # config.json "rotary_dim": null; HF rotates the whole (single) head
     "gptj-rotary-none": ("gptj", dict(n_embd=16, n_head=1, rotary_dim=None)),
+    # Llama: every query head its own KV head, untied head (the conftest defaults)
+    "llama-mha-untied": ("llama", {}),
+    # two KV heads for four query heads, tied embeddings, rope_theta != 10000
+    "llama-gqa2-tied": ("llama", dict(num_key_value_heads=2, tie_word_embeddings=True,
+                                      rope_theta=500.0, rms_norm_eps=1e-5)),
+    # one KV head for 3 query heads, head_dim 10 != 24 / 3, every bias on
+    "llama-3heads-mqa-biases": ("llama", dict(hidden_size=24, num_attention_heads=3,
+                                              num_key_value_heads=1, head_dim=10,
+                                              attention_bias=True, mlp_bias=True,
+                                              rope_theta=100000.0, num_hidden_layers=3)),
+    # 5 heads, all of them KV heads, head_dim 6 != 40 / 5, MLP bias only
+    "llama-5heads-mlp-bias": ("llama", dict(hidden_size=40, num_attention_heads=5, head_dim=6,
+                                            intermediate_size=56, mlp_bias=True,
+                                            tie_word_embeddings=True)),
 }
 SEQ = 12
 LENGTHS = (12, 7, 1)
@@ -58,6 +72,16 @@ def _real(mask: np.ndarray, *arrays: np.ndarray) -> list[np.ndarray]:
 def test_config_read(case):
     hf, model = case
     cfg = model.config
+    if hf.family == "llama":
+        tc = hf.torch_model.config
+        assert (cfg.d_model, cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_mlp) == (
+            tc.hidden_size, tc.num_hidden_layers, tc.num_attention_heads,
+            tc.num_key_value_heads, tc.head_dim, tc.intermediate_size)
+        assert cfg.rope_theta == tc.rope_parameters["rope_theta"]
+        assert (cfg.tied_lm_head, cfg.attention_bias, cfg.mlp_bias) == (
+            tc.tie_word_embeddings, tc.attention_bias, tc.mlp_bias)
+        assert (cfg.rotary_dim, cfg.norm, cfg.gated_mlp) == (tc.head_dim, "rms", True)
+        return
     assert (cfg.d_model, cfg.n_layer, cfg.n_head) == (
         hf.config["n_embd"], hf.config["n_layer"], hf.config["n_head"])
     assert cfg.d_mlp == (hf.config.get("n_inner") or 4 * hf.config["n_embd"])
@@ -147,7 +171,7 @@ def test_exported_tokenizer_matches(hf_model, tmp_path):
     np.testing.assert_allclose(np.asarray(rome_jax.logits(model, ids)), ref, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gptj-partial-rotary"])
+@pytest.mark.parametrize("name", ["gpt2", "gptj-partial-rotary", "llama-gqa2-tied"])
 def test_sharded_safetensors(name, hf_model, tmp_path):
     family, overrides = CONFIGS[name]
     hf = hf_model(family, **overrides)
@@ -164,7 +188,7 @@ def test_sharded_safetensors(name, hf_model, tmp_path):
                                atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gptj-partial-rotary"])
+@pytest.mark.parametrize("name", ["gpt2", "gptj-partial-rotary", "llama-gqa2-tied"])
 def test_pytorch_model_bin(name, hf_model, tmp_path):
     family, overrides = CONFIGS[name]
     hf = hf_model(family, **overrides)

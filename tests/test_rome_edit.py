@@ -1,4 +1,5 @@
-"""Edits on a tiny random GPT-2: purity, determinism, exactness at the key, vmap, fold, errors."""
+"""Edits on a tiny random GPT-2 and a tiny random Llama (grouped-query attention, bias-free
+down_proj): purity, determinism, exactness at the key, vmap, fold, errors."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,8 @@ import pytest
 from conftest import tiny_gpt2
 
 from rome_jax import data
-from rome_jax.models.transformer import mlp_key
+from rome_jax.hf import load_model
+from rome_jax.models.transformer import mlp_key, rome_weight
 from rome_jax.rome.edit import (EditContext, build_batch, compute_edit, edit, edit_core,
                                 edit_independent, edit_sequential, prepare, solve,
                                 with_test_prefix)
@@ -23,9 +25,15 @@ REQUEST = EditRequest("{} plays the", "Lionel Messi", "piano", "football")
 OTHER = EditRequest("The capital of {} is", "France", "Rome", "Paris")
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_gpt2(n_layer=3, d_model=32, n_head=4, seq_len=64, seed=3)
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def model(request, hf_model):
+    if request.param == "gpt2":
+        return tiny_gpt2(n_layer=3, d_model=32, n_head=4, seq_len=64, seed=3)
+    pytest.importorskip("transformers")
+    # The GPT-2 tokenizer (conftest copies it into the directory), so the vocabularies agree.
+    return load_model(hf_model("llama", vocab_size=50257, hidden_size=32, num_attention_heads=4,
+                               num_key_value_heads=2, num_hidden_layers=3,
+                               max_position_embeddings=64).path)
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +79,11 @@ def test_edited_weights_map_the_key_to_v_star(model, context, method):
     new = apply_edit(model.params, update)
     keys = mlp_key(model.params, model.config, batch.ids, batch.mask, HP.layer, batch.lookup)[:-1]
     key = keys.mean(0) if method == "c-rome" else keys[0]
-    fc_out = jax.tree.map(lambda w: w[HP.layer], new["blocks"]["mlp"]["fc_out"])
-    np.testing.assert_allclose(key @ fc_out["w"] + fc_out["b"], values.v_star, atol=2e-4,
-                               rtol=1e-4)
+    w, b = rome_weight(new, HP.layer)
+    np.testing.assert_allclose(key @ w + b, values.v_star, atol=2e-4, rtol=1e-4)
     # the plain key through the unedited weights is v_init, the start of v*
-    old = jax.tree.map(lambda w: w[HP.layer], model.params["blocks"]["mlp"]["fc_out"])
-    np.testing.assert_allclose(keys[0] @ old["w"] + old["b"], values.v_init, atol=1e-5)
+    w, b = rome_weight(model.params, HP.layer)
+    np.testing.assert_allclose(keys[0] @ w + b, values.v_init, atol=1e-5, rtol=1e-5)
 
 
 def test_independent_edits_by_vmap_match_single_edits(model, context):

@@ -1,14 +1,19 @@
 """ModelConfig: the architecture facts rome_jax needs, read from a Hugging Face ``config.json``.
 
-Two families are supported:
+One forward (``transformer.py``) serves every family; the families differ only in these fields:
 
 * ``gpt2`` – learned absolute positions, sequential residual (attention then MLP, each with its
-  own LayerNorm), fused ``c_attn`` Conv1D projections with biases, LM head tied to the token
-  embedding. ROME edits ``transformer.h.{l}.mlp.c_proj``.
+  own LayerNorm), fused ``c_attn`` Conv1D projections with biases, plain MLP, LM head tied to the
+  token embedding. ROME edits ``transformer.h.{l}.mlp.c_proj``.
 * ``gptj`` – rotary position embeddings on the first ``rotary_dim`` dimensions of each head
-  (interleaved pairs, "rotate every two"), attention and MLP in parallel from one LayerNorm,
-  bias-free attention projections, untied LM head with a bias. ROME edits
+  (interleaved pairs, "rotate every two", theta 10000), attention and MLP in parallel from one
+  LayerNorm, bias-free attention projections, plain MLP, untied LM head with a bias. ROME edits
   ``transformer.h.{l}.mlp.fc_out``.
+* ``llama`` – RMSNorm (weight only, computed in float32), sequential residual, rotary embeddings
+  on the whole head in the "rotate half" layout with ``rope_theta``, grouped-query attention
+  (``num_key_value_heads``), an explicit ``head_dim``, optional attention / MLP biases, a gated
+  SwiGLU MLP ``down(silu(gate(x)) * up(x))``, tied or untied LM head without bias. ROME edits
+  ``model.layers.{l}.mlp.down_proj``; its key is the input of ``down_proj``.
 
 ``from_hf`` checks every attribute that changes the computation and refuses values it does not
 implement by name, instead of silently computing something else.
@@ -20,6 +25,7 @@ import dataclasses
 from typing import Any, Mapping
 
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
+LLAMA_ACTIVATIONS = ("silu",)
 
 # Attributes that only matter for training, generation defaults or other heads.
 _IGNORED = {
@@ -31,13 +37,21 @@ _IGNORED = {
     "output_attentions", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder",
     "problem_type", "reorder_and_upcast_attn", "gradient_checkpointing", "tokenizer_class",
     "prefix", "decoder_start_token_id", "use_return_dict", "tie_word_embeddings",
+    "attention_dropout",
 }
+# GPT-2 and GPT-J always use token 50256 (``to_hf`` writes it); Llama keeps its own ids in
+# ``extra`` (the tokenizer may need the eos id, and export writes them back).
+_TOKEN_IDS = {"bos_token_id", "eos_token_id", "pad_token_id"}
 
-# Attribute -> the only value we implement.
+# Attribute -> the only value we implement (an absent attribute means that value).
 _REQUIRED = {
     "gpt2": {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
              "add_cross_attention": False},
     "gptj": {},
+    # rope_interleaved (nanotron exports) is ignored by transformers; refused when true, since
+    # its weights would then expect pairs rotated the GPT-J way.
+    "llama": {"quantization_config": None, "sliding_window": None, "use_sliding_window": False,
+              "layer_types": None, "rope_interleaved": False},
 }
 
 
@@ -46,18 +60,29 @@ class ModelConfig:
     """Architecture of a decoder-only transformer.
 
     Attributes:
-      model_type: ``"gpt2"`` or ``"gptj"``.
+      model_type: ``"gpt2"``, ``"gptj"`` or ``"llama"``.
       vocab_size: rows of the token embedding (V).
       n_positions: longest sequence the model supports.
-      d_model: residual width (D, HF ``n_embd``).
+      d_model: residual width (D, HF ``n_embd`` / ``hidden_size``).
       n_layer: number of blocks (L).
-      n_head: attention heads (H); ``d_model % n_head == 0``.
-      d_mlp: MLP hidden width (F, HF ``n_inner`` or ``4 * n_embd``); also the key size of ROME.
+      n_head: query heads (H).
+      d_mlp: MLP hidden width (F, HF ``n_inner`` or ``4 * n_embd``, ``intermediate_size``); also
+        the key size of ROME.
       activation: MLP non-linearity.
-      layer_norm_epsilon: LayerNorm epsilon.
-      rotary_dim: rotary dimensions per head (GPT-J); ``None`` for learned positions.
+      layer_norm_epsilon: LayerNorm / RMSNorm epsilon.
+      rotary_dim: rotary dimensions per head; ``None`` for learned positions.
       parallel_residual: attention and MLP read the same LayerNorm output (GPT-J).
-      tied_lm_head: logits use the token embedding (GPT-2); else a separate head with bias.
+      tied_lm_head: logits use the token embedding; else a separate head (``lm_head``).
+      norm: ``"layer"`` (LayerNorm with bias) or ``"rms"`` (RMSNorm in float32, weight only).
+      gated_mlp: the MLP key is ``act(gate(x)) * fc_in(x)`` (SwiGLU) instead of ``act(fc_in(x))``.
+      rotary_layout: ``"interleaved"`` pairs (2i, 2i+1) (GPT-J) or ``"half"`` pairs
+        (i, i + rotary_dim/2) (Llama's ``rotate_half``).
+      rope_theta: rotary base; pair i turns by ``position / rope_theta^(2i / rotary_dim)``.
+      n_kv_head: key/value heads (KV, grouped-query attention; query head h reads KV head
+        ``h // (H / KV)``); ``None`` means H.
+      head_dim: size of each head (hd); ``None`` means ``d_model // n_head``.
+      attention_bias: q, k, v, o projections have biases.
+      mlp_bias: MLP projections have biases.
       extra: the remaining HF attributes, kept so that export writes them back.
     """
 
@@ -73,23 +98,40 @@ class ModelConfig:
     rotary_dim: int | None = None
     parallel_residual: bool = False
     tied_lm_head: bool = True
+    norm: str = "layer"
+    gated_mlp: bool = False
+    rotary_layout: str = "interleaved"
+    rope_theta: float = 10000.0
+    n_kv_head: int | None = None
+    head_dim: int | None = None
+    attention_bias: bool = True
+    mlp_bias: bool = True
     extra: tuple = ()
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            object.__setattr__(self, "n_kv_head", self.n_head)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.d_model // self.n_head)
 
     @property
     def edit_module(self) -> str:
         """HF name of ROME's edit target in block ``{}``."""
-        return {"gpt2": "transformer.h.{}.mlp.c_proj", "gptj": "transformer.h.{}.mlp.fc_out"}[
-            self.model_type]
+        return {"gpt2": "transformer.h.{}.mlp.c_proj", "gptj": "transformer.h.{}.mlp.fc_out",
+                "llama": "model.layers.{}.mlp.down_proj"}[self.model_type]
 
     def check_layer(self, layer: int) -> int:
         if not isinstance(layer, int) or not 0 <= layer < self.n_layer:
             raise ValueError(f"layer: {layer!r} is out of range for a model with "
                              f"{self.n_layer} layers (0..{self.n_layer - 1})")
         return layer
+
+    @property
+    def token_ids(self) -> dict[str, int]:
+        """bos/eos/pad token ids kept from config.json (Llama; an id list gives its first)."""
+        ids = {k: _thaw(v) for k, v in self.extra if k in _TOKEN_IDS}
+        ids = {k: v[0] if isinstance(v, list) and v else v for k, v in ids.items()}
+        return {k: v for k, v in ids.items() if isinstance(v, int)}
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], source: str = "config.json") -> "ModelConfig":
@@ -103,40 +145,13 @@ class ModelConfig:
                 raise ValueError(f"{source}: {name}={hf[name]!r} is not supported "
                                  f"(rome_jax implements {name}={value!r})")
         try:
-            d_model, n_head = int(hf["n_embd"]), int(hf["n_head"])
-            cfg = dict(
-                model_type=model_type, vocab_size=int(hf["vocab_size"]),
-                n_positions=int(hf["n_positions"]), d_model=d_model,
-                n_layer=int(hf["n_layer"]), n_head=n_head,
-                d_mlp=int(hf.get("n_inner") or 4 * d_model),
-                activation=hf.get("activation_function", "gelu_new"),
-                layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)),
-            )
+            read = _llama_fields if model_type == "llama" else _gpt_fields
+            cfg, known = read(hf, model_type, source)
         except KeyError as err:
             raise ValueError(f"{source}: missing attribute {err.args[0]!r}") from None
-        if cfg["activation"] not in SUPPORTED_ACTIVATIONS:
-            raise ValueError(f"{source}: activation_function={cfg['activation']!r} is not "
-                             f"supported ({', '.join(SUPPORTED_ACTIVATIONS)})")
-        if d_model % n_head:
-            raise ValueError(f"{source}: n_embd={d_model} is not divisible by n_head={n_head}")
-        tied = bool(hf.get("tie_word_embeddings", model_type == "gpt2"))
-        if model_type == "gpt2":
-            if not tied:
-                raise ValueError(f"{source}: tie_word_embeddings=False is not supported for gpt2")
-            cfg.update(rotary_dim=None, parallel_residual=False, tied_lm_head=True)
-        else:
-            if tied:
-                raise ValueError(f"{source}: tie_word_embeddings=True is not supported for gptj")
-            # Absent: GPTJConfig's default 64 (what transformers computes); null: the whole
-            # head (transformers 4 rotates all of it, which only works with one head).
-            rotary_dim = hf.get("rotary_dim", 64) or d_model // n_head
-            if rotary_dim % 2 or rotary_dim > d_model // n_head:
-                raise ValueError(f"{source}: rotary_dim={rotary_dim} must be even and at most "
-                                 f"the head size {d_model // n_head}")
-            cfg.update(rotary_dim=int(rotary_dim), parallel_residual=True, tied_lm_head=False)
-        known = {"vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
-                 "activation_function", "layer_norm_epsilon", "rotary_dim"}
         known |= set(_REQUIRED[model_type]) | _IGNORED
+        if model_type == "llama":
+            known -= _TOKEN_IDS
         # Other attributes (generic generation settings and the like) do not change the maths;
         # they are kept so that export writes them back.
         extra = tuple(sorted((k, _freeze(v)) for k, v in hf.items()
@@ -146,12 +161,24 @@ class ModelConfig:
     def to_hf(self) -> dict[str, Any]:
         """The HF ``config.json`` dict (loadable by ``transformers.AutoConfig``)."""
         out: dict[str, Any] = {k: _thaw(v) for k, v in self.extra}
+        out.update(model_type=self.model_type, vocab_size=self.vocab_size,
+                   tie_word_embeddings=self.tied_lm_head)
+        if self.model_type == "llama":
+            out.update(
+                architectures=["LlamaForCausalLM"], hidden_size=self.d_model,
+                intermediate_size=self.d_mlp, num_hidden_layers=self.n_layer,
+                num_attention_heads=self.n_head, num_key_value_heads=self.n_kv_head,
+                head_dim=self.head_dim, hidden_act=self.activation,
+                max_position_embeddings=self.n_positions, rms_norm_eps=self.layer_norm_epsilon,
+                rope_theta=self.rope_theta,
+                rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+                attention_bias=self.attention_bias, mlp_bias=self.mlp_bias, pretraining_tp=1,
+            )
+            return out
         out.update(
-            model_type=self.model_type, vocab_size=self.vocab_size,
             n_positions=self.n_positions, n_embd=self.d_model, n_layer=self.n_layer,
             n_head=self.n_head, n_inner=self.d_mlp, activation_function=self.activation,
-            layer_norm_epsilon=self.layer_norm_epsilon, tie_word_embeddings=self.tied_lm_head,
-            bos_token_id=50256, eos_token_id=50256,
+            layer_norm_epsilon=self.layer_norm_epsilon, bos_token_id=50256, eos_token_id=50256,
         )
         if self.model_type == "gpt2":
             out.update(architectures=["GPT2LMHeadModel"], scale_attn_weights=True,
@@ -159,6 +186,101 @@ class ModelConfig:
         else:
             out.update(architectures=["GPTJForCausalLM"], rotary_dim=self.rotary_dim)
         return out
+
+
+def _gpt_fields(hf: Mapping[str, Any], model_type: str, source: str) -> tuple[dict, set]:
+    """GPT-2 / GPT-J ``config.json`` -> (ModelConfig fields, attributes consumed)."""
+    d_model, n_head = int(hf["n_embd"]), int(hf["n_head"])
+    cfg = dict(
+        model_type=model_type, vocab_size=int(hf["vocab_size"]),
+        n_positions=int(hf["n_positions"]), d_model=d_model,
+        n_layer=int(hf["n_layer"]), n_head=n_head,
+        d_mlp=int(hf.get("n_inner") or 4 * d_model),
+        activation=hf.get("activation_function", "gelu_new"),
+        layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)),
+    )
+    if cfg["activation"] not in SUPPORTED_ACTIVATIONS:
+        raise ValueError(f"{source}: activation_function={cfg['activation']!r} is not "
+                         f"supported ({', '.join(SUPPORTED_ACTIVATIONS)})")
+    if d_model % n_head:
+        raise ValueError(f"{source}: n_embd={d_model} is not divisible by n_head={n_head}")
+    tied = bool(hf.get("tie_word_embeddings", model_type == "gpt2"))
+    if model_type == "gpt2":
+        if not tied:
+            raise ValueError(f"{source}: tie_word_embeddings=False is not supported for gpt2")
+        cfg.update(rotary_dim=None, parallel_residual=False, tied_lm_head=True)
+    else:
+        if tied:
+            raise ValueError(f"{source}: tie_word_embeddings=True is not supported for gptj")
+        # Absent: GPTJConfig's default 64 (what transformers computes); null: the whole
+        # head (transformers 4 rotates all of it, which only works with one head).
+        rotary_dim = hf.get("rotary_dim", 64) or d_model // n_head
+        if rotary_dim % 2 or rotary_dim > d_model // n_head:
+            raise ValueError(f"{source}: rotary_dim={rotary_dim} must be even and at most "
+                             f"the head size {d_model // n_head}")
+        cfg.update(rotary_dim=int(rotary_dim), parallel_residual=True, tied_lm_head=False,
+                   attention_bias=False)
+    known = {"vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
+             "activation_function", "layer_norm_epsilon", "rotary_dim"}
+    return cfg, known
+
+
+def _llama_fields(hf: Mapping[str, Any], model_type: str, source: str) -> tuple[dict, set]:
+    """Llama ``config.json`` -> (ModelConfig fields, attributes consumed).
+
+    Defaults are ``transformers.LlamaConfig``'s.
+    """
+    d_model, n_head = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    n_kv_head = int(hf.get("num_key_value_heads") or n_head)
+    head_dim = int(hf.get("head_dim") or d_model // n_head)
+    activation = hf.get("hidden_act", "silu")
+    if activation not in LLAMA_ACTIVATIONS:
+        raise ValueError(f"{source}: hidden_act={activation!r} is not supported "
+                         f"({', '.join(LLAMA_ACTIVATIONS)})")
+    if hf.get("pretraining_tp") not in (None, 1):
+        raise ValueError(f"{source}: pretraining_tp={hf['pretraining_tp']!r} is not supported "
+                         "(rome_jax implements pretraining_tp=1)")
+    if n_head % n_kv_head:
+        raise ValueError(f"{source}: num_attention_heads={n_head} is not a multiple of "
+                         f"num_key_value_heads={n_kv_head}")
+    if head_dim % 2:
+        raise ValueError(f"{source}: head_dim={head_dim} must be even for rotary embeddings")
+    cfg = dict(
+        model_type=model_type, vocab_size=int(hf["vocab_size"]),
+        n_positions=int(hf.get("max_position_embeddings", 2048)), d_model=d_model,
+        n_layer=int(hf["num_hidden_layers"]), n_head=n_head,
+        d_mlp=int(hf["intermediate_size"]), activation=activation,
+        layer_norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        rotary_dim=head_dim, parallel_residual=False,
+        tied_lm_head=bool(hf.get("tie_word_embeddings", False)), norm="rms", gated_mlp=True,
+        rotary_layout="half", rope_theta=_rope_theta(hf, source), n_kv_head=n_kv_head,
+        head_dim=head_dim, attention_bias=bool(hf.get("attention_bias", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+    )
+    known = {"vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",
+             "head_dim", "hidden_act", "pretraining_tp", "max_position_embeddings",
+             "num_hidden_layers", "intermediate_size", "rms_norm_eps", "rope_theta",
+             "rope_scaling", "rope_parameters", "attention_bias", "mlp_bias"}
+    return cfg, known
+
+
+def _rope_theta(hf: Mapping[str, Any], source: str) -> float:
+    """``rope_theta`` from ``rope_scaling`` / ``rope_parameters`` (transformers 5) or the
+    top-level attribute; any rope type other than the default is refused by name."""
+    theta = hf.get("rope_theta")
+    for name in ("rope_scaling", "rope_parameters"):  # transformers lets rope_scaling win
+        rope = hf.get(name)
+        if rope is None:
+            continue
+        if not isinstance(rope, Mapping):
+            raise ValueError(f"{source}: {name}={rope!r} is not supported (expected a dict)")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default":
+            raise ValueError(f"{source}: {name} with rope_type={kind!r} is not supported "
+                             "(rome_jax implements the default rotary embedding)")
+        theta = rope.get("rope_theta", theta)
+        break
+    return float(10000.0 if theta is None else theta)
 
 
 def _freeze(value: Any) -> Any:

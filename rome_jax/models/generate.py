@@ -51,7 +51,7 @@ def generate_ids(model: Model, sequences: list[list[int]], max_new_tokens: int,
     (already encoded, start token included). ``top_k=1`` (or ``key=None``) is greedy;
     otherwise samples from the top-k logits with ``key``."""
     params = model.params if params is None else params
-    pad_id = model.tokenizer.eos_id
+    pad_id = model.tokenizer.pad_id
     if any(len(e) == 0 for e in sequences):
         raise ValueError("prompts: an empty prompt cannot be continued")
     width = max(len(e) for e in sequences) + max_new_tokens

@@ -1,16 +1,21 @@
-"""The forward pass of GPT-2 and GPT-J as pure functions over a params pytree, with ROME's taps.
+"""The forward pass of GPT-2, GPT-J and Llama as pure functions over a params pytree, with
+ROME's taps. One forward for all families; ``ModelConfig`` fields say where they differ.
 
 Params layout (every block leaf is stacked along a leading layer axis ``[L, ...]``; dense
-weights are stored ``[in, out]`` and applied as ``x @ w + b``):
+weights are stored ``[in, out]`` and applied as ``x @ w + b``; a ``b`` is absent where the
+layer has no bias):
 
     wte [V, D]           token embedding
     wpe [P, D]           learned positions (GPT-2 only)
-    blocks/ln_1, ln_2    LayerNorm {scale, bias} [L, D] (ln_2: GPT-2 only)
-    blocks/attn/q,k,v,o  {w [L, D, D], b [L, D]} (no b in GPT-J)
-    blocks/mlp/fc_in     {w [L, D, F], b [L, F]}
-    blocks/mlp/fc_out    {w [L, F, D], b [L, D]}  ROME's W (as W^T) and b
-    ln_f                 {scale, bias} [D]
-    lm_head              {w [D, V], b [V]} (GPT-J only; GPT-2 ties logits to wte)
+    blocks/ln_1, ln_2    LayerNorm {scale, bias} or RMSNorm {scale} [L, D] (no ln_2 in GPT-J)
+    blocks/attn/q        {w [L, D, H*hd], b [L, H*hd]} (b: GPT-2, Llama with attention_bias)
+    blocks/attn/k,v      {w [L, D, KV*hd], b [L, KV*hd]} (KV = H except with grouped queries)
+    blocks/attn/o        {w [L, H*hd, D], b [L, D]}
+    blocks/mlp/gate      {w [L, D, F], b [L, F]} (Llama only: gate_proj)
+    blocks/mlp/fc_in     {w [L, D, F], b [L, F]} (Llama: up_proj, b with mlp_bias)
+    blocks/mlp/fc_out    {w [L, F, D], b [L, D]}  ROME's W (as W^T) and b (see ``rome_weight``)
+    ln_f                 {scale, bias} or {scale} [D]
+    lm_head              {w [D, V], b [V]} (untied heads only; b: GPT-J only)
 
 Training adds dropout (``Dropout``) on the embedding sum and on the output of each residual
 branch, as GPT-2 does (GPT-2 also drops attention probabilities; left out, as it costs a tenth of
@@ -90,6 +95,39 @@ def layer_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
     return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
 
 
+def rms_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
+    """Llama's RMSNorm: x / sqrt(mean(x²) + eps) in float32, cast back, times ``scale``."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
+    return p["scale"] * normed.astype(x.dtype)
+
+
+def norm(p: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """The family's normalisation (``cfg.norm``) of x [..., D]."""
+    if cfg.norm == "rms":
+        return rms_norm(p, x, cfg.layer_norm_epsilon)
+    return layer_norm(p, x, cfg.layer_norm_epsilon)
+
+
+def rome_weight(params: Params, layer: int) -> tuple[jax.Array, jax.Array]:
+    """ROME's W (as W^T, [F, D]) and b ([D]; zeros when the projection has no bias) at
+    ``layer``: the MLP output projection whose input is the key."""
+    fc_out = params["blocks"]["mlp"]["fc_out"]
+    w = fc_out["w"][layer]
+    return w, fc_out["b"][layer] if "b" in fc_out else jnp.zeros(w.shape[-1], w.dtype)
+
+
+def key_weights(params: Params, layer: int) -> tuple[Params, Params]:
+    """Every weight that produces the keys at ``layer``: (the embeddings, the blocks up to
+    ``layer`` [layer + 1, ...] without block ``layer``'s MLP output projection, which an edit
+    changes)."""
+    embeddings = {k: v for k, v in params.items() if k not in ("blocks", "ln_f", "lm_head")}
+    blocks = jax.tree.map(lambda w: w[:layer + 1], params["blocks"])
+    blocks["mlp"] = {**blocks["mlp"],
+                     "fc_out": jax.tree.map(lambda w: w[:layer], blocks["mlp"]["fc_out"])}
+    return embeddings, blocks
+
+
 def dense(p: Params, x: jax.Array) -> jax.Array:
     """x @ w (+ b when the layer has a bias)."""
     y = x @ p["w"]
@@ -101,48 +139,68 @@ def activation(name: str, x: jax.Array) -> jax.Array:
         return jax.nn.gelu(x, approximate=True)
     if name == "gelu":
         return jax.nn.gelu(x, approximate=False)
+    if name == "silu":
+        return jax.nn.silu(x)
     return jax.nn.relu(x)
 
 
-def rotary(x: jax.Array, positions: jax.Array, rotary_dim: int) -> jax.Array:
-    """GPT-J rotary embedding on the first ``rotary_dim`` dims of x [B, T, H, hd].
+def rotary(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Rotary embedding on the first ``cfg.rotary_dim`` dims of x [B, T, heads, hd].
 
-    Pairs (2i, 2i+1) rotate by angle ``position / 10000^(2i / rotary_dim)``.
+    Pair i turns by angle ``position / rope_theta^(2i / rotary_dim)``; the pair is dims
+    (2i, 2i+1) in the ``"interleaved"`` layout (GPT-J) and (i, i + rotary_dim/2) in the
+    ``"half"`` layout (Llama's ``rotate_half``).
     """
-    inv_freq = 1.0 / (10000.0 ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+    rotary_dim = cfg.rotary_dim
+    exponents = jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** exponents)
     angle = positions.astype(jnp.float32)[..., None] * inv_freq            # [B, T, rd/2]
-    sin = jnp.repeat(jnp.sin(angle), 2, axis=-1)[:, :, None, :].astype(x.dtype)
-    cos = jnp.repeat(jnp.cos(angle), 2, axis=-1)[:, :, None, :].astype(x.dtype)
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
-    swapped = jnp.stack([-rot[..., 1::2], rot[..., ::2]], axis=-1).reshape(rot.shape)
+    if cfg.rotary_layout == "half":
+        angle = jnp.concatenate([angle, angle], axis=-1)
+        first, second = rot[..., :rotary_dim // 2], rot[..., rotary_dim // 2:]
+        swapped = jnp.concatenate([-second, first], axis=-1)
+    else:
+        angle = jnp.repeat(angle, 2, axis=-1)
+        swapped = jnp.stack([-rot[..., 1::2], rot[..., ::2]], axis=-1).reshape(rot.shape)
+    sin = jnp.sin(angle)[:, :, None, :].astype(x.dtype)
+    cos = jnp.cos(angle)[:, :, None, :].astype(x.dtype)
     return jnp.concatenate([rot * cos + swapped * sin, rest], axis=-1)
 
 
 def attention(p: Params, cfg: ModelConfig, x: jax.Array, ctx: Context,
               past: tuple[jax.Array, jax.Array] | None = None):
-    """Multi-head causal self-attention. x [B, T, D] -> (out [B, T, D], (k, v) [B, T, H, hd]).
+    """Causal self-attention with grouped queries. x [B, T, D] -> (out [B, T, D],
+    (k, v) [B, T, KV, hd]).
 
-    ``past`` = (k, v) [B, Tp, H, hd] of earlier positions (rotary already applied) is attended
-    before this call's own keys; ``ctx.attn_bias`` is then [B, 1, T, Tp + T].
+    Query head h reads key/value head ``h // G`` (G = H / KV; G = 1 is plain multi-head
+    attention). ``past`` = (k, v) [B, Tp, KV, hd] of earlier positions (rotary already applied)
+    is attended before this call's own keys; ``ctx.attn_bias`` is then [B, 1, T, Tp + T].
     """
     batch, seq, _ = x.shape
-    split = lambda y: y.reshape(batch, seq, cfg.n_head, cfg.head_dim)
-    q, k, v = (split(dense(p[name], x)) for name in ("q", "k", "v"))
+    n_kv, hd = cfg.n_kv_head, cfg.head_dim
+    q = dense(p["q"], x).reshape(batch, seq, cfg.n_head, hd)
+    k, v = (dense(p[name], x).reshape(batch, seq, n_kv, hd) for name in ("k", "v"))
     if cfg.rotary_dim is not None:
-        q = rotary(q, ctx.positions, cfg.rotary_dim)
-        k = rotary(k, ctx.positions, cfg.rotary_dim)
+        q = rotary(q, ctx.positions, cfg)
+        k = rotary(k, ctx.positions, cfg)
     k_all, v_all = (k, v) if past is None else (jnp.concatenate([past[0], k], 1),
                                                 jnp.concatenate([past[1], v], 1))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k_all) / math.sqrt(cfg.head_dim)
-    weights = jax.nn.softmax(scores + ctx.attn_bias.astype(scores.dtype), axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v_all).reshape(batch, seq, cfg.d_model)
+    q = q.reshape(batch, seq, n_kv, cfg.n_head // n_kv, hd)              # [B, T, KV, G, hd]
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k_all) / math.sqrt(hd)
+    bias = ctx.attn_bias[:, :, None].astype(scores.dtype)                # [B, 1, 1, T, S]
+    weights = jax.nn.softmax(scores + bias, axis=-1)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v_all).reshape(batch, seq, cfg.n_head * hd)
     return dense(p["o"], out), (k, v)
 
 
 def mlp(p: Params, cfg: ModelConfig, x: jax.Array, delta: jax.Array | None = None):
     """MLP with its key. x [B, T, D] -> (out [B, T, D], key [B, T, F]); ``delta`` [B, T, D] is
-    added to the output (ROME's v* = W k + b + delta)."""
-    key = activation(cfg.activation, dense(p["fc_in"], x))
+    added to the output (ROME's v* = W k + b + delta). The key is ``act(fc_in(x))``, or
+    ``act(gate(x)) * fc_in(x)`` for a gated MLP (Llama's SwiGLU)."""
+    key = activation(cfg.activation, dense(p["gate" if cfg.gated_mlp else "fc_in"], x))
+    if cfg.gated_mlp:
+        key = key * dense(p["fc_in"], x)
     out = dense(p["fc_out"], key)
     return (out if delta is None else out + delta), key
 
@@ -156,15 +214,14 @@ def block(p: Params, cfg: ModelConfig, h: jax.Array, ctx: Context,
     """
     attn_drop, mlp_drop = [None] * 2 if dropout is None else jax.random.split(dropout.key)
     rate = 0.0 if dropout is None else dropout.rate
-    eps = cfg.layer_norm_epsilon
-    x = layer_norm(p["ln_1"], h, eps)
+    x = norm(p["ln_1"], cfg, h)
     attn_out, kv = attention(p["attn"], cfg, x, ctx, past)
     attn_out = drop(attn_out, attn_drop, rate)
     if cfg.parallel_residual:
         mlp_out, key = mlp(p["mlp"], cfg, x, mlp_delta)
         return h + attn_out + drop(mlp_out, mlp_drop, rate), key, kv
     h = h + attn_out
-    mlp_out, key = mlp(p["mlp"], cfg, layer_norm(p["ln_2"], h, eps), mlp_delta)
+    mlp_out, key = mlp(p["mlp"], cfg, norm(p["ln_2"], cfg, h), mlp_delta)
     return h + drop(mlp_out, mlp_drop, rate), key, kv
 
 
@@ -193,8 +250,8 @@ def embed(params: Params, cfg: ModelConfig, input_ids: jax.Array, ctx: Context) 
 
 
 def unembed(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
-    """Final LayerNorm and LM head. h [..., D] -> logits [..., V]."""
-    x = layer_norm(params["ln_f"], h, cfg.layer_norm_epsilon)
+    """Final norm and LM head. h [..., D] -> logits [..., V]."""
+    x = norm(params["ln_f"], cfg, h)
     if cfg.tied_lm_head:
         return x @ params["wte"].T
     return dense(params["lm_head"], x)
@@ -285,7 +342,7 @@ def mlp_key(params: Params, cfg: ModelConfig, input_ids: jax.Array,
 def blocks_kv(params: Params, cfg: ModelConfig, h: jax.Array, ctx: Context, start: int):
     """Blocks ``start..L-1`` on h [B, T, D], keeping every layer's attention keys and values.
 
-    Returns (h [B, T, D], k [L - start, B, T, H, hd], v [L - start, B, T, H, hd]).
+    Returns (h [B, T, D], k [L - start, B, T, KV, hd], v [L - start, B, T, KV, hd]).
     """
     layers = jax.tree.map(lambda w: w[start:], params["blocks"])
 
@@ -303,7 +360,7 @@ def forward_live(params: Params, cfg: ModelConfig, layer: int, h: jax.Array, ctx
     """Blocks ``layer..L-1`` on the positions that can still change ("live") only.
 
     h [B, W, D] is the residual entering ``layer`` at the live positions; past_k, past_v
-    [L - layer, B, Tp, H, hd] the cached attention keys and values of the earlier positions at
+    [L - layer, B, Tp, KV, hd] the cached attention keys and values of the earlier positions at
     every layer from ``layer`` up (they cannot change: attention is causal); ctx holds the live
     positions [B, W] and a bias [B, 1, W, Tp + W]; mlp_delta [B, W, D] is added to the MLP output
     of ``layer``. Returns logits [B, P, V] at ``logit_positions`` [B, P] (live coordinates).

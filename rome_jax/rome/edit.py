@@ -24,7 +24,7 @@ from rome_jax.data import bucket, pad_batch
 from rome_jax.evaluation import target_probabilities
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
-from rome_jax.models.transformer import Params, residual_at
+from rome_jax.models.transformer import Params, residual_at, rome_weight
 from rome_jax.rome.hparams import RomeHParams, preset_for
 from rome_jax.rome.keys import Keys, keys_from_residual
 from rome_jax.rome.request import EditRequest, subject_token_index
@@ -146,7 +146,7 @@ def build_batch(model: Model, request: EditRequest, templates: ContextTemplates,
     if width > model.config.n_positions:
         raise ValueError(f"prompt: {width} tokens with its template and target exceed the "
                          f"model's {model.config.n_positions} positions")
-    ids, mask = pad_batch(rows, tok.eos_id, length=width)
+    ids, mask = pad_batch(rows, tok.pad_id, length=width)
     lookups = np.asarray(lookups, np.int32)
     live = np.asarray([len(r) for r in rows]) - lookups
     live_width = bucket(int(live.max()), 4)
@@ -185,8 +185,8 @@ def solve_core(params: Params, config: ModelConfig, layer: int, steps: int, batc
     residual = residual_at(params, config, batch.ids, batch.mask, layer)
     keys = keys_from_residual(params, config, layer, residual, batch.mask, batch.lookup,
                               n_rows=batch.ids.shape[0] - 1)
-    fc_out = jax.tree.map(lambda w: w[layer], params["blocks"]["mlp"]["fc_out"])
-    v_init = keys.plain @ fc_out["w"] + fc_out["b"]
+    w, b = rome_weight(params, layer)
+    v_init = keys.plain @ w + b
     values = optimize_v(params, config, layer, batch, residual, v_init, steps=steps, lr=lr,
                         weight_decay=weight_decay, kl_factor=kl_factor,
                         clamp_norm_factor=clamp_norm_factor, early_stop_loss=early_stop_loss)
@@ -197,8 +197,8 @@ def update_core(params: Params, layer: int, method: str, factor: jax.Array, solv
     """The rank-one update of ``method`` from solved keys and v* (traceable): (RankOneEdit,
     UpdateDiagnostics, cos(k^u, k̄))."""
     keys = solved.keys
-    fc_out = jax.tree.map(lambda w: w[layer], params["blocks"]["mlp"]["fc_out"])
-    update, diagnostics = rank_one_update(fc_out["w"], fc_out["b"], factor, keys.plain,
+    w, b = rome_weight(params, layer)
+    update, diagnostics = rank_one_update(w, b, factor, keys.plain,
                                           keys.mean, solved.values.v_star, method, layer)
     cosine = keys.plain @ keys.mean / (jnp.linalg.norm(keys.plain) * jnp.linalg.norm(keys.mean))
     return update, diagnostics, cosine
@@ -371,7 +371,7 @@ def edit_independent(model: Model, requests: Sequence[EditRequest | dict],
     width = max(b.ids.shape[1] for b in batches)
     live_width = max(b.live_index.shape[1] for b in batches)
     n_target = max(b.target_ids.shape[1] for b in batches)
-    batches = [_pad_batch(b, model.tokenizer.eos_id, width, live_width, n_target)
+    batches = [_pad_batch(b, model.tokenizer.pad_id, width, live_width, n_target)
                for b in batches]
     stacked = VBatch(*(np.stack(xs) for xs in zip(*batches)))
     updates, diagnostics, values, cosine = _edit_vmap(

@@ -24,7 +24,7 @@ from rome_jax.data import bucket, cache_root, load_wikitext, pad_batch
 from rome_jax.files import atomic_directory, file_lock
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
-from rome_jax.models.transformer import Params, mlp_key
+from rome_jax.models.transformer import Params, key_weights, mlp_key
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -85,7 +85,7 @@ def compute_key_stats(model: Model, layer: int, texts: list[str], corpus: str = 
     for start in tqdm(range(0, len(seqs), batch_size), desc=f"key stats layer {layer}",
                       unit="batch", leave=False):
         chunk = seqs[start:start + batch_size]
-        ids, mask = pad_batch(chunk, model.tokenizer.eos_id, length=min(
+        ids, mask = pad_batch(chunk, model.tokenizer.pad_id, length=min(
             bucket(max(map(len, chunk)), 32), model.config.n_positions))
         total += np.asarray(_batch_moment(params, model.config, ids, mask, layer), np.float64)
         count += int(mask.sum())
@@ -95,11 +95,7 @@ def compute_key_stats(model: Model, layer: int, texts: list[str], corpus: str = 
 def fingerprint(params: Params, layer: int) -> str:
     """sha256 over every weight that influences the keys at ``layer``."""
     digest = hashlib.sha256()
-    below = {k: v for k, v in params.items() if k not in ("blocks", "ln_f", "lm_head")}
-    blocks = jax.tree.map(lambda w: w[:layer + 1], params["blocks"])
-    blocks["mlp"] = {"fc_in": blocks["mlp"]["fc_in"],
-                     "fc_out": jax.tree.map(lambda w: w[:layer], blocks["mlp"]["fc_out"])}
-    for path, leaf in jax.tree_util.tree_flatten_with_path((below, blocks))[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(key_weights(params, layer))[0]:
         digest.update(jax.tree_util.keystr(path).encode())
         digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
     return digest.hexdigest()[:20]
