@@ -219,9 +219,6 @@ def _read_tensors(stored: dict, config: dict, path: Path) -> dict[str, np.ndarra
         except Exception as err:
             raise ValueError(f"{where} cannot be read, the file is truncated or corrupt "
                              f"({type(err).__name__}: {err})") from None
-        if value.shape != shape:
-            raise ValueError(f"{where} holds {value.size} values, expected {shape}: the file "
-                             "is truncated or corrupt")
         module = name.removeprefix("model.layers.").split(".", 1)[-1].removesuffix(".weight")
         tensors[name] = unpermute_rows(value, heads[module]) if module in heads else value
     return tensors
