@@ -22,13 +22,14 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.flax import save_file
 
-from rome_jax.models import gpt2, gptj
+from rome_jax.models import gguf, gpt2, gptj
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
 from rome_jax.models.tokenizer import Tokenizer
 
 FAMILIES = {"gpt2": gpt2, "gptj": gptj}
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "gpt2-cf-tiny"
+GGUF_ALIASES = {"smollm2-135m": gguf.smollm2_path}
 
 
 def resolve(path_or_id: str | os.PathLike | None) -> Path:
@@ -119,17 +120,38 @@ def _get(handle, name: str, file: Path):
 
 
 def load_model(path_or_id: str | os.PathLike | None = None, dtype=jnp.float32) -> Model:
-    """Load an HF GPT-2 / GPT-J directory or hub id (``None``: the embedded default model).
+    """Load an HF GPT-2 / GPT-J directory or hub id (``None``: the embedded default model), or a
+    ``*.gguf`` file / GGUF alias (``GGUF_ALIASES``: "smollm2-135m").
 
     Raises FileNotFoundError / ValueError naming the file and tensor for a missing config or
     weights, an unknown architecture, a missing tensor, a wrong shape or a truncated file.
     """
+    if str(path_or_id) in GGUF_ALIASES or Path(str(path_or_id)).suffix == ".gguf":
+        return _load_gguf(path_or_id, dtype)
     path = resolve(path_or_id)
     config = _read_config(path)
-    family = FAMILIES[config.model_type]
     files = _weight_files(path)
     readers = _tensor_readers(files)
     where = files[0] if len(files) == 1 else path / "model.safetensors.index.json"
+    params = _import_params(config, readers, where, dtype)
+    return Model(config, params, Tokenizer.from_dir(path), name=str(path_or_id or path))
+
+
+def _load_gguf(path_or_id: str | os.PathLike, dtype) -> Model:
+    """A GGUF file through ``models.gguf.read_gguf`` (HF config dict and HF-named tensors)."""
+    alias = GGUF_ALIASES.get(str(path_or_id))
+    path = alias() if alias else Path(path_or_id).expanduser()
+    read = gguf.read_gguf(path)
+    config = ModelConfig.from_hf(read.config, source=str(path))
+    readers = {name: (lambda value=value: value) for name, value in read.tensors.items()}
+    params = _import_params(config, readers, path, dtype)
+    return Model(config, params, read.tokenizer, name=str(path_or_id))
+
+
+def _import_params(config: ModelConfig, readers: dict[str, Callable[[], np.ndarray]],
+                   where: Path, dtype) -> dict:
+    """The family's params from HF-named tensor loaders; every loader must be used."""
+    family = FAMILIES[config.model_type]
     used: set[str] = set()
 
     def read(name: str, shape: tuple) -> jnp.ndarray:
@@ -148,7 +170,7 @@ def load_model(path_or_id: str | os.PathLike | None = None, dtype=jnp.float32) -
     if unexpected:
         raise ValueError(f"{where}: unexpected tensors {unexpected[:5]} for a "
                          f"{config.model_type} with {config.n_layer} layers")
-    return Model(config, params, Tokenizer.from_dir(path), name=str(path_or_id or path))
+    return params
 
 
 def atomic_directory(out_dir: str | os.PathLike, overwrite: bool,

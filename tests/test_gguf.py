@@ -324,12 +324,13 @@ def smollm2_transformers(smollm2):
     transformers = pytest.importorskip("transformers")
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    path, _ = smollm2
-    config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    path, model = smollm2
+    # The skeleton only lists HF parameter names; the config (what AutoConfig builds) and the
+    # q/k head counts used to un-permute come from transformers' own parse of the file.
     with torch.device("meta"):
-        skeleton = transformers.LlamaForCausalLM(config)
-    tensors = load_gguf_checkpoint(str(path), return_tensors=True,
-                                   model_to_load=skeleton)["tensors"]
+        skeleton = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model.config))
+    parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)
+    config, tensors = transformers.LlamaConfig(**parsed["config"]), parsed["tensors"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return config, tensors, tokenizer, transformers
 
@@ -391,3 +392,60 @@ def test_smollm2_tokenizer_saves_for_transformers(smollm2, smollm2_transformers,
     for text in counterfact_texts(20) + SPECIAL_TEXTS:
         ids = model.tokenizer.encode(text)
         assert reloaded.encode(text, add_special_tokens=False) == ids == again.encode(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through rome_jax.load_model into the llama family (needs the `llama` branch merged).
+
+@pytest.fixture(scope="module")
+def llama_family():
+    """Skips (before the module's SmolLM2 fixtures load) while rome_jax has no llama family."""
+    from rome_jax import hf
+
+    if "llama" not in hf.FAMILIES:
+        pytest.skip("rome_jax has no llama family yet (rome_jax/models/llama.py)")
+
+
+def torch_llama(config: dict, tensors: dict):
+    """transformers' LlamaForCausalLM (float32, eval) holding ``tensors`` (numpy or torch)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).float().eval()
+    missing, unexpected = model.load_state_dict(
+        {k: torch.as_tensor(np.asarray(v)) for k, v in tensors.items()}, strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected
+    return model
+
+
+def assert_same_logits(model, reference, ids: list[int]) -> None:
+    import jax.numpy as jnp
+    import torch
+
+    import rome_jax
+
+    ours = np.asarray(rome_jax.logits(model, jnp.asarray([ids])))
+    with torch.no_grad():
+        theirs = reference(torch.tensor([ids])).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_load_model_reads_a_gguf_file(llama_family, tmp_path):
+    import rome_jax
+
+    tensors = {k: v * (0.4 if v.ndim == 2 else 1.0) for k, v in hf_tensors(5).items()}
+    write_gguf(tmp_path / "tiny.gguf", tensors)
+    model = rome_jax.load_model(tmp_path / "tiny.gguf")
+    assert model.config.n_layer == 2
+    ids = model.tokenizer.encode("<|im_start|>the cat in the hat<|im_end|>")
+    assert_same_logits(model, torch_llama(gg.read_gguf(tmp_path / "tiny.gguf").config, tensors),
+                       ids)
+
+
+def test_load_model_smollm2_alias(llama_family, smollm2, smollm2_transformers):
+    import rome_jax
+
+    _, read = smollm2
+    model = rome_jax.load_model("smollm2-135m")
+    assert (model.config.n_layer, model.config.d_model) == (30, 576)
+    reference = torch_llama(read.config, smollm2_transformers[1])
+    assert_same_logits(model, reference, model.tokenizer.encode("The Eiffel Tower is in"))
