@@ -283,6 +283,7 @@ def test_truncated_file(tmp_path, good, keep):
     ("llama.block_count", None, r"metadata key 'llama\.block_count' missing"),
     ("tokenizer.ggml.model", ("llama", V.STRING), r"tokenizer\.ggml\.model='llama'"),
     ("tokenizer.ggml.pre", ("qwen2", V.STRING), r"tokenizer\.ggml\.pre='qwen2'"),
+    ("llama.rope.dimension_count", (15, V.UINT32), r"head size 15 is odd"),
     ("llama.attention.key_length", (8, V.UINT32),
      r"llama\.rope\.dimension_count=16 != llama\.attention\.key_length=8 \(partial rotary"),
 ])

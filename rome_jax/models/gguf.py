@@ -124,6 +124,8 @@ def llama_config(metadata: dict, has_output: bool, path: Path) -> dict:
     n_head = _get(metadata, "llama.attention.head_count", path)
     hidden = _get(metadata, "llama.embedding_length", path)
     head_dim = _get(metadata, "llama.rope.dimension_count", path, hidden // n_head)
+    if head_dim % 2:
+        raise ValueError(f"{path}: head size {head_dim} is odd (rotary embeddings need pairs)")
     key_length = metadata.get("llama.attention.key_length", head_dim)
     if key_length != head_dim:
         raise ValueError(f"{path}: llama.rope.dimension_count={head_dim} != "
@@ -214,11 +216,8 @@ def _read_tensors(stored: dict, config: dict, path: Path) -> dict[str, np.ndarra
         if stored_shape != shape:
             raise ValueError(f"{where} has shape {stored_shape} (HF order), expected {shape} "
                              "from the metadata")
-        try:
-            value = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-        except Exception as err:
-            raise ValueError(f"{where} cannot be read, the file is truncated or corrupt "
-                             f"({type(err).__name__}: {err})") from None
+        # GGUFReader has already checked that the data is all there and matches the shape.
+        value = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         module = name.removeprefix("model.layers.").split(".", 1)[-1].removesuffix(".weight")
         tensors[name] = unpermute_rows(value, heads[module]) if module in heads else value
     return tensors
