@@ -22,13 +22,14 @@ from safetensors import safe_open
 from safetensors.flax import save_file
 
 from rome_jax.files import atomic_directory
-from rome_jax.models import gpt2, gptj, llama
+from rome_jax.models import gguf, gpt2, gptj, llama
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
 from rome_jax.models.tokenizer import Tokenizer
 
 FAMILIES = {"gpt2": gpt2, "gptj": gptj, "llama": llama}
 DEFAULT_MODEL = Path(__file__).resolve().parent / "checkpoints" / "gpt2-cf-tiny"  # package data
+GGUF_ALIASES = {"smollm2-135m": gguf.smollm2_path}
 
 
 def resolve(path_or_id: str | os.PathLike | None) -> Path:
@@ -135,7 +136,8 @@ def _get(handle, name: str, file: Path):
 
 
 def load_model(path_or_id: str | os.PathLike | None = None, dtype=jnp.float32) -> Model:
-    """Load an HF GPT-2 / GPT-J / Llama directory or hub id (``None``: the embedded default model).
+    """Load an HF GPT-2 / GPT-J / Llama directory or hub id (``None``: the embedded default
+    model), or a ``*.gguf`` file / GGUF alias (``GGUF_ALIASES``: "smollm2-135m").
 
     Computation is in ``dtype``; the dtype the floating weights are stored in is kept as
     ``Model.source_dtype`` (the widest when they differ), which ``save_hf`` exports by default.
@@ -143,12 +145,34 @@ def load_model(path_or_id: str | os.PathLike | None = None, dtype=jnp.float32) -
     weights, an unknown architecture, a missing tensor, a wrong shape, a non-finite value or a
     truncated file.
     """
+    if str(path_or_id) in GGUF_ALIASES or Path(str(path_or_id)).suffix == ".gguf":
+        return _load_gguf(path_or_id, dtype)
     path = resolve(path_or_id)
     config = _read_config(path)
-    family = FAMILIES[config.model_type]
     files = _weight_files(path)
     readers = _tensor_readers(files)
     where = files[0] if len(files) == 1 else path / "model.safetensors.index.json"
+    params, source_dtype = _import_params(config, readers, where, dtype)
+    return Model(config, params, Tokenizer.from_dir(path, config.token_ids),
+                 name=str(path_or_id or path), source_dtype=source_dtype)
+
+
+def _load_gguf(path_or_id: str | os.PathLike, dtype) -> Model:
+    """A GGUF file through ``models.gguf.read_gguf`` (HF config dict and HF-named tensors)."""
+    alias = GGUF_ALIASES.get(str(path_or_id))
+    path = alias() if alias else Path(path_or_id).expanduser()
+    read = gguf.read_gguf(path)
+    config = ModelConfig.from_hf(read.config, source=str(path))
+    readers = {name: (lambda value=value: value) for name, value in read.tensors.items()}
+    params, source_dtype = _import_params(config, readers, path, dtype)
+    return Model(config, params, read.tokenizer, name=str(path_or_id), source_dtype=source_dtype)
+
+
+def _import_params(config: ModelConfig, readers: dict[str, Callable[[], np.ndarray]],
+                   where: Path, dtype) -> tuple[dict, str | None]:
+    """The family's params from HF-named tensor loaders (every loader must be used), and the
+    widest floating dtype they were stored in."""
+    family = FAMILIES[config.model_type]
     used: set[str] = set()
     stored: set[np.dtype] = set()
 
@@ -173,9 +197,7 @@ def load_model(path_or_id: str | os.PathLike | None = None, dtype=jnp.float32) -
     if unexpected:
         raise ValueError(f"{where}: unexpected tensors {unexpected[:5]} for a "
                          f"{config.model_type} with {config.n_layer} layers")
-    source_dtype = max(stored, key=lambda d: d.itemsize).name if stored else None
-    return Model(config, params, Tokenizer.from_dir(path, config.token_ids),
-                 name=str(path_or_id or path), source_dtype=source_dtype)
+    return params, (max(stored, key=lambda d: d.itemsize).name if stored else None)
 
 
 def save_hf(model: Model, out_dir: str | os.PathLike, *, overwrite: bool = False,

