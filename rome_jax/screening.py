@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
+from rome_jax.evaluation import target_probabilities
 from rome_jax.guard import GuardProfile, PerplexityProbe, evaluate
 from rome_jax.models.model import Model
 from rome_jax.rome.edit import EditContext, build_batch, compute_edit
@@ -19,7 +20,7 @@ from rome_jax.rome.request import EditRequest, subject_token_index
 from rome_jax.rome.update import apply_edit
 from rome_jax.training import first_token_subject
 
-REPORT_FIELDS = ("denominator", "numerator_norm", "delta_norm", "delta_abs", "residual_norm",
+REPORT_FIELDS = ("denominator", "denominator_unit_u", "numerator_norm", "delta_norm", "delta_abs", "residual_norm",
                  "key_cosine", "delta_v_norm", "v_steps")
 
 
@@ -28,8 +29,9 @@ def screen_record(model: Model, record: Mapping, hparams: RomeHParams, context: 
                   profile: GuardProfile | None = None) -> dict:
     """One row: the request, and either ``error`` (the request does not fit the model) or the
     update's diagnostics, ``perplexity`` after the edit, ``ratio`` to the base perplexity and
-    ``collapse`` (ratio > threshold or not finite); ``guard_ok`` / ``guard_reasons`` with a
-    profile."""
+    ``collapse`` (ratio > threshold or not finite), the probabilities of the new and true
+    targets after the rewrite prompt before and after the edit and ``success`` (efficacy:
+    P(new) > P(true) after); ``guard_ok`` / ``guard_reasons`` with a profile."""
     request = EditRequest.from_dict(record)
     rw = record["requested_rewrite"]
     row = {"case_id": record["case_id"], "subject": rw["subject"], "prompt": rw["prompt"],
@@ -48,8 +50,15 @@ def screen_record(model: Model, record: Mapping, hparams: RomeHParams, context: 
         row.update(perplexity=math.inf, ratio=math.inf, collapse=True,
                    note=" ".join(str(err).split()))
         return row
-    after = probe(apply_edit(model.params, update))
+    edited = apply_edit(model.params, update)
+    after = probe(edited)
     ratio = after / probe.base
+    for when, params in (("before", model.params), ("after", edited)):
+        p_new, p_true = target_probabilities(model, request.text, request.target_new,
+                                             request.target_true, params=params)
+        row.update({f"p_new_{when}": p_new, f"p_true_{when}": p_true})
+    row["success"] = (None if row["p_true_after"] is None
+                      else row["p_new_after"] > row["p_true_after"])
     row.update({k: getattr(report, k) for k in REPORT_FIELDS})
     row["v_loss_final"] = report.v_losses[-1] if report.v_losses else None
     row.update(perplexity=after, ratio=ratio, collapse=not ratio <= threshold)

@@ -361,6 +361,8 @@ def test_screen_writes_and_resumes(env, tiny_model, tmp_path):
     for r in data["records"]:
         assert r["ratio"] == pytest.approx(r["perplexity"] / data["base_perplexity"])
         assert np.isfinite(r["denominator"]) and r["collapse"] == (r["ratio"] > 5)
+        assert r["success"] == (r["p_new_after"] > r["p_true_after"])
+        assert 0 < r["p_new_before"] < 1 and r["p_new_after"] != r["p_new_before"]
 
     resumed = cli(env, "screen", "--n", "3", "--out", out, "--model", tiny_model,
                        "--threshold", "5", "--guard", *SMALL, *GUARD)
