@@ -1,6 +1,7 @@
 """Wall time of one ROME edit on the default model, split into keys, v* and update.
 
-    python benchmarks/bench_edit.py [--model PATH] [--method c-rome] [--case 0] [--repeats 5]
+    python benchmarks/bench_edit.py [--model PATH] [--layer L] [--method c-rome] [--case 0]
+                                    [--repeats 5]
 
 Compile time is measured apart (the first call of each jit-compiled phase). The FLOPs an edit
 must do are counted analytically and set against the machine's measured float32 matmul rate.
@@ -17,9 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from rome_jax import data, load_model
-from rome_jax.models.transformer import residual_at
+from rome_jax.models.transformer import residual_at, rome_weight
 from rome_jax.rome.edit import build_batch, edit_core, prepare
-from rome_jax.rome.hparams import preset_for
+from rome_jax.rome.hparams import RomeHParams, preset_for
 from rome_jax.rome.keys import keys_from_residual
 from rome_jax.rome.request import EditRequest
 from rome_jax.rome.update import rank_one_update
@@ -50,6 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--layer", type=int, default=None, help="default: the model's preset")
     parser.add_argument("--method", default="c-rome")
     parser.add_argument("--case", type=int, default=0, help="CounterFact case_id")
     parser.add_argument("--repeats", type=int, default=5)
@@ -57,7 +59,7 @@ def main() -> None:
 
     model = load_model(args.model)
     cfg, params = model.config, model.params
-    hp = preset_for(cfg)
+    hp = preset_for(cfg) if args.layer is None else RomeHParams(layer=args.layer).check(cfg)
     context = prepare(model, hp, jax.random.key(0))
     record = next(r for r in data.load_counterfact() if r["case_id"] == args.case)
     request = EditRequest.from_dict(record)
@@ -74,29 +76,31 @@ def main() -> None:
         return residual, keys_from_residual(params, cfg, layer, residual, batch.mask,
                                             batch.lookup, n_rows)
 
-    fc_out = jax.tree.map(lambda w: w[layer], params["blocks"]["mlp"]["fc_out"])
+    w, b = rome_weight(params, layer)
     c_keys, t_keys, (residual, keys) = timed(keys_phase, params, batch, repeats=args.repeats)
-    v_init = keys.plain @ fc_out["w"] + fc_out["b"]
+    v_init = keys.plain @ w + b
     c_v, t_v, values = timed(lambda p, b, r, v: optimize_v(p, cfg, layer, b, r, v, **v_kwargs),
                              params, batch, residual, v_init, repeats=args.repeats)
     c_u, t_u, _ = timed(lambda w, b, f, kp, km, vs: rank_one_update(w, b, f, kp, km, vs,
                                                                     args.method, layer),
-                        fc_out["w"], fc_out["b"], context.factor, keys.plain, keys.mean,
+                        w, b, context.factor, keys.plain, keys.mean,
                         values.v_star, repeats=args.repeats)
     full = lambda p, b, f: edit_core(p, cfg, layer, args.method, hp.v_num_grad_steps, b, f,
                                      hp.v_lr, hp.v_weight_decay, hp.kl_factor,
                                      hp.clamp_norm_factor, hp.early_stop_loss)
     c_all, t_all, _ = timed(full, params, batch, context.factor, repeats=args.repeats)
 
-    # FLOPs: dense layers 24·D² per token per block (F = 4D), attention 4·T·D, logits 2·D·V.
+    # FLOPs per token and block: the q, k, v, o projections, the MLP (three F x D matrices when
+    # gated), attention 4·T·H·hd; logits 2·D·V.
     D, V, L, F = cfg.d_model, cfg.vocab_size, cfg.n_layer, cfg.d_mlp
     R, T = batch.ids.shape
     W, P = batch.live_index.shape[1], batch.target_pos.shape[1]
     steps = int(values.steps)
-    per_token = 8 * D * D + 4 * D * F
-    flops_keys = R * T * (layer + 1) * (per_token + 4 * T * D)
-    flops_cache = R * T * (L - layer) * (per_token + 4 * T * D)
-    flops_step = 3 * (R * W * (L - layer) * (per_token + 4 * (T + W) * D) + 2 * R * P * D * V)
+    qo, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    per_token = 4 * D * (qo + kv) + 2 * D * F * (3 if cfg.gated_mlp else 2)
+    flops_keys = R * T * (layer + 1) * (per_token + 4 * T * qo)
+    flops_cache = R * T * (L - layer) * (per_token + 4 * T * qo)
+    flops_step = 3 * (R * W * (L - layer) * (per_token + 4 * (T + W) * qo) + 2 * R * P * D * V)
     flops_v = flops_cache + steps * flops_step
     flops_update = 2 * F * F + 4 * F * D
     rate = matmul_rate()

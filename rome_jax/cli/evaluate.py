@@ -57,7 +57,8 @@ def run(args) -> int:
     s = Setup(args)
     settings = {"model": str(args.model or s.model.name), "digest": params_digest(s.model.params),
                 "layer": s.hparams.layer, "hparams": hparams_dict(s.hparams),
-                "evaluation": dataclasses.asdict(evaluation), "perplexity_corpus": PPL_CORPUS}
+                "evaluation": dataclasses.asdict(evaluation), "perplexity_corpus": PPL_CORPUS,
+                "bos": s.model.tokenizer.bos_id}
     rows = resumed_records(previous, settings, Path(args.out)) if args.out else []
     seen = {r["case_id"] for r in rows}
     todo = []

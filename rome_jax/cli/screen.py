@@ -52,7 +52,7 @@ def run(args) -> int:
     settings = {"model": str(args.model or s.model.name), "digest": params_digest(s.model.params),
                 "layer": s.hparams.layer, "method": args.method,
                 "hparams": hparams_dict(s.hparams), "seed": args.seed,
-                "perplexity_corpus": PPL_CORPUS}
+                "perplexity_corpus": PPL_CORPUS, "bos": s.model.tokenizer.bos_id}
     done = resumed_records(previous, settings, out)
     seen = {r["case_id"] for r in done}
     todo = [r for r in records if r["case_id"] not in seen]
