@@ -13,7 +13,6 @@ where the MLP's effect at the last subject token peaks.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import jax
