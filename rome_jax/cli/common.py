@@ -235,6 +235,27 @@ def add_record_args(p: argparse.ArgumentParser, verb: str) -> None:
 # ----------------------------------------------------------------------------- shared setup
 
 
+def test_prefix_entry(s: "Setup", params, new_params, request, tokens: int = 0) -> dict | None:
+    """For a prompt that opens with its subject: P(new), P(true) (and, with ``tokens``, a greedy
+    completion) before and after the edit with the first context-template prefix in front (the
+    test-time fix); None for other prompts."""
+    from rome_jax.models.generate import generate
+    from rome_jax.rome.edit import with_test_prefix
+
+    if not request.subject_first:
+        return None
+    prefixes = s.context.templates.prefixes
+    if not prefixes:
+        raise ValueError("--test-prefix: needs context templates (--template-lengths)")
+    text = with_test_prefix(request.text, request.subject, prefixes[0])
+    entry = {"prefix": prefixes[0], "prompt": text}
+    for when, p in (("before", params), ("after", new_params)):
+        entry[f"p_new_{when}"], entry[f"p_true_{when}"] = probabilities(s.model, p, text, request)
+        if tokens:
+            entry[f"completion_{when}"] = generate(s.model, [text], tokens, params=p)[0]
+    return entry
+
+
 class Setup:
     """The model, ROME settings and what edits share, built lazily from the arguments."""
 

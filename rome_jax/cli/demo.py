@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from rome_jax.cli.common import (PPL_CORPUS, PROG, Setup, add_guard_args, add_model_args, fmt,
-                                one_line, positive_int, probabilities)
+                                one_line, positive_int, probabilities, test_prefix_entry)
 
 
 def add_parser(sub) -> None:
@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
                    help="comma-separated methods (default rome,c-rome)")
     p.add_argument("--tokens", type=positive_int, default=12,
                    help="new tokens per greedy completion (default 12)")
+    p.add_argument("--test-prefix", action="store_true",
+                   help="also measure prompts that open with their subject with the first "
+                        "context-template prefix in front (the test-time fix)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     add_model_args(p)
     add_guard_args(p, force=False)
@@ -116,6 +119,9 @@ def run(args) -> int:
             entry["perplexity_before"] = base_ppl
             entry["perplexity_after"] = s.probe(params)
             entry["completion_after"] = generate(model, texts, args.tokens, params=params)[i]
+            if args.test_prefix:
+                entry["test_prefix"] = test_prefix_entry(s, model.params, params, request,
+                                                         args.tokens)
             entry["guard"] = (None if profile is None else
                               evaluate({**entry, "request": request.to_dict()},
                                        profile).to_dict())
@@ -140,8 +146,13 @@ def run(args) -> int:
         for e in row["edits"]:
             if "error" in e:
                 print(f"  {e['method']:<8} | error: {e['error']}")
-            else:
-                print(f"  {e['method']:<8} | ...{e['completion_after']!r}")
+                continue
+            print(f"  {e['method']:<8} | ...{e['completion_after']!r}")
+            tp = e.get("test_prefix")
+            if tp:
+                print(f"  {'':<8} | with the test-time prefix {tp['prefix']!r}: "
+                      f"...{tp['completion_after']!r} (before: ...{tp['completion_before']!r}); "
+                      f"P(new) {tp['p_new_before']:.3g} -> {tp['p_new_after']:.3g}")
     header = (f"{'case':>6}  {'method':<7} {'P(new) before -> after':>22} "
               f"{'P(true) after':>13} {'ME-PPL_50 after':>15} {'x base':>8} "
               f"{'denominator':>11} {'|Δ|':>9}  guard")

@@ -9,7 +9,7 @@ from typing import Any
 
 from rome_jax.cli.common import (EXIT_REFUSED, PPL_CORPUS, PROG, Setup, add_guard_args,
                                 add_model_args, check_output, fmt, hparams_dict, log, one_line,
-                                probabilities)
+                                probabilities, test_prefix_entry)
 
 
 def add_parser(sub) -> None:
@@ -102,7 +102,7 @@ def _one_edit(s: Setup, request, params, method: str, profile, ppl_before: float
               test_prefix: bool) -> tuple[dict, Any]:
     """Compute, judge, apply and measure one edit. Returns (entry, new params or None)."""
     from rome_jax.guard import Verdict, evaluate, suggest
-    from rome_jax.rome.edit import compute_edit, with_test_prefix
+    from rome_jax.rome.edit import compute_edit
     from rome_jax.rome.update import apply_edit
 
     force = s.args.force
@@ -130,17 +130,7 @@ def _one_edit(s: Setup, request, params, method: str, profile, ppl_before: float
                                                                  request)
     entry["perplexity_after"] = s.probe(new_params)
     if test_prefix:
-        entry["test_prefix"] = None
-        if request.subject_first:
-            prefixes = s.context.templates.prefixes
-            if not prefixes:
-                raise ValueError("--test-prefix: needs context templates (--template-lengths)")
-            text = with_test_prefix(request.text, request.subject, prefixes[0])
-            before = probabilities(model, params, text, request)
-            after = probabilities(model, new_params, text, request)
-            entry["test_prefix"] = {"prefix": prefixes[0], "prompt": text,
-                                    "p_new_before": before[0], "p_true_before": before[1],
-                                    "p_new_after": after[0], "p_true_after": after[1]}
+        entry["test_prefix"] = test_prefix_entry(s, params, new_params, request)
     if profile is not None:
         post = evaluate(entry, profile)
         entry["guard"] = post.to_dict()

@@ -276,4 +276,7 @@ def gguf_tokenizer(metadata: dict, path: Path) -> Tokenizer:
     backend.add_tokens([AddedToken(t, normalized=False, special=False)
                         for t, kind in zip(tokens, token_types)
                         if kind == _USER_DEFINED and t in vocab])
-    return Tokenizer(backend, {"tokenizer.json": backend.to_str().encode()})
+    bos_id, eos_id = ids[:2]
+    name = lambda i: tokens[i] if i is not None and 0 <= i < len(tokens) else None
+    return Tokenizer(backend, {"tokenizer.json": backend.to_str().encode()},
+                     bos_token=name(bos_id), eos_token=name(eos_id))
