@@ -19,6 +19,7 @@ from typing import Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rome_jax.data import bucket, pad_batch
 from rome_jax.evaluation import target_probabilities
@@ -218,6 +219,23 @@ _edit_vmap = jax.jit(jax.vmap(edit_core, in_axes=(None,) * 5 + (0,) + (None,) * 
                      static_argnums=(1, 2, 3, 4))
 
 
+def batch_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh with axis "batch" over ``devices`` (default ``jax.devices()``)."""
+    devices = jax.devices() if devices is None else list(devices)
+    if not devices:
+        raise ValueError("devices: empty; give at least one device")
+    return Mesh(np.asarray(devices), ("batch",))
+
+
+def pad_rows(tree, multiple: int):
+    """Every leaf [n, ...] of ``tree`` padded to [ceil(n / multiple) * multiple, ...] with
+    copies of its last row."""
+    def pad(x):
+        extra = -x.shape[0] % multiple
+        return np.concatenate([x, np.repeat(x[-1:], extra, 0)]) if extra else x
+    return jax.tree.map(pad, tree)
+
+
 @dataclasses.dataclass
 class EditReport:
     """What an edit did and why it is (un)safe; ``to_dict`` is JSON-ready.
@@ -356,11 +374,16 @@ def edit_sequential(model: Model, requests: Sequence[EditRequest | dict],
 
 def edit_independent(model: Model, requests: Sequence[EditRequest | dict],
                      hparams: RomeHParams | None = None, method: str = "c-rome", *,
-                     context: EditContext | None = None
+                     context: EditContext | None = None,
+                     devices: Sequence[jax.Device] | None = None
                      ) -> tuple[RankOneEdit, list[EditReport]]:
-    """Edits of the same base model for every request, computed by one ``jax.vmap`` over
-    requests padded to equal shapes. Returns the stacked edits ([E, F], [E, D]; apply one with
-    ``apply_edit(params, jax.tree.map(lambda x: x[i], edits))``) and their reports."""
+    """Edits of the same base model for every request, computed as one compiled program: a
+    ``jax.vmap`` over requests padded to equal shapes, whose request axis is sharded over a 1-D
+    mesh of ``devices`` (default ``jax.devices()``; params and the Cholesky factor replicated).
+    The number of requests is padded up to a multiple of the device count with copies of the
+    last request, whose edits are dropped. Returns the stacked edits ([E, F], [E, D] in request
+    order, on the default device; apply one with ``apply_edit(params, jax.tree.map(lambda x:
+    x[i], edits))``) and their reports."""
     hparams = _checked(model, hparams, context)
     method = canonical_method(method)
     requests = _requests(requests)
@@ -374,9 +397,15 @@ def edit_independent(model: Model, requests: Sequence[EditRequest | dict],
     batches = [_pad_batch(b, model.tokenizer.pad_id, width, live_width, n_target)
                for b in batches]
     stacked = VBatch(*(np.stack(xs) for xs in zip(*batches)))
-    updates, diagnostics, values, cosine = _edit_vmap(
-        model.params, model.config, hparams.layer, method, hparams.v_num_grad_steps, stacked,
-        context.factor, *_v_settings(hparams))
+    mesh = batch_mesh(devices)
+    stacked = jax.device_put(pad_rows(stacked, mesh.size),
+                             NamedSharding(mesh, PartitionSpec("batch")))
+    params, factor = jax.device_put((model.params, context.factor),
+                                    NamedSharding(mesh, PartitionSpec()))
+    out = _edit_vmap(params, model.config, hparams.layer, method, hparams.v_num_grad_steps,
+                     stacked, factor, *_v_settings(hparams))
+    updates, diagnostics, values, cosine = jax.tree.map(lambda x: x[:len(requests)],
+                                                        jax.device_get(out))
     reports = []
     for i, request in enumerate(requests):
         pick = lambda tree: jax.tree.map(lambda x: x[i], tree)
@@ -384,7 +413,7 @@ def edit_independent(model: Model, requests: Sequence[EditRequest | dict],
                          cosine[i])
         _check_finite(pick(updates), report)
         reports.append(report)
-    return updates, reports
+    return jax.tree.map(jnp.asarray, updates), reports
 
 
 def with_test_prefix(prompt: str, subject: str, prefix: str) -> str:
