@@ -8,10 +8,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ids=benchmarks/smollm2_screen_case_ids.json
 first=benchmarks/smollm2_first_token_case_ids.json
 screen() { .venv/bin/rome-jax screen --model smollm2-135m --threshold 10 "$@"; }
-for n in 29 129; do
+for group in "$first" "$ids"; do   # the first-token records first, then all 129
   for layer in "$@"; do
     for method in rome c-rome; do
-      screen --layer "$layer" --method "$method" --n "$n" --case-ids "$ids" \
+      screen --layer "$layer" --method "$method" --n 129 --case-ids "$group" \
         --out "runs/smollm2_l${layer}_${method}.json"
     done
   done

@@ -86,9 +86,12 @@ def test_missing_llama_attribute_is_named():
         ModelConfig.from_hf({k: v for k, v in SMOLLM2.items() if k != "intermediate_size"})
 
 
-def test_no_preset_for_llama_is_a_clear_error():
+def test_presets_by_shape():
+    """SmolLM2-135M's shape gets its preset; a Llama of another width has none (a clear error)."""
+    assert preset_for(ModelConfig.from_hf(SMOLLM2)) == preset_for(
+        ModelConfig.from_hf(SMOLLM2), "smollm2-135m")
     with pytest.raises(ValueError, match="layer: no preset for a 30-layer llama"):
-        preset_for(ModelConfig.from_hf(SMOLLM2))
+        preset_for(ModelConfig.from_hf({**SMOLLM2, "hidden_size": 640, "head_dim": 64}))
     assert preset_for(ModelConfig.from_hf(SMOLLM2), "gpt2-medium").layer == 8
 
 
