@@ -553,7 +553,11 @@ def test_interrupted_evaluate_says_so_on_its_own_line_and_resumes(env, tiny_mode
     import time
 
     out = tmp_path / "eval.json"
-    args = [sys.executable, "-m", "rome_jax.cli", "evaluate", "--methods", "rome", "--n", "40",
+    # A shell's background job ignores SIGINT and its children inherit that: the command runs
+    # with Python's KeyboardInterrupt handler installed, wherever the tests run.
+    run_cli = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+               "runpy.run_module('rome_jax.cli', run_name='__main__', alter_sys=True)")
+    args = [sys.executable, "-c", run_cli, "evaluate", "--methods", "rome", "--n", "40",
             "--out", out, "--model", tiny_model, *SMALL]
     with_progress = {k: v for k, v in env.items() if k != "TQDM_DISABLE"}
     proc = subprocess.Popen(list(map(str, args)), env=with_progress, text=True,
