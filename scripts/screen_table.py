@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 COLUMNS = ("file", "method", "layer", "bos", "subjects", "n", "ratio median", "ratio p90",
-           "ratio max", "> 2x", "> 10x", "denominator kᵀu/‖u‖ (median)",
-           "(C⁻¹kₐ)ᵀk_b (median)", "‖Δ‖ (median)", "efficacy")
+           "ratio max", "> 2x", "> 10x", "\\|kᵀu/‖u‖\\| (median)",
+           "\\|(C⁻¹kₐ)ᵀk_b\\| (median)", "negative", "‖Δ‖ (median)", "efficacy")
 
 
 def group_row(rows: list[dict]) -> list[str]:
@@ -25,11 +25,12 @@ def group_row(rows: list[dict]) -> list[str]:
         return ["0"] + ["-"] * (len(COLUMNS) - 6)
     ratio = np.array([r["ratio"] for r in rows], float)
     finite = [r for r in rows if "denominator" in r]   # a non-finite update has no diagnostics
-    med = lambda key: f"{np.median([r[key] for r in finite]):.3g}" if finite else "-"
+    med = lambda key, f=float: f"{np.median([f(r[key]) for r in finite]):.3g}" if finite else "-"
     success = [r["success"] for r in rows if r.get("success") is not None]
     return [str(len(rows)), f"{np.median(ratio):.3g}", f"{np.quantile(ratio, 0.9):.3g}",
             f"{ratio.max():.3g}", str(int((ratio > 2).sum())), str(int((ratio > 10).sum())),
-            med("denominator_unit_u"), med("denominator"), med("delta_norm"),
+            med("denominator_unit_u", abs), med("denominator", abs),
+            str(sum(r["denominator"] < 0 for r in finite)), med("delta_norm"),
             f"{np.mean(success):.2f}" if success else "-"]
 
 
