@@ -449,4 +449,6 @@ def test_load_model_smollm2_alias(llama_family, smollm2, smollm2_transformers):
     model = rome_jax.load_model("smollm2-135m")
     assert (model.config.n_layer, model.config.d_model) == (30, 576)
     reference = torch_llama(read.config, smollm2_transformers[1])
-    assert_same_logits(model, reference, model.tokenizer.encode("The Eiffel Tower is in"))
+    for text in ("The Eiffel Tower is in", "Egypt's capital city is",
+                 "<|endoftext|>Danielle Darrieux, a native speaker of"):
+        assert_same_logits(model, reference, model.tokenizer.encode(text))
