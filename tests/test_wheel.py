@@ -17,7 +17,6 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
-import pytest
 from conftest import tiny_gpt2
 
 from rome_jax import data
