@@ -1,6 +1,7 @@
 """Markdown table of ``rome-jax screen`` files: per file and subject group (one-token subject at
 the start of the prompt, or not), the ME-PPL_50 perplexity-ratio distribution, the update's
-denominators and norms (medians) and the efficacy (share of edits with P(new) > P(true)).
+denominators and norms (medians) and the efficacy (share of edits with P(new) > P(true)
+on the rewrite prompt, before and after the edit).
 
     python scripts/screen_table.py runs/smollm2_l12_rome.json runs/smollm2_l12_crome.json ...
 """
@@ -15,7 +16,7 @@ import numpy as np
 
 COLUMNS = ("file", "method", "layer", "bos", "subjects", "n", "ratio median", "ratio p90",
            "ratio max", "> 2x", "> 10x", "\\|kᵀu/‖u‖\\| (median)",
-           "\\|(C⁻¹kₐ)ᵀk_b\\| (median)", "negative", "‖Δ‖ (median)", "efficacy")
+           "\\|(C⁻¹kₐ)ᵀk_b\\| (median)", "negative", "‖Δ‖ (median)", "efficacy before", "efficacy")
 
 
 def group_row(rows: list[dict]) -> list[str]:
@@ -27,10 +28,13 @@ def group_row(rows: list[dict]) -> list[str]:
     finite = [r for r in rows if "denominator" in r]   # a non-finite update has no diagnostics
     med = lambda key, f=float: f"{np.median([f(r[key]) for r in finite]):.3g}" if finite else "-"
     success = [r["success"] for r in rows if r.get("success") is not None]
+    before = [r["p_new_before"] > r["p_true_before"] for r in rows
+              if r.get("p_true_before") is not None]
     return [str(len(rows)), f"{np.median(ratio):.3g}", f"{np.quantile(ratio, 0.9):.3g}",
             f"{ratio.max():.3g}", str(int((ratio > 2).sum())), str(int((ratio > 10).sum())),
             med("denominator_unit_u", abs), med("denominator", abs),
             str(sum(r["denominator"] < 0 for r in finite)), med("delta_norm"),
+            f"{np.mean(before):.2f}" if before else "-",
             f"{np.mean(success):.2f}" if success else "-"]
 
 
