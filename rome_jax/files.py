@@ -16,7 +16,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 
 def usual_permissions(root: Path) -> None:
@@ -111,3 +113,17 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
     finally:
         lock.unlink(missing_ok=True)
         handle.close()  # releases the lock
+
+
+def build_once(path: str | os.PathLike, load: Callable[[], T | None],
+               build: Callable[[], T]) -> T:
+    """The cache at ``path``: ``load()`` (None when it is missing or unusable), else, holding
+    :func:`file_lock` on ``path``, ``load()`` again (another process may have built it
+    meanwhile) or ``build()``, which must write ``path`` atomically. A hit takes no lock, so a
+    read-only cache works; concurrent builders build once, and the others wait, then load."""
+    found = load()
+    if found is not None:
+        return found
+    with file_lock(path):
+        found = load()
+        return build() if found is None else found

@@ -34,7 +34,7 @@ import numpy as np
 
 from rome_jax import data
 from rome_jax.evaluation import perplexity_batches
-from rome_jax.files import file_lock, write_json_atomic
+from rome_jax.files import build_once, write_json_atomic
 from rome_jax.models.transformer import forward, residual_at
 from rome_jax.rome.edit import build_batch, compute_edit, edit_independent
 from rome_jax.rome.request import EditRequest
@@ -293,15 +293,13 @@ def cached_profile(path: str | os.PathLike, settings: Mapping,
                    build: Callable[[], GuardProfile]) -> GuardProfile:
     """The profile cached at ``path`` for ``settings``, else ``build()`` written there
     atomically. Concurrent callers build it once: the others wait for the lock, then load."""
-    profile = load_profile(path, settings)
-    if profile is not None:
+
+    def build_and_save() -> GuardProfile:
+        profile = build()
+        write_json_atomic(path, profile.to_dict())
         return profile
-    with file_lock(path):
-        profile = load_profile(path, settings)
-        if profile is None:
-            profile = build()
-            write_json_atomic(path, profile.to_dict())
-    return profile
+
+    return build_once(path, lambda: load_profile(path, settings), build_and_save)
 
 
 # ----------------------------------------------------------------------------- perplexity

@@ -21,9 +21,9 @@ import numpy as np
 from tqdm import tqdm
 
 from rome_jax.data import bucket, cache_root, load_wikitext, pad_batch
-from rome_jax.files import atomic_directory, file_lock
+from rome_jax.files import atomic_directory, build_once
 from rome_jax.models.config import ModelConfig
-from rome_jax.models.model import Model
+from rome_jax.models.model import Model, params_digest
 from rome_jax.models.transformer import Params, key_weights, mlp_key
 
 
@@ -74,9 +74,9 @@ def compute_key_stats(model: Model, layer: int, texts: list[str], corpus: str = 
     is then one of its tokens, and cut to the model's context) through blocks ≤ layer."""
     params = model.params if params is None else params
     model.config.check_layer(layer)
-    start = len(model.tokenizer.start_ids)  # a text of the start token alone is no sample
+    n_start = len(model.tokenizer.start_ids)  # a text of the start token alone is no sample
     seqs = [s[:model.config.n_positions] for s in model.tokenizer.encode_sequences(list(texts))
-            if len(s) > start][:n_samples]
+            if len(s) > n_start][:n_samples]
     if not seqs:
         raise ValueError(f"corpus {corpus!r}: no text to compute key statistics from")
     seqs.sort(key=len)  # similar lengths share a batch: little padding, few shapes
@@ -94,11 +94,7 @@ def compute_key_stats(model: Model, layer: int, texts: list[str], corpus: str = 
 
 def fingerprint(params: Params, layer: int) -> str:
     """sha256 over every weight that influences the keys at ``layer``."""
-    digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(key_weights(params, layer))[0]:
-        digest.update(jax.tree_util.keystr(path).encode())
-        digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-    return digest.hexdigest()[:20]
+    return params_digest(key_weights(params, layer))
 
 
 def default_cache_dir() -> Path:
@@ -120,7 +116,7 @@ def cache_path(model: Model, layer: int, corpus: str, n_samples: int | None,
 def save_key_stats(stats: KeyStats, path: Path) -> None:
     """Write with orbax into a fresh temporary sibling that is renamed to ``path`` (replacing
     it), so that a reader never sees half a cache. Concurrent savers of one path serialise with
-    ``files.file_lock(path)`` (as ``key_stats`` does)."""
+    ``files.file_lock(path)`` (as ``key_stats`` does through ``files.build_once``)."""
     import orbax.checkpoint as ocp
 
     tree = {"moment": np.asarray(stats.moment, np.float64),
@@ -172,20 +168,23 @@ def key_stats(model: Model, layer: int, corpus: str = "wikitext",
         texts = [line.strip() for line in raw.decode("utf-8").splitlines() if line.strip()]
         corpus = f"{file.stem}-{hashlib.sha256(raw).hexdigest()[:12]}"
     path = cache_path(model, layer, corpus, n_samples, cache_dir)
-    if path.exists():  # a hit needs no lock (a cache is replaced in one rename): read-only ok
+    unreadable: list[ValueError] = []
+
+    def load() -> KeyStats | None:
+        if not path.exists():
+            return None
         try:
             return load_key_stats(path)
-        except ValueError:
-            pass
-    with file_lock(path):
-        if path.exists():  # built by another process meanwhile, or corrupt
-            try:
-                return load_key_stats(path)
-            except ValueError as err:
-                if log:
-                    log(f"{err}; rebuilding")
-        if texts is None:
-            texts = load_wikitext()
-        stats = compute_key_stats(model, layer, texts, corpus, n_samples)
+        except ValueError as err:
+            unreadable.append(err)
+            return None
+
+    def build() -> KeyStats:
+        if log and unreadable:
+            log(f"{unreadable[-1]}; rebuilding")
+        stats = compute_key_stats(model, layer, load_wikitext() if texts is None else texts,
+                                  corpus, n_samples)
         save_key_stats(stats, path)
-    return stats
+        return stats
+
+    return build_once(path, load, build)
