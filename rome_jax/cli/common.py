@@ -279,6 +279,17 @@ class Setup:
         self.hparams = hparams.replace(**{k: v for k, v in changes.items() if v is not None})
         self.hparams.check(config)
 
+    def result_settings(self, **extra) -> dict:
+        """What a resumable results file is made with (a rerun resumes only with the same):
+        the model (its path, and the digest of its weights), layer, hparams, start token and
+        perplexity corpus, and ``extra``."""
+        from rome_jax.models.model import params_digest
+
+        return {"model": str(self.args.model or self.model.name),
+                "digest": params_digest(self.model.params), "layer": self.hparams.layer,
+                "hparams": hparams_dict(self.hparams), "perplexity_corpus": PPL_CORPUS,
+                "bos": self.model.tokenizer.bos_id, **extra}
+
     @functools.cached_property
     def context(self):
         import jax

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from rome_jax.cli.common import (PPL_CORPUS, PROG, Setup, add_model_args, add_record_args,
-                                counterfact_records, fmt, hparams_dict, log, nonnegative_int,
+                                counterfact_records, fmt, log, nonnegative_int,
                                 one_line, positive_int, read_results, resumed_records)
 
 
@@ -45,7 +45,6 @@ def run(args) -> int:
 
     from rome_jax.counterfact_eval import EvalSettings, evaluate_record, summarize, test_prefixes
     from rome_jax.files import write_json_atomic
-    from rome_jax.models.model import params_digest
     from rome_jax.rome.request import EditRequest
 
     evaluation = EvalSettings(
@@ -55,10 +54,7 @@ def run(args) -> int:
     previous = read_results(Path(args.out), "an evaluation", args.overwrite) if args.out else None
     records = counterfact_records(args)
     s = Setup(args)
-    settings = {"model": str(args.model or s.model.name), "digest": params_digest(s.model.params),
-                "layer": s.hparams.layer, "hparams": hparams_dict(s.hparams),
-                "evaluation": dataclasses.asdict(evaluation), "perplexity_corpus": PPL_CORPUS,
-                "bos": s.model.tokenizer.bos_id}
+    settings = s.result_settings(evaluation=dataclasses.asdict(evaluation))
     rows = resumed_records(previous, settings, Path(args.out)) if args.out else []
     seen = {r["case_id"] for r in rows}
     todo = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rome_jax.cli.common import (PPL_CORPUS, PROG, Setup, add_model_args, add_record_args,
-                                counterfact_records, hparams_dict, log, positive_float,
+                                counterfact_records, log, positive_float,
                                 positive_int, ratio_above_one, read_results, resumed_records)
 
 
@@ -41,7 +41,6 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from rome_jax.files import write_json_atomic
-    from rome_jax.models.model import params_digest
     from rome_jax.screening import screen_record, summarize_screen
 
     out = Path(args.out)
@@ -49,10 +48,7 @@ def run(args) -> int:
     records = counterfact_records(args)
     s = Setup(args)
     args.max_ppl_ratio = args.threshold  # the guard profile keeps edits below the threshold
-    settings = {"model": str(args.model or s.model.name), "digest": params_digest(s.model.params),
-                "layer": s.hparams.layer, "method": args.method,
-                "hparams": hparams_dict(s.hparams), "seed": args.seed,
-                "perplexity_corpus": PPL_CORPUS, "bos": s.model.tokenizer.bos_id}
+    settings = s.result_settings(method=args.method, seed=args.seed)
     done = resumed_records(previous, settings, out)
     seen = {r["case_id"] for r in done}
     todo = [r for r in records if r["case_id"] not in seen]
