@@ -7,6 +7,7 @@
     rome-jax screen --n 200 --out screen.json   # which single rome edits collapse the model
     rome-jax evaluate --n 100 --test-prefix     # CounterFact ES/PS/NS/S of rome, c-rome, p-rome
     rome-jax trace --prompt "{} plays the" --subject "Toko Yasuda" --out trace.png
+    rome-jax experiment collapse --model smollm2-135m --layer 12   # the papers' experiments
 
 Every command takes ``--model PATH_OR_HUB_ID`` (default: the embedded gpt2-cf-tiny) and
 ``--layer L`` (default: the model's preset). User errors print one line
@@ -23,13 +24,13 @@ import os
 import sys
 from typing import Sequence
 
-from rome_jax.cli import demo, edit, evaluate, screen, stats, trace
+from rome_jax.cli import demo, edit, evaluate, experiment, screen, stats, trace
 from rome_jax.cli.common import (EXIT_USAGE, PROG, Parser, close_progress_bars, flag_message,
                                 one_line)
 
 EXIT_INTERNAL = 1
 
-COMMANDS = (edit, demo, stats, screen, evaluate, trace)
+COMMANDS = (edit, demo, stats, screen, evaluate, trace, experiment)
 
 
 def build_parser() -> Parser:

@@ -1,0 +1,24 @@
+"""The papers' experiments, one module each, run by ``rome-jax experiment NAME``.
+
+===============  =========================================================================
+``collapse``     collapse cases vs normal cases: numerator and denominator of the update
+                 ("The Fall of ROME" Table 1) and the largest perplexity after ``rome`` and
+                 ``c-rome`` (Table 2)
+``bos``          the same with a start token before every sequence, beside the run without
+                 ("The Fall of ROME" §3.3)
+===============  =========================================================================
+
+An experiment module has ``NAME``, ``HELP``, ``add_args(parser)`` (its own options),
+``settings(args) -> dict`` (what its rows depend on besides the model setup; pinned in the
+journal), ``run(setup, args, journal, header)`` (computes the rows that the journal does not
+hold yet, appending each as soon as it is done; ``header`` is ``{"experiment", "settings",
+"out"}``) and ``report(header, rows) -> Report`` (summary, Markdown tables and figure, from the
+rows alone). ``setup`` is the CLI's ``Setup``: model, hparams, context templates and the
+ME-PPL_50 probe, built lazily.
+"""
+
+from __future__ import annotations
+
+from rome_jax.experiments import bos, collapse
+
+EXPERIMENTS = {m.NAME: m for m in (collapse, bos)}

@@ -1,0 +1,73 @@
+"""What an experiment leaves beside its rows: ``summary.json``, ``table.md`` and ``figure.png``,
+each written atomically; and the small helpers that build them (Markdown tables, groups)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from rome_jax.files import atomic_file, write_bytes_atomic, write_json_atomic
+
+
+@dataclasses.dataclass
+class Report:
+    """``summary`` (JSON-ready numbers), ``markdown`` (the tables, with a line saying what they
+    are) and ``figure(path)``, which saves a PNG (None: the experiment has no figure)."""
+
+    summary: dict
+    markdown: str
+    figure: Callable[[Path], None] | None = None
+
+
+def write_report(out_dir: str | Path, report: Report) -> list[Path]:
+    """``summary.json``, ``table.md`` and (with a figure) ``figure.png`` in ``out_dir``."""
+    out = Path(out_dir)
+    paths = [write_json_atomic(out / "summary.json", report.summary),
+             write_bytes_atomic(out / "table.md", (report.markdown.rstrip() + "\n").encode())]
+    if report.figure is not None:
+        with atomic_file(out / "figure.png", suffix=".png") as tmp:
+            report.figure(tmp)
+        paths.append(out / "figure.png")
+    return paths
+
+
+def fmt(value: Any, spec: str = ".3g") -> str:
+    """A table cell: numbers with ``spec``, None as "-", anything else as text."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        return str(value)
+    return format(value, spec)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]],
+                   spec: str = ".3g") -> str:
+    """A GitHub Markdown table; numbers formatted with ``spec``."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v, spec) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def stats(values: Sequence[float]) -> dict:
+    """n, mean, median, min, max of the finite ``values`` (NaN when there are none), and how
+    many were not finite."""
+    arr = np.asarray([float(v) for v in values], dtype=float)
+    finite = arr[np.isfinite(arr)]
+    pick = (lambda f: float(f(finite))) if finite.size else (lambda f: math.nan)
+    return {"n": int(arr.size), "mean": pick(np.mean), "median": pick(np.median),
+            "min": pick(np.min), "max": pick(np.max), "not_finite": int(arr.size - finite.size)}
+
+
+def grouped(rows: Sequence[Mapping], group: Callable[[Mapping], str | None]
+            ) -> dict[str, list[Mapping]]:
+    """Rows by ``group(row)`` (None drops the row), groups in first-seen order."""
+    out: dict[str, list[Mapping]] = {}
+    for row in rows:
+        name = group(row)
+        if name is not None:
+            out.setdefault(name, []).append(row)
+    return out
