@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
+
 from rome_jax import load_model
 from rome_jax.data import load_counterfact
-from rome_jax.experiments.records import first_token_and_sample
 from rome_jax.files import write_json_atomic
+from rome_jax.training import first_token_subject
 
 
 def main() -> None:
@@ -23,9 +25,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    first, others = first_token_and_sample(load_counterfact(), load_model(args.model).tokenizer,
-                                           args.others, args.seed)
-    write_json_atomic(args.out, first + others)
+    tokenizer = load_model(args.model).tokenizer
+    records = load_counterfact()
+    first = sorted(r["case_id"] for r in records if first_token_subject(r, tokenizer))
+    rest = np.array(sorted({r["case_id"] for r in records} - set(first)))
+    others = sorted(np.random.default_rng(args.seed).choice(rest, args.others, replace=False))
+    write_json_atomic(args.out, first + [int(i) for i in others])
     print(f"{len(first)} first-token records and {len(others)} others -> {args.out}")
 
 

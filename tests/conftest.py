@@ -18,6 +18,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -196,3 +198,57 @@ def tiny_gpt2(n_layer: int, d_model: int, n_head: int, seq_len: int, seed: int,
     if weight_scale != 1.0:
         params = jax.tree.map(lambda w: w * weight_scale if w.ndim >= 2 else w, params)
     return Model(cfg, params, tok, name=name)
+
+
+# ----------------------------------------------------------------------------- the CLI as users run it
+
+# Small settings for CLI runs on ``tiny_model``: 40 WikiText texts for the key statistics, 4 v*
+# steps, 5 context templates.
+SMALL = ["--layer", "1", "--mom2-n-samples", "40", "--v-steps", "4", "--template-lengths", "5x5"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer, 64-wide random GPT-2 with the real tokenizer, saved with rome_jax.save_hf."""
+    from rome_jax import save_hf
+
+    path = tmp_path_factory.mktemp("cli") / "tiny-gpt2"
+    save_hf(tiny_gpt2(n_layer=2, d_model=64, n_head=4, seq_len=64, seed=0), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("cli-env")
+    out = dict(os.environ)
+    out.update(JAX_COMPILATION_CACHE_DIR=str(root / "xla"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_PLATFORMS="cpu",
+               ROME_JAX_CACHE=str(root / "cache"),
+               ROME_JAX_DEFAULT_MODEL=str(root / "no-default-model"), TQDM_DISABLE="1")
+    return out
+
+
+def cli(env, *args, cwd=None, script: bool = False) -> subprocess.CompletedProcess:
+    if script:
+        command = [str(Path(sys.executable).with_name("rome-jax"))]
+        if not Path(command[0]).exists():
+            pytest.skip("the rome-jax console script is not installed beside python")
+    else:
+        command = [sys.executable, "-m", "rome_jax.cli"]
+    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, match: str) -> None:
+    assert proc.returncode == 2, f"rc {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("rome-jax: error: ")
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr

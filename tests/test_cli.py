@@ -15,59 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_gpt2
+from conftest import SMALL, assert_ok, assert_user_error, cli
 
-SMALL = ["--layer", "1", "--mom2-n-samples", "40", "--v-steps", "4", "--template-lengths", "5x5"]
 GUARD = ["--guard-samples", "4"]
 REQUEST = ["--prompt", "{} plays the", "--subject", "Danielle Darrieux", "--target-new", "piano",
            "--target-true", "violin"]
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """A 2-layer, 64-wide random GPT-2 with the real tokenizer, saved with rome_jax.save_hf."""
-    from rome_jax import save_hf
-
-    path = tmp_path_factory.mktemp("cli") / "tiny-gpt2"
-    save_hf(tiny_gpt2(n_layer=2, d_model=64, n_head=4, seq_len=64, seed=0), path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def env(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("cli-env")
-    out = dict(os.environ)
-    out.update(JAX_COMPILATION_CACHE_DIR=str(root / "xla"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_PLATFORMS="cpu",
-               ROME_JAX_CACHE=str(root / "cache"),
-               ROME_JAX_DEFAULT_MODEL=str(root / "no-default-model"), TQDM_DISABLE="1")
-    return out
-
-
-def cli(env, *args, cwd=None, script: bool = False) -> subprocess.CompletedProcess:
-    if script:
-        command = [str(Path(sys.executable).with_name("rome-jax"))]
-        if not Path(command[0]).exists():
-            pytest.skip("the rome-jax console script is not installed beside python")
-    else:
-        command = [sys.executable, "-m", "rome_jax.cli"]
-    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=600)
-
-
-def assert_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr
-
-
-def assert_user_error(proc: subprocess.CompletedProcess, match: str) -> None:
-    assert proc.returncode == 2, f"rc {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("rome-jax: error: ")
-    assert match in lines[0], lines[0]
-    assert "Traceback" not in proc.stderr
 
 
 # ----------------------------------------------------------------------------- help

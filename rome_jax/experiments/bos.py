@@ -93,8 +93,8 @@ def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
                        sum(1 for r in rs if not r[m]["ratio"] <= threshold),
                        v[m]["abs_denominator"]["mean"], v[m]["numerator"]["mean"],
                        v[m]["delta_norm"]["mean"], v[m]["efficacy"]] for m in collapse.METHODS]
-    title = (f"The BOS test: {collapse.describe(header)} against the same records without it "
-             f"({path}); groups as found without the start token.")
+    title = (f"The BOS test: {collapse.describe(header, threshold)}, against the same records "
+             f"without it ({path}); groups as found without the start token.")
     md = markdown_table(["cases", "start token", "n", "method", "median ratio", "max ratio",
                          f"> {threshold:g}x", "mean abs kᵀu/‖u‖", "mean ‖v*−Wk−b‖", "mean ‖Δ‖",
                          "efficacy"], table)

@@ -191,16 +191,16 @@ def figure(rows: Sequence[Mapping], threshold: float, title: str):
     return draw
 
 
-def describe(header: Mapping) -> str:
+def describe(header: Mapping, threshold: float) -> str:
     st = header["settings"]
     bos = f", start token id {st['bos']}" if st.get("bos") is not None else ""
-    return f"{st['model']}, layer {st['layer']}{bos}, threshold {st['threshold']:g}x"
+    return f"{Path(st['model']).name}, layer {st['layer']}{bos}, threshold {threshold:g}x"
 
 
 def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
     threshold = header["settings"]["threshold"]
     summary = summarize(rows, threshold)
-    title = f"Collapse vs normal cases: {describe(header)}."
+    title = f"Collapse vs normal cases: {describe(header, threshold)}."
     return Report(summary, tables(summary, title),
                   figure(rows, threshold, title) if any("error" not in r for r in rows)
                   else None)
