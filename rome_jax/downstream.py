@@ -17,7 +17,7 @@ demonstrations are class-balanced and separated by a blank line, the label word 
 (no generation), and PIQA (``Question: goal\\nAnswer:`` → a solution, not in ``glue_eval``) is
 normalised per token rather than per byte. ``shots`` demonstrations are drawn with a seed and
 never scored; a prompt too long for the model loses demonstrations from the front, then tokens
-from the left.
+from the left; a choice is scored on its first n_positions // 2 tokens at most.
 
 :class:`DownstreamProbe` precomputes the token batches and the residual stream entering the
 edited layer once (an edit at that layer cannot change it), so re-scoring edited params runs
@@ -150,7 +150,9 @@ class _Rows:
     has a token). ``example`` [R, C] / ``choice`` [R, C] say which score each (row, choice) is."""
 
     def __init__(self, tokenizer, task: Task, max_len: int):
-        choice_ids = [[tokenizer.encode(" " + c) for c in e.choices] for e in task.examples]
+        cap = max_len // 2  # a choice longer than half the model's positions is cut
+        choice_ids = [[tokenizer.encode(" " + c)[:cap] for c in e.choices]
+                      for e in task.examples]
         single = all(len(c) == 1 for cs in choice_ids for c in cs)
         rows = []  # (ids, positions [C, L], tokens [C, L], example [C], choice [C])
         for i, (example, cs) in enumerate(zip(task.examples, choice_ids)):
