@@ -6,6 +6,8 @@
                  ``c-rome`` (Table 2)
 ``bos``          the same with a start token before every sequence, beside the run without
                  ("The Fall of ROME" §3.3)
+``sequential``   sequential edits per method: ‖Δ‖, ME-PPL_1k and downstream accuracy every k
+                 edits, final CounterFact scores beside single edits ("Rebuilding ROME")
 ===============  =========================================================================
 
 An experiment module has ``NAME``, ``HELP``, ``add_args(parser)`` (its own options),
@@ -19,6 +21,6 @@ ME-PPL_50 probe, built lazily.
 
 from __future__ import annotations
 
-from rome_jax.experiments import bos, collapse
+from rome_jax.experiments import bos, collapse, sequential
 
-EXPERIMENTS = {m.NAME: m for m in (collapse, bos)}
+EXPERIMENTS = {m.NAME: m for m in (collapse, bos, sequential)}

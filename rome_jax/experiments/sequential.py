@@ -1,0 +1,380 @@
+"""Sequential editing traces ("Rebuilding ROME", Tables 1, 2, 4 and Figures 3, 4, 6-9).
+
+For each method of ``--methods``, ``--n`` CounterFact records (one seeded draw, the same records
+in the same order for every method) are edited one after another, each edit on the result of the
+previous one (C and the context templates stay the base model's, as in ROME). A row per (method,
+step): ‖Δ‖_F of that update, its denominator (this project's uᵀk and the papers' kᵀu/‖u‖) and
+ME-PPL_50 perplexity; at step 0 (unedited), every ``--every`` edits and at the last edit also
+ME-PPL_1k perplexity and few-shot downstream accuracy (``rome_jax.downstream``: SST-2, MRPC,
+CoLA, RTE, PIQA, each beside its chance level). A non-finite update ends the method's trace
+with a row saying so (the model would be destroyed: a result, not an error). After the last
+edit, a ``final`` row scores every edited record (ES EM PS PM NS NM S) on the final params,
+and ``single`` rows score each record edited alone from the base model with every method
+(``counterfact_eval.evaluate_record``), for the table beside it.
+
+Resumable: after every row the edited layer's weight (the only one that changes) is saved
+atomically as ``state-METHOD.npz`` with its step; a rerun continues from it. Rows are written
+before their state, so a run cut between the two replays that one edit (deterministic).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from rome_jax.experiments.report import Report, markdown_table
+
+NAME = "sequential"
+HELP = ("sequential edits: |Δ|, ME-PPL_1k perplexity and downstream accuracy every k edits, "
+        "final CounterFact scores (Rebuilding ROME)")
+METHODS = ("rome", "c-rome", "p-rome")
+LABELS = {"c-rome": "r-rome = c-rome"}
+SCORES = ("ES", "EM", "PS", "PM", "NS", "NM", "S")
+
+
+def label(method: str) -> str:
+    return LABELS.get(method, method)
+
+
+def add_args(p) -> None:
+    from rome_jax.cli.common import positive_int
+    from rome_jax.downstream import TASKS
+
+    p.add_argument("--methods", default=",".join(METHODS), metavar="M,M",
+                   help=f"methods, comma-separated (default {','.join(METHODS)}; r-rome is "
+                        "c-rome)")
+    p.add_argument("--n", type=positive_int, default=100, help="edits per method (default 100)")
+    p.add_argument("--every", type=positive_int, default=10, metavar="K",
+                   help="ME-PPL_1k perplexity and downstream accuracy every K edits (and at "
+                        "step 0 and the last edit; default 10)")
+    p.add_argument("--sample-seed", type=int, default=0,
+                   help="numpy seed of the drawn records and of the downstream examples "
+                        "(default 0)")
+    p.add_argument("--case-ids", metavar="FILE.json",
+                   help="edit these case ids, in this order, instead of a drawn sample")
+    p.add_argument("--tasks", default=",".join(TASKS), metavar="T,T",
+                   help=f"downstream tasks (default {','.join(TASKS)})")
+    p.add_argument("--downstream-n", type=positive_int, default=20, metavar="N",
+                   help="scored examples per downstream task (default 20)")
+    p.add_argument("--shots", type=int, default=3, metavar="K",
+                   help="few-shot demonstrations before each downstream example (default 3)")
+    p.add_argument("--ppl-texts", type=positive_int, default=1000, metavar="N",
+                   help="ME-PPL_1k texts in the perplexity (default all 1000)")
+
+
+def _names(text: str, flag: str, known: Sequence[str] | None = None) -> list[str]:
+    names = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    if not names:
+        raise ValueError(f"{flag}: give at least one")
+    unknown = [x for x in names if known is not None and x not in known]
+    if unknown:
+        raise ValueError(f"{flag}: {', '.join(unknown)} not one of {', '.join(known)}")
+    return names
+
+
+def settings(args) -> dict:
+    from rome_jax.downstream import TASKS
+    from rome_jax.rome.update import canonical_method
+
+    methods = list(dict.fromkeys(canonical_method(m) for m in _names(args.methods,
+                                                                      "--methods")))
+    if args.shots < 0:
+        raise ValueError("--shots: must be 0 or more")
+    case_ids = None
+    if args.case_ids:
+        try:
+            case_ids = json.loads(Path(args.case_ids).read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--case-ids {args.case_ids}: not a JSON list ({err})") from None
+    return {"methods": methods, "n": args.n, "every": args.every,
+            "sample_seed": args.sample_seed, "case_ids": case_ids,
+            "tasks": _names(args.tasks, "--tasks", TASKS), "downstream_n": args.downstream_n,
+            "shots": args.shots, "ppl_texts": args.ppl_texts}
+
+
+def chosen_records(s, st: Mapping) -> list[dict]:
+    """The records edited, in order: ``case_ids``, else the first ``n`` of a numpy
+    permutation (seed ``sample_seed``) of CounterFact whose request fits the model."""
+    from rome_jax.data import counterfact_by_case_id, load_counterfact
+    from rome_jax.rome.edit import build_batch
+    from rome_jax.rome.request import EditRequest
+
+    records = load_counterfact()
+    if st["case_ids"] is not None:
+        chosen = counterfact_by_case_id(records, st["case_ids"])
+        if len(chosen) < st["n"]:
+            raise ValueError(f"--case-ids: {len(chosen)} records, --n asks for {st['n']}")
+        return chosen[:st["n"]]
+    chosen = []
+    for i in np.random.default_rng(st["sample_seed"]).permutation(len(records)):
+        record = records[int(i)]
+        try:
+            build_batch(s.model, EditRequest.from_dict(record), s.context.templates,
+                        s.hparams.fact_token)
+        except ValueError:  # too long for the model with its templates
+            continue
+        chosen.append(record)
+        if len(chosen) == st["n"]:
+            return chosen
+    raise ValueError(f"--n: only {len(chosen)} CounterFact records fit the model")
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def state_path(out: Path, method: str) -> Path:
+    return Path(out) / f"state-{method}.npz"
+
+
+def save_state(out: Path, method: str, step: int, params, layer: int) -> None:
+    """The edited layer's weight after ``step`` edits, atomically."""
+    from rome_jax.files import write_bytes_atomic
+    from rome_jax.models.transformer import rome_weight
+
+    buffer = io.BytesIO()
+    np.savez(buffer, step=step, weight=np.asarray(rome_weight(params, layer)[0]))
+    write_bytes_atomic(state_path(out, method), buffer.getvalue())
+
+
+def load_state(out: Path, method: str, params, layer: int) -> tuple[int, object]:
+    """(step, params with the saved weight at ``layer``), or (0, ``params``) without a state."""
+    path = state_path(out, method)
+    if not path.exists():
+        return 0, params
+    with np.load(path) as saved:
+        step, weight = int(saved["step"]), saved["weight"]
+    fc_out = params["blocks"]["mlp"]["fc_out"]
+    if weight.shape != fc_out["w"].shape[1:]:
+        raise ValueError(f"{path}: a weight of shape {weight.shape}, layer {layer} has "
+                         f"{fc_out['w'].shape[1:]}; use --overwrite to start over")
+    w = fc_out["w"].at[layer].set(weight.astype(fc_out["w"].dtype))
+    mlp = {**params["blocks"]["mlp"], "fc_out": {**fc_out, "w": w}}
+    return step, {**params, "blocks": {**params["blocks"], "mlp": mlp}}
+
+
+# ----------------------------------------------------------------------------- run
+
+
+class Evaluators:
+    """ME-PPL_1k perplexity and downstream accuracy, built on first use (a resumed run that
+    needs neither builds neither)."""
+
+    def __init__(self, s, st: Mapping):
+        self.s, self.st = s, st
+        self._ppl = self._downstream = None
+
+    def __call__(self, params) -> dict:
+        from rome_jax import downstream
+        from rome_jax.data import load_me_ppl
+        from rome_jax.guard import PerplexityProbe
+
+        s, st = self.s, self.st
+        if self._ppl is None:
+            self._ppl = PerplexityProbe(s.model, load_me_ppl("ME-PPL_1k")[:st["ppl_texts"]],
+                                        s.hparams.layer)
+            tasks = downstream.load_tasks(st["tasks"], st["downstream_n"], st["shots"],
+                                          st["sample_seed"])
+            self._downstream = downstream.DownstreamProbe(s.model, tasks, s.hparams.layer)
+        return {"ppl1k": self._ppl(params), "downstream": self._downstream(params)}
+
+
+def _row(journal, key: list) -> dict | None:
+    return next((r for r in journal.rows if r["key"] == key), None) if key in journal else None
+
+
+def run_method(s, method: str, records: Sequence[Mapping], journal, out: Path, st: Mapping,
+               evaluate: Evaluators) -> None:
+    """One method's trace from its saved state, then its ``final`` row."""
+    from rome_jax.counterfact_eval import summarize_counterfact
+    from rome_jax.evaluation import counterfact_metrics, counterfact_nll
+    from rome_jax.rome.edit import compute_edit
+    from rome_jax.rome.request import EditRequest
+    from rome_jax.rome.update import apply_edit
+
+    layer, n = s.hparams.layer, len(records)
+    if _row(journal, [method, "final"]) is not None:
+        return
+    if _row(journal, [method, 0]) is None:
+        state_path(out, method).unlink(missing_ok=True)  # an --overwrite left it behind
+        base = next((r for r in journal.rows if r["key"][1:] == [0]), None)
+        scores = ({k: base[k] for k in ("ppl1k", "downstream")} if base is not None
+                  else evaluate(s.model.params))
+        journal.append({"key": [method, 0], "method": method, "step": 0,
+                        "ppl50": s.probe.base, "ppl50_ratio": 1.0, **scores})
+    step, params = load_state(out, method, s.model.params, layer)
+    for i in range(step + 1, n + 1):
+        done = _row(journal, [method, i])
+        if done is not None and done.get("ended"):
+            break
+        record = records[i - 1]
+        head = {"key": [method, i], "method": method, "step": i,
+                "case_id": int(record["case_id"])}
+        try:
+            update, report = compute_edit(s.model, EditRequest.from_dict(record), s.hparams,
+                                          method, context=s.context, params=params)
+        except ValueError as err:
+            if "non-finite" not in str(err):
+                raise
+            journal.append({**head, "ended": True, "error": " ".join(str(err).split())})
+            break
+        params = apply_edit(params, update)
+        if done is None:
+            ppl50 = s.probe(params)
+            row = {**head, "delta_norm": report.delta_norm, "delta_abs": report.delta_abs,
+                   "denominator": report.denominator,
+                   "denominator_unit_u": report.denominator_unit_u,
+                   "residual_norm": report.residual_norm, "key_cosine": report.key_cosine,
+                   "ppl50": ppl50, "ppl50_ratio": ppl50 / s.probe.base}
+            if i % st["every"] == 0 or i == n:
+                row.update(evaluate(params))
+            journal.append(row)
+        save_state(out, method, i, params, layer)
+        step = i
+    per_record = [counterfact_metrics(counterfact_nll(s.model, r, params))
+                  for r in records[:step]]
+    journal.append({"key": [method, "final"], "method": method, "step": step,
+                    "case_ids": [int(r["case_id"]) for r in records[:step]],
+                    "records": per_record, "summary": summarize_counterfact(per_record)})
+
+
+def run(s, args, journal, header: Mapping) -> None:
+    from tqdm import tqdm
+
+    from rome_jax.counterfact_eval import EvalSettings, evaluate_record
+
+    st = header["settings"]
+    out = Path(header["out"])
+    records = chosen_records(s, st)
+    evaluate = Evaluators(s, st)
+    for method in st["methods"]:
+        run_method(s, method, records, journal, out, st, evaluate)
+    single = EvalSettings(methods=tuple(st["methods"]))
+    for record in tqdm([r for r in records if ["single", int(r["case_id"])] not in journal],
+                       desc="single edits", unit="record"):
+        journal.append({"key": ["single", int(record["case_id"])],
+                        **evaluate_record(s.model, record, s.hparams, s.context, s.probe,
+                                          single)})
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def traces(rows: Sequence[Mapping]) -> dict[str, list[dict]]:
+    """Each method's step rows (edits and the one that ended the trace), by step."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        if isinstance(r.get("step"), int) and r["key"][1] != "final":
+            out.setdefault(r["method"], []).append(r)
+    return {m: sorted(rs, key=lambda r: r["step"]) for m, rs in out.items()}
+
+
+def summarize(header: Mapping, rows: Sequence[Mapping]) -> dict:
+    from rome_jax.counterfact_eval import summarize as summarize_single
+
+    st = header["settings"]
+    finals = {r["method"]: r for r in rows if r["key"][1] == "final"}
+    singles = [r for r in rows if r["key"][0] == "single"]
+    single = summarize_single(singles, st["methods"]) if singles else {}
+    out = {"methods": {}, "tasks": st["tasks"], "unedited": single.get("none")}
+    for method, trace in traces(rows).items():
+        ended = [r for r in trace if r.get("ended")]
+        edits = [r for r in trace if r["step"] > 0 and not r.get("ended")]
+        out["methods"][method] = {
+            "label": label(method), "edits": len(edits),
+            "ended_at": ended[0]["step"] if ended else None,
+            "case_ids": [r["case_id"] for r in edits],
+            "delta_norm": [r["delta_norm"] for r in edits],
+            "evaluated": [{"step": r["step"], "ppl1k": r["ppl1k"],
+                           "downstream": r["downstream"]} for r in trace if "ppl1k" in r],
+            "sequential": finals[method]["summary"] if method in finals else None,
+            "single": single.get(method)}
+    return out
+
+
+def tables(summary: Mapping, title: str) -> str:
+    tasks = summary["tasks"]
+    parts = [title]
+    for method, v in summary["methods"].items():
+        evaluated = v["evaluated"]
+        if not evaluated:
+            continue
+        chance = evaluated[0]["downstream"]
+        ended = f"; ended at step {v['ended_at']} (non-finite update)" if v["ended_at"] else ""
+        parts.append(f"{label(method)}: ME-PPL_1k perplexity and downstream accuracy after "
+                     f"each evaluated step ({v['edits']} edits{ended}).\n\n" + markdown_table(
+                         ["step", "ME-PPL_1k", *tasks],
+                         [[e["step"], e["ppl1k"], *(e["downstream"][t]["accuracy"]
+                                                    for t in tasks)] for e in evaluated]
+                         + [["chance", None, *(chance[t]["chance"] for t in tasks)]]))
+    final = []
+    if summary["unedited"]:
+        final.append(["unedited", "-", summary["unedited"]["n"],
+                      *(summary["unedited"][k] for k in SCORES)])
+    for method, v in summary["methods"].items():
+        for kind in ("single", "sequential"):
+            if v[kind]:
+                final.append([label(method), kind, v[kind]["n"], *(v[kind][k] for k in SCORES)])
+    if final:
+        parts.append("CounterFact scores of the edited records: each edited alone from the "
+                     "base model (single) and all of them on the final params of the "
+                     "sequential run (sequential).\n\n"
+                     + markdown_table(["method", "edits", "n", *SCORES], final))
+    return "\n\n".join(parts)
+
+
+def figure(summary: Mapping, title: str):
+    def draw(path: Path) -> None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        tasks = summary["tasks"]
+        cols = 2 + len(tasks)
+        ncols = min(cols, 4)
+        fig, axes = plt.subplots(-(-cols // ncols), ncols, figsize=(3.6 * ncols,
+                                                                      3.0 * -(-cols // ncols)),
+                                 squeeze=False)
+        axes = axes.ravel()
+        for method, v in summary["methods"].items():
+            steps = np.arange(1, len(v["delta_norm"]) + 1)
+            axes[0].plot(steps, v["delta_norm"], lw=1, label=label(method))
+            ev = v["evaluated"]
+            x = [e["step"] for e in ev]
+            axes[1].plot(x, [e["ppl1k"] for e in ev], marker="o", ms=3, label=label(method))
+            for ax, t in zip(axes[2:], tasks):
+                ax.plot(x, [e["downstream"][t]["accuracy"] for e in ev], marker="o", ms=3,
+                        label=label(method))
+        axes[0].set(yscale="log", xlabel="edit", ylabel="‖Δ‖_F", title="update norm")
+        axes[1].set(yscale="log", xlabel="edits", ylabel="perplexity", title="ME-PPL_1k")
+        first = next((v["evaluated"][0] for v in summary["methods"].values()
+                      if v["evaluated"]), None)
+        for ax, t in zip(axes[2:], tasks):
+            if first is not None:
+                ax.axhline(first["downstream"][t]["chance"], color="grey", lw=0.8, ls="--",
+                           label="chance")
+            ax.set(xlabel="edits", ylabel="accuracy", title=t, ylim=(-0.02, 1.02))
+        for ax in axes[cols:]:
+            ax.axis("off")
+        axes[0].legend(fontsize=7)
+        axes[2 if tasks else 1].legend(fontsize=7)
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110, format="png")
+        plt.close(fig)
+    return draw
+
+
+def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
+    st = header["settings"]
+    summary = summarize(header, rows)
+    bos = f", start token id {st['bos']}" if st.get("bos") is not None else ""
+    title = (f"Sequential editing: {st['model']}, layer {st['layer']}{bos}; {st['n']} "
+             f"CounterFact records (sample seed {st['sample_seed']}), evaluated every "
+             f"{st['every']} edits; downstream {st['downstream_n']} examples per task, "
+             f"{st['shots']}-shot; ME-PPL_1k on {st['ppl_texts']} texts.")
+    has_trace = any(v["delta_norm"] or v["evaluated"] for v in summary["methods"].values())
+    return Report(summary, tables(summary, title), figure(summary, title) if has_trace else None)

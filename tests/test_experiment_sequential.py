@@ -1,0 +1,169 @@
+"""``rome-jax experiment sequential`` on a tiny random GPT-2, in process: consistent rows, the
+report from the rows, resume after an interruption to the same weights, refused reruns and a
+trace ended by a non-finite update."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_gpt2
+
+from rome_jax.experiments import sequential
+from rome_jax.experiments.journal import read_rows
+
+SMALL = ["--layer", "1", "--mom2-n-samples", "40", "--v-steps", "4", "--template-lengths",
+         "5x5"]
+ARGS = ["--n", "3", "--every", "2", "--methods", "rome,r-rome", "--tasks", "sst2,piqa",
+        "--downstream-n", "4", "--shots", "1", "--ppl-texts", "12"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from rome_jax import save_hf
+
+    root = tmp_path_factory.mktemp("seq")
+    save_hf(tiny_gpt2(n_layer=2, d_model=64, n_head=4, seq_len=64, seed=0), root / "model")
+    return root
+
+
+def experiment(env: Path, monkeypatch, out: Path, *extra: str) -> int:
+    from rome_jax import cli
+
+    monkeypatch.setenv("ROME_JAX_CACHE", str(env / "cache"))
+    monkeypatch.setenv("ROME_JAX_COMPILATION_CACHE", "0")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    return cli.main(["experiment", "sequential", "--model", str(env / "model"), *SMALL, *ARGS,
+                     "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def done(env):
+    """An uninterrupted run."""
+    with pytest.MonkeyPatch.context() as mp:
+        assert experiment(env, mp, env / "whole") == 0
+    return env / "whole"
+
+
+def test_rows_are_consistent(done):
+    header, rows = read_rows(done / "rows.jsonl", "sequential")
+    assert header["settings"]["methods"] == ["rome", "c-rome"]
+    traces = sequential.traces(rows)
+    assert list(traces) == ["rome", "c-rome"]
+    for method, trace in traces.items():
+        assert [r["step"] for r in trace] == [0, 1, 2, 3]
+        assert [("ppl1k" in r) for r in trace] == [True, False, True, True]  # 0, every 2, last
+        assert trace[0]["ppl50_ratio"] == 1.0
+        for r in trace[1:]:
+            assert np.isfinite(r["delta_norm"]) and r["delta_norm"] > 0
+            assert r["ppl50_ratio"] == pytest.approx(r["ppl50"] / trace[0]["ppl50"])
+        for r in trace:
+            if "ppl1k" in r:
+                assert r["ppl1k"] > 1 and set(r["downstream"]) == {"sst2", "piqa"}
+                for v in r["downstream"].values():
+                    assert 0 <= v["accuracy"] <= 1 and v["n"] == 4 and 0.5 <= v["chance"] <= 1
+        assert trace[0]["ppl1k"] == traces["rome"][0]["ppl1k"]  # one unedited model
+    case_ids = [r["case_id"] for r in traces["rome"][1:]]
+    assert case_ids == [r["case_id"] for r in traces["c-rome"][1:]]  # same records, same order
+    finals = {r["method"]: r for r in rows if r["key"][1] == "final"}
+    for method, final in finals.items():
+        assert final["case_ids"] == case_ids and len(final["records"]) == 3
+        assert final["summary"]["ES"] == pytest.approx(np.mean([x["ES"] for x in
+                                                                final["records"]]))
+    singles = [r for r in rows if r["key"][0] == "single"]
+    assert sorted(r["case_id"] for r in singles) == sorted(case_ids)
+    assert all(set(r["edits"]) == {"rome", "c-rome"} for r in singles)
+    for method in ("rome", "c-rome"):
+        state = np.load(done / f"state-{method}.npz")
+        assert int(state["step"]) == 3 and state["weight"].shape == (256, 64)
+
+
+def test_report_numbers_are_the_rows(done):
+    _, rows = read_rows(done / "rows.jsonl", "sequential")
+    summary = json.loads((done / "summary.json").read_text())
+    table = (done / "table.md").read_text()
+    assert (done / "figure.png").stat().st_size > 0
+    traces = sequential.traces(rows)
+    for method, v in summary["methods"].items():
+        trace = traces[method]
+        assert v["delta_norm"] == [r["delta_norm"] for r in trace[1:]]
+        assert [e["step"] for e in v["evaluated"]] == [0, 2, 3]
+        assert [e["ppl1k"] for e in v["evaluated"]] == [r["ppl1k"] for r in trace
+                                                        if "ppl1k" in r]
+        final = next(r for r in rows if r["key"] == [method, "final"])
+        assert v["sequential"] == final["summary"]
+        singles = [r["edits"][method] for r in rows if r["key"][0] == "single"]
+        assert v["single"]["NS"] == pytest.approx(np.mean([s["NS"] for s in singles]))
+        for e in v["evaluated"]:
+            assert f"| {e['step']} | {e['ppl1k']:.3g} |" in table
+    assert "r-rome = c-rome" in table and "| rome | sequential | 3 |" in table
+
+
+def test_resume_after_an_interruption_reaches_the_same_weights(env, done, monkeypatch):
+    """Cut after the row of rome's edit 2 but before its state (the worst place): the rerun
+    replays that edit from the state of edit 1 and ends with the uninterrupted run's rows and
+    weights."""
+    out = env / "cut"
+    save = sequential.save_state
+    calls = []
+
+    def cut(out_dir, method, step, params, layer):
+        calls.append(step)
+        if (method, step) == ("rome", 2):
+            raise KeyboardInterrupt
+        save(out_dir, method, step, params, layer)
+
+    monkeypatch.setattr(sequential, "save_state", cut)
+    assert experiment(env, monkeypatch, out) != 0
+    _, rows = read_rows(out / "rows.jsonl")
+    assert [r["key"] for r in rows] == [["rome", 0], ["rome", 1], ["rome", 2]]
+    assert int(np.load(out / "state-rome.npz")["step"]) == 1
+    monkeypatch.setattr(sequential, "save_state", save)
+    assert experiment(env, monkeypatch, out) == 0
+    _, whole = read_rows(done / "rows.jsonl")
+    _, resumed = read_rows(out / "rows.jsonl")
+    assert [r["key"] for r in resumed] == [r["key"] for r in whole]
+    assert [r.get("delta_norm") for r in resumed] == [r.get("delta_norm") for r in whole]
+    for method in ("rome", "c-rome"):
+        np.testing.assert_array_equal(np.load(out / f"state-{method}.npz")["weight"],
+                                      np.load(done / f"state-{method}.npz")["weight"])
+
+
+def test_a_rerun_with_other_settings_is_refused(env, done, monkeypatch, capsys):
+    before = (done / "rows.jsonl").read_bytes()
+    assert experiment(env, monkeypatch, done, "--every", "3") == 2
+    assert "every" in capsys.readouterr().err
+    assert (done / "rows.jsonl").read_bytes() == before
+
+
+def test_a_non_finite_update_ends_the_trace(env, monkeypatch):
+    """The refused update of edit 2 ends rome's trace with a row saying so; the final scores
+    are those of the edit before."""
+    import rome_jax.rome.edit as edit_module
+
+    real = edit_module.compute_edit
+    count = {"rome": 0}
+
+    def compute(model, request, hparams, method, **kw):
+        if method == "rome":
+            count["rome"] += 1
+            if count["rome"] == 2:
+                raise ValueError("non-finite update refused (method rome, denominator 0)")
+        return real(model, request, hparams, method, **kw)
+
+    monkeypatch.setattr(edit_module, "compute_edit", compute)
+    out = env / "ended"
+    assert experiment(env, monkeypatch, out, "--methods", "rome", "--n", "2", "--every",
+                      "1") == 0
+    header, rows = read_rows(out / "rows.jsonl")
+    trace = sequential.traces(rows)["rome"]
+    assert [r["step"] for r in trace] == [0, 1, 2] and trace[-1]["ended"]
+    assert "non-finite" in trace[-1]["error"]
+    final = next(r for r in rows if r["key"] == ["rome", "final"])
+    assert final["step"] == 1 and len(final["records"]) == 1
+    assert int(np.load(out / "state-rome.npz")["step"]) == 1
+    summary = sequential.report(header | {"out": str(out)}, rows).summary
+    assert summary["methods"]["rome"]["ended_at"] == 2
+    assert summary["methods"]["rome"]["edits"] == 1
