@@ -6,6 +6,7 @@
                  ``c-rome`` (Table 2)
 ``bos``          the same with a start token before every sequence, beside the run without
                  ("The Fall of ROME" §3.3)
+``zsre``         ROME's zsRE token accuracies (efficacy, paraphrase, specificity) per method
 ===============  =========================================================================
 
 An experiment module has ``NAME``, ``HELP``, ``add_args(parser)`` (its own options),
@@ -19,6 +20,6 @@ ME-PPL_50 probe, built lazily.
 
 from __future__ import annotations
 
-from rome_jax.experiments import bos, collapse
+from rome_jax.experiments import bos, collapse, zsre
 
-EXPERIMENTS = {m.NAME: m for m in (collapse, bos)}
+EXPERIMENTS = {m.NAME: m for m in (collapse, bos, zsre)}
