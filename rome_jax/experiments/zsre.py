@@ -1,4 +1,4 @@
-"""zsRE: ROME's zsRE metrics for each edit method on a fixed sample (ROME, Table 4).
+"""zsRE: ROME's zsRE metrics for each edit method on a fixed sample (ROME's zsRE table).
 
 ``--n`` zsRE records (the first ``--n`` of a permutation of the whole file drawn with numpy
 seed ``--sample-seed``, so a larger ``--n`` extends the same sample) are each edited once from
@@ -22,7 +22,7 @@ import numpy as np
 from rome_jax.experiments.report import Report, grouped, markdown_table, stats
 
 NAME = "zsre"
-HELP = "zsRE efficacy, paraphrase and specificity (token accuracy) per method (ROME Table 4)"
+HELP = "zsRE efficacy, paraphrase and specificity (token accuracy) per method (ROME)"
 GROUPS = ("all", "first-token subject", "other subjects")
 
 
