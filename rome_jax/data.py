@@ -184,6 +184,13 @@ def counterfact_by_case_id(records: list[dict], case_ids) -> list[dict]:
     return [by_id[i] for i in case_ids]
 
 
+def load_zsre() -> list[dict]:
+    """zsRE edit-evaluation records (``zsre_mem_eval`` schema: ``subject, src, pred, rephrase,
+    alt, answers, loc, loc_ans, cond``), in file order: a record's index is its case id, as in
+    ROME's ``MENDQADataset`` (``zsre_eval.zsre_record`` makes the edit request)."""
+    return json.loads(data_file("zsre_eval.json").read_text())
+
+
 def load_me_ppl(name: str = "ME-PPL_50") -> list[str]:
     """ME-PPL sentences: ``ME-PPL`` (10k), ``ME-PPL_1k`` or ``ME-PPL_50``."""
     return [r["Text"] for r in json.loads(data_file(f"me_ppl/{name}.json").read_text())]

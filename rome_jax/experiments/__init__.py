@@ -8,6 +8,7 @@
                  ("The Fall of ROME" §3.3)
 ``sequential``   sequential edits per method: ‖Δ‖, ME-PPL_1k and downstream accuracy every k
                  edits, final CounterFact scores beside single edits ("Rebuilding ROME")
+``zsre``         ROME's zsRE token accuracies (efficacy, paraphrase, specificity) per method
 ===============  =========================================================================
 
 An experiment module has ``NAME``, ``HELP``, ``add_args(parser)`` (its own options),
@@ -21,6 +22,6 @@ ME-PPL_50 probe, built lazily.
 
 from __future__ import annotations
 
-from rome_jax.experiments import bos, collapse, sequential
+from rome_jax.experiments import bos, collapse, sequential, zsre
 
-EXPERIMENTS = {m.NAME: m for m in (collapse, bos, sequential)}
+EXPERIMENTS = {m.NAME: m for m in (collapse, bos, sequential, zsre)}
