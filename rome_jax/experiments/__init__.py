@@ -6,6 +6,8 @@
                  ``c-rome`` (Table 2)
 ``bos``          the same with a start token before every sequence, beside the run without
                  ("The Fall of ROME" §3.3)
+``geometry``     PCA / t-SNE maps of k^u, k̄, C⁻¹k̄ and first-token keys, forward passes only
+                 ("The Fall of ROME" Figures 1-2)
 ===============  =========================================================================
 
 An experiment module has ``NAME``, ``HELP``, ``add_args(parser)`` (its own options),
@@ -19,6 +21,6 @@ ME-PPL_50 probe, built lazily.
 
 from __future__ import annotations
 
-from rome_jax.experiments import bos, collapse
+from rome_jax.experiments import bos, collapse, geometry
 
-EXPERIMENTS = {m.NAME: m for m in (collapse, bos)}
+EXPERIMENTS = {m.NAME: m for m in (collapse, bos, geometry)}
