@@ -86,41 +86,56 @@ def test_groups_follow_the_baseline(finished):
     assert len(rows) == 3  # the skipped record and the second normal case are left out
 
 
+def library_keys(s, record):
+    """k^u, k̄, all [N, F] as an edit computes them (``solve_core``: the residual at the layer,
+    then ``keys_from_residual`` on the edit's batch, whose last row is the KL prompt)."""
+    from rome_jax.models.transformer import residual_at
+    from rome_jax.rome.edit import build_batch
+    from rome_jax.rome.keys import keys_from_residual
+    from rome_jax.rome.request import EditRequest
+
+    batch = build_batch(s.model, EditRequest.from_dict(record), s.context.templates,
+                        s.hparams.fact_token)
+    layer = s.hparams.layer
+    residual = residual_at(s.model.params, s.model.config, batch.ids, batch.mask, layer)
+    return keys_from_residual(s.model.params, s.model.config, layer, residual, batch.mask,
+                              batch.lookup, n_rows=batch.ids.shape[0] - 1)
+
+
 def test_vectors_and_scalars_agree_with_the_library(setup, finished):
     import jax.numpy as jnp
 
     from rome_jax.data import counterfact_by_case_id, load_counterfact, load_me_ppl
-    from rome_jax.models.transformer import mlp_key
-    from rome_jax.rome.edit import compute_edit, solve
-    from rome_jax.rome.stats import solve as solve_c
+    from rome_jax.models.transformer import mlp_key, rome_weight
+    from rome_jax.rome.stats import solve
+    from rome_jax.rome.update import rank_one_update
 
     root, _ = finished
     store = geometry.VectorStore(root / "out" / "keys.npz")
     rows = rows_of(root / "out")
-    hparams = setup.hparams.replace(v_num_grad_steps=1)  # the keys do not depend on v*
+    factor, layer = setup.context.factor, setup.hparams.layer
+    w, b = rome_weight(setup.model.params, layer)
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3 * np.abs(b).max())
-    for row in (r for r in rows if not geometry.is_text(r)):
-        record = counterfact_by_case_id(load_counterfact(), [row["case_id"]])[0]
-        solved = solve(setup.model, record, hparams, context=setup.context)
-        keys = [np.asarray(k, np.float64) for k in solved.keys]
+    records = [r for r in rows if not geometry.is_text(r)]
+    by_id = counterfact_by_case_id(load_counterfact(), [r["case_id"] for r in records])
+    for row, record in zip(records, by_id):
+        keys = library_keys(setup, record)
         unit = geometry.unit_of(row)
-        close(store.vector(unit, "plain"), keys[0])
-        close(store.vector(unit, "mean"), keys[1])
-        close(store.vector(unit, "inv_mean"), np.asarray(solve_c(setup.context.factor,
-                                                                 solved.keys.mean)))
-        close(store.vector(unit, "inv_plain"), np.asarray(solve_c(setup.context.factor,
-                                                                  solved.keys.plain)))
+        close(store.vector(unit, "plain"), np.asarray(keys.plain))
+        close(store.vector(unit, "mean"), np.asarray(keys.mean))
+        close(store.vector(unit, "inv_mean"), np.asarray(solve(factor, keys.mean)))
+        close(store.vector(unit, "inv_plain"), np.asarray(solve(factor, keys.plain)))
         assert (f"{unit}/prefixed" in store.arrays) == (row["group"] != "normal")
         if row["group"] != "normal":
-            close(store.vector(unit, "prefixed"), keys[2][1:])
-        assert row["n_templates"] == len(setup.context.templates.templates) == len(keys[2])
-        np.testing.assert_allclose(row["norm_plain"], np.linalg.norm(keys[0]), rtol=1e-4)
-        _, report = compute_edit(setup.model, record, hparams, "rome", context=setup.context,
-                                 solved=solved)
-        np.testing.assert_allclose(row["cos_plain_mean"], report.key_cosine, rtol=1e-4,
-                                   atol=1e-5)
-        np.testing.assert_allclose(row["denominator_rome"], report.denominator_unit_u,
-                                   rtol=1e-3, atol=1e-4)
+            close(store.vector(unit, "prefixed"), np.asarray(keys.all[1:]))
+        assert row["n_templates"] == len(setup.context.templates.templates) == len(keys.all)
+        np.testing.assert_allclose(row["norm_plain"], np.linalg.norm(keys.plain), rtol=1e-4)
+        for method in ("rome", "c-rome"):  # the denominators do not depend on v*
+            diagnostics = rank_one_update(w, b, factor, keys.plain, keys.mean,
+                                          jnp.zeros_like(b), method)[1]
+            np.testing.assert_allclose(row[f"denominator_{method.replace('-', '_')}"],
+                                       float(diagnostics.denominator_unit_u), rtol=1e-3,
+                                       atol=1e-4)
     texts = load_me_ppl(geometry.TEXT_CORPUS)
     tok = setup.model.tokenizer
     text_rows = [r for r in rows if geometry.is_text(r)]
@@ -224,14 +239,24 @@ def test_resume_keeps_rows_and_vectors_in_step(finished, tmp_path):
                             else b[k]), k
     store = geometry.VectorStore(out / "keys.npz")
     assert store.units() == {geometry.unit_of(r) for r in after}
-    # a rerun with other settings is refused; with --overwrite it starts over and drops the
-    # vectors of the rows it no longer has
+    # a rerun with other settings is refused
     assert run("--baseline", root / "base", "--n", 1, "--text-n", 1, "--out", out) == 2
-    assert run("--baseline", root / "base", "--n", 0, "--text-n", 1, "--text-tokens", 24,
-               "--overwrite", "--out", out) == 0
-    rows = rows_of(out)
-    assert len(rows) == 3  # collapse, first-token below threshold, one text
-    assert geometry.VectorStore(out / "keys.npz").units() == {geometry.unit_of(r) for r in rows}
+
+
+def test_store_round_trip_and_keep_only(tmp_path):
+    path = tmp_path / "keys.npz"
+    store = geometry.VectorStore(path)
+    x = np.random.default_rng(0).normal(size=(3, 8)) * 100
+    store.put("7", {"plain": x[0], "prefixed": x})
+    store.put("text0", {"first": x[1]})
+    again = geometry.VectorStore(path)
+    assert again.units() == {"7", "text0"}
+    np.testing.assert_allclose(again.vector("7", "prefixed"), x, rtol=1e-3)
+    assert again.arrays["7/plain"].dtype == np.float16
+    np.testing.assert_allclose(np.linalg.norm(again.direction("7", "prefixed"), axis=1), 1,
+                               atol=1e-3)
+    again.keep_only({"7"})
+    assert geometry.VectorStore(path).units() == {"7"}
 
 
 def test_baseline_of_other_weights_is_refused(setup, tmp_path, capsys):
