@@ -9,6 +9,8 @@
 ``sequential``   sequential edits per method: ‖Δ‖, ME-PPL_1k and downstream accuracy every k
                  edits, final CounterFact scores beside single edits ("Rebuilding ROME")
 ``zsre``         ROME's zsRE token accuracies (efficacy, paraphrase, specificity) per method
+``geometry``     PCA / t-SNE maps of k^u, k̄, C⁻¹k̄ and first-token keys, forward passes only
+                 ("The Fall of ROME" Figures 1-2)
 ===============  =========================================================================
 
 An experiment module has ``NAME``, ``HELP``, ``add_args(parser)`` (its own options),
@@ -22,6 +24,6 @@ ME-PPL_50 probe, built lazily.
 
 from __future__ import annotations
 
-from rome_jax.experiments import bos, collapse, sequential, zsre
+from rome_jax.experiments import bos, collapse, geometry, sequential, zsre
 
-EXPERIMENTS = {m.NAME: m for m in (collapse, bos, sequential, zsre)}
+EXPERIMENTS = {m.NAME: m for m in (collapse, bos, sequential, zsre, geometry)}
