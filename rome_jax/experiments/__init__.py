@@ -6,6 +6,10 @@
                  ``c-rome`` (Table 2)
 ``bos``          the same with a start token before every sequence, beside the run without
                  ("The Fall of ROME" §3.3)
+``single``       the collapse run's records edited once with ``rome``, ``r-rome`` and
+                 ``p-rome``: CounterFact metrics with and without the test-time prefix, |Δ|
+                 against normalised generation entropy ("The Fall of ROME" Tables 3-4,
+                 "Rebuilding ROME" Tables 1, 2, 4 and Figure 2)
 ===============  =========================================================================
 
 An experiment module has ``NAME``, ``HELP``, ``add_args(parser)`` (its own options),
@@ -19,6 +23,6 @@ ME-PPL_50 probe, built lazily.
 
 from __future__ import annotations
 
-from rome_jax.experiments import bos, collapse
+from rome_jax.experiments import bos, collapse, single
 
-EXPERIMENTS = {m.NAME: m for m in (collapse, bos)}
+EXPERIMENTS = {m.NAME: m for m in (collapse, bos, single)}
