@@ -50,8 +50,9 @@ def baseline(header: Mapping, layer: int, bos: int | None = None) -> tuple[dict,
 
     path = baseline_dir(header, bos) / "rows.jsonl"
     if not path.exists():
+        start = "without --bos" if bos is None else "--bos"
         raise FileNotFoundError(f"--baseline: {path} does not exist; run `rome-jax experiment "
-                                "collapse` with the same model and layer (without --bos) first")
+                                f"collapse` with the same model and layer ({start}) first")
     header, rows = read_rows(path, collapse.NAME)
     st = header["settings"]
     if st.get("bos") != bos or st["layer"] != layer:
