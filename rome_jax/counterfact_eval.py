@@ -2,10 +2,11 @@
 method and scored with ROME's CounterFact metrics (``evaluation.counterfact_metrics``), the
 perplexity ratio of a probe corpus, the update's size, and optionally generation entropy.
 
-With ``test_prefix`` the rewrite prompt of a record whose subject opens it is scored with a
-prefix in front ("The Fall of ROME"'s test-time fix). The prefixes are sampled from the model
-with their own key, so they are not the context templates the edit was computed with, and a
-record's prefix is chosen by its case id, so its scores do not depend on which records run.
+With ``test_prefix`` every model is also scored with a prefix in front of the rewrite and
+paraphrase prompts that open with the subject ("The Fall of ROME"'s test-time fix,
+``evaluation.counterfact_prompts``), beside the plain scores. The prefixes are sampled from the
+model with their own key, so they are not the context templates the edit was computed with, and
+a record's prefix is chosen by its case id, so its scores do not depend on which records run.
 
 The keys and v* of a record do not depend on the method, so they are computed once per record
 and every method's update is made from them.
@@ -20,10 +21,10 @@ from typing import Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from rome_jax.evaluation import (counterfact_metrics, counterfact_nll, generation_entropy,
-                                 summarize_counterfact)
+from rome_jax.evaluation import (counterfact_metrics, counterfact_nlls, counterfact_prompts,
+                                 generation_entropy, summarize_counterfact)
 from rome_jax.models.model import Model
-from rome_jax.rome.edit import EditContext, compute_edit, solve, with_test_prefix
+from rome_jax.rome.edit import EditContext, compute_edit, solve
 from rome_jax.rome.hparams import RomeHParams
 from rome_jax.rome.request import EditRequest
 from rome_jax.rome.templates import sample_context_templates
@@ -33,8 +34,9 @@ from rome_jax.training import first_token_subject
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
-    """``generation_prompts`` > 0 also measures generation entropy on that many of each record's
-    generation prompts, ``generation_tokens`` new tokens each (top-5 sampling)."""
+    """``test_prefix`` also scores with a test-time prefix; ``generation_prompts`` > 0 also
+    measures generation entropy (ROME's ``GE`` and the normalised ``GE_norm``) on that many of
+    each record's generation prompts, ``generation_tokens`` new tokens each (top-5 sampling)."""
 
     methods: tuple[str, ...] = ("rome", "c-rome", "p-rome")
     test_prefix: bool = False
@@ -58,14 +60,22 @@ def test_prefixes(model: Model, seed: int, n: int = 10) -> tuple[str, ...]:
     return sample_context_templates(model, key, ((10, n),)).prefixes
 
 
-def _scores(model: Model, record: Mapping, params, rewrite_prompt: str, settings: EvalSettings,
+def _scores(model: Model, record: Mapping, params, prefix: str | None, settings: EvalSettings,
             perplexity: float, base_perplexity: float, key: jax.Array) -> dict:
-    row = counterfact_metrics(counterfact_nll(model, record, params, rewrite_prompt))
+    """CounterFact metrics of ``params`` (and, with a prefix, the same under "prefixed"),
+    perplexity, its ratio, and generation entropy when asked."""
+    prompt_sets = [counterfact_prompts(record)]
+    if prefix is not None:
+        prompt_sets.append(counterfact_prompts(record, prefix))
+    nlls = counterfact_nlls(model, record, prompt_sets, params)
+    row = counterfact_metrics(nlls[0])
+    if prefix is not None:
+        row["prefixed"] = counterfact_metrics(nlls[1])
     row.update(perplexity=perplexity, ppl_ratio=perplexity / base_perplexity)
     if settings.generation_prompts:
         prompts = list(record["generation_prompts"][:settings.generation_prompts])
-        row["GE"] = generation_entropy(model, prompts, key, settings.generation_tokens,
-                                       params=params)
+        row["GE"], row["GE_norm"] = generation_entropy(model, prompts, key,
+                                                       settings.generation_tokens, params=params)
     return row
 
 
@@ -75,23 +85,22 @@ def evaluate_record(model: Model, record: Mapping, hparams: RomeHParams, context
     """One record: its scores before editing and after each method's edit.
 
     ``probe(params)`` is a perplexity (e.g. ``guard.PerplexityProbe``, whose ``base`` is the
-    unedited value); with ``settings.test_prefix`` the rewrite prompt gets
-    ``prefixes[case_id % len(prefixes)]`` (``test_prefixes``).
-    Returns {"case_id", "subject_first", "first_token_subject", "rewrite_prompt", "before": scores,
-    "edits": {method: scores + update diagnostics, or {"error": ...}}}.
+    unedited value); with ``settings.test_prefix`` the prefixed scores use
+    ``prefix = prefixes[case_id % len(prefixes)]`` (``test_prefixes``).
+    Returns {"case_id", "subject_first", "first_token_subject", "prefix" (or None),
+    "rewrite_prompt" (as scored with the prefix), "before": scores, "edits": {method: scores +
+    update diagnostics (|Δ|, ‖Δ‖, denominators...), or {"error": ...}}}.
     """
     request = EditRequest.from_dict(record)
     if settings.test_prefix and not prefixes:
         raise ValueError("test_prefix: give the prefixes to choose from")
-    rewrite = (with_test_prefix(request.text, request.subject,
-                                prefixes[int(record["case_id"]) % len(prefixes)])
-               if settings.test_prefix else request.text)
+    prefix = prefixes[int(record["case_id"]) % len(prefixes)] if settings.test_prefix else None
     key = jax.random.fold_in(jax.random.key(settings.seed), int(record["case_id"]))
     base = probe.base
     row = {"case_id": int(record["case_id"]), "subject_first": request.subject_first,
            "first_token_subject": first_token_subject(record, model.tokenizer),
-           "rewrite_prompt": rewrite,
-           "before": _scores(model, record, model.params, rewrite, settings, base, base, key),
+           "prefix": prefix, "rewrite_prompt": counterfact_prompts(record, prefix)["rewrite"][0],
+           "before": _scores(model, record, model.params, prefix, settings, base, base, key),
            "edits": {}}
     solved = solve(model, request, hparams, context=context)  # keys and v*: the same per method
     for method in settings.methods:
@@ -102,8 +111,9 @@ def evaluate_record(model: Model, record: Mapping, hparams: RomeHParams, context
             row["edits"][method] = {"error": " ".join(str(err).split())}
             continue
         params = apply_edit(model.params, update)
-        scores = _scores(model, record, params, rewrite, settings, probe(params), base, key)
-        scores.update(delta_abs=report.delta_abs, denominator=report.denominator,
+        scores = _scores(model, record, params, prefix, settings, probe(params), base, key)
+        scores.update(delta_abs=report.delta_abs, delta_norm=report.delta_norm,
+                      denominator=report.denominator,
                       denominator_unit_u=report.denominator_unit_u,
                       residual_norm=report.residual_norm, key_cosine=report.key_cosine)
         row["edits"][method] = scores
@@ -111,23 +121,26 @@ def evaluate_record(model: Model, record: Mapping, hparams: RomeHParams, context
 
 
 def summarize(rows: Sequence[Mapping], methods: Sequence[str],
-              subset: Callable[[Mapping], bool] = lambda row: True) -> dict[str, dict]:
+              subset: Callable[[Mapping], bool] = lambda row: True,
+              prefixed: bool = False) -> dict[str, dict]:
     """Per method (and "none", before editing) over the rows in ``subset``: the CounterFact
-    summary (ES, PS, NS, S, EM, PM, NM, n), the median and largest perplexity ratio, the mean
-    generation entropy when measured, the median |Δ| and how many edits failed."""
+    summary (ES, PS, NS, S, EM, PM, NM, n; with ``prefixed``, of the scores with the test-time
+    prefix), the median and largest perplexity ratio, the mean generation entropies when
+    measured, the median |Δ| and how many edits failed."""
     rows = [r for r in rows if subset(r)]
     out = {}
     for method in ("none", *methods):
         scored = [r["before"] if method == "none" else r["edits"][method] for r in rows]
         ok = [s for s in scored if "error" not in s]
-        summary = summarize_counterfact(ok)
+        summary = summarize_counterfact([s["prefixed"] for s in ok] if prefixed else ok)
         ratios = [s["ppl_ratio"] for s in ok]
         summary.update(
             ppl_ratio_median=float(np.median(ratios)) if ratios else math.nan,
             ppl_ratio_max=float(np.max(ratios)) if ratios else math.nan,
             failed=len(scored) - len(ok))
-        if ok and "GE" in ok[0]:
-            summary["GE"] = float(np.mean([s["GE"] for s in ok]))
+        for entropy in ("GE", "GE_norm"):
+            if ok and entropy in ok[0]:
+                summary[entropy] = float(np.nanmean([s[entropy] for s in ok]))
         if method != "none":
             summary["delta_abs_median"] = (float(np.median([s["delta_abs"] for s in ok]))
                                            if ok else math.nan)

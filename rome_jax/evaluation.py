@@ -13,6 +13,10 @@ success is the fraction of prompts where the right target is more probable (ES/P
 after the rewrite / paraphrase prompts; NS: target_true after the neighbourhood prompts) and
 magnitude the mean probability margin (EM/PM: P(new) − P(true); NM: P(true) − P(new)); both
 are then averaged over records, and S is the harmonic mean of ES, PS and NS.
+
+Generation entropy measures how repetitive sampled text is (a collapsed model repeats itself):
+ROME's weighted 2- and 3-gram entropy per text (``ngram_entropy``, in bits) and "Rebuilding
+ROME"'s normalised word entropy of a record's texts together (``word_entropy``, in [0, 1]).
 """
 
 from __future__ import annotations
@@ -121,24 +125,45 @@ def mean_sentence_perplexity(model: Model, texts: list[str], batch_size: int = 3
 COUNTERFACT_GROUPS = ("rewrite", "paraphrase", "neighborhood")
 
 
+def counterfact_prompts(record: Mapping, prefix: str | None = None) -> dict[str, list[str]]:
+    """The filled-in prompts of a CounterFact record: {"rewrite": [1], "paraphrase": [P],
+    "neighborhood": [N]}. With ``prefix``, each rewrite and paraphrase prompt that opens with
+    the subject gets it in front ("The Fall of ROME"'s test-time prefix, so that the model reads
+    the subject after some context, as it was edited); neighbourhood prompts, about other
+    subjects, never do."""
+    from rome_jax.rome.edit import with_test_prefix  # rome.edit imports this module
+
+    rw = record["requested_rewrite"]
+    subject = rw["subject"]
+    fix = (lambda p: with_test_prefix(p, subject, prefix)) if prefix else (lambda p: p)
+    return {"rewrite": [fix(rw["prompt"].format(subject))],
+            "paraphrase": [fix(p) for p in record["paraphrase_prompts"]],
+            "neighborhood": list(record["neighborhood_prompts"])}
+
+
+def counterfact_nlls(model: Model, record: Mapping, prompt_sets: Sequence[Mapping[str, list]],
+                     params: Params | None = None) -> list[dict[str, np.ndarray]]:
+    """``counterfact_nll`` for each of several prompt sets of one record (``counterfact_prompts``
+    with and without a prefix, say) in one pass: each distinct prompt is scored once, so prompts
+    the sets share get identical numbers."""
+    rw = record["requested_rewrite"]
+    targets = [rw["target_new"]["str"], rw["target_true"]["str"]]
+    unique = list(dict.fromkeys(p for prompts in prompt_sets for g in COUNTERFACT_GROUPS
+                                for p in prompts[g]))
+    nll = continuation_nll(model, [p for p in unique for _ in targets], targets * len(unique),
+                           params=params).reshape(-1, 2)
+    row = {p: i for i, p in enumerate(unique)}
+    return [{g: nll[[row[p] for p in prompts[g]]].reshape(-1, 2) for g in COUNTERFACT_GROUPS}
+            for prompts in prompt_sets]
+
+
 def counterfact_nll(model: Model, record: Mapping, params: Params | None = None,
-                    rewrite_prompt: str | None = None) -> dict[str, np.ndarray]:
+                    prompts: Mapping[str, list] | None = None) -> dict[str, np.ndarray]:
     """Mean token NLLs of ``target_new`` (column 0) and ``target_true`` (column 1) after each
     prompt of a CounterFact record: {"rewrite": [1, 2], "paraphrase": [P, 2],
-    "neighborhood": [N, 2]}. ``rewrite_prompt`` replaces the filled-in rewrite prompt (e.g. with a
+    "neighborhood": [N, 2]}. ``prompts`` replaces ``counterfact_prompts(record)`` (e.g. with a
     test-time prefix)."""
-    rw = record["requested_rewrite"]
-    groups = {"rewrite": [rewrite_prompt or rw["prompt"].format(rw["subject"])],
-              "paraphrase": list(record["paraphrase_prompts"]),
-              "neighborhood": list(record["neighborhood_prompts"])}
-    prompts = [p for g in COUNTERFACT_GROUPS for p in groups[g]]
-    targets = [rw["target_new"]["str"], rw["target_true"]["str"]]
-    nll = continuation_nll(model, [p for p in prompts for _ in targets],
-                           targets * len(prompts), params=params).reshape(-1, 2)
-    out, start = {}, 0
-    for g in COUNTERFACT_GROUPS:
-        out[g], start = nll[start:start + len(groups[g])], start + len(groups[g])
-    return out
+    return counterfact_nlls(model, record, [prompts or counterfact_prompts(record)], params)[0]
 
 
 def counterfact_metrics(nll: Mapping[str, np.ndarray]) -> dict[str, float]:
@@ -187,10 +212,25 @@ def ngram_entropy(text: str, ns: Sequence[int] = (2, 3),
     return float(np.mean(terms))
 
 
+def word_entropy(texts: Sequence[str]) -> float:
+    """"Rebuilding ROME"'s normalised generation entropy of one record's generated texts: the
+    entropy of the frequencies of the words of all ``texts`` together (lower-cased, full stops
+    dropped, split at white space), over its largest value log2(number of distinct words). In
+    [0, 1]: 1 when no word repeats, 0 when one word is all there is; NaN without words."""
+    words = " ".join(texts).lower().replace(".", "").split()
+    counts = np.array(list(Counter(words).values()), float)
+    if counts.size < 2:
+        return 0.0 if counts.size else math.nan
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum() / np.log2(counts.size))
+
+
 def generation_entropy(model: Model, prompts: list[str], key: jax.Array,
                        max_new_tokens: int = 100, top_k: int = 5,
-                       params: Params | None = None) -> float:
-    """Mean ``ngram_entropy`` of each prompt followed by its top-k sampled continuation (ROME
-    samples top-5 continuations of a record's generation prompts, 100 tokens in all)."""
-    texts = generate(model, prompts, max_new_tokens, key=key, top_k=top_k, params=params)
-    return float(np.mean([ngram_entropy(p + t) for p, t in zip(prompts, texts)]))
+                       params: Params | None = None) -> tuple[float, float]:
+    """(GE, GE_norm) of each prompt followed by its top-k sampled continuation (ROME samples
+    top-5 continuations of a record's generation prompts, 100 tokens in all): the mean
+    ``ngram_entropy`` of the texts, and the ``word_entropy`` of all of them together."""
+    texts = [p + t for p, t in zip(prompts, generate(model, prompts, max_new_tokens, key=key,
+                                                      top_k=top_k, params=params))]
+    return float(np.mean([ngram_entropy(t) for t in texts])), word_entropy(texts)

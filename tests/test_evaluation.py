@@ -10,8 +10,9 @@ from hypothesis.extra.numpy import arrays
 
 from conftest import tiny_gpt2
 from rome_jax.evaluation import (continuation_nll, counterfact_metrics, counterfact_nll,
-                                 generation_entropy, mean_sentence_perplexity, ngram_entropy,
-                                 perplexity, summarize_counterfact)
+                                 counterfact_nlls, counterfact_prompts, generation_entropy,
+                                 mean_sentence_perplexity, ngram_entropy, perplexity,
+                                 summarize_counterfact, word_entropy)
 
 @pytest.fixture(scope="module")
 def model():
@@ -79,9 +80,35 @@ def test_counterfact_nll_matches_continuation_nll(model):
                                                     "neighborhood": (2, 2)}
     direct = continuation_nll(model, ["Slash plays the"] * 2, ["piano", "guitar"])
     np.testing.assert_allclose(nll["neighborhood"][1], direct, rtol=1e-5)
-    prefixed = counterfact_nll(model, record, rewrite_prompt="Hello. Toko Yasuda plays the")
+    prompts = counterfact_prompts(record, prefix="Hello. ")
+    assert prompts == {"rewrite": ["Hello. Toko Yasuda plays the"],
+                       "paraphrase": record["paraphrase_prompts"],  # does not open with it
+                       "neighborhood": record["neighborhood_prompts"]}  # never prefixed
+    prefixed = counterfact_nll(model, record, prompts=prompts)
     np.testing.assert_allclose(prefixed["rewrite"][0], continuation_nll(
         model, ["Hello. Toko Yasuda plays the"] * 2, ["piano", "guitar"]), rtol=1e-5)
+    both = counterfact_nlls(model, record,
+                            [counterfact_prompts(record), prompts])
+    assert both[0]["neighborhood"].tolist() == both[1]["neighborhood"].tolist()  # scored once
+    assert both[0]["rewrite"].tolist() != both[1]["rewrite"].tolist()
+
+
+def test_counterfact_prompts_prefix_paraphrases_that_open_with_the_subject():
+    record = {"requested_rewrite": {"prompt": "The sport of {}", "subject": "Messi"},
+              "paraphrase_prompts": ["Messi plays", "Sport. Messi plays"],
+              "neighborhood_prompts": ["Messi-like players play"]}
+    assert counterfact_prompts(record, "X. ") == {
+        "rewrite": ["The sport of Messi"], "paraphrase": ["X. Messi plays", "Sport. Messi plays"],
+        "neighborhood": ["Messi-like players play"]}
+
+
+def test_word_entropy():
+    assert word_entropy(["the the. The"]) == 0.0
+    assert word_entropy(["a b", "c d"]) == pytest.approx(1.0)  # no word repeats
+    # "a a b": p = (2/3, 1/3) over 2 distinct words
+    assert word_entropy(["a a", "b."]) == pytest.approx(
+        -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3)))
+    assert math.isnan(word_entropy(["", " . "]))
 
 
 def test_generation_entropy_is_seeded(model):
@@ -90,7 +117,7 @@ def test_generation_entropy_is_seeded(model):
     prompts = ["The capital of France is", "Toko Yasuda plays the"]
     a = generation_entropy(model, prompts, jax.random.key(3), max_new_tokens=8)
     b = generation_entropy(model, prompts, jax.random.key(3), max_new_tokens=8)
-    assert a == b and a > 0
+    assert a == b and a[0] > 0 and 0 < a[1] <= 1
 
 
 def test_corpus_and_sentence_perplexity_agree_with_one_text_at_a_time(model):

@@ -23,8 +23,9 @@ def add_parser(sub) -> None:
     p.add_argument("--methods", default="rome,c-rome,p-rome",
                    help="comma-separated methods (default rome,c-rome,p-rome)")
     p.add_argument("--test-prefix", action="store_true",
-                   help="score the rewrite prompt of records whose subject opens it with a "
-                        "random prefix in front (sampled apart from the edit's templates)")
+                   help="score the rewrite and paraphrase prompts that open with the subject "
+                        "with a random prefix in front (sampled apart from the edit's "
+                        "templates); the summary shows these scores")
     p.add_argument("--generation-prompts", type=nonnegative_int, default=0, metavar="G",
                    help="also measure generation entropy on G generation prompts per record "
                         "(default 0: off)")
@@ -73,7 +74,7 @@ def run(args) -> int:
               "other subjects": lambda r: not r["first_token_subject"]}
 
     def results() -> dict:
-        summary = {name: summarize(rows, evaluation.methods, keep)
+        summary = {name: summarize(rows, evaluation.methods, keep, evaluation.test_prefix)
                    for name, keep in groups.items() if any(keep(r) for r in rows)}
         return {"command": "evaluate", "settings": settings, "test_prefixes": list(prefixes),
                 "perplexity_before": s.probe.base, "summary": summary, "records": rows}
@@ -91,12 +92,12 @@ def run(args) -> int:
         return 0
     print(f"{PROG} evaluate: {settings['model']}, layer {s.hparams.layer}, {len(rows)} records, "
           f"{PPL_CORPUS} perplexity {s.probe.base:.4g}"
-          + (", rewrite prompts of subject-first records with a test prefix"
+          + (", prompts that open with the subject scored with a test prefix"
              if evaluation.test_prefix else ""))
     ge = evaluation.generation_prompts > 0
     header = (f"{'records':<21} {'method':<7} {'n':>4} {'ES':>6} {'PS':>6} {'NS':>6} {'S':>6} "
               f"{'EM':>7} {'PM':>7} {'NM':>7} {'ppl x med':>9} {'ppl x max':>9} {'|Δ| med':>9}"
-              + (f" {'GE':>6}" if ge else ""))
+              + (f" {'GE':>6} {'GE norm':>7}" if ge else ""))
     print(header + "\n" + "-" * len(header))
     for name, by_method in summary.items():
         for method, m in by_method.items():
@@ -104,6 +105,6 @@ def run(args) -> int:
                   f"{m['NS']:>6.3f} {m['S']:>6.3f} {m['EM']:>7.3f} {m['PM']:>7.3f} "
                   f"{m['NM']:>7.3f} {m['ppl_ratio_median']:>9.3g} {m['ppl_ratio_max']:>9.3g} "
                   f"{fmt(m.get('delta_abs_median'), '.2e'):>9}"
-                  + (f" {m['GE']:>6.3f}" if ge else "")
+                  + (f" {m['GE']:>6.3f} {m['GE_norm']:>7.3f}" if ge else "")
                   + (f"  ({m['failed']} failed)" if m["failed"] else ""))
     return 0

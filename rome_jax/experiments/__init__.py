@@ -11,6 +11,10 @@
 ``zsre``         ROME's zsRE token accuracies (efficacy, paraphrase, specificity) per method
 ``geometry``     PCA / t-SNE maps of k^u, k̄, C⁻¹k̄ and first-token keys, forward passes only
                  ("The Fall of ROME" Figures 1-2)
+``single``       the collapse run's records edited once with ``rome``, ``r-rome`` and
+                 ``p-rome``: CounterFact metrics with and without the test-time prefix, |Δ|
+                 against normalised generation entropy ("The Fall of ROME" Tables 3-4,
+                 "Rebuilding ROME" Tables 1, 2, 4 and Figure 2)
 ===============  =========================================================================
 
 An experiment module has ``NAME``, ``HELP``, ``add_args(parser)`` (its own options),
@@ -24,6 +28,6 @@ ME-PPL_50 probe, built lazily.
 
 from __future__ import annotations
 
-from rome_jax.experiments import bos, collapse, geometry, sequential, zsre
+from rome_jax.experiments import bos, collapse, geometry, sequential, single, zsre
 
-EXPERIMENTS = {m.NAME: m for m in (collapse, bos, sequential, zsre, geometry)}
+EXPERIMENTS = {m.NAME: m for m in (collapse, bos, single, sequential, zsre, geometry)}

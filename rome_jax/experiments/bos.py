@@ -35,25 +35,30 @@ def settings(args) -> dict:
     return {"methods": list(collapse.METHODS), "baseline": args.baseline}
 
 
-def baseline_dir(header: Mapping) -> Path:
-    """The baseline's folder: ``--baseline``, else ``collapse-lLAYER`` beside this run's."""
+def baseline_dir(header: Mapping, bos: int | None = None) -> Path:
+    """The baseline's folder: ``--baseline``, else ``collapse-lLAYER`` (``-bos`` with a start
+    token ``bos``) beside this run's."""
     given = header["settings"]["baseline"]
-    return (Path(given) if given else
-            Path(header["out"]).parent / f"collapse-l{header['settings']['layer']}")
+    return (Path(given) if given else Path(header["out"]).parent
+            / f"collapse-l{header['settings']['layer']}{'' if bos is None else '-bos'}")
 
 
-def baseline(header: Mapping, layer: int) -> tuple[dict, list[dict]]:
+def baseline(header: Mapping, layer: int, bos: int | None = None) -> tuple[dict, list[dict]]:
+    """(header, rows) of the finished collapse run made at ``layer`` with start token ``bos``
+    (None: without one), found by ``baseline_dir``."""
     from rome_jax.experiments.journal import read_rows
 
-    path = baseline_dir(header) / "rows.jsonl"
+    path = baseline_dir(header, bos) / "rows.jsonl"
     if not path.exists():
+        start = "without --bos" if bos is None else "--bos"
         raise FileNotFoundError(f"--baseline: {path} does not exist; run `rome-jax experiment "
-                                "collapse` with the same model and layer (without --bos) first")
+                                f"collapse` with the same model and layer ({start}) first")
     header, rows = read_rows(path, collapse.NAME)
     st = header["settings"]
-    if st.get("bos") is not None or st["layer"] != layer:
+    if st.get("bos") != bos or st["layer"] != layer:
         raise ValueError(f"--baseline {path.parent}: made at layer {st['layer']} with start "
-                         f"token {st.get('bos')}; it must be layer {layer} without one")
+                         f"token {st.get('bos')}; it must be layer {layer} with start token "
+                         f"{bos}")
     return header, rows
 
 
