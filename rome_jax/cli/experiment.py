@@ -1,4 +1,4 @@
-"""``rome-jax experiment NAME``: one of the papers' experiments, resumable (``rome_jax.experiments``).
+"""``rome-jax experiment NAME``: one of the papers' experiments, resumable.
 
 Results go to ``--out DIR`` (default ``experiments/MODEL/NAME-lLAYER[-bos]``): ``rows.jsonl``
 (one line per finished record; a rerun with the same settings skips them), ``summary.json``,

@@ -3,15 +3,14 @@
 The records of a finished ``collapse`` run (``--baseline``: its folder; by default the one of
 the same model and layer) are edited again, with ``rome`` and ``c-rome``, by the model with a
 start token before every sequence it reads (``--bos``; default the document separator
-``<|endoftext|>``, which is what SmolLM2 and GPT-2 were pretrained with): every first-token
-record and the first ``--n`` normal cases. The tables put both runs side by side, in the groups
-found without the start token: does the token the model was pretrained with keep a first-token
-subject from collapsing?
+``<|endoftext|>``, which is what SmolLM2 and GPT-2 were pretrained with): every collapse case
+and first-token record, and the first ``--n`` normal cases. The tables put both runs side by
+side, in the groups found without the start token: does the token the model was pretrained with
+keep a first-token subject from collapsing?
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Mapping, Sequence
 
 from rome_jax.experiments import collapse
@@ -22,9 +21,7 @@ HELP = "collapse vs normal cases with and without a start token (Fall of ROME §
 
 
 def add_args(p) -> None:
-    p.add_argument("--baseline", metavar="DIR",
-                   help="the collapse run without a start token (default "
-                        "experiments/MODEL/collapse-lLAYER)")
+    collapse.add_baseline_arg(p, default_bos=" (made without --bos)")
     p.add_argument("--n", type=int, default=100,
                    help="normal cases of the baseline to edit again (default 100); every "
                         "first-token record is edited again")
@@ -35,47 +32,18 @@ def settings(args) -> dict:
     return {"methods": list(collapse.METHODS), "baseline": args.baseline}
 
 
-def baseline_dir(header: Mapping, bos: int | None = None) -> Path:
-    """The baseline's folder: ``--baseline``, else ``collapse-lLAYER`` (``-bos`` with a start
-    token ``bos``) beside this run's."""
-    given = header["settings"]["baseline"]
-    return (Path(given) if given else Path(header["out"]).parent
-            / f"collapse-l{header['settings']['layer']}{'' if bos is None else '-bos'}")
-
-
-def baseline(header: Mapping, layer: int, bos: int | None = None) -> tuple[dict, list[dict]]:
-    """(header, rows) of the finished collapse run made at ``layer`` with start token ``bos``
-    (None: without one), found by ``baseline_dir``."""
-    from rome_jax.experiments.journal import read_rows
-
-    path = baseline_dir(header, bos) / "rows.jsonl"
-    if not path.exists():
-        start = "without --bos" if bos is None else "--bos"
-        raise FileNotFoundError(f"--baseline: {path} does not exist; run `rome-jax experiment "
-                                f"collapse` with the same model and layer ({start}) first")
-    header, rows = read_rows(path, collapse.NAME)
-    st = header["settings"]
-    if st.get("bos") != bos or st["layer"] != layer:
-        raise ValueError(f"--baseline {path.parent}: made at layer {st['layer']} with start "
-                         f"token {st.get('bos')}; it must be layer {layer} with start token "
-                         f"{bos}")
-    return header, rows
-
-
 def run(s, args, journal, header: Mapping) -> None:
     from rome_jax.data import counterfact_by_case_id, load_counterfact
 
-    header, rows = baseline(header, s.hparams.layer)
-    threshold = header["settings"]["threshold"]
-    normal = [r["case_id"] for r in rows if collapse.group_of(r, threshold) == "normal"]
-    ids = [r["case_id"] for r in rows if r.get("first_token_subject")] + normal[:args.n]
-    collapse.run_rows(s, counterfact_by_case_id(load_counterfact(), ids), journal, threshold,
-                      NAME)
+    base_header, base_rows = collapse.baseline(header, None)
+    ids = [i for _, i, _ in collapse.chosen(base_header, base_rows, args.n)]
+    collapse.run_rows(s, counterfact_by_case_id(load_counterfact(), ids), journal,
+                      base_header["settings"]["threshold"], NAME)
 
 
 def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
-    path = baseline_dir(header)
-    base_header, base_rows = baseline(header, header["settings"]["layer"])
+    path = collapse.baseline_dir(header, None)
+    base_header, base_rows = collapse.baseline(header, None)
     threshold = base_header["settings"]["threshold"]
     group = {r["case_id"]: collapse.group_of(r, threshold) for r in base_rows}
     done = {r["case_id"] for r in rows}

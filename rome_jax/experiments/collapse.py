@@ -106,6 +106,63 @@ def run(s, args, journal, header: Mapping) -> None:
     run_rows(s, chosen_records(s, args), journal, args.threshold, NAME)
 
 
+# ----------------------------------------------------------------------------- as a baseline
+
+
+def add_baseline_arg(p, default_bos: str = "[-bos]") -> None:
+    """--baseline: the finished collapse run that another experiment starts from."""
+    p.add_argument("--baseline", metavar="DIR",
+                   help="the finished collapse run of the same model and layer (default "
+                        f"experiments/MODEL/collapse-lLAYER{default_bos})")
+
+
+def baseline_dir(header: Mapping, bos: int | None) -> Path:
+    """The folder of the collapse run an experiment starts from: its ``--baseline``, else
+    ``collapse-lLAYER`` (``-bos`` when made with start token ``bos``) beside its own."""
+    st = header["settings"]
+    return (Path(st["baseline"]) if st.get("baseline") else Path(header["out"]).parent
+            / f"collapse-l{st['layer']}{'' if bos is None else '-bos'}")
+
+
+def baseline(header: Mapping, bos: int | None) -> tuple[dict, list[dict]]:
+    """(header, rows) of that collapse run; it must have been made with the weights and layer
+    of ``header``'s run and with start token ``bos`` (None: without one)."""
+    from rome_jax.experiments.journal import read_rows
+
+    path = baseline_dir(header, bos) / "rows.jsonl"
+    if not path.exists():
+        start = "without --bos" if bos is None else "with --bos"
+        raise FileNotFoundError(f"--baseline: {path} does not exist; run `rome-jax experiment "
+                                f"collapse` with the same model and layer ({start}) first")
+    base_header, rows = read_rows(path, NAME)
+    st, base = header["settings"], base_header["settings"]
+    want = {"digest": st["digest"], "layer": st["layer"], "bos": bos}
+    differ = [k for k, v in want.items() if base.get(k) != v]
+    if differ:
+        raise ValueError(f"--baseline {path.parent}: made with another "
+                         + ", ".join(f"{k} ({base.get(k)}, not {want[k]})" for k in differ)
+                         + "; it must be the collapse run of this model and layer")
+    return base_header, rows
+
+
+def chosen(base_header: Mapping, base_rows: Sequence[Mapping], n_normal: int
+           ) -> list[tuple[str, int, bool]]:
+    """(group, case id, first-token subject) of every collapse case and first-token record of
+    a collapse run and of its first ``n_normal`` normal cases, in the run's order."""
+    threshold = base_header["settings"]["threshold"]
+    out, normal = [], 0
+    for r in base_rows:
+        g = group_of(r, threshold)
+        if g is None or (g == "normal" and normal >= n_normal):
+            continue
+        normal += g == "normal"
+        out.append((g, int(r["case_id"]), bool(r["first_token_subject"])))
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
 def group_of(row: Mapping, threshold: float) -> str | None:
     if "error" in row:
         return None

@@ -46,9 +46,7 @@ TEXT_SCALARS = (
 
 
 def add_args(p) -> None:
-    p.add_argument("--baseline", metavar="DIR",
-                   help="the finished collapse run of the same model, layer and start token "
-                        "(default experiments/MODEL/collapse-lLAYER[-bos])")
+    collapse.add_baseline_arg(p)
     p.add_argument("--n", type=int, default=100,
                    help="normal cases of the baseline (default 100); every collapse case and "
                         "first-token record is included")
@@ -207,48 +205,6 @@ def project(points: np.ndarray, method: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- run
 
 
-def baseline_dir(header: Mapping) -> Path:
-    """``--baseline``, else ``collapse-lLAYER[-bos]`` beside this run's folder."""
-    st = header["settings"]
-    bos = "-bos" if st.get("bos") is not None else ""
-    return (Path(st["baseline"]) if st["baseline"] else
-            Path(header["out"]).parent / f"collapse-l{st['layer']}{bos}")
-
-
-def baseline(header: Mapping) -> tuple[dict, list[dict]]:
-    """(header, rows) of the collapse run; it must be of the same weights, layer and start
-    token."""
-    from rome_jax.experiments.journal import read_rows
-
-    path = baseline_dir(header) / "rows.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"--baseline: {path} does not exist; run `rome-jax experiment "
-                                "collapse` with the same model, layer and start token first")
-    base_header, rows = read_rows(path, collapse.NAME)
-    st, base = header["settings"], base_header["settings"]
-    differ = [k for k in ("digest", "layer", "bos") if base.get(k) != st.get(k)]
-    if differ:
-        raise ValueError(f"--baseline {path.parent}: made with another {', '.join(differ)} "
-                         f"({', '.join(f'{k} {base.get(k)}' for k in differ)}); it must be "
-                         "the collapse run of this model, layer and start token")
-    return base_header, rows
-
-
-def chosen_rows(base_header: Mapping, base_rows: Sequence[Mapping], n_normal: int
-                ) -> list[tuple[int, str, bool]]:
-    """(case id, group, first-token subject) of every collapse case and first-token record and
-    the first ``n_normal`` normal cases of the baseline, in its order."""
-    threshold = base_header["settings"]["threshold"]
-    chosen, normal = [], 0
-    for r in base_rows:
-        g = collapse.group_of(r, threshold)
-        if g is None or (g == "normal" and normal >= n_normal):
-            continue
-        normal += g == "normal"
-        chosen.append((int(r["case_id"]), g, bool(r["first_token_subject"])))
-    return chosen
-
-
 def text_key(i: int) -> str:
     return f"text{i}"
 
@@ -262,7 +218,7 @@ def run(s, args, journal, header: Mapping) -> None:
     from rome_jax.rome.request import EditRequest
     from rome_jax.rome.stats import solve
 
-    base_header, base_rows = baseline(header)
+    base_header, base_rows = collapse.baseline(header, header["settings"]["bos"])
     store = VectorStore(store_path(header))
     done = {unit_of(r) for r in journal.rows}
     missing = done - store.units()
@@ -273,10 +229,10 @@ def run(s, args, journal, header: Mapping) -> None:
     layer, factor = s.hparams.layer, s.context.factor
     inverse = lambda k: np.asarray(solve(factor, jnp.asarray(k, jnp.float32)), np.float64)
 
-    chosen = [c for c in chosen_rows(base_header, base_rows, args.n) if c[0] not in journal]
-    records = (counterfact_by_case_id(load_counterfact(), [c[0] for c in chosen])
+    chosen = [c for c in collapse.chosen(base_header, base_rows, args.n) if c[1] not in journal]
+    records = (counterfact_by_case_id(load_counterfact(), [c[1] for c in chosen])
                if chosen else [])
-    for (case_id, group, first), record in tqdm(list(zip(chosen, records)), desc=NAME,
+    for (group, case_id, first), record in tqdm(list(zip(chosen, records)), desc=NAME,
                                                 unit="record"):
         request = EditRequest.from_dict(record)
         keys = edit_keys(s.model, request, s.context.templates, layer, s.hparams.fact_token)
@@ -415,7 +371,7 @@ def describe(header: Mapping) -> str:
 
 def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
     summary = summarize(rows)
-    summary["baseline"] = str(baseline_dir(header))
+    summary["baseline"] = str(collapse.baseline_dir(header, header["settings"]["bos"]))
     groups = summary["groups"]
     t1 = markdown_table(["cases", "n", *(h for _, h in RECORD_SCALARS)],
                         [[g, v["n"], *(v[f]["mean"] for f, _ in RECORD_SCALARS)]

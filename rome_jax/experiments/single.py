@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from rome_jax.cli.common import positive_int
-from rome_jax.experiments import bos, collapse
+from rome_jax.experiments import collapse
 from rome_jax.experiments.report import Report, grouped, markdown_table
 
 NAME = "single"
@@ -35,9 +35,7 @@ SCORINGS = ("plain", "prefixed")
 
 
 def add_args(p) -> None:
-    p.add_argument("--baseline", metavar="DIR",
-                   help="the finished collapse run whose records to edit (default "
-                        "experiments/MODEL/collapse-lLAYER[-bos])")
+    collapse.add_baseline_arg(p)
     p.add_argument("--n", type=int, default=100,
                    help="normal cases of the baseline to edit (default 100); every collapse "
                         "case and first-token record is edited")
@@ -56,16 +54,6 @@ def settings(args) -> dict:
             "generation_tokens": args.generation_tokens}
 
 
-def chosen(base_rows: Sequence[Mapping], threshold: float, n_normal: int
-           ) -> list[tuple[str, int]]:
-    """(group, case id) of the records to edit: collapse cases, the first ``n_normal`` normal
-    cases (by case id) and first-token records below the threshold."""
-    groups = grouped(sorted(base_rows, key=lambda r: r["case_id"]),
-                     lambda r: collapse.group_of(r, threshold))
-    return [(g, r["case_id"]) for g in collapse.GROUPS
-            for r in groups.get(g, [])[:n_normal if g == "normal" else None]]
-
-
 def prefixed_prompts(record: Mapping, prefix: str) -> int:
     """How many of the record's rewrite and paraphrase prompts the test-time prefix changes."""
     from rome_jax.evaluation import counterfact_prompts
@@ -81,8 +69,8 @@ def run(s, args, journal, header: Mapping) -> None:
     from rome_jax.data import counterfact_by_case_id, load_counterfact
 
     st = header["settings"]
-    base_header, base_rows = bos.baseline(header, s.hparams.layer, st["bos"])
-    todo = [(g, i) for g, i in chosen(base_rows, base_header["settings"]["threshold"], args.n)
+    base_header, base_rows = collapse.baseline(header, st["bos"])
+    todo = [(g, i) for g, i, _ in collapse.chosen(base_header, base_rows, args.n)
             if i not in journal]
     if not todo:
         return
@@ -168,17 +156,17 @@ def figure(rows: Sequence[Mapping], title: str):
 
 def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
     st = header["settings"]
-    base_header, base_rows = bos.baseline(header, st["layer"], st["bos"])
+    base_header, base_rows = collapse.baseline(header, st["bos"])
     drawn = sum(1 for r in base_rows if not r.get("first_token_subject"))
     sample = (f"Normal cases: the first (by case id) of the {drawn} records that the collapse "
-              f"run {bos.baseline_dir(header, st['bos'])} drew with numpy seed "
+              f"run {collapse.baseline_dir(header, st['bos'])} drew with numpy seed "
               f"{base_header['settings']['sample_seed']} from those whose subject is not the "
               f"first token, less those that collapse.")
     groups = summarize(rows)
     start = f", start token id {st['bos']}" if st["bos"] is not None else ""
     title = (f"Single edits: {st['model']}, layer {st['layer']}{start}; groups of the collapse "
              f"run (threshold {base_header['settings']['threshold']:g}x).")
-    summary = {"baseline": str(bos.baseline_dir(header, st["bos"])), "normal_sample": sample,
-               "groups": groups}
+    summary = {"baseline": str(collapse.baseline_dir(header, st["bos"])),
+               "normal_sample": sample, "groups": groups}
     return Report(summary, tables(groups, title, sample),
                   figure(rows, title) if rows else None)
