@@ -37,8 +37,12 @@ def env(tmp_path_factory):
 def baseline(env):
     """A finished collapse run (threshold 10x): 946 collapses, 1420 is a first-token record
     below the threshold, 0 and 2 are normal cases, 5 did not fit."""
+    from rome_jax import load_model
+    from rome_jax.models.model import params_digest
+
     path = env / "collapse-l2"
-    settings = {"layer": 2, "bos": None, "threshold": 10.0, "sample_seed": 0}
+    settings = {"layer": 2, "bos": None, "threshold": 10.0, "sample_seed": 0,
+                "digest": params_digest(load_model().params)}
     with Journal(path / "rows.jsonl", "collapse", settings) as journal:
         for case_id, (first, ratio) in BASELINE.items():
             journal.append({"key": case_id, "case_id": case_id, "first_token_subject": first,
