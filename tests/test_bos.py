@@ -128,3 +128,16 @@ def test_statistics_with_bos_read_it_and_have_their_own_cache(model, bos_model, 
         plain, cache_path(bos_model, HP.layer, "wiki12", None, tmp_path))
     assert guard.profile_path(bos_model, HP, 8, tmp_path) != guard.profile_path(model, HP, 8,
                                                                                 tmp_path)
+
+
+def test_generation_is_the_same_in_any_batch(model):
+    """Prompts are left-padded to a bucketed width: a prompt's greedy continuation does not
+    depend on the other prompts of its batch (nor on the padding), and equals the argmax loop."""
+    prompts = ["Hello", "The Eiffel Tower is located in the city of",
+               "Danielle Darrieux's mother tongue is"]
+    together = generate(model, prompts, 4)
+    assert together == [generate(model, [p], 4)[0] for p in prompts]
+    ids = model.tokenizer.encode(prompts[1])
+    for _ in range(4):
+        ids.append(int(np.argmax(np.asarray(logits(model, jnp.asarray([ids])))[0, -1])))
+    assert together[1] == model.tokenizer.decode(ids[-4:])

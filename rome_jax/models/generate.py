@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rome_jax.data import pad_batch
+from rome_jax.data import bucket, pad_batch
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
 from rome_jax.models.transformer import Params, forward
@@ -54,10 +54,12 @@ def generate_ids(model: Model, sequences: list[list[int]], max_new_tokens: int,
     pad_id = model.tokenizer.pad_id
     if any(len(e) == 0 for e in sequences):
         raise ValueError("prompts: an empty prompt cannot be continued")
-    width = max(len(e) for e in sequences) + max_new_tokens
-    if width > model.config.n_positions:
+    longest = max(len(e) for e in sequences)
+    if longest + max_new_tokens > model.config.n_positions:
         raise ValueError(f"max_new_tokens: prompt + {max_new_tokens} tokens exceed the model's "
                          f"{model.config.n_positions} positions")
+    # prompts left-padded to a bucketed width, so that new prompt lengths rarely recompile
+    width = min(bucket(longest), model.config.n_positions - max_new_tokens) + max_new_tokens
     ids, mask = pad_batch([list(e) + [pad_id] * max_new_tokens for e in sequences], pad_id,
                           side="left", length=width)
     mask[:, width - max_new_tokens:] = 0
