@@ -372,7 +372,7 @@ def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
     st = header["settings"]
     summary = summarize(header, rows)
     bos = f", start token id {st['bos']}" if st.get("bos") is not None else ""
-    title = (f"Sequential editing: {st['model']}, layer {st['layer']}{bos}; {st['n']} "
+    title = (f"Sequential editing: {Path(st['model']).name}, layer {st['layer']}{bos}; {st['n']} "
              f"CounterFact records (sample seed {st['sample_seed']}), evaluated every "
              f"{st['every']} edits; downstream {st['downstream_n']} examples per task, "
              f"{st['shots']}-shot; ME-PPL_1k on {st['ppl_texts']} texts.")

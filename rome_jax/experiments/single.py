@@ -164,7 +164,7 @@ def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
               f"first token, less those that collapse.")
     groups = summarize(rows)
     start = f", start token id {st['bos']}" if st["bos"] is not None else ""
-    title = (f"Single edits: {st['model']}, layer {st['layer']}{start}; groups of the collapse "
+    title = (f"Single edits: {Path(st['model']).name}, layer {st['layer']}{start}; groups of the collapse "
              f"run (threshold {base_header['settings']['threshold']:g}x).")
     summary = {"baseline": str(collapse.baseline_dir(header, st["bos"])),
                "normal_sample": sample, "groups": groups}

@@ -190,7 +190,7 @@ def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
     st = header["settings"]
     summary = summarize(rows, st["methods"])
     bos = f", start token id {st['bos']}" if st.get("bos") is not None else ""
-    title = (f"zsRE: {st['model']}, layer {st['layer']}{bos}, {len(rows)} records (sample seed "
+    title = (f"zsRE: {Path(st['model']).name}, layer {st['layer']}{bos}, {len(rows)} records (sample seed "
              f"{st['sample_seed']}).")
     return Report(summary, table(summary, title),
                   figure(summary, title) if "all" in summary["groups"] else None)
