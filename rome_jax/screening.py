@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 from rome_jax.evaluation import target_probabilities
 from rome_jax.guard import GuardProfile, PerplexityProbe, evaluate
 from rome_jax.models.model import Model
-from rome_jax.rome.edit import EditContext, build_batch, compute_edit
+from rome_jax.rome.edit import EditContext, Solved, build_batch, compute_edit
 from rome_jax.rome.hparams import RomeHParams
 from rome_jax.rome.request import EditRequest, subject_token_index
 from rome_jax.rome.update import apply_edit
@@ -26,12 +26,14 @@ REPORT_FIELDS = ("denominator", "denominator_unit_u", "numerator_norm", "delta_n
 
 def screen_record(model: Model, record: Mapping, hparams: RomeHParams, context: EditContext,
                   probe: PerplexityProbe, method: str, threshold: float,
-                  profile: GuardProfile | None = None) -> dict:
+                  profile: GuardProfile | None = None, solved: Solved | None = None) -> dict:
     """One row: the request, and either ``error`` (the request does not fit the model) or the
     update's diagnostics, ``perplexity`` after the edit, ``ratio`` to the base perplexity and
     ``collapse`` (ratio > threshold or not finite), the probabilities of the new and true
     targets after the rewrite prompt before and after the edit and ``success`` (efficacy:
-    P(new) > P(true) after); ``guard_ok`` / ``guard_reasons`` with a profile."""
+    P(new) > P(true) after); ``guard_ok`` / ``guard_reasons`` with a profile. ``solved``
+    (``rome.edit.solve`` of this record) skips recomputing its keys and v* for another
+    method."""
     request = EditRequest.from_dict(record)
     rw = record["requested_rewrite"]
     row = {"case_id": record["case_id"], "subject": rw["subject"], "prompt": rw["prompt"],
@@ -45,7 +47,8 @@ def screen_record(model: Model, record: Mapping, hparams: RomeHParams, context: 
         row["error"] = " ".join(str(err).split())
         return row
     try:
-        update, report = compute_edit(model, request, hparams, method, context=context)
+        update, report = compute_edit(model, request, hparams, method, context=context,
+                                      solved=solved)
     except ValueError as err:  # non-finite update: the model would be destroyed
         row.update(perplexity=math.inf, ratio=math.inf, collapse=True,
                    note=" ".join(str(err).split()))

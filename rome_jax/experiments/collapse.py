@@ -76,13 +76,20 @@ def chosen_records(s, args) -> list[dict]:
 
 def compute_row(s, record: Mapping, threshold: float) -> dict:
     """One record edited with each method: ``{key, case_id, subject, first_token_subject,
-    rome: screen row, c-rome: screen row}`` (an ``error`` instead when it does not fit)."""
+    rome: screen row, c-rome: screen row}`` (an ``error`` instead when it does not fit). The
+    keys and v* are solved once and shared by the methods."""
+    from rome_jax.rome.edit import solve
+    from rome_jax.rome.request import EditRequest
     from rome_jax.screening import screen_record
 
     row = {"key": int(record["case_id"]), "case_id": int(record["case_id"])}
+    try:
+        solved = solve(s.model, EditRequest.from_dict(record), s.hparams, context=s.context)
+    except ValueError:  # the request does not fit: screen_record says why, in the row
+        solved = None
     for method in METHODS:
         screened = screen_record(s.model, record, s.hparams, s.context, s.probe, method,
-                                 threshold)
+                                 threshold, solved=solved)
         row.update(subject=screened["subject"],
                    first_token_subject=screened["first_token_subject"])
         if "error" in screened:
