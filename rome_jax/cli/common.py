@@ -365,6 +365,16 @@ def fmt(x, spec: str = ".4g") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def read_case_ids(path: str) -> list:
+    """The JSON list of case ids in ``path`` (``--case-ids``); ValueError naming the flag when
+    the file cannot be read or parsed (the ids themselves are checked where they are used)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--case-ids {path}: not a JSON list of case ids "
+                         f"({one_line(err)})") from None
+
+
 def counterfact_records(args) -> list[dict]:
     """CounterFact records ``--start`` .. ``--start + --n`` (sorted by case id), within
     ``--case-ids`` when given (every id must name a record)."""
@@ -374,11 +384,7 @@ def counterfact_records(args) -> list[dict]:
         raise ValueError("--start: must be 0 or more")
     records = load_counterfact()
     if args.case_ids:
-        try:
-            wanted = json.loads(Path(args.case_ids).read_text())
-        except (OSError, ValueError) as err:
-            raise ValueError(f"--case-ids {args.case_ids}: not a JSON list of case ids "
-                             f"({one_line(err)})") from None
+        wanted = read_case_ids(args.case_ids)
         try:
             selected = counterfact_by_case_id(records, wanted)
         except ValueError as err:

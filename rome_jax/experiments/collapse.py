@@ -13,13 +13,13 @@ after each method beside the unedited model's.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from rome_jax.experiments.report import Report, grouped, markdown_table, stats
+from rome_jax.experiments.report import (Report, grouped, markdown_table, pyplot, run_label,
+                                         save_figure, stats)
 
 NAME = "collapse"
 HELP = "collapse vs normal cases: numerator, denominator, max perplexity (Fall of ROME T1-2)"
@@ -55,6 +55,7 @@ def settings(args) -> dict:
 
 def chosen_records(s, args) -> list[dict]:
     """The records to edit, first-token records first (see the module docstring)."""
+    from rome_jax.cli.common import read_case_ids
     from rome_jax.data import counterfact_by_case_id, load_counterfact
     from rome_jax.experiments.records import first_token_and_sample
     from rome_jax.training import first_token_subject
@@ -63,11 +64,7 @@ def chosen_records(s, args) -> list[dict]:
         raise ValueError("--n and --max-first: must be 0 or more")
     records = load_counterfact()
     if args.case_ids:
-        try:
-            ids = json.loads(Path(args.case_ids).read_text())
-        except (OSError, ValueError) as err:
-            raise ValueError(f"--case-ids {args.case_ids}: not a JSON list ({err})") from None
-        chosen = counterfact_by_case_id(records, ids)
+        chosen = counterfact_by_case_id(records, read_case_ids(args.case_ids))
         first = [r for r in chosen if first_token_subject(r, s.model.tokenizer)]
         return first[:args.max_first] + [r for r in chosen if r not in first]
     first, others = first_token_and_sample(records, s.model.tokenizer, args.n, args.sample_seed)
@@ -227,9 +224,7 @@ def tables(summary: Mapping, title: str) -> str:
 
 def figure(rows: Sequence[Mapping], threshold: float, title: str):
     def draw(path: Path) -> None:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
         colours = dict(zip(GROUPS, ("tab:red", "tab:blue", "tab:orange")))
@@ -248,17 +243,12 @@ def figure(rows: Sequence[Mapping], threshold: float, title: str):
                          [f"{g.split(',')[0]}\n{m}" for g in names for m in METHODS], fontsize=8)
         right.set(yscale="log", ylabel="perplexity after / before",
                   title="perplexity ratio per group and method")
-        fig.suptitle(title, fontsize=10)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110, format="png")
-        plt.close(fig)
+        save_figure(fig, path, title)
     return draw
 
 
 def describe(header: Mapping, threshold: float) -> str:
-    st = header["settings"]
-    bos = f", start token id {st['bos']}" if st.get("bos") is not None else ""
-    return f"{Path(st['model']).name}, layer {st['layer']}{bos}, threshold {threshold:g}x"
+    return f"{run_label(header['settings'])}, threshold {threshold:g}x"
 
 
 def report(header: Mapping, rows: Sequence[Mapping]) -> Report:

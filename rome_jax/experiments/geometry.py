@@ -23,7 +23,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from rome_jax.experiments import collapse
-from rome_jax.experiments.report import Report, grouped, markdown_table, stats
+from rome_jax.experiments.report import (Report, grouped, markdown_table, pyplot, run_label,
+                                         save_figure, stats)
 
 NAME = "geometry"
 HELP = "key geometry: PCA / t-SNE of k^u, k̄, C⁻¹k̄ and first-token keys (Fall of ROME Figs 1-2)"
@@ -290,35 +291,33 @@ def panels(rows: Sequence[Mapping], store: VectorStore) -> list[dict]:
                 points.append(store.direction(unit_of(r), vec))
                 labels.append(f"{r['group']}: {label}")
         out.append({"title": f"{name} vs k^u", "points": points, "labels": labels})
-    points, labels = [], []
-    for r in texts:
-        points.append(store.direction(unit_of(r), "first"))
-        labels.append("first token")
-        later = store.direction(unit_of(r), "later")
-        points += list(later)
-        labels += ["later token"] * len(later)
-    out.append({"title": "keys in text: first vs later token", "points": points,
-                "labels": labels})
+
+    def one_against_many(members, one: str, one_label: str, many: str, many_label: str
+                         ) -> dict:
+        """Each member's vector ``one`` and its vectors ``many`` [m, F], labelled."""
+        points, labels = [], []
+        for r in members:
+            points.append(store.direction(unit_of(r), one))
+            labels.append(one_label)
+            extra = store.direction(unit_of(r), many)
+            points += list(extra)
+            labels += [many_label] * len(extra)
+        return {"points": points, "labels": labels}
+
+    out.append({"title": "keys in text: first vs later token",
+                **one_against_many(texts, "first", "first token", "later", "later token")})
     subjects, who = [r for r in records if r["group"] == "collapse"], "collapse"
     if not subjects:  # the baseline has none
         subjects, who = [r for r in records if r["group"] != "normal"], "first-token"
-    points, labels = [], []
-    for r in subjects:
-        points.append(store.direction(unit_of(r), "plain"))
-        labels.append("no prefix (k^u)")
-        prefixed = store.direction(unit_of(r), "prefixed")
-        points += list(prefixed)
-        labels += ["after a random prefix"] * len(prefixed)
-    out.append({"title": f"{who} subjects: prefix vs none", "points": points,
-                "labels": labels})
+    out.append({"title": f"{who} subjects: prefix vs none",
+                **one_against_many(subjects, "plain", "no prefix (k^u)", "prefixed",
+                                   "after a random prefix")})
     return [dict(p, points=np.asarray(p["points"])) for p in out if len(p["points"]) >= 3]
 
 
 def figure(sets: Sequence[dict], title: str):
     def draw(path: Path) -> None:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         colours = {"collapse": "tab:red", "normal": "tab:blue",
                    "first-token, below threshold": "tab:orange", "first token": "tab:red",
@@ -342,10 +341,7 @@ def figure(sets: Sequence[dict], title: str):
                 ax.set_xticks([])
                 ax.set_yticks([])
                 ax.legend(fontsize=6, loc="best")
-        fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
-        fig.savefig(path, dpi=72, format="png")
-        plt.close(fig)
+        save_figure(fig, path, title, fontsize=9, dpi=72)
     return draw
 
 
@@ -363,12 +359,6 @@ def summarize(rows: Sequence[Mapping]) -> dict:
     return summary
 
 
-def describe(header: Mapping) -> str:
-    st = header["settings"]
-    bos = f", start token id {st['bos']}" if st.get("bos") is not None else ""
-    return f"{Path(st['model']).name}, layer {st['layer']}{bos}"
-
-
 def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
     summary = summarize(rows)
     summary["baseline"] = str(collapse.baseline_dir(header, header["settings"]["bos"]))
@@ -381,7 +371,7 @@ def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
                                                   for f, _ in TEXT_SCALARS)]])
     none = ("" if "collapse" in groups else
             "\n\nThe baseline has no collapse case: normal cases and first-token records only.")
-    title = f"Key geometry: {describe(header)}."
+    title = f"Key geometry: {run_label(header['settings'])}."
     md = (f"{title}\n\nTable 1: mean key geometry per group (baseline {summary['baseline']}; "
           f"denominators in the original code's units, u = C⁻¹k̄).{none}\n\n{t1}\n\n"
           f"Table 2: first-token vs later-token keys in {header['settings']['text_corpus']} "

@@ -35,6 +35,29 @@ def write_report(out_dir: str | Path, report: Report) -> list[Path]:
     return paths
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (figures are only saved)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, title: str, fontsize: float = 10, dpi: int = 110) -> None:
+    """Give ``fig`` its title, lay it out, save it as PNG to ``path`` and close it."""
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi, format="png")
+    pyplot().close(fig)
+
+
+def run_label(settings: Mapping[str, Any]) -> str:
+    """"MODEL, layer L[, start token id B]" of a journal's settings, for titles."""
+    bos = f", start token id {settings['bos']}" if settings.get("bos") is not None else ""
+    return f"{Path(settings['model']).name}, layer {settings['layer']}{bos}"
+
+
 def fmt(value: Any, spec: str = ".3g") -> str:
     """A table cell: numbers with ``spec``, None as "-", anything else as text."""
     if value is None or (isinstance(value, float) and math.isnan(value)):

@@ -20,13 +20,12 @@ before their state, so a run cut between the two replays that one edit (determin
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from rome_jax.experiments.report import Report, markdown_table
+from rome_jax.experiments.report import Report, markdown_table, pyplot, run_label, save_figure
 
 NAME = "sequential"
 HELP = ("sequential edits: |Δ|, ME-PPL_1k perplexity and downstream accuracy every k edits, "
@@ -77,6 +76,7 @@ def _names(text: str, flag: str, known: Sequence[str] | None = None) -> list[str
 
 
 def settings(args) -> dict:
+    from rome_jax.cli.common import read_case_ids
     from rome_jax.downstream import TASKS
     from rome_jax.rome.update import canonical_method
 
@@ -84,12 +84,7 @@ def settings(args) -> dict:
                                                                       "--methods")))
     if args.shots < 0:
         raise ValueError("--shots: must be 0 or more")
-    case_ids = None
-    if args.case_ids:
-        try:
-            case_ids = json.loads(Path(args.case_ids).read_text())
-        except (OSError, ValueError) as err:
-            raise ValueError(f"--case-ids {args.case_ids}: not a JSON list ({err})") from None
+    case_ids = read_case_ids(args.case_ids) if args.case_ids else None
     return {"methods": methods, "n": args.n, "every": args.every,
             "sample_seed": args.sample_seed, "case_ids": case_ids,
             "tasks": _names(args.tasks, "--tasks", TASKS), "downstream_n": args.downstream_n,
@@ -328,9 +323,7 @@ def tables(summary: Mapping, title: str) -> str:
 
 def figure(summary: Mapping, title: str):
     def draw(path: Path) -> None:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         tasks = summary["tasks"]
         cols = 2 + len(tasks)
@@ -361,18 +354,14 @@ def figure(summary: Mapping, title: str):
             ax.axis("off")
         axes[0].legend(fontsize=7)
         axes[2 if tasks else 1].legend(fontsize=7)
-        fig.suptitle(title, fontsize=10)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110, format="png")
-        plt.close(fig)
+        save_figure(fig, path, title)
     return draw
 
 
 def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
     st = header["settings"]
     summary = summarize(header, rows)
-    bos = f", start token id {st['bos']}" if st.get("bos") is not None else ""
-    title = (f"Sequential editing: {Path(st['model']).name}, layer {st['layer']}{bos}; {st['n']} "
+    title = (f"Sequential editing: {run_label(st)}; {st['n']} "
              f"CounterFact records (sample seed {st['sample_seed']}), evaluated every "
              f"{st['every']} edits; downstream {st['downstream_n']} examples per task, "
              f"{st['shots']}-shot; ME-PPL_1k on {st['ppl_texts']} texts.")

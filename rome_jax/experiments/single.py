@@ -24,7 +24,8 @@ import numpy as np
 
 from rome_jax.cli.common import positive_int
 from rome_jax.experiments import collapse
-from rome_jax.experiments.report import Report, grouped, markdown_table
+from rome_jax.experiments.report import (Report, grouped, markdown_table, pyplot, run_label,
+                                         save_figure)
 
 NAME = "single"
 HELP = ("single edits: CounterFact metrics with/without the test-time prefix, |Δ| vs generation "
@@ -128,9 +129,7 @@ def tables(groups: Mapping, title: str, sample: str) -> str:
 
 def figure(rows: Sequence[Mapping], title: str):
     def draw(path: Path) -> None:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, axes = plt.subplots(1, len(METHODS), figsize=(4 * len(METHODS), 4), sharey=True,
                                  sharex=True)
@@ -147,10 +146,7 @@ def figure(rows: Sequence[Mapping], title: str):
             ax.set(yscale="log", xlabel="normalised generation entropy", title=LABELS[method])
             ax.legend(fontsize=8)
         axes[0].set_ylabel("|Δ| of the update")
-        fig.suptitle(title + " (dashed: unedited model's mean)", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110, format="png")
-        plt.close(fig)
+        save_figure(fig, path, title + " (dashed: unedited model's mean)")
     return draw
 
 
@@ -163,8 +159,7 @@ def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
               f"{base_header['settings']['sample_seed']} from those whose subject is not the "
               f"first token, less those that collapse.")
     groups = summarize(rows)
-    start = f", start token id {st['bos']}" if st["bos"] is not None else ""
-    title = (f"Single edits: {Path(st['model']).name}, layer {st['layer']}{start}; groups of the collapse "
+    title = (f"Single edits: {run_label(st)}; groups of the collapse "
              f"run (threshold {base_header['settings']['threshold']:g}x).")
     summary = {"baseline": str(collapse.baseline_dir(header, st["bos"])),
                "normal_sample": sample, "groups": groups}

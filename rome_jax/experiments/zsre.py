@@ -19,7 +19,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from rome_jax.experiments.report import Report, grouped, markdown_table, stats
+from rome_jax.experiments.report import (Report, grouped, markdown_table, pyplot, run_label,
+                                         save_figure, stats)
 
 NAME = "zsre"
 HELP = "zsRE efficacy, paraphrase and specificity (token accuracy) per method (ROME)"
@@ -161,9 +162,7 @@ def figure(summary: Mapping, title: str):
     from rome_jax.zsre_eval import METRICS
 
     def draw(path: Path) -> None:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         v = summary["groups"]["all"]
         methods = ["none", *summary["methods"]]
@@ -179,18 +178,14 @@ def figure(summary: Mapping, title: str):
         ax.set(ylabel="token accuracy (%)", ylim=(0, 100),
                title=f"all {v['n']} records, mean ± 95% CI")
         ax.legend(fontsize=8)
-        fig.suptitle(title, fontsize=10)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110, format="png")
-        plt.close(fig)
+        save_figure(fig, path, title)
     return draw
 
 
 def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
     st = header["settings"]
     summary = summarize(rows, st["methods"])
-    bos = f", start token id {st['bos']}" if st.get("bos") is not None else ""
-    title = (f"zsRE: {Path(st['model']).name}, layer {st['layer']}{bos}, {len(rows)} records (sample seed "
+    title = (f"zsRE: {run_label(st)}, {len(rows)} records (sample seed "
              f"{st['sample_seed']}).")
     return Report(summary, table(summary, title),
                   figure(summary, title) if "all" in summary["groups"] else None)
