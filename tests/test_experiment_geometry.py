@@ -243,6 +243,18 @@ def test_resume_keeps_rows_and_vectors_in_step(finished, tmp_path):
     assert run("--baseline", root / "base", "--n", 1, "--text-n", 1, "--out", out) == 2
 
 
+def test_larger_n_extends_the_run(finished, tmp_path):
+    root, groups = finished
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    before = rows_of(out)
+    assert run("--baseline", root / "base", "--n", 2, *TEXT, "--out", out) == 0
+    after = rows_of(out)
+    assert after[:len(before)] == before  # the finished rows are kept, not recomputed
+    added = [r["case_id"] for r in after[len(before):]]
+    assert len(added) == 1 and added[0] not in {c for ids in groups.values() for c in ids}
+
+
 def test_store_round_trip_and_keep_only(tmp_path):
     path = tmp_path / "keys.npz"
     store = geometry.VectorStore(path)

@@ -65,7 +65,7 @@ def settings(args) -> dict:
                                ("--text-later", args.text_later, 1)):
         if value < least:
             raise ValueError(f"{flag}: must be {least} or more")
-    return {"baseline": args.baseline, "normal_n": args.n, "text_corpus": TEXT_CORPUS,
+    return {"baseline": args.baseline, "text_corpus": TEXT_CORPUS,
             "text_n": args.text_n, "text_tokens": args.text_tokens,
             "text_later": args.text_later}
 

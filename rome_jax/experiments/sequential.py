@@ -184,6 +184,8 @@ def _row(journal, key: list) -> dict | None:
 def run_method(s, method: str, records: Sequence[Mapping], journal, out: Path, st: Mapping,
                evaluate: Evaluators) -> None:
     """One method's trace from its saved state, then its ``final`` row."""
+    from tqdm import tqdm
+
     from rome_jax.counterfact_eval import summarize_counterfact
     from rome_jax.evaluation import counterfact_metrics, counterfact_nll
     from rome_jax.rome.edit import compute_edit
@@ -201,7 +203,8 @@ def run_method(s, method: str, records: Sequence[Mapping], journal, out: Path, s
         journal.append({"key": [method, 0], "method": method, "step": 0,
                         "ppl50": s.probe.base, "ppl50_ratio": 1.0, **scores})
     step, params = load_state(out, method, s.model.params, layer)
-    for i in range(step + 1, n + 1):
+    for i in tqdm(range(step + 1, n + 1), initial=step, total=n, desc=label(method),
+                  unit="edit"):
         done = _row(journal, [method, i])
         if done is not None and done.get("ended"):
             break
@@ -230,7 +233,8 @@ def run_method(s, method: str, records: Sequence[Mapping], journal, out: Path, s
         save_state(out, method, i, params, layer)
         step = i
     per_record = [counterfact_metrics(counterfact_nll(s.model, r, params))
-                  for r in records[:step]]
+                  for r in tqdm(records[:step], desc=f"{label(method)}: final scores",
+                                unit="record", leave=False)]
     journal.append({"key": [method, "final"], "method": method, "step": step,
                     "case_ids": [int(r["case_id"]) for r in records[:step]],
                     "records": per_record, "summary": summarize_counterfact(per_record)})
