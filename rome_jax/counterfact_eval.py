@@ -24,7 +24,7 @@ import numpy as np
 from rome_jax.evaluation import (counterfact_metrics, counterfact_nlls, counterfact_prompts,
                                  generation_entropy, summarize_counterfact)
 from rome_jax.models.model import Model
-from rome_jax.rome.edit import EditContext, compute_edit, solve
+from rome_jax.rome.edit import EditContext, Solved, compute_edit, solve
 from rome_jax.rome.hparams import RomeHParams
 from rome_jax.rome.request import EditRequest
 from rome_jax.rome.templates import sample_context_templates
@@ -80,9 +80,10 @@ def _scores(model: Model, record: Mapping, params, prefix: str | None, settings:
 
 
 def evaluate_record(model: Model, record: Mapping, hparams: RomeHParams, context: EditContext,
-                    probe: Callable, settings: EvalSettings, prefixes: Sequence[str] = ()
-                    ) -> dict:
-    """One record: its scores before editing and after each method's edit.
+                    probe: Callable, settings: EvalSettings, prefixes: Sequence[str] = (),
+                    solved: Solved | None = None) -> dict:
+    """One record: its scores before editing and after each method's edit (keys and v* solved
+    once and shared by the methods; ``solved`` gives them, e.g. from ``solve_many``).
 
     ``probe(params)`` is a perplexity (e.g. ``guard.PerplexityProbe``, whose ``base`` is the
     unedited value); with ``settings.test_prefix`` the prefixed scores use
@@ -102,7 +103,8 @@ def evaluate_record(model: Model, record: Mapping, hparams: RomeHParams, context
            "prefix": prefix, "rewrite_prompt": counterfact_prompts(record, prefix)["rewrite"][0],
            "before": _scores(model, record, model.params, prefix, settings, base, base, key),
            "edits": {}}
-    solved = solve(model, request, hparams, context=context)  # keys and v*: the same per method
+    if solved is None:
+        solved = solve(model, request, hparams, context=context)
     for method in settings.methods:
         try:
             update, report = compute_edit(model, request, hparams, method, context=context,

@@ -31,7 +31,7 @@ import numpy as np
 from rome_jax.data import bucket, pad_batch
 from rome_jax.models.model import Model
 from rome_jax.models.transformer import Params, forward, residual_at
-from rome_jax.rome.edit import EditContext, compute_edit, solve
+from rome_jax.rome.edit import EditContext, Solved, compute_edit, solve
 from rome_jax.rome.hparams import RomeHParams
 from rome_jax.rome.request import EditRequest
 from rome_jax.rome.update import apply_edit
@@ -155,9 +155,10 @@ def _one_line(err: Exception) -> str:
 
 
 def evaluate_record(model: Model, raw: Mapping, case_id: int, hparams: RomeHParams,
-                    context: EditContext, probe: Callable, methods: Sequence[str]) -> dict:
+                    context: EditContext, probe: Callable, methods: Sequence[str],
+                    solved: Solved | None = None) -> dict:
     """One zsRE record: its metrics before editing and after each method's edit of the base
-    model (keys and v* solved once, shared by the methods).
+    model (keys and v* solved once, shared by the methods; ``solved`` gives them).
 
     ``probe(params)`` is a perplexity with the unedited value ``probe.base``
     (``guard.PerplexityProbe``). Returns ``{case_id, subject, first_token_subject, none:
@@ -170,7 +171,8 @@ def evaluate_record(model: Model, raw: Mapping, case_id: int, hparams: RomeHPara
         record = zsre_record(raw, case_id)
         request = EditRequest.from_dict(record)
         scorer = TokenAccuracy(model, *metric_pairs(record), layer=hparams.layer)
-        solved = solve(model, request, hparams, context=context)
+        solved = solved if solved is not None else solve(model, request, hparams,
+                                                          context=context)
     except ValueError as err:
         return {**row, "error": _one_line(err)}
     row["first_token_subject"] = first_token_subject(record, model.tokenizer)

@@ -86,3 +86,27 @@ def test_bos_runs_the_baseline_records_with_a_start_token(env, tiny_model, tmp_p
     # the start token changes the keys, so the edits differ from the baseline's
     assert rows[0]["rome"]["denominator"] != next(
         r for r in base_rows if r["case_id"] == rows[0]["case_id"])["rome"]["denominator"]
+
+
+def test_batched_solves_give_the_same_rows(env, tiny_model, tmp_path):
+    """``--batch 3`` solves the three records' keys and v* as one vmapped program: the same
+    rows as one record at a time, the key-only numbers equal to float32 rounding (v* itself is
+    too ill-conditioned on this O(1) random model to compare; ``test_sharding`` compares it on
+    a GPT-2-scale one)."""
+    args = ["experiment", "collapse", "--model", tiny_model, "--threshold", "1.05", "--n", "2",
+            "--max-first", "1", *SMALL]
+    rows = {}
+    for batch in (1, 3):
+        assert_ok(cli(env, *args, "--batch", batch, "--out", tmp_path / f"b{batch}"))
+        rows[batch] = read_rows(tmp_path / f"b{batch}" / "rows.jsonl")[1]
+    assert [r["case_id"] for r in rows[3]] == [r["case_id"] for r in rows[1]]
+    assert len(rows[1]) == 3
+    for one, three in zip(rows[1], rows[3]):
+        assert one.keys() == three.keys()
+        for m in collapse.METHODS:
+            assert one[m].keys() == three[m].keys()
+            for field in ("denominator_unit_u", "key_cosine"):
+                assert three[m][field] == pytest.approx(one[m][field], rel=1e-4, abs=1e-6)
+    refused = cli(env, *args, "--batch", 0, "--out", tmp_path / "b0")
+    assert refused.returncode == 2 and "--batch" in refused.stderr
+    assert not (tmp_path / "b0").exists()

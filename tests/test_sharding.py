@@ -1,4 +1,5 @@
-"""Independent edits as one sharded program: 4 forced CPU devices give the 1-device results.
+"""Independent edits (and solves) as one sharded program: 4 forced CPU devices give the
+1-device results.
 
 XLA_FLAGS must be set before jax is imported, so the 4-device run is a subprocess that loads the
 saved tiny GPT-2 and the same context (templates and key statistics written by this process).
@@ -21,7 +22,8 @@ import pytest
 from conftest import tiny_gpt2
 
 from rome_jax import data, load_model, save_hf
-from rome_jax.rome.edit import batch_mesh, compute_edit, edit_independent, pad_rows, prepare
+from rome_jax.rome.edit import (Solved, batch_mesh, compute_edit, edit_independent, pad_rows,
+                                prepare, solve, solve_many)
 from rome_jax.rome.hparams import RomeHParams
 from rome_jax.rome.request import EditRequest
 from rome_jax.rome.stats import compute_key_stats
@@ -73,6 +75,11 @@ leaves = jax.tree.leaves(outputs[0])
     "reports": [r.to_dict() for r in reports]}))
 np.savez(out / "edits.npz", key_dir=edits.key_dir, value_delta=edits.value_delta,
          factor=context.factor)
+solved = edit_mod.solve_independent(model, requests, hp, context=context)
+np.savez(out / "solved.npz", **{name: np.stack([np.asarray(get(x)) for x in solved])
+                                for name, get in (("plain", lambda x: x.keys.plain),
+                                                  ("mean", lambda x: x.keys.mean),
+                                                  ("v_star", lambda x: x.values.v_star))})
 """
 
 
@@ -108,12 +115,13 @@ def run_on_four_devices(model_dir, stats, context, tmp_path):
                            str(tmp_path / "context.npz"), str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((tmp_path / "result.json").read_text()), np.load(tmp_path / "edits.npz")
+    return (json.loads((tmp_path / "result.json").read_text()), np.load(tmp_path / "edits.npz"),
+            np.load(tmp_path / "solved.npz"))
 
 
 def test_sharded_edits_equal_one_device_and_single_edits(setup, tmp_path):
     model_dir, model, stats, context = setup
-    result, sharded = run_on_four_devices(model_dir, stats, context, tmp_path)
+    result, sharded, solved = run_on_four_devices(model_dir, stats, context, tmp_path)
 
     # the program ran on 4 devices, each holding 2 of the 8 rows (6 requests + 2 copies)
     assert result["n_devices"] == 4
@@ -143,6 +151,36 @@ def test_sharded_edits_equal_one_device_and_single_edits(setup, tmp_path):
         assert_rows_close(sharded["key_dir"][i:i + 1], single.key_dir[None])
         assert_rows_close(sharded["value_delta"][i:i + 1], single.value_delta[None])
         assert result["reports"][i]["v_steps"] == report.v_steps
+
+    # solve_independent on 4 devices: each request's keys and v* are solve's
+    for i, request in enumerate(REQUESTS):
+        one = solve(model, request, HP, context=context)
+        for name, value in (("plain", one.keys.plain), ("mean", one.keys.mean),
+                            ("v_star", one.values.v_star)):
+            assert_rows_close(solved[name][i:i + 1], np.asarray(value)[None])
+
+
+def test_solve_many_keeps_order_errors_and_nones(setup):
+    _, model, _, context = setup
+    too_long = EditRequest("{} " + "and then " * 40 + "is in", "Paris", "Rome", "France")
+    requests = [REQUESTS[0], None, too_long, REQUESTS[1].to_dict(), REQUESTS[2]]
+    single = [solve(model, r, HP, context=context) for r in (REQUESTS[0], REQUESTS[1],
+                                                            REQUESTS[2])]
+    for batch in (1, 2, 4):
+        out = list(solve_many(model, requests, HP, context=context, batch=batch))
+        assert len(out) == len(requests)
+        assert out[1] is None
+        assert isinstance(out[2], ValueError) and "exceed" in str(out[2])
+        for got, want in zip((out[0], out[3], out[4]), single):
+            assert isinstance(got, Solved)
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+                if batch == 1:  # through solve itself: bit for bit
+                    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+                else:
+                    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                               atol=1e-5)
+    with pytest.raises(ValueError, match="batch"):
+        next(solve_many(model, requests, HP, context=context, batch=0))
 
 
 def test_pad_rows_repeats_the_last_row_up_to_a_multiple():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rome_jax.cli.common import PROG, Setup, add_model_args, log
+from rome_jax.cli.common import PROG, Setup, add_model_args, log, positive_int
 
 
 def add_parser(sub) -> None:
@@ -29,6 +29,10 @@ def add_parser(sub) -> None:
                        help="start over: discard the rows of an earlier run in --out")
         q.add_argument("--report-only", action="store_true",
                        help="compute nothing: rewrite summary, table and figure from the rows")
+        q.add_argument("--batch", type=positive_int, metavar="B",
+                       help="records whose keys and v* are solved together, as one program "
+                            "sharded over all devices (default: the device count; rows agree "
+                            "to float32 rounding whatever B)")
         add_model_args(q)
         q.set_defaults(func=run, experiment_module=module)
 
@@ -48,7 +52,10 @@ def run(args) -> int:
     from rome_jax.experiments.journal import Journal
     from rome_jax.experiments.report import write_report
 
+    import jax
+
     module = args.experiment_module
+    args.batch = args.batch or len(jax.devices())
     s = Setup(args)
     out = Path(args.out) if args.out else default_out(args, s)
     settings = s.result_settings(seed=getattr(args, "seed", 0), **module.settings(args))

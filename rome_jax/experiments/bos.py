@@ -38,7 +38,7 @@ def run(s, args, journal, header: Mapping) -> None:
     base_header, base_rows = collapse.baseline(header, None)
     ids = [i for _, i, _ in collapse.chosen(base_header, base_rows, args.n)]
     collapse.run_rows(s, counterfact_by_case_id(load_counterfact(), ids), journal,
-                      base_header["settings"]["threshold"], NAME)
+                      base_header["settings"]["threshold"], NAME, args.batch)
 
 
 def report(header: Mapping, rows: Sequence[Mapping]) -> Report:

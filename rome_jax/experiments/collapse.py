@@ -71,19 +71,21 @@ def chosen_records(s, args) -> list[dict]:
     return counterfact_by_case_id(records, first[:args.max_first] + others)
 
 
-def compute_row(s, record: Mapping, threshold: float) -> dict:
+def compute_row(s, record: Mapping, threshold: float, solved=None) -> dict:
     """One record edited with each method: ``{key, case_id, subject, first_token_subject,
     rome: screen row, c-rome: screen row}`` (an ``error`` instead when it does not fit). The
-    keys and v* are solved once and shared by the methods."""
+    keys and v* are solved once (or given: ``solved``) and shared by the methods."""
     from rome_jax.rome.edit import solve
     from rome_jax.rome.request import EditRequest
     from rome_jax.screening import screen_record
 
     row = {"key": int(record["case_id"]), "case_id": int(record["case_id"])}
-    try:
-        solved = solve(s.model, EditRequest.from_dict(record), s.hparams, context=s.context)
-    except ValueError:  # the request does not fit: screen_record says why, in the row
-        solved = None
+    if solved is None:
+        try:
+            solved = solve(s.model, EditRequest.from_dict(record), s.hparams,
+                           context=s.context)
+        except ValueError:  # the request does not fit: screen_record says why, in the row
+            pass
     for method in METHODS:
         screened = screen_record(s.model, record, s.hparams, s.context, s.probe, method,
                                  threshold, solved=solved)
@@ -98,16 +100,21 @@ def compute_row(s, record: Mapping, threshold: float) -> dict:
     return row
 
 
-def run_rows(s, records: Sequence[Mapping], journal, threshold: float, desc: str) -> None:
+def run_rows(s, records: Sequence[Mapping], journal, threshold: float, desc: str,
+             batch: int) -> None:
+    """A row per record not yet in ``journal``, keys and v* solved ``batch`` at a time."""
     from tqdm import tqdm
 
+    from rome_jax.experiments.records import with_solved
+
     todo = [r for r in records if int(r["case_id"]) not in journal]
-    for record in tqdm(todo, desc=desc, unit="record"):
-        journal.append(compute_row(s, record, threshold))
+    for record, solved in tqdm(with_solved(s, todo, batch), total=len(todo), desc=desc,
+                               unit="record"):
+        journal.append(compute_row(s, record, threshold, solved))
 
 
 def run(s, args, journal, header: Mapping) -> None:
-    run_rows(s, chosen_records(s, args), journal, args.threshold, NAME)
+    run_rows(s, chosen_records(s, args), journal, args.threshold, NAME, args.batch)
 
 
 # ----------------------------------------------------------------------------- as a baseline

@@ -244,6 +244,7 @@ def run(s, args, journal, header: Mapping) -> None:
     from tqdm import tqdm
 
     from rome_jax.counterfact_eval import EvalSettings, evaluate_record
+    from rome_jax.experiments.records import with_solved
 
     st = header["settings"]
     out = Path(header["out"])
@@ -252,11 +253,12 @@ def run(s, args, journal, header: Mapping) -> None:
     for method in st["methods"]:
         run_method(s, method, records, journal, out, st, evaluate)
     single = EvalSettings(methods=tuple(st["methods"]))
-    for record in tqdm([r for r in records if ["single", int(r["case_id"])] not in journal],
-                       desc="single edits", unit="record"):
+    todo = [r for r in records if ["single", int(r["case_id"])] not in journal]
+    for record, solved in tqdm(with_solved(s, todo, args.batch), total=len(todo),
+                               desc="single edits", unit="record"):
         journal.append({"key": ["single", int(record["case_id"])],
                         **evaluate_record(s.model, record, s.hparams, s.context, s.probe,
-                                          single)})
+                                          single, solved=solved)})
 
 
 # ----------------------------------------------------------------------------- report

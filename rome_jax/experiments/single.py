@@ -68,6 +68,7 @@ def run(s, args, journal, header: Mapping) -> None:
 
     from rome_jax.counterfact_eval import EvalSettings, evaluate_record, test_prefixes
     from rome_jax.data import counterfact_by_case_id, load_counterfact
+    from rome_jax.experiments.records import with_solved
 
     st = header["settings"]
     base_header, base_rows = collapse.baseline(header, st["bos"])
@@ -81,10 +82,11 @@ def run(s, args, journal, header: Mapping) -> None:
                               generation_prompts=st["generation_prompts"],
                               generation_tokens=st["generation_tokens"], seed=st["seed"])
     prefixes = test_prefixes(s.model, st["seed"])
-    for group, case_id in tqdm(todo, desc=NAME, unit="record"):
-        record = records[case_id]
+    solved = with_solved(s, [records[i] for _, i in todo], args.batch)
+    for (group, case_id), (record, keys_v) in tqdm(zip(todo, solved), total=len(todo),
+                                                   desc=NAME, unit="record"):
         row = evaluate_record(s.model, record, s.hparams, s.context, s.probe, evaluation,
-                              prefixes)
+                              prefixes, keys_v)
         journal.append({"key": case_id, "group": group, **row,
                         "prompts_prefixed": prefixed_prompts(record, row["prefix"])})
 

@@ -72,14 +72,16 @@ def run(s, args, journal, header: Mapping) -> None:
     from tqdm import tqdm
 
     from rome_jax.data import load_zsre
-    from rome_jax.zsre_eval import evaluate_record
+    from rome_jax.experiments.records import with_solved
+    from rome_jax.zsre_eval import evaluate_record, zsre_record
 
     st = header["settings"]
     records = load_zsre()
     todo = [i for i in sample_ids(len(records), args.n, st["sample_seed"]) if i not in journal]
-    for case_id in tqdm(todo, desc=NAME, unit="record"):
+    solved = with_solved(s, todo, args.batch, lambda i: zsre_record(records[i], i))
+    for case_id, keys_v in tqdm(solved, total=len(todo), desc=NAME, unit="record"):
         row = evaluate_record(s.model, records[case_id], case_id, s.hparams, s.context,
-                              s.probe, st["methods"])
+                              s.probe, st["methods"], keys_v)
         journal.append({"key": case_id, **row})
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping, NamedTuple, Sequence
+from typing import Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -217,6 +217,8 @@ _solve_jit = jax.jit(solve_core, static_argnums=(1, 2, 3))
 _update_jit = jax.jit(update_core, static_argnums=(1, 2))
 _edit_vmap = jax.jit(jax.vmap(edit_core, in_axes=(None,) * 5 + (0,) + (None,) * 6),
                      static_argnums=(1, 2, 3, 4))
+_solve_vmap = jax.jit(jax.vmap(solve_core, in_axes=(None,) * 4 + (0,) + (None,) * 5),
+                      static_argnums=(1, 2, 3))
 
 
 def batch_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -372,6 +374,27 @@ def edit_sequential(model: Model, requests: Sequence[EditRequest | dict],
     return params, reports
 
 
+def _sharded(model: Model, requests: Sequence[EditRequest], hparams: RomeHParams,
+             context: EditContext, devices: Sequence[jax.Device] | None):
+    """The requests' batches padded to equal shapes and stacked, the request axis padded to a
+    multiple of the device count (copies of the last request) and sharded over a 1-D mesh of
+    ``devices`` (default ``jax.devices()``); params and the Cholesky factor replicated:
+    (stacked batch, params, factor)."""
+    batches = [build_batch(model, r, context.templates, hparams.fact_token) for r in requests]
+    width = max(b.ids.shape[1] for b in batches)
+    live_width = max(b.live_index.shape[1] for b in batches)
+    n_target = max(b.target_ids.shape[1] for b in batches)
+    batches = [_pad_batch(b, model.tokenizer.pad_id, width, live_width, n_target)
+               for b in batches]
+    stacked = VBatch(*(np.stack(xs) for xs in zip(*batches)))
+    mesh = batch_mesh(devices)
+    stacked = jax.device_put(pad_rows(stacked, mesh.size),
+                             NamedSharding(mesh, PartitionSpec("batch")))
+    params, factor = jax.device_put((model.params, context.factor),
+                                    NamedSharding(mesh, PartitionSpec()))
+    return stacked, params, factor
+
+
 def edit_independent(model: Model, requests: Sequence[EditRequest | dict],
                      hparams: RomeHParams | None = None, method: str = "c-rome", *,
                      context: EditContext | None = None,
@@ -390,18 +413,7 @@ def edit_independent(model: Model, requests: Sequence[EditRequest | dict],
     if not requests:
         raise ValueError("requests: empty (edit_independent needs at least one request)")
     context = context or prepare(model, hparams)
-    batches = [build_batch(model, r, context.templates, hparams.fact_token) for r in requests]
-    width = max(b.ids.shape[1] for b in batches)
-    live_width = max(b.live_index.shape[1] for b in batches)
-    n_target = max(b.target_ids.shape[1] for b in batches)
-    batches = [_pad_batch(b, model.tokenizer.pad_id, width, live_width, n_target)
-               for b in batches]
-    stacked = VBatch(*(np.stack(xs) for xs in zip(*batches)))
-    mesh = batch_mesh(devices)
-    stacked = jax.device_put(pad_rows(stacked, mesh.size),
-                             NamedSharding(mesh, PartitionSpec("batch")))
-    params, factor = jax.device_put((model.params, context.factor),
-                                    NamedSharding(mesh, PartitionSpec()))
+    stacked, params, factor = _sharded(model, requests, hparams, context, devices)
     out = _edit_vmap(params, model.config, hparams.layer, method, hparams.v_num_grad_steps,
                      stacked, factor, *_v_settings(hparams))
     updates, diagnostics, values, cosine = jax.tree.map(lambda x: x[:len(requests)],
@@ -414,6 +426,60 @@ def edit_independent(model: Model, requests: Sequence[EditRequest | dict],
         _check_finite(pick(updates), report)
         reports.append(report)
     return jax.tree.map(jnp.asarray, updates), reports
+
+
+def solve_independent(model: Model, requests: Sequence[EditRequest | dict],
+                      hparams: RomeHParams | None = None, *,
+                      context: EditContext | None = None,
+                      devices: Sequence[jax.Device] | None = None) -> list[Solved]:
+    """``solve`` of every request as one compiled program, vmapped and sharded over
+    ``devices`` as in ``edit_independent``: the keys and v* of each request, for
+    ``compute_edit(..., solved=...)`` with any method. They equal ``solve``'s to float32
+    rounding (the padding changes the shapes XLA reduces over, so not bit for bit)."""
+    hparams = _checked(model, hparams, context)
+    requests = _requests(requests)
+    if not requests:
+        raise ValueError("requests: empty (solve_independent needs at least one request)")
+    context = context or prepare(model, hparams)
+    stacked, params, _ = _sharded(model, requests, hparams, context, devices)
+    out = jax.device_get(_solve_vmap(params, model.config, hparams.layer,
+                                     hparams.v_num_grad_steps, stacked, *_v_settings(hparams)))
+    return [jax.tree.map(lambda x: jnp.asarray(x[i]), out) for i in range(len(requests))]
+
+
+def solve_many(model: Model, requests: Sequence[EditRequest | Mapping | None],
+               hparams: RomeHParams | None = None, *, context: EditContext | None = None,
+               batch: int = 1, devices: Sequence[jax.Device] | None = None
+               ) -> Iterator[Solved | ValueError | None]:
+    """The ``solve`` of each request in order, ``batch`` requests at a time through
+    ``solve_independent`` (lazily: a chunk is solved when its first result is taken, so a
+    progress bar over the results moves as they come). A request that does not fit the model
+    yields its ValueError (the rest of its chunk is solved without it); ``None`` (a request
+    the caller could not build) yields ``None``. With ``batch`` 1 every request goes through
+    ``solve``, bit for bit as a single edit."""
+    if batch < 1:
+        raise ValueError(f"batch: {batch}; give 1 or more")
+    hparams = _checked(model, hparams, context)
+    context = context or prepare(model, hparams)
+    for start in range(0, len(requests), batch):
+        chunk: list = []
+        for request in requests[start:start + batch]:
+            try:
+                request = None if request is None else _request(request)
+                if request is not None:
+                    build_batch(model, request, context.templates, hparams.fact_token)
+            except ValueError as err:
+                request = err
+            chunk.append(request)
+        live = [r for r in chunk if isinstance(r, EditRequest)]
+        if batch == 1:
+            solved = [solve(model, r, hparams, context=context) for r in live]
+        else:
+            solved = (solve_independent(model, live, hparams, context=context,
+                                        devices=devices) if live else [])
+        results = iter(solved)
+        for request in chunk:
+            yield next(results) if isinstance(request, EditRequest) else request
 
 
 def with_test_prefix(prompt: str, subject: str, prefix: str) -> str:
