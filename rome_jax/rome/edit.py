@@ -310,7 +310,12 @@ def solve(model: Model, request: EditRequest | dict, hparams: RomeHParams | None
     request = _request(request)
     params = model.params if params is None else params
     context = context or prepare(model, hparams)
-    batch = build_batch(model, request, context.templates, hparams.fact_token)
+    return _solve_built(model, hparams, params,
+                        build_batch(model, request, context.templates, hparams.fact_token))
+
+
+def _solve_built(model: Model, hparams: RomeHParams, params: Params, batch: VBatch) -> Solved:
+    """``solve`` of one request's built batch (its compiled program)."""
     return _solve_jit(params, model.config, hparams.layer, hparams.v_num_grad_steps, batch,
                       *_v_settings(hparams))
 
@@ -374,13 +379,12 @@ def edit_sequential(model: Model, requests: Sequence[EditRequest | dict],
     return params, reports
 
 
-def _sharded(model: Model, requests: Sequence[EditRequest], hparams: RomeHParams,
-             context: EditContext, devices: Sequence[jax.Device] | None):
-    """The requests' batches padded to equal shapes and stacked, the request axis padded to a
-    multiple of the device count (copies of the last request) and sharded over a 1-D mesh of
-    ``devices`` (default ``jax.devices()``); params and the Cholesky factor replicated:
-    (stacked batch, params, factor)."""
-    batches = [build_batch(model, r, context.templates, hparams.fact_token) for r in requests]
+def _sharded(model: Model, batches: Sequence[VBatch], context: EditContext,
+             devices: Sequence[jax.Device] | None):
+    """Requests' batches (``build_batch``) padded to equal shapes and stacked, the request axis
+    padded to a multiple of the device count (copies of the last request) and sharded over a
+    1-D mesh of ``devices`` (default ``jax.devices()``); params and the Cholesky factor
+    replicated: (stacked batch, params, factor)."""
     width = max(b.ids.shape[1] for b in batches)
     live_width = max(b.live_index.shape[1] for b in batches)
     n_target = max(b.target_ids.shape[1] for b in batches)
@@ -393,6 +397,16 @@ def _sharded(model: Model, requests: Sequence[EditRequest], hparams: RomeHParams
     params, factor = jax.device_put((model.params, context.factor),
                                     NamedSharding(mesh, PartitionSpec()))
     return stacked, params, factor
+
+
+def _solve_sharded(model: Model, batches: Sequence[VBatch], hparams: RomeHParams,
+                   context: EditContext, devices: Sequence[jax.Device] | None
+                   ) -> list[Solved]:
+    """The keys and v* of each built batch, as one vmapped program sharded over ``devices``."""
+    stacked, params, _ = _sharded(model, batches, context, devices)
+    out = jax.device_get(_solve_vmap(params, model.config, hparams.layer,
+                                     hparams.v_num_grad_steps, stacked, *_v_settings(hparams)))
+    return [jax.tree.map(lambda x: jnp.asarray(x[i]), out) for i in range(len(batches))]
 
 
 def edit_independent(model: Model, requests: Sequence[EditRequest | dict],
@@ -413,7 +427,8 @@ def edit_independent(model: Model, requests: Sequence[EditRequest | dict],
     if not requests:
         raise ValueError("requests: empty (edit_independent needs at least one request)")
     context = context or prepare(model, hparams)
-    stacked, params, factor = _sharded(model, requests, hparams, context, devices)
+    batches = [build_batch(model, r, context.templates, hparams.fact_token) for r in requests]
+    stacked, params, factor = _sharded(model, batches, context, devices)
     out = _edit_vmap(params, model.config, hparams.layer, method, hparams.v_num_grad_steps,
                      stacked, factor, *_v_settings(hparams))
     updates, diagnostics, values, cosine = jax.tree.map(lambda x: x[:len(requests)],
@@ -441,45 +456,42 @@ def solve_independent(model: Model, requests: Sequence[EditRequest | dict],
     if not requests:
         raise ValueError("requests: empty (solve_independent needs at least one request)")
     context = context or prepare(model, hparams)
-    stacked, params, _ = _sharded(model, requests, hparams, context, devices)
-    out = jax.device_get(_solve_vmap(params, model.config, hparams.layer,
-                                     hparams.v_num_grad_steps, stacked, *_v_settings(hparams)))
-    return [jax.tree.map(lambda x: jnp.asarray(x[i]), out) for i in range(len(requests))]
+    return _solve_sharded(model, [build_batch(model, r, context.templates, hparams.fact_token)
+                                  for r in requests], hparams, context, devices)
 
 
 def solve_many(model: Model, requests: Sequence[EditRequest | Mapping | None],
                hparams: RomeHParams | None = None, *, context: EditContext | None = None,
                batch: int = 1, devices: Sequence[jax.Device] | None = None
                ) -> Iterator[Solved | ValueError | None]:
-    """The ``solve`` of each request in order, ``batch`` requests at a time through
-    ``solve_independent`` (lazily: a chunk is solved when its first result is taken, so a
-    progress bar over the results moves as they come). A request that does not fit the model
-    yields its ValueError (the rest of its chunk is solved without it); ``None`` (a request
-    the caller could not build) yields ``None``. With ``batch`` 1 every request goes through
-    ``solve``, bit for bit as a single edit."""
+    """The ``solve`` of each request in order, ``batch`` requests at a time as one sharded
+    program (as ``solve_independent``; lazily: a chunk is solved when its first result is
+    taken, so a progress bar over the results moves as they come). Each request is built once.
+    A request that does not fit the model yields its ValueError (the rest of its chunk is
+    solved without it); ``None`` (a request the caller could not build) yields ``None``. With
+    ``batch`` 1 every request runs ``solve``'s own program, bit for bit as a single edit."""
     if batch < 1:
         raise ValueError(f"batch: {batch}; give 1 or more")
     hparams = _checked(model, hparams, context)
     context = context or prepare(model, hparams)
+
+    def built(request):  # its batch, its ValueError, or None
+        try:
+            return None if request is None else build_batch(
+                model, _request(request), context.templates, hparams.fact_token)
+        except ValueError as err:
+            return err
+
     for start in range(0, len(requests), batch):
-        chunk: list = []
-        for request in requests[start:start + batch]:
-            try:
-                request = None if request is None else _request(request)
-                if request is not None:
-                    build_batch(model, request, context.templates, hparams.fact_token)
-            except ValueError as err:
-                request = err
-            chunk.append(request)
-        live = [r for r in chunk if isinstance(r, EditRequest)]
+        chunk = [built(r) for r in requests[start:start + batch]]
+        live = [b for b in chunk if isinstance(b, VBatch)]
         if batch == 1:
-            solved = [solve(model, r, hparams, context=context) for r in live]
+            solved = [_solve_built(model, hparams, model.params, b) for b in live]
         else:
-            solved = (solve_independent(model, live, hparams, context=context,
-                                        devices=devices) if live else [])
+            solved = _solve_sharded(model, live, hparams, context, devices) if live else []
         results = iter(solved)
-        for request in chunk:
-            yield next(results) if isinstance(request, EditRequest) else request
+        for b in chunk:
+            yield next(results) if isinstance(b, VBatch) else b
 
 
 def with_test_prefix(prompt: str, subject: str, prefix: str) -> str:
