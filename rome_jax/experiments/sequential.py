@@ -348,7 +348,10 @@ def figure(summary: Mapping, title: str):
                 ax.plot(x, [e["downstream"][t]["accuracy"] for e in ev], marker="o", ms=3,
                         label=label(method))
         axes[0].set(yscale="log", xlabel="edit", ylabel="‖Δ‖_F", title="update norm")
-        axes[1].set(yscale="log", xlabel="edits", ylabel="perplexity", title="ME-PPL_1k")
+        ppl = [e["ppl1k"] for v in summary["methods"].values() for e in v["evaluated"]]
+        wide = bool(ppl) and max(ppl) > 10 * min(ppl)  # a log axis labels < 1 decade badly
+        axes[1].set(yscale="log" if wide else "linear", xlabel="edits", ylabel="perplexity",
+                    title="ME-PPL_1k")
         first = next((v["evaluated"][0] for v in summary["methods"].values()
                       if v["evaluated"]), None)
         for ax, t in zip(axes[2:], tasks):
