@@ -77,6 +77,9 @@ def test_rows_cover_the_groups_and_are_in_range(first_run):
             assert scores["ppl_ratio"] > 0 and 0 <= scores["GE_norm"] <= 1 and scores["GE"] >= 0
             if name != "before":
                 assert 0 < scores["delta_abs"] < scores["delta_norm"]
+        # rome and p-rome both write at k^u: the same residual v* − Wk^u − b = δ
+        assert row["edits"]["rome"]["residual_norm"] == pytest.approx(
+            row["edits"]["p-rome"]["residual_norm"])
         assert row["before"]["ppl_ratio"] == pytest.approx(1.0)
 
 
@@ -104,6 +107,9 @@ def test_report_matches_rows(env, first_run):
     for group, stats in summary["groups"].items():
         members = [r for r in rows if r["group"] == group]
         assert stats["n"] == len(members) == stats["plain"]["c-rome"]["n"]
+        for key, method in (("delta_v_median", "rome"), ("c_rome_residual_median", "c-rome")):
+            norms = [r["edits"][method]["residual_norm"] for r in members]
+            assert stats[key] == pytest.approx(np.median(norms)) and stats[key] > 0
         for scoring in single.SCORINGS:
             for method in ("none", *single.METHODS):
                 got = stats[scoring][method]

@@ -92,14 +92,22 @@ def run(s, args, journal, header: Mapping) -> None:
 
 
 def summarize(rows: Sequence[Mapping]) -> dict:
-    """Per group: n, case ids, how many prompts the prefix changed, and per scoring the
-    ``counterfact_eval.summarize`` of each method and the unedited model."""
+    """Per group: n, case ids, how many prompts the prefix changed, the median ‖δ‖ = ‖v* −
+    v_init‖ (``rome``'s residual v* − Wk^u − b) and median ‖v* − Wk̄ − b‖ (``c-rome``'s), and
+    per scoring the ``counterfact_eval.summarize`` of each method and the unedited model."""
     from rome_jax.counterfact_eval import summarize as summarize_methods
+
+    def median_residual(rs, method):
+        norms = [r["edits"][method]["residual_norm"] for r in rs
+                 if "error" not in r["edits"][method]]
+        return float(np.median(norms)) if norms else None
 
     out = {}
     for g, rs in grouped(rows, lambda r: r["group"]).items():
         out[g] = {"n": len(rs), "case_ids": [r["case_id"] for r in rs],
                   "prompts_prefixed": sum(r["prompts_prefixed"] for r in rs),
+                  "delta_v_median": median_residual(rs, "rome"),
+                  "c_rome_residual_median": median_residual(rs, "c-rome"),
                   **{scoring: summarize_methods(rs, METHODS, prefixed=scoring == "prefixed")
                      for scoring in SCORINGS}}
     return {g: out[g] for g in collapse.GROUPS if g in out}
@@ -108,9 +116,11 @@ def summarize(rows: Sequence[Mapping]) -> dict:
 def tables(groups: Mapping, title: str, sample: str) -> str:
     t3 = markdown_table(
         ["cases", "n", "test prefix", "prompts prefixed", "efficacy (ES)",
-         "generalization (PS)", "locality (NS)", "S", "EM", "PM", "NM"],
+         "generalization (PS)", "locality (NS)", "S", "EM", "PM", "NM", "median ‖δ‖",
+         "median ‖v*−Wk̄−b‖"],
         [[g, v["n"], "with" if prefixed else "without", v["prompts_prefixed"] if prefixed else 0,
-          m["ES"], m["PS"], m["NS"], m["S"], m["EM"], m["PM"], m["NM"]]
+          m["ES"], m["PS"], m["NS"], m["S"], m["EM"], m["PM"], m["NM"], v["delta_v_median"],
+          v["c_rome_residual_median"]]
          for g, v in groups.items() for scoring in SCORINGS
          for prefixed, m in [(scoring == "prefixed", v[scoring]["c-rome"])]])
     t1 = markdown_table(
@@ -123,7 +133,10 @@ def tables(groups: Mapping, title: str, sample: str) -> str:
     return (f"{title}\n\nTable A (\"The Fall of ROME\" Tables 3-4): r-rome (= c-rome) edits, "
             "scored plain and with the test-time prefix in front of the rewrite and paraphrase "
             "prompts that open with the subject (\"prompts prefixed\" counts them; the others, "
-            "and the neighbourhood prompts, score the same both ways).\n\n"
+            "and the neighbourhood prompts, score the same both ways). δ = v* − v_init is what "
+            "the edit adds to the plain prompt's MLP output v_init = Wk^u + b (clamped to "
+            "‖δ‖ ≤ clamp_norm_factor·‖v_init‖); c-rome writes v* at k̄, where the model had "
+            "Wk̄ + b.\n\n"
             f"{t3}\n\nTable B (\"Rebuilding ROME\" Tables 1, 2, 4): every method, plain "
             f"scoring; |Δ| = ‖Δ‖_F / (F·D); GE: ROME's n-gram entropy (bits), GE norm: the "
             f"normalised word entropy (0-1). {sample}\n\n{t1}")
