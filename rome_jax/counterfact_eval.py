@@ -128,7 +128,8 @@ def summarize(rows: Sequence[Mapping], methods: Sequence[str],
     """Per method (and "none", before editing) over the rows in ``subset``: the CounterFact
     summary (ES, PS, NS, S, EM, PM, NM, n; with ``prefixed``, of the scores with the test-time
     prefix), the median and largest perplexity ratio, the mean generation entropies when
-    measured, the median |Δ| and how many edits failed."""
+    measured, the median |Δ| and median ‖v* − Wk − b‖ (the update's residual at the key it
+    writes) and how many edits failed."""
     rows = [r for r in rows if subset(r)]
     out = {}
     for method in ("none", *methods):
@@ -144,7 +145,8 @@ def summarize(rows: Sequence[Mapping], methods: Sequence[str],
             if ok and entropy in ok[0]:
                 summary[entropy] = float(np.nanmean([s[entropy] for s in ok]))
         if method != "none":
-            summary["delta_abs_median"] = (float(np.median([s["delta_abs"] for s in ok]))
-                                           if ok else math.nan)
+            for field in ("delta_abs", "residual_norm"):
+                summary[f"{field}_median"] = (float(np.median([s[field] for s in ok]))
+                                              if ok else math.nan)
         out[method] = summary
     return out

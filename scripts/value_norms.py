@@ -15,13 +15,12 @@ medians per group of ‖v_init‖, ‖Wk̄ + b‖ (the MLP output at the mean pr
 from __future__ import annotations
 
 import argparse
-import types
 
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from rome_jax.cli.common import Setup
+from rome_jax.cli.common import Setup, add_model_args
 from rome_jax.data import counterfact_by_case_id, load_counterfact
 from rome_jax.experiments.journal import read_rows
 from rome_jax.files import write_json_atomic
@@ -43,14 +42,12 @@ def norms(model, hparams, context, record) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None, help="as for rome-jax (default: gpt2-cf-tiny)")
-    parser.add_argument("--layer", type=int, default=None)
+    add_model_args(parser)  # --model, --layer, ... as for rome-jax edit
     parser.add_argument("--baseline", required=True, help="folder of a finished collapse run")
     parser.add_argument("--n-normal", type=int, default=20)
     parser.add_argument("--out", default=None, help="JSON file for the rows and medians")
     args = parser.parse_args()
-    s = Setup(types.SimpleNamespace(model=args.model, bos=None, layer=args.layer,
-                                    mom2_n_samples=None, seed=0))
+    s = Setup(args)
     _, rows = read_rows(f"{args.baseline}/rows.jsonl", "collapse")
     rows = [r for r in rows if "error" not in r]
     groups = {"first-token": [r["case_id"] for r in rows if r["first_token_subject"]],

@@ -92,22 +92,14 @@ def run(s, args, journal, header: Mapping) -> None:
 
 
 def summarize(rows: Sequence[Mapping]) -> dict:
-    """Per group: n, case ids, how many prompts the prefix changed, the median ‖δ‖ = ‖v* −
-    v_init‖ (``rome``'s residual v* − Wk^u − b) and median ‖v* − Wk̄ − b‖ (``c-rome``'s), and
-    per scoring the ``counterfact_eval.summarize`` of each method and the unedited model."""
+    """Per group: n, case ids, how many prompts the prefix changed, and per scoring the
+    ``counterfact_eval.summarize`` of each method and the unedited model."""
     from rome_jax.counterfact_eval import summarize as summarize_methods
-
-    def median_residual(rs, method):
-        norms = [r["edits"][method]["residual_norm"] for r in rs
-                 if "error" not in r["edits"][method]]
-        return float(np.median(norms)) if norms else None
 
     out = {}
     for g, rs in grouped(rows, lambda r: r["group"]).items():
         out[g] = {"n": len(rs), "case_ids": [r["case_id"] for r in rs],
                   "prompts_prefixed": sum(r["prompts_prefixed"] for r in rs),
-                  "delta_v_median": median_residual(rs, "rome"),
-                  "c_rome_residual_median": median_residual(rs, "c-rome"),
                   **{scoring: summarize_methods(rs, METHODS, prefixed=scoring == "prefixed")
                      for scoring in SCORINGS}}
     return {g: out[g] for g in collapse.GROUPS if g in out}
@@ -119,8 +111,8 @@ def tables(groups: Mapping, title: str, sample: str) -> str:
          "generalization (PS)", "locality (NS)", "S", "EM", "PM", "NM", "median ‖δ‖",
          "median ‖v*−Wk̄−b‖"],
         [[g, v["n"], "with" if prefixed else "without", v["prompts_prefixed"] if prefixed else 0,
-          m["ES"], m["PS"], m["NS"], m["S"], m["EM"], m["PM"], m["NM"], v["delta_v_median"],
-          v["c_rome_residual_median"]]
+          m["ES"], m["PS"], m["NS"], m["S"], m["EM"], m["PM"], m["NM"],
+          v["plain"]["rome"]["residual_norm_median"], m["residual_norm_median"]]
          for g, v in groups.items() for scoring in SCORINGS
          for prefixed, m in [(scoring == "prefixed", v[scoring]["c-rome"])]])
     t1 = markdown_table(
