@@ -23,7 +23,7 @@ from rome_jax.rome.edit import build_batch, edit_core, prepare
 from rome_jax.rome.hparams import RomeHParams, preset_for
 from rome_jax.rome.keys import keys_from_residual
 from rome_jax.rome.request import EditRequest
-from rome_jax.rome.update import rank_one_update
+from rome_jax.editors.rome import rank_one_update
 from rome_jax.rome.values import optimize_v
 
 

@@ -28,7 +28,8 @@ from rome_jax.rome.edit import EditContext, Solved, compute_edit, solve
 from rome_jax.rome.hparams import RomeHParams
 from rome_jax.rome.request import EditRequest
 from rome_jax.rome.templates import sample_context_templates
-from rome_jax.rome.update import apply_edit, canonical_method
+from rome_jax.editors.delta import apply_edit
+from rome_jax.editors.rome import canonical_method
 from rome_jax.training import first_token_subject
 
 

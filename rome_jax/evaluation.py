@@ -36,6 +36,7 @@ from rome_jax.models.config import ModelConfig
 from rome_jax.models.generate import generate
 from rome_jax.models.model import Model
 from rome_jax.models.transformer import Params, forward
+from rome_jax.rome.templates import with_test_prefix
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -131,7 +132,6 @@ def counterfact_prompts(record: Mapping, prefix: str | None = None) -> dict[str,
     the subject gets it in front ("The Fall of ROME"'s test-time prefix, so that the model reads
     the subject after some context, as it was edited); neighbourhood prompts, about other
     subjects, never do."""
-    from rome_jax.rome.edit import with_test_prefix  # rome.edit imports this module
 
     rw = record["requested_rewrite"]
     subject = rw["subject"]

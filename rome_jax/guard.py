@@ -39,7 +39,7 @@ from rome_jax.models.transformer import forward, residual_at
 from rome_jax.rome.edit import build_batch, compute_edit, edit_independent
 from rome_jax.rome.request import EditRequest
 from rome_jax.rome.stats import cache_path, fingerprint
-from rome_jax.rome.update import apply_edit
+from rome_jax.editors.delta import apply_edit
 
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 MIN_LOG_SCALE = 0.1    # floor of the robust log-|Δ| scale (few or identical samples)

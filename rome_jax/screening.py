@@ -17,7 +17,7 @@ from rome_jax.models.model import Model
 from rome_jax.rome.edit import EditContext, Solved, build_batch, compute_edit
 from rome_jax.rome.hparams import RomeHParams
 from rome_jax.rome.request import EditRequest, subject_token_index
-from rome_jax.rome.update import apply_edit
+from rome_jax.editors.delta import apply_edit
 from rome_jax.training import first_token_subject
 
 REPORT_FIELDS = ("denominator", "denominator_unit_u", "numerator_norm", "delta_norm", "delta_abs", "residual_norm",

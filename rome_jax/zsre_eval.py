@@ -34,7 +34,7 @@ from rome_jax.models.transformer import Params, forward, residual_at
 from rome_jax.rome.edit import EditContext, Solved, compute_edit, solve
 from rome_jax.rome.hparams import RomeHParams
 from rome_jax.rome.request import EditRequest
-from rome_jax.rome.update import apply_edit
+from rome_jax.editors.delta import apply_edit
 from rome_jax.training import first_token_subject
 
 METRICS = ("efficacy", "paraphrase", "specificity")

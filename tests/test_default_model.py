@@ -13,7 +13,7 @@ from rome_jax.models.transformer import mlp_key
 from rome_jax.rome.edit import build_batch, edit, edit_core, prepare
 from rome_jax.rome.hparams import preset_for
 from rome_jax.rome.request import EditRequest
-from rome_jax.rome.update import apply_edit
+from rome_jax.editors.delta import apply_edit
 from rome_jax.training import first_token_subject
 
 

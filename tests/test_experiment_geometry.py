@@ -108,7 +108,7 @@ def test_vectors_and_scalars_agree_with_the_library(setup, finished):
     from rome_jax.data import counterfact_by_case_id, load_counterfact, load_me_ppl
     from rome_jax.models.transformer import mlp_key, rome_weight
     from rome_jax.rome.stats import solve
-    from rome_jax.rome.update import rank_one_update
+    from rome_jax.editors.rome import rank_one_update
 
     root, _ = finished
     store = geometry.VectorStore(root / "out" / "keys.npz")

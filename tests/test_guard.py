@@ -225,14 +225,14 @@ def tiny():
 def test_perplexity_probe_matches_evaluation(tiny):
     from rome_jax.data import load_me_ppl
     from rome_jax.evaluation import perplexity
-    from rome_jax.rome.update import RankOneEdit, apply_edit
+    from rome_jax.editors.delta import apply_edit, rank_one
 
     texts = load_me_ppl("ME-PPL_50")[:12]
     probe = guard.PerplexityProbe(tiny, texts, layer=1, batch_size=8)
     assert probe.base == pytest.approx(perplexity(tiny, texts, batch_size=8), rel=1e-5)
     k1, k2 = jax.random.split(jax.random.key(0))
-    update = RankOneEdit(jax.random.normal(k1, (tiny.config.d_mlp,)),
-                         jax.random.normal(k2, (tiny.config.d_model,)), 1)
+    update = rank_one(jax.random.normal(k1, (tiny.config.d_mlp,)),
+                      jax.random.normal(k2, (tiny.config.d_model,)), 1)
     edited = apply_edit(tiny.params, update)
     expected = perplexity(tiny, texts, batch_size=8, params=edited)
     assert expected != pytest.approx(probe.base, rel=1e-3)

@@ -11,13 +11,12 @@ from rome_jax import data
 from rome_jax.hf import load_model
 from rome_jax.models.transformer import mlp_key, rome_weight
 from rome_jax.rome.edit import (EditContext, build_batch, compute_edit, edit, edit_core,
-                                edit_independent, edit_sequential, prepare, solve,
-                                with_test_prefix)
+                                edit_independent, edit_sequential, prepare, solve)
 from rome_jax.rome.hparams import RomeHParams
 from rome_jax.rome.request import EditRequest
 from rome_jax.rome.stats import compute_key_stats
-from rome_jax.rome.templates import sample_context_templates
-from rome_jax.rome.update import apply_edit
+from rome_jax.rome.templates import sample_context_templates, with_test_prefix
+from rome_jax.editors.delta import apply_edit
 
 HP = RomeHParams(layer=1, v_num_grad_steps=6, v_lr=0.1,
                  context_template_length_params=((4, 5), (6, 5)))
@@ -88,11 +87,13 @@ def test_edited_weights_map_the_key_to_v_star(model, context, method):
 
 def test_independent_edits_by_vmap_match_single_edits(model, context):
     edits, reports = edit_independent(model, [REQUEST, OTHER], HP, "c-rome", context=context)
-    assert edits.key_dir.shape == (2, model.config.d_mlp)
+    stacked = edits.deltas[HP.layer]
+    assert stacked.left.shape == (2, model.config.d_mlp, 1)
     for i, request in enumerate([REQUEST, OTHER]):
         single, report = compute_edit(model, request, HP, "c-rome", context=context)
-        np.testing.assert_allclose(edits.value_delta[i], single.value_delta, rtol=2e-3, atol=2e-4)
-        np.testing.assert_allclose(edits.key_dir[i], single.key_dir, rtol=2e-3, atol=1e-5)
+        one = single.deltas[HP.layer]
+        np.testing.assert_allclose(stacked.right[i], one.right, rtol=2e-3, atol=2e-4)
+        np.testing.assert_allclose(stacked.left[i], one.left, rtol=2e-3, atol=1e-5)
         assert reports[i].request == request.to_dict()
 
 
@@ -103,8 +104,7 @@ def test_methods_share_one_solve(model, context):
         fresh, fresh_report = compute_edit(model, REQUEST, HP, method, context=context)
         reused, reused_report = compute_edit(model, REQUEST, HP, method, context=context,
                                              solved=solved)
-        np.testing.assert_array_equal(fresh.key_dir, reused.key_dir)
-        np.testing.assert_array_equal(fresh.value_delta, reused.value_delta)
+        np.testing.assert_array_equal(fresh.weight_delta(), reused.weight_delta())
         assert fresh_report.to_dict() == reused_report.to_dict()
 
 

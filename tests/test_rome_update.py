@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rome_jax.rome.update import RankOneEdit, apply_edit, rank_one_update
+from rome_jax.editors.delta import apply_edit, rank_one
+from rome_jax.editors.rome import rank_one_update
 
 DTYPES = {"float64": (np.float64, 1e-9), "float32": (np.float32, 2e-3)}
 
@@ -122,7 +123,7 @@ def test_papers_units_unit_u(method, seed, f, d):
 def test_apply_edit_is_pure():
     params = {"blocks": {"mlp": {"fc_out": {"w": jnp.zeros((3, 4, 2)), "b": jnp.zeros((3, 2))}}},
               "wte": jnp.ones((5, 2))}
-    edit = RankOneEdit(jnp.array([1.0, 2.0, 0.0, 0.0]), jnp.array([1.0, -1.0]), layer=1)
+    edit = rank_one(jnp.array([1.0, 2.0, 0.0, 0.0]), jnp.array([1.0, -1.0]), layer=1)
     new = apply_edit(params, edit)
     assert float(jnp.abs(params["blocks"]["mlp"]["fc_out"]["w"]).sum()) == 0.0
     np.testing.assert_array_equal(new["blocks"]["mlp"]["fc_out"]["w"][1],
@@ -135,3 +136,18 @@ def test_unknown_method_is_refused():
     p = problem(0, 3, 2, np.float32)
     with pytest.raises(ValueError, match="method"):
         run(p, "memit", np.float32)
+
+
+@pytest.mark.parametrize("method", ["rome", "c-rome", "p-rome"])
+def test_rank_one_edit_applies_as_the_outer_product_bit_for_bit(method):
+    """ROME as an ``Edit`` (factors [F, 1] @ [1, D]) changes the weights exactly as the rank-one
+    outer product key_dir ⊗ value_delta did before the editor interface (float32)."""
+    p = problem(3, 12, 8, np.float32)
+    cast = lambda x: jnp.asarray(x, jnp.float32)
+    edit, _ = run(p, method, np.float32)
+    factors = edit.deltas[0]
+    w = jnp.stack([cast(p["w"])] * 2)
+    params = {"blocks": {"mlp": {"fc_out": {"w": w, "b": jnp.zeros((2, 8))}}}}
+    old = w.at[0].add(jnp.outer(factors.left[:, 0], factors.right[0]))
+    new = apply_edit(params, edit)["blocks"]["mlp"]["fc_out"]["w"]
+    np.testing.assert_array_equal(np.asarray(new), np.asarray(old))

@@ -240,7 +240,7 @@ def test_prefix_entry(s: "Setup", params, new_params, request, tokens: int = 0) 
     completion) before and after the edit with the first context-template prefix in front (the
     test-time fix); None for other prompts."""
     from rome_jax.models.generate import generate
-    from rome_jax.rome.edit import with_test_prefix
+    from rome_jax.rome.templates import with_test_prefix
 
     if not request.subject_first:
         return None

@@ -82,7 +82,8 @@ def run(args) -> int:
     from rome_jax.models.generate import generate
     from rome_jax.rome.edit import compute_edit
     from rome_jax.rome.request import EditRequest
-    from rome_jax.rome.update import apply_edit, canonical_method
+    from rome_jax.editors.delta import apply_edit
+    from rome_jax.editors.rome import canonical_method
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:

@@ -103,7 +103,7 @@ def _one_edit(s: Setup, request, params, method: str, profile, ppl_before: float
     """Compute, judge, apply and measure one edit. Returns (entry, new params or None)."""
     from rome_jax.guard import Verdict, evaluate, suggest
     from rome_jax.rome.edit import compute_edit
-    from rome_jax.rome.update import apply_edit
+    from rome_jax.editors.delta import apply_edit
 
     force = s.args.force
     model = s.model

@@ -78,7 +78,7 @@ def _names(text: str, flag: str, known: Sequence[str] | None = None) -> list[str
 def settings(args) -> dict:
     from rome_jax.cli.common import read_case_ids
     from rome_jax.downstream import TASKS
-    from rome_jax.rome.update import canonical_method
+    from rome_jax.editors.rome import canonical_method
 
     methods = list(dict.fromkeys(canonical_method(m) for m in _names(args.methods,
                                                                       "--methods")))
@@ -190,7 +190,7 @@ def run_method(s, method: str, records: Sequence[Mapping], journal, out: Path, s
     from rome_jax.evaluation import counterfact_metrics, counterfact_nll
     from rome_jax.rome.edit import compute_edit
     from rome_jax.rome.request import EditRequest
-    from rome_jax.rome.update import apply_edit
+    from rome_jax.editors.delta import apply_edit
 
     layer, n = s.hparams.layer, len(records)
     if _row(journal, [method, "final"]) is not None:

@@ -39,7 +39,7 @@ def add_args(p) -> None:
 
 def methods_of(text: str) -> list[str]:
     """The methods of ``--methods``, canonical (r-rome is c-rome), each once, in order."""
-    from rome_jax.rome.update import canonical_method
+    from rome_jax.editors.rome import canonical_method
 
     out = []
     for name in (m.strip() for m in text.split(",")):

@@ -22,6 +22,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rome_jax.data import bucket, pad_batch
+from rome_jax.editors.delta import Edit, apply_edit
+from rome_jax.editors.rome import canonical_method, rank_one_update
 from rome_jax.evaluation import target_probabilities
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
@@ -31,7 +33,6 @@ from rome_jax.rome.keys import Keys, keys_from_residual
 from rome_jax.rome.request import EditRequest, subject_token_index
 from rome_jax.rome.stats import KeyStats, key_stats
 from rome_jax.rome.templates import ContextTemplates, sample_context_templates
-from rome_jax.rome.update import RankOneEdit, apply_edit, canonical_method, rank_one_update
 from rome_jax.rome.values import VBatch, VResult, optimize_v
 
 KL_PROMPT = "{} is a"
@@ -195,7 +196,7 @@ def solve_core(params: Params, config: ModelConfig, layer: int, steps: int, batc
 
 
 def update_core(params: Params, layer: int, method: str, factor: jax.Array, solved: Solved):
-    """The rank-one update of ``method`` from solved keys and v* (traceable): (RankOneEdit,
+    """The rank-one update of ``method`` from solved keys and v* (traceable): (Edit,
     UpdateDiagnostics, cos(k^u, k̄))."""
     keys = solved.keys
     w, b = rome_weight(params, layer)
@@ -283,9 +284,8 @@ def _report(request, method, layer, diagnostics, values, cosine) -> EditReport:
         v_losses=[float(x) for x in losses[~np.isnan(losses)]], v_steps=int(values.steps))
 
 
-def _check_finite(update: RankOneEdit, report: EditReport) -> None:
-    finite = bool(jnp.isfinite(update.key_dir).all() & jnp.isfinite(update.value_delta).all())
-    if not finite or not math.isfinite(report.denominator) or report.denominator == 0:
+def _check_finite(update: Edit, report: EditReport) -> None:
+    if not update.is_finite() or not math.isfinite(report.denominator) or report.denominator == 0:
         raise ValueError(f"non-finite update refused (method {report.method}, denominator "
                          f"{report.denominator:.3g}, |Δ|_F {report.delta_norm:.3g}); the "
                          "model is unchanged")
@@ -323,7 +323,7 @@ def _solve_built(model: Model, hparams: RomeHParams, params: Params, batch: VBat
 def compute_edit(model: Model, request: EditRequest | dict, hparams: RomeHParams | None = None,
                  method: str = "c-rome", *, context: EditContext | None = None,
                  params: Params | None = None, solved: Solved | None = None
-                 ) -> tuple[RankOneEdit, EditReport]:
+                 ) -> tuple[Edit, EditReport]:
     """The edit as a value (not applied) and its report (without probabilities); ``solved``
     (from ``solve`` on the same params) skips recomputing the keys and v*."""
     hparams = _checked(model, hparams, context)
@@ -413,14 +413,15 @@ def edit_independent(model: Model, requests: Sequence[EditRequest | dict],
                      hparams: RomeHParams | None = None, method: str = "c-rome", *,
                      context: EditContext | None = None,
                      devices: Sequence[jax.Device] | None = None
-                     ) -> tuple[RankOneEdit, list[EditReport]]:
+                     ) -> tuple[Edit, list[EditReport]]:
     """Edits of the same base model for every request, computed as one compiled program: a
     ``jax.vmap`` over requests padded to equal shapes, whose request axis is sharded over a 1-D
     mesh of ``devices`` (default ``jax.devices()``; params and the Cholesky factor replicated).
     The number of requests is padded up to a multiple of the device count with copies of the
-    last request, whose edits are dropped. Returns the stacked edits ([E, F], [E, D] in request
-    order, on the default device; apply one with ``apply_edit(params, jax.tree.map(lambda x:
-    x[i], edits))``) and their reports."""
+    last request, whose edits are dropped. Returns the stacked edits (one ``Edit`` whose
+    factors carry a leading request axis, [E, F, 1] and [E, 1, D] in request order, on the
+    default device; apply one with ``apply_edit(params, jax.tree.map(lambda x: x[i], edits))``)
+    and their reports."""
     hparams = _checked(model, hparams, context)
     method = canonical_method(method)
     requests = _requests(requests)
@@ -492,10 +493,3 @@ def solve_many(model: Model, requests: Sequence[EditRequest | Mapping | None],
         results = iter(solved)
         for b in chunk:
             yield next(results) if isinstance(b, VBatch) else b
-
-
-def with_test_prefix(prompt: str, subject: str, prefix: str) -> str:
-    """The "Fall of ROME" test-time fix: a prompt that opens with its subject gets ``prefix``
-    (e.g. ``context.templates.prefixes[0]``) in front, so the model reads the subject with the
-    kind of context it was edited with; other prompts are returned unchanged."""
-    return prefix + prompt if prompt.startswith(subject) else prompt

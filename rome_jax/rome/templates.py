@@ -88,3 +88,10 @@ def sample_context_templates(model: Model, key: jax.Array,
             text = opening + tok.decode(row, skip_special_tokens=True)
             templates.append(_clean(text) + ". {}")
     return ContextTemplates(tuple(templates))
+
+
+def with_test_prefix(prompt: str, subject: str, prefix: str) -> str:
+    """The "Fall of ROME" test-time fix: a prompt that opens with its subject gets ``prefix``
+    (e.g. ``context.templates.prefixes[0]``) in front, so the model reads the subject with the
+    kind of context it was edited with; other prompts are returned unchanged."""
+    return prefix + prompt if prompt.startswith(subject) else prompt

@@ -1,7 +1,8 @@
-"""The rank-one update in ROME's three key conventions, as a value you can inspect and apply.
+"""ROME's closed form: the rank-one update in its three key conventions, as an ``Edit``.
 
 With the model's orientation ``out = k @ w + b`` (w [F, D], ROME's W = wᵀ), an edit is
-``ŵ = w + key_dir ⊗ value_delta``, i.e. ``Ŵ = W + value_delta · key_dirᵀ``, where
+``ŵ = w + key_dir ⊗ value_delta`` (``editors.delta.rank_one``), i.e.
+``Ŵ = W + value_delta · key_dirᵀ``, where
 
     method   u = C⁻¹·ka   residual r = v* − (W kb + b)   key_dir = u / (uᵀ kb)
     rome     ka = k̄      kb = k^u   (the original code: mixed keys)
@@ -24,9 +25,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
-from rome_jax.models.transformer import Params
+from rome_jax.editors.delta import rank_one
 from rome_jax.rome.stats import solve
 
 METHODS = ("rome", "c-rome", "r-rome", "p-rome")
@@ -36,28 +36,6 @@ def canonical_method(method: str) -> str:
     if method not in METHODS:
         raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
     return "c-rome" if method == "r-rome" else method
-
-
-@struct.dataclass
-class RankOneEdit:
-    """``ŵ[layer] = w[layer] + key_dir ⊗ value_delta``. key_dir [F], value_delta [D]; a batch of
-    independent edits stacks them ([E, F], [E, D]) under one static layer."""
-
-    key_dir: jax.Array
-    value_delta: jax.Array
-    layer: int = struct.field(pytree_node=False)
-
-    def weight_delta(self) -> jax.Array:
-        """Δw [F, D] in the model's orientation (ROME's Δ is its transpose)."""
-        return jnp.outer(self.key_dir, self.value_delta)
-
-
-def apply_edit(params: Params, edit: RankOneEdit) -> Params:
-    """New params with the edit added; the input params are not touched."""
-    fc_out = params["blocks"]["mlp"]["fc_out"]
-    w = fc_out["w"].at[edit.layer].add(edit.weight_delta().astype(fc_out["w"].dtype))
-    mlp = {**params["blocks"]["mlp"], "fc_out": {**fc_out, "w": w}}
-    return {**params, "blocks": {**params["blocks"], "mlp": mlp}}
 
 
 class UpdateDiagnostics(NamedTuple):
@@ -78,7 +56,8 @@ def rank_one_update(w: jax.Array, b: jax.Array, factor: jax.Array, key_plain: ja
                     key_mean: jax.Array, v_star: jax.Array, method: str, layer: int = 0):
     """The update for w [F, D], b [D], Cholesky factor of C [F, F], keys [F], v* [D].
 
-    Returns (RankOneEdit, UpdateDiagnostics). Pure and traceable; ``method`` is static.
+    Returns (Edit of rank one at ``layer``, UpdateDiagnostics). Pure and traceable; ``method``
+    is static.
     """
     method = canonical_method(method)
     key_a = key_plain if method == "p-rome" else key_mean
@@ -93,4 +72,4 @@ def rank_one_update(w: jax.Array, b: jax.Array, factor: jax.Array, key_plain: ja
     diagnostics = UpdateDiagnostics(numerator_norm, denominator, delta_norm,
                                     delta_norm / (w.shape[0] * w.shape[1]),
                                     jnp.linalg.norm(residual), denominator / u_norm)
-    return RankOneEdit(key_dir, residual, layer), diagnostics
+    return rank_one(key_dir, residual, layer), diagnostics

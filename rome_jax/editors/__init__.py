@@ -1,0 +1,13 @@
+"""Editors: each method's closed form as one small module, and the value every editor returns.
+
+    delta.py      Edit = {layer: Factors | dense Δw}, applied by one ``apply_edit``
+    rome.py       ROME's rank-one update in its three key conventions (rome, c-rome, p-rome)
+    memit.py      MEMIT's least-squares update  Δw = (λC + KᵀK)⁻¹ Kᵀ R
+    emmet.py      EMMET's batched equality constraints  Δw = U (K_b U + λ_E I)⁻¹ R, U = C⁻¹K_aᵀ
+    alphaedit.py  AlphaEdit's null-space projected update
+    batch.py      the batch editors' driver: v* targets, keys per layer, the residual spread
+                  over the layers, and the sequential fold over batches
+
+This package's ``__init__`` imports nothing, so the single-edit pipeline (``rome.edit``) can use
+the closed forms while ``batch.py`` uses the pipeline.
+"""

@@ -1,0 +1,148 @@
+"""An edit as a value: per-layer deltas of the MLP output projection, low-rank where possible.
+
+With the model's orientation ``out = k @ w + b`` (w [F, D] = ROME's Wᵀ, see
+``models.transformer.rome_weight``), an ``Edit`` maps a layer to its Δw, kept as ``Factors``
+(Δw = left @ right, left [F, r], right [r, D]) when the method gives a rank r (ROME r = 1,
+MEMIT / EMMET / AlphaEdit r ≤ the batch size) and that is smaller than the dense [F, D], else as
+the dense Δw. ``apply_edit`` adds every delta to a copy of the params; nothing is mutated. An
+``Edit`` is a pytree (the layers are its static structure), so it can be vmapped (stacked
+edits of independent requests carry a leading axis on every leaf), summed by ``combine`` and
+saved by ``save_edit`` (one .npz of plain arrays; ``load_edit`` never unpickles).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from rome_jax.files import write_bytes_atomic
+from rome_jax.models.transformer import Params
+
+
+@struct.dataclass
+class Factors:
+    """Δw = left @ right: left [..., F, r], right [..., r, D]."""
+
+    left: jax.Array
+    right: jax.Array
+
+    @property
+    def rank(self) -> int:
+        return self.left.shape[-1]
+
+    def dense(self) -> jax.Array:
+        """Δw [..., F, D]."""
+        return self.left @ self.right
+
+
+def compact(left: jax.Array, right: jax.Array) -> Factors | jax.Array:
+    """``Factors(left, right)``, or the dense Δw [F, D] where it holds fewer numbers
+    (r (F + D) > F D)."""
+    f, r = left.shape[-2:]
+    d = right.shape[-1]
+    return Factors(left, right) if r * (f + d) <= f * d else left @ right
+
+
+def dense(delta: Factors | jax.Array) -> jax.Array:
+    """The Δw [F, D] of one layer's delta."""
+    return delta.dense() if isinstance(delta, Factors) else delta
+
+
+@struct.dataclass
+class Edit:
+    """``deltas``: {layer: Factors | Δw [F, D]} for the MLP output projections."""
+
+    deltas: dict
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted(self.deltas))
+
+    def weight_delta(self, layer: int | None = None) -> jax.Array:
+        """Δw [F, D] at ``layer`` (the only layer when None)."""
+        if layer is None:
+            if len(self.deltas) != 1:
+                raise ValueError(f"layer: the edit spans layers {self.layers}; name one")
+            (layer,) = self.deltas
+        return dense(self.deltas[layer])
+
+    def is_finite(self) -> bool:
+        return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(self))
+
+
+def rank_one(key_dir: jax.Array, value_delta: jax.Array, layer: int) -> Edit:
+    """ROME's Δw = key_dir ⊗ value_delta (key_dir [..., F], value_delta [..., D]) at ``layer``."""
+    return Edit({layer: Factors(key_dir[..., :, None], value_delta[..., None, :])})
+
+
+def apply_edit(params: Params, edit: Edit) -> Params:
+    """New params with every delta of ``edit`` added; the input params are not touched."""
+    if not isinstance(edit, Edit):
+        raise TypeError(f"edit: expected an Edit, got {type(edit).__name__}")
+    fc_out = params["blocks"]["mlp"]["fc_out"]
+    w = fc_out["w"]
+    for layer in edit.layers:
+        w = w.at[layer].add(dense(edit.deltas[layer]).astype(w.dtype))
+    mlp = {**params["blocks"]["mlp"], "fc_out": {**fc_out, "w": w}}
+    return {**params, "blocks": {**params["blocks"], "mlp": mlp}}
+
+
+def combine(first: Edit, second: Edit) -> Edit:
+    """One edit with both edits' deltas (factors concatenated along the rank where both are
+    factors, else summed densely): applying it equals applying both."""
+    deltas = dict(first.deltas)
+    for layer, delta in second.deltas.items():
+        if layer not in deltas:
+            deltas[layer] = delta
+        elif isinstance(delta, Factors) and isinstance(deltas[layer], Factors):
+            deltas[layer] = compact(jnp.concatenate([deltas[layer].left, delta.left], -1),
+                                    jnp.concatenate([deltas[layer].right, delta.right], -2))
+        else:
+            deltas[layer] = dense(deltas[layer]) + dense(delta)
+    return Edit(deltas)
+
+
+def save_edit(edit: Edit, path: str | os.PathLike) -> None:
+    """Write ``edit`` as one .npz of arrays named ``layer<L>.left/right`` or ``layer<L>.dense``
+    (atomically: a temporary sibling renamed into place)."""
+    arrays = {}
+    for layer, delta in edit.deltas.items():
+        if isinstance(delta, Factors):
+            arrays[f"layer{layer}.left"] = np.asarray(delta.left)
+            arrays[f"layer{layer}.right"] = np.asarray(delta.right)
+        else:
+            arrays[f"layer{layer}.dense"] = np.asarray(delta)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def load_edit(path: str | os.PathLike) -> Edit:
+    """Read an edit written by ``save_edit``; ValueError naming the file when it is not one."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not an edit file ({err})") from None
+    deltas = {}
+    try:
+        for name, array in arrays.items():
+            layer_name, kind = name.split(".")
+            layer = int(layer_name.removeprefix("layer"))
+            if kind == "dense":
+                deltas[layer] = jnp.asarray(array)
+            elif kind == "left":
+                deltas[layer] = Factors(jnp.asarray(array),
+                                        jnp.asarray(arrays[f"layer{layer}.right"]))
+            elif kind != "right":
+                raise ValueError(kind)
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"{path}: not an edit file (array {err})") from None
+    return Edit(deltas)
