@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rome_jax.cli.batch import layer_range
 from rome_jax.cli.common import (EXIT_REFUSED, PPL_CORPUS, PROG, Setup, add_guard_args,
                                 add_model_args, check_output, fmt, hparams_dict, log, one_line,
-                                probabilities, test_prefix_entry)
+                                positive_int, probabilities, test_prefix_entry)
 
 
 def add_parser(sub) -> None:
@@ -30,9 +31,19 @@ def add_parser(sub) -> None:
     g.add_argument("--mode", choices=("sequential", "independent"), default="sequential",
                    help="with --requests: each edit on the previous result (sequential, "
                         "default) or every edit on the base model (independent)")
-    g.add_argument("--method", choices=("rome", "c-rome", "r-rome", "p-rome"), default="c-rome",
+    g.add_argument("--method", choices=("rome", "c-rome", "r-rome", "p-rome", "memit", "emmet",
+                                        "alphaedit"), default="c-rome",
                    help="update: rome (original mixed keys), c-rome / r-rome (consistent k̄, "
-                        "default), p-rome (plain keys)")
+                        "default), p-rome (plain keys); or a batch editor that writes all "
+                        "--requests in one update: memit, emmet, alphaedit")
+    g = p.add_argument_group("batch editors (--method memit|emmet|alphaedit)")
+    g.add_argument("--layers", type=layer_range, metavar="FIRST-LAST",
+                   help="edited layers, e.g. 13-17 or 3,5,7 (default: the method's preset)")
+    g.add_argument("--keys", choices=("rome", "c-rome", "p-rome"), default="rome",
+                   help="key convention: rome (k̄ with the residual at the plain prompt, as "
+                        "MEMIT; default), c-rome (k̄ throughout), p-rome (the plain key)")
+    g.add_argument("--chunk", type=positive_int, default=32, metavar="B",
+                   help="requests per compiled step of the v* solves and the keys (default 32)")
     g.add_argument("--test-prefix", action="store_true",
                    help="when the subject opens the prompt, also measure P(target) with the "
                         "first context-template prefix in front (the test-time fix)")
@@ -218,6 +229,10 @@ def run(args) -> int:
     report_file = check_output(args.report, "--report", args.overwrite) if args.report else None
     if out and report_file and out.absolute() in report_file.absolute().parents:
         raise ValueError(f"--report {report_file}: inside --out {out}, which the export replaces")
+    if method in ("memit", "emmet", "alphaedit"):
+        from rome_jax.cli.batch import run_batch
+
+        return run_batch(args, requests, out, report_file, _write_outputs)
     s = Setup(args)
     for i, request in enumerate(requests):
         try:

@@ -265,6 +265,16 @@ def residual_at(params: Params, cfg: ModelConfig, input_ids: jax.Array,
     return run_blocks(params, cfg, embed(params, cfg, input_ids, ctx), ctx, 0, layer)
 
 
+def residual_after(params: Params, cfg: ModelConfig, h: jax.Array,
+                   attention_mask: jax.Array | None, start: int, stop: int,
+                   token_index: jax.Array) -> jax.Array:
+    """The residual stream leaving block ``stop - 1`` at ``token_index`` [B]: [B, D], from h
+    [B, T, D] entering block ``start`` (``residual_at``). MEMIT's z is this at its last layer."""
+    ctx = make_context(h.shape[:2], attention_mask, h.dtype)
+    h = run_blocks(params, cfg, h, ctx, start, stop)
+    return jnp.take_along_axis(h, token_index[:, None, None], axis=1)[:, 0]
+
+
 def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
             attention_mask: jax.Array | None = None, *, layer: int | None = None,
             token_index: jax.Array | None = None, mlp_delta: jax.Array | None = None,

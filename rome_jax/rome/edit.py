@@ -27,7 +27,7 @@ from rome_jax.editors.rome import canonical_method, rank_one_update
 from rome_jax.evaluation import target_probabilities
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
-from rome_jax.models.transformer import Params, residual_at, rome_weight
+from rome_jax.models.transformer import Params, residual_after, residual_at, rome_weight
 from rome_jax.rome.hparams import RomeHParams, preset_for
 from rome_jax.rome.keys import Keys, keys_from_residual
 from rome_jax.rome.request import EditRequest, subject_token_index
@@ -182,16 +182,23 @@ class Solved(NamedTuple):
 
 
 def solve_core(params: Params, config: ModelConfig, layer: int, steps: int, batch: VBatch,
-               lr, weight_decay, kl_factor, clamp_norm_factor, early_stop_loss) -> Solved:
-    """Keys and v* for one request's batch (traceable)."""
+               lr, weight_decay, kl_factor, clamp_norm_factor, early_stop_loss,
+               clamp_reference: str = "mlp_output") -> Solved:
+    """Keys and v* for one request's batch (traceable; ``clamp_reference`` static, as
+    ``RomeHParams.clamp_reference``)."""
     residual = residual_at(params, config, batch.ids, batch.mask, layer)
     keys = keys_from_residual(params, config, layer, residual, batch.mask, batch.lookup,
                               n_rows=batch.ids.shape[0] - 1)
     w, b = rome_weight(params, layer)
     v_init = keys.plain @ w + b
+    reference = None
+    if clamp_reference == "residual":
+        reference = residual_after(params, config, residual[:1], batch.mask[:1], layer,
+                                   layer + 1, batch.lookup[:1])[0]
     values = optimize_v(params, config, layer, batch, residual, v_init, steps=steps, lr=lr,
                         weight_decay=weight_decay, kl_factor=kl_factor,
-                        clamp_norm_factor=clamp_norm_factor, early_stop_loss=early_stop_loss)
+                        clamp_norm_factor=clamp_norm_factor, early_stop_loss=early_stop_loss,
+                        norm_reference=reference)
     return Solved(keys, values)
 
 
@@ -214,12 +221,12 @@ def edit_core(params: Params, config: ModelConfig, layer: int, method: str, step
     return update, diagnostics, solved.values, cosine
 
 
-_solve_jit = jax.jit(solve_core, static_argnums=(1, 2, 3))
+_solve_jit = jax.jit(solve_core, static_argnums=(1, 2, 3, 10))
 _update_jit = jax.jit(update_core, static_argnums=(1, 2))
-_edit_vmap = jax.jit(jax.vmap(edit_core, in_axes=(None,) * 5 + (0,) + (None,) * 6),
-                     static_argnums=(1, 2, 3, 4))
-_solve_vmap = jax.jit(jax.vmap(solve_core, in_axes=(None,) * 4 + (0,) + (None,) * 5),
-                      static_argnums=(1, 2, 3))
+_edit_vmap = jax.jit(jax.vmap(edit_core, in_axes=(None,) * 5 + (0,) + (None,) * 7),
+                     static_argnums=(1, 2, 3, 4, 12))
+_solve_vmap = jax.jit(jax.vmap(solve_core, in_axes=(None,) * 4 + (0,) + (None,) * 6),
+                      static_argnums=(1, 2, 3, 10))
 
 
 def batch_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -297,8 +304,9 @@ def _probabilities(model: Model, params: Params, request: EditRequest):
 
 
 def _v_settings(hparams: RomeHParams) -> tuple:
+    """solve_core's arguments after the batch (the last one static)."""
     return (hparams.v_lr, hparams.v_weight_decay, hparams.kl_factor, hparams.clamp_norm_factor,
-            hparams.early_stop_loss)
+            hparams.early_stop_loss, hparams.clamp_reference)
 
 
 def solve(model: Model, request: EditRequest | dict, hparams: RomeHParams | None = None, *,
@@ -379,34 +387,67 @@ def edit_sequential(model: Model, requests: Sequence[EditRequest | dict],
     return params, reports
 
 
-def _sharded(model: Model, batches: Sequence[VBatch], context: EditContext,
-             devices: Sequence[jax.Device] | None):
-    """Requests' batches (``build_batch``) padded to equal shapes and stacked, the request axis
-    padded to a multiple of the device count (copies of the last request) and sharded over a
-    1-D mesh of ``devices`` (default ``jax.devices()``); params and the Cholesky factor
-    replicated: (stacked batch, params, factor)."""
+def stack_batches(model: Model, batches: Sequence[VBatch]) -> VBatch:
+    """Requests' batches (``build_batch``) padded to equal shapes (masked) and stacked: every
+    leaf gains a leading request axis."""
     width = max(b.ids.shape[1] for b in batches)
     live_width = max(b.live_index.shape[1] for b in batches)
     n_target = max(b.target_ids.shape[1] for b in batches)
     batches = [_pad_batch(b, model.tokenizer.pad_id, width, live_width, n_target)
                for b in batches]
-    stacked = VBatch(*(np.stack(xs) for xs in zip(*batches)))
+    return VBatch(*(np.stack(xs) for xs in zip(*batches)))
+
+
+def shard_requests(stacked, mesh: Mesh):
+    """A stacked pytree's request axis padded to a multiple of the mesh size (copies of the
+    last request) and sharded over the mesh's "batch" axis."""
+    return jax.device_put(pad_rows(stacked, mesh.size), NamedSharding(mesh, PartitionSpec("batch")))
+
+
+def _sharded(model: Model, batches: Sequence[VBatch], context: EditContext,
+             devices: Sequence[jax.Device] | None):
+    """Requests' batches stacked (``stack_batches``), the request axis padded to a multiple of
+    the device count and sharded over a 1-D mesh of ``devices`` (default ``jax.devices()``);
+    params and the Cholesky factor replicated: (stacked batch, params, factor)."""
     mesh = batch_mesh(devices)
-    stacked = jax.device_put(pad_rows(stacked, mesh.size),
-                             NamedSharding(mesh, PartitionSpec("batch")))
+    stacked = shard_requests(stack_batches(model, batches), mesh)
     params, factor = jax.device_put((model.params, context.factor),
                                     NamedSharding(mesh, PartitionSpec()))
     return stacked, params, factor
 
 
 def _solve_sharded(model: Model, batches: Sequence[VBatch], hparams: RomeHParams,
-                   context: EditContext, devices: Sequence[jax.Device] | None
-                   ) -> list[Solved]:
-    """The keys and v* of each built batch, as one vmapped program sharded over ``devices``."""
-    stacked, params, _ = _sharded(model, batches, context, devices)
+                   devices: Sequence[jax.Device] | None) -> list[Solved]:
+    """The keys and v* of each built batch on ``model.params``, as one vmapped program sharded
+    over ``devices``."""
+    mesh = batch_mesh(devices)
+    stacked = shard_requests(stack_batches(model, batches), mesh)
+    params = jax.device_put(model.params, NamedSharding(mesh, PartitionSpec()))
     out = jax.device_get(_solve_vmap(params, model.config, hparams.layer,
                                      hparams.v_num_grad_steps, stacked, *_v_settings(hparams)))
     return [jax.tree.map(lambda x: jnp.asarray(x[i]), out) for i in range(len(batches))]
+
+
+def solve_built(model: Model, batches: Sequence[VBatch | ValueError | None],
+                hparams: RomeHParams, *, batch: int = 1,
+                devices: Sequence[jax.Device] | None = None
+                ) -> Iterator[Solved | ValueError | None]:
+    """The keys and v* of each built batch (``build_batch``) on ``model.params``, in order,
+    ``batch`` at a time as one sharded program (lazily, a chunk when its first result is
+    taken); a ValueError or None in place of a batch is passed through. With ``batch`` 1 each
+    runs ``solve``'s own program, bit for bit as a single edit."""
+    if batch < 1:
+        raise ValueError(f"batch: {batch}; give 1 or more")
+    for start in range(0, len(batches), batch):
+        chunk = batches[start:start + batch]
+        live = [b for b in chunk if isinstance(b, VBatch)]
+        if batch == 1:
+            solved = [_solve_built(model, hparams, model.params, b) for b in live]
+        else:
+            solved = _solve_sharded(model, live, hparams, devices) if live else []
+        results = iter(solved)
+        for b in chunk:
+            yield next(results) if isinstance(b, VBatch) else b
 
 
 def edit_independent(model: Model, requests: Sequence[EditRequest | dict],
@@ -458,7 +499,7 @@ def solve_independent(model: Model, requests: Sequence[EditRequest | dict],
         raise ValueError("requests: empty (solve_independent needs at least one request)")
     context = context or prepare(model, hparams)
     return _solve_sharded(model, [build_batch(model, r, context.templates, hparams.fact_token)
-                                  for r in requests], hparams, context, devices)
+                                  for r in requests], hparams, devices)
 
 
 def solve_many(model: Model, requests: Sequence[EditRequest | Mapping | None],
@@ -484,12 +525,5 @@ def solve_many(model: Model, requests: Sequence[EditRequest | Mapping | None],
             return err
 
     for start in range(0, len(requests), batch):
-        chunk = [built(r) for r in requests[start:start + batch]]
-        live = [b for b in chunk if isinstance(b, VBatch)]
-        if batch == 1:
-            solved = [_solve_built(model, hparams, model.params, b) for b in live]
-        else:
-            solved = _solve_sharded(model, live, hparams, context, devices) if live else []
-        results = iter(solved)
-        for b in chunk:
-            yield next(results) if isinstance(b, VBatch) else b
+        yield from solve_built(model, [built(r) for r in requests[start:start + batch]],
+                               hparams, batch=batch, devices=devices)

@@ -11,12 +11,18 @@ from rome_jax.rome.request import FACT_TOKENS
 from rome_jax.rome.templates import STYLES as TEMPLATE_STYLES
 
 
+CLAMP_REFERENCES = ("mlp_output", "residual")
+
+
 @dataclasses.dataclass(frozen=True)
 class RomeHParams:
     """Names follow the ROME code. ``layer`` is ROME's ``layers[0]``; ``v_loss_layer`` None means
     the last block (the only one ROME's presets use). ``context_templates``: how the templates
     are sampled, ``"rome"`` (from ``<|endoftext|>``, ROME's) or ``"memit"`` (from MEMIT's opening
-    words); see ``rome/templates.py``."""
+    words); see ``rome/templates.py``. ``clamp_reference``: the vector whose norm scales the clamp
+    on ‖δ‖ and the weight decay, ``"mlp_output"`` (ROME's v_init, the MLP output at the plain
+    prompt's lookup token) or ``"residual"`` (MEMIT's target_init, the residual stream leaving the
+    layer there)."""
 
     layer: int
     fact_token: str = "subject_last"
@@ -32,6 +38,7 @@ class RomeHParams:
     mom2_corpus: str = "wikitext"
     mom2_n_samples: int | None = None
     mom2_ridge: float = 0.0
+    clamp_reference: str = "mlp_output"
 
     def __post_init__(self):
         """ValueError naming the field for a wrong type or range; floats are stored as float and
@@ -59,6 +66,9 @@ class RomeHParams:
         if self.context_templates not in TEMPLATE_STYLES:
             raise ValueError(f"context_templates: {self.context_templates!r} is not one of "
                              f"{', '.join(TEMPLATE_STYLES)}")
+        if self.clamp_reference not in CLAMP_REFERENCES:
+            raise ValueError(f"clamp_reference: {self.clamp_reference!r} is not one of "
+                             f"{', '.join(CLAMP_REFERENCES)}")
         if not isinstance(self.mom2_corpus, str) or not self.mom2_corpus:
             raise ValueError(f"mom2_corpus: must be a non-empty string, got "
                              f"{self.mom2_corpus!r}")

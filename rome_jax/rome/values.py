@@ -8,7 +8,9 @@ the loss, minimised by Adam for at most ``v_num_grad_steps`` steps (stopping ear
     NLL(target | every template)  +  kl_factor · KL(p_δ || p_0) at the KL row's lookup token
     + v_weight_decay · ‖δ‖ / ‖v_init‖²,
 
-with δ projected after each step onto the ball ‖δ‖ ≤ clamp_norm_factor · ‖v_init‖. The residual
+with δ projected after each step onto the ball ‖δ‖ ≤ clamp_norm_factor · ‖v_init‖. (MEMIT measures
+both against the residual stream leaving the layer instead of v_init: ``norm_reference``. Adding
+δ to the MLP output is adding it to that residual stream, MEMIT's z.) The residual
 entering the edit layer, and the attention keys and values of the positions before each row's
 lookup token at every layer ≥ layer, are computed once (δ cannot change them: attention is
 causal). Inside the loop only the live positions (lookup token onwards) of blocks ≥ layer run,
@@ -79,9 +81,12 @@ def live_context(params: Params, config: ModelConfig, layer: int, batch: VBatch,
 
 def optimize_v(params: Params, config: ModelConfig, layer: int, batch: VBatch,
                residual: jax.Array, v_init: jax.Array, *, steps: int, lr, weight_decay,
-               kl_factor, clamp_norm_factor, early_stop_loss) -> VResult:
+               kl_factor, clamp_norm_factor, early_stop_loss,
+               norm_reference: jax.Array | None = None) -> VResult:
     """Run ROME's δ optimisation (traceable; ``steps`` is static). residual [R, T, D] is the
-    stream entering ``layer``; v_init [D] the MLP output at row 0's lookup token."""
+    stream entering ``layer``; v_init [D] the MLP output at row 0's lookup token;
+    ``norm_reference`` [D] the vector whose norm scales the clamp and the decay (default v_init,
+    ROME's; MEMIT's is the residual stream leaving ``layer`` there)."""
 
     live_ctx, past_k, past_v = live_context(params, config, layer, batch, residual)
     h_live = jnp.take_along_axis(residual, batch.live_index[:, :, None], axis=1)
@@ -94,7 +99,7 @@ def optimize_v(params: Params, config: ModelConfig, layer: int, batch: VBatch,
         return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)     # [R, P, V]
 
     kl_init = jax.lax.stop_gradient(logprobs(jnp.zeros_like(v_init))[-1, 0])
-    v_norm_sq = jnp.sum(jnp.square(v_init))
+    v_norm_sq = jnp.sum(jnp.square(v_init if norm_reference is None else norm_reference))
     n_target = batch.target_mask[0].sum()
 
     def loss_fn(delta):

@@ -1,0 +1,109 @@
+"""Hyper-parameters of the batch editors (MEMIT, EMMET, AlphaEdit), with presets.
+
+The v* targets use ``RomeHParams`` at the window's last layer (MEMIT's ``compute_z``); the rest
+are the closed forms' own settings. Presets follow the originals' JSON files where they exist
+(kmeng01/memit ``hparams/MEMIT``, jianghoucheng/AlphaEdit ``hparams/AlphaEdit``,
+scalable-model-editing/unified-model-editing ``hparams/EMMET``). For models the originals never
+edited, the window is chosen by one rule from the causal trace: the five layers that end at the
+layer where the MLP's indirect effect at the last subject token peaks (ROME's layer; GPT-2 XL's
+MEMIT window 13-17 ends at ROME's 17), cut at layer 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+from rome_jax.models.config import ModelConfig
+from rome_jax.rome.hparams import PRESETS, RomeHParams, preset_for
+
+BATCH_METHODS = ("memit", "emmet", "alphaedit")
+KEY_CONVENTIONS = ("rome", "c-rome", "p-rome")
+WINDOW = 5  # layers in the rule's window
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchHParams:
+    """``layers``: the edited layers, ascending (MEMIT's ``layers``; the v* targets z are
+    optimised at the last one, with ``v``, whose ``layer`` must be it). ``mom2_update_weight``:
+    MEMIT's λ in (λC + KᵀK). ``emmet_lambda``: EMMET's λ_E (its ridge on the batch's B×B
+    system). ``nullspace_threshold``: AlphaEdit's eigenvalue threshold for the null space of C
+    (absolute, as the original's 2e-2, or a fraction of C's largest eigenvalue when
+    ``nullspace_relative``). ``l2``: AlphaEdit's ridge ``L2``. ``keys``: the key convention
+    (``"rome"``: keys k̄ with the residual measured at the plain prompt, as MEMIT and the
+    original ROME code do; ``"c-rome"``: k̄ with the residual measured at k̄; ``"p-rome"``:
+    the plain prompt's key k^u)."""
+
+    layers: tuple[int, ...]
+    v: RomeHParams
+    mom2_update_weight: float = 15000.0
+    emmet_lambda: float = 0.1
+    nullspace_threshold: float = 2e-2
+    nullspace_relative: bool = False
+    l2: float = 10.0
+    keys: str = "rome"
+
+    def __post_init__(self):
+        layers = self.layers
+        if (not isinstance(layers, (tuple, list)) or not layers
+                or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool)
+                           and x >= 0 for x in layers)
+                or list(layers) != sorted(set(layers))):
+            raise ValueError(f"layers: must be distinct layer numbers >= 0 in ascending order, "
+                             f"got {layers!r}")
+        object.__setattr__(self, "layers", tuple(int(x) for x in layers))
+        if not isinstance(self.v, RomeHParams):
+            raise TypeError(f"v: expected RomeHParams, got {type(self.v).__name__}")
+        if self.v.layer != self.layers[-1]:
+            raise ValueError(f"v: its layer ({self.v.layer}) must be the last edited layer "
+                             f"({self.layers[-1]})")
+        for name, positive in (("mom2_update_weight", False), ("emmet_lambda", False),
+                               ("nullspace_threshold", True), ("l2", False)):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                    or not math.isfinite(value) or value < 0 or (positive and value == 0)):
+                raise ValueError(f"{name}: must be a finite number "
+                                 f"{'> 0' if positive else '>= 0'}, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.keys not in KEY_CONVENTIONS:
+            raise ValueError(f"keys: {self.keys!r} is not one of {', '.join(KEY_CONVENTIONS)}")
+
+    def check(self, config: ModelConfig) -> "BatchHParams":
+        for layer in self.layers:
+            config.check_layer(layer)
+        self.v.check(config)
+        return self
+
+    def replace(self, **changes) -> "BatchHParams":
+        return dataclasses.replace(self, **changes)
+
+    def with_layers(self, layers) -> "BatchHParams":
+        """The same settings over other ``layers`` (v* at the new last layer)."""
+        layers = tuple(layers)
+        return dataclasses.replace(self, layers=layers, v=self.v.replace(layer=layers[-1]))
+
+
+def _memit_v(layer: int, **changes) -> RomeHParams:
+    """MEMIT's compute_z settings: clamp 0.75 of the residual stream's norm, MEMIT's
+    templates; the rest as ROME's (v_lr 0.5, 20 steps, decay 0.5, KL 0.0625)."""
+    return RomeHParams(layer=layer, clamp_norm_factor=0.75, clamp_reference="residual",
+                       context_templates="memit", **changes)
+
+
+def _window(top: int) -> tuple[int, ...]:
+    return tuple(range(max(0, top - WINDOW + 1), top + 1))
+
+
+def batch_preset(config: ModelConfig, method: str, name: str | None = None) -> BatchHParams:
+    """The preset of ``method`` for a model of this family, depth and width (or ``name``)."""
+    if method not in BATCH_METHODS:
+        raise ValueError(f"method: {method!r} is not one of {', '.join(BATCH_METHODS)}")
+    rome = preset_for(config, name)
+    if name is None:
+        name = next(n for n, p in PRESETS.items() if p is rome)
+    layers = {"gpt2-xl": tuple(range(13, 18)), "gpt-j-6b": tuple(range(3, 9))}.get(
+        name, _window(rome.layer))
+    weight = {"gpt2-xl": 20000.0}.get(name, 15000.0)
+    hparams = BatchHParams(layers=layers, v=_memit_v(layers[-1]), mom2_update_weight=weight)
+    return hparams.check(config)
