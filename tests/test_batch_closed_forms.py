@@ -23,7 +23,7 @@ from rome_jax.editors.alphaedit import (accumulate_preserved, alphaedit_factors,
                                         null_space_projector)
 from rome_jax.editors.emmet import emmet_factors
 from rome_jax.editors.memit import memit_factors
-from rome_jax.rome.update import rank_one_update
+from rome_jax.editors.rome import rank_one_update
 
 DTYPES = {"float64": np.float64, "float32": np.float32}
 SAFETY = 10.0

@@ -43,6 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rome_jax.editors import alphaedit, emmet, memit
 from rome_jax.editors.delta import Edit, apply_edit, compact
+from rome_jax.editors.lowrank import LowRankDiagnostics
 from rome_jax.editors.hparams import BATCH_METHODS, BatchHParams, batch_preset
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
@@ -126,8 +127,9 @@ def _derive(method: str, stats: KeyStats, hparams: BatchHParams) -> jax.Array:
     moment = jnp.asarray(stats.moment, jnp.float32)
     if method == "memit":
         return moment
-    if method == "emmet":
-        return stats.factor(hparams.v.mom2_ridge)
+    if method == "emmet":  # the original's C' = mom2_update_weight·C + update_norm_lambda·I
+        return stats.factor(hparams.update_norm_lambda / hparams.mom2_update_weight) * math.sqrt(
+            hparams.mom2_update_weight)
     return alphaedit.null_space_projector(moment, hparams.nullspace_threshold,
                                           relative=hparams.nullspace_relative)
 
@@ -194,8 +196,9 @@ def _all_layer_inputs(model: Model, params: Params, layer: int, z_layer: int,
 
 
 def _closed_form(method: str, hparams: BatchHParams, derived: jax.Array, keys_a: jax.Array,
-                 keys_b: jax.Array, residual: jax.Array, preserved: jax.Array | None):
-    """(left [F, B], right [B, D], diagnostics) of ``method`` at one layer."""
+                 keys_b: jax.Array | None, residual: jax.Array, preserved: jax.Array | None):
+    """(left [F, B], right [B, D], diagnostics) of ``method`` at one layer; keys_b (EMMET's
+    constraint keys) None means keys_a."""
     if method == "memit":
         return memit.memit_factors(keys_a, residual, derived, hparams.mom2_update_weight)
     if method == "emmet":
@@ -269,10 +272,10 @@ def edit_batch(model: Model, requests: Sequence[EditRequest | dict], method: str
         residual = (deltas - (h_z - h_z0)) / (len(layers) - j)
         w, _ = rome_weight(params, layer)
         if hparams.keys == "p-rome":
-            keys_a = keys_b = jnp.asarray(k_plain)
+            keys_a, keys_b = jnp.asarray(k_plain), None         # None: keys_b = keys_a
         else:
             keys_a = jnp.asarray(k_mean)
-            keys_b = jnp.asarray(k_plain if hparams.keys == "rome" else k_mean)
+            keys_b = jnp.asarray(k_plain) if hparams.keys == "rome" else None
             if hparams.keys == "c-rome":
                 residual = residual + (k_plain - k_mean) @ w
         layer_preserved = preserved.get(layer, jnp.zeros((d_mlp, d_mlp), jnp.float32))
@@ -284,7 +287,8 @@ def edit_batch(model: Model, requests: Sequence[EditRequest | dict], method: str
         if method == "alphaedit":
             preserved[layer] = alphaedit.accumulate_preserved(layer_preserved, keys_a)
         out[layer] = delta
-        numbers = _diagnostics_dict(diagnostics)
+        numbers = _diagnostics_dict(diagnostics, "update." if isinstance(
+            diagnostics, LowRankDiagnostics) else "")
         numbers["delta_abs"] = numbers["update.delta_norm"] / (w.shape[0] * w.shape[1])
         reports.append({"layer": layer, "rank": int(left.shape[-1]), **numbers})
     edit = Edit(out)

@@ -11,7 +11,7 @@ the update's directions come from keys_a and the constraints hold at keys_b:
 
 R = V − (K_b w + b). Then K_b Δw = G (G + λ_E I)⁻¹ R: every constraint holds exactly for
 λ_E = 0; λ_E > 0 trades them for stability when G is ill-conditioned. Conventions (as
-``rome_jax.rome.update``): c-rome a = b = k̄; p-rome a = b = k^u; rome a = k̄, b = k^u. For
+``rome_jax.editors.rome``): c-rome a = b = k̄; p-rome a = b = k^u; rome a = k̄, b = k^u. For
 B = 1, G is ROME's denominator uᵀk_b and Δw is ``rank_one_update``'s.
 
 Where λ_E enters, as the original: its D = Kᵀ C'⁻¹ K is G (keys_a = keys_b = the template

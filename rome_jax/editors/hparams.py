@@ -27,7 +27,8 @@ WINDOW = 5  # layers in the rule's window
 class BatchHParams:
     """``layers``: the edited layers, ascending (MEMIT's ``layers``; the v* targets z are
     optimised at the last one, with ``v``, whose ``layer`` must be it). ``mom2_update_weight``:
-    MEMIT's λ in (λC + KᵀK). ``emmet_lambda``: EMMET's λ_E (its ridge on the batch's B×B
+    MEMIT's λ in (λC + KᵀK); EMMET's C' = mom2_update_weight·C + update_norm_lambda·I, as its
+    original. ``emmet_lambda``: EMMET's λ_E (its ridge on the batch's B×B
     system). ``nullspace_threshold``: AlphaEdit's eigenvalue threshold for the null space of C
     (absolute, as the original's 2e-2, or a fraction of C's largest eigenvalue when
     ``nullspace_relative``). ``l2``: AlphaEdit's ridge ``L2``. ``keys``: the key convention
@@ -38,6 +39,7 @@ class BatchHParams:
     layers: tuple[int, ...]
     v: RomeHParams
     mom2_update_weight: float = 15000.0
+    update_norm_lambda: float = 0.0
     emmet_lambda: float = 0.1
     nullspace_threshold: float = 2e-2
     nullspace_relative: bool = False
@@ -58,7 +60,8 @@ class BatchHParams:
         if self.v.layer != self.layers[-1]:
             raise ValueError(f"v: its layer ({self.v.layer}) must be the last edited layer "
                              f"({self.layers[-1]})")
-        for name, positive in (("mom2_update_weight", False), ("emmet_lambda", False),
+        for name, positive in (("mom2_update_weight", True), ("update_norm_lambda", False),
+                               ("emmet_lambda", False),
                                ("nullspace_threshold", True), ("l2", False)):
             value = getattr(self, name)
             if (isinstance(value, bool) or not isinstance(value, numbers.Real)
