@@ -242,8 +242,8 @@ def alphaedit_problem(seed, f, d, b, n_small, n_preserved):
 
 @pytest.mark.parametrize("dtype_name", DTYPES)
 @settings(max_examples=EXAMPLES, deadline=None)
-@given(**sizes, b=st.sampled_from([1, 3]), n_preserved=st.integers(0, 8), l2=st.sampled_from([0.1, 1.0, 10.0]),
-       data=st.data())
+@given(**sizes, b=st.sampled_from([1, 3]), n_preserved=st.integers(0, 8),
+       l2=st.sampled_from([0.1, 1.0, 10.0]), data=st.data())
 def test_alphaedit_update_spares_the_preserved_subspace(dtype_name, seed, f, d, b, n_preserved,
                                                          l2, data):
     """Δw = (P(KᵀK + K_pᵀK_p) + l2·I)⁻¹ P Kᵀ R against float64 NumPy with the exact projector,
