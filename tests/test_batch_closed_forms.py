@@ -26,7 +26,7 @@ from rome_jax.editors.memit import memit_factors
 from rome_jax.editors.rome import rank_one_update
 
 DTYPES = {"float64": np.float64, "float32": np.float32}
-SAFETY = 10.0
+SAFETY = 1.0
 MAX_BOUND = 1e-2  # problems whose bound exceeds this are too ill conditioned to test anything
 
 # Few distinct shapes (each compiles its own XLA programs, the suite's main cost); the data vary.
@@ -136,8 +136,11 @@ def test_emmet_meets_every_constraint(dtype_name, mixed, seed, f, d, b):
     delta = as64(left) @ as64(right)
     values = keys_b @ p["w"] + p["bias"] + p["residual"]
     error = keys_b @ (p["w"] + delta) + p["bias"] - values
+    # the solve's share (‖R‖ and the rounding of K_b), and this check's own float64 rounding of
+    # k_b,i @ (w + Δw) + bias − v_i (eps · the size of its terms)
     scale = np.linalg.norm(p["residual"]) + np.linalg.norm(keys_b) * np.linalg.norm(delta)
-    assert np.linalg.norm(error) <= tol * scale
+    own = np.linalg.norm(keys_b) * np.linalg.norm(p["w"] + delta) + np.linalg.norm(values)
+    assert np.linalg.norm(error) <= tol * scale + bound(np.float64, f, 1.0) * own
     assert np.linalg.norm(as64(diag.update.fit_error)) <= tol * scale
     # the denominator diagnostics: G's smallest eigenvalue / singular value and its κ
     spectrum = (np.linalg.eigvalsh((g + g.T) / 2) if not mixed
@@ -239,8 +242,8 @@ def alphaedit_problem(seed, f, d, b, n_small, n_preserved):
 
 @pytest.mark.parametrize("dtype_name", DTYPES)
 @settings(max_examples=EXAMPLES, deadline=None)
-@given(**sizes, b=st.sampled_from([1, 3]), n_preserved=st.integers(0, 8), l2=st.sampled_from([0.1, 1.0, 10.0]),
-       data=st.data())
+@given(**sizes, b=st.sampled_from([1, 3]), n_preserved=st.integers(0, 8),
+       l2=st.sampled_from([0.1, 1.0, 10.0]), data=st.data())
 def test_alphaedit_update_spares_the_preserved_subspace(dtype_name, seed, f, d, b, n_preserved,
                                                          l2, data):
     """Δw = (P(KᵀK + K_pᵀK_p) + l2·I)⁻¹ P Kᵀ R against float64 NumPy with the exact projector,

@@ -78,5 +78,5 @@ def alphaedit_factors(keys: jax.Array, residual: jax.Array, projector: jax.Array
     null_fraction = (jnp.linalg.norm(projected, axis=-1)
                      / jnp.linalg.norm(keys, axis=-1))
     return left, residual, AlphaEditDiagnostics(
-        low_rank_diagnostics(keys, left, residual, residual), null_fraction,
+        low_rank_diagnostics(keys, left, residual), null_fraction,
         jnp.trace(projector))

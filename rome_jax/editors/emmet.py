@@ -17,6 +17,7 @@ B = 1, G is ROME's denominator uᵀk_b and Δw is ``rank_one_update``'s.
 Where λ_E enters, as the original: its D = Kᵀ C'⁻¹ K is G (keys_a = keys_b = the template
 averaged keys: the c-rome convention only), and ``emmet_lambda``·I is added to D only when the
 batch has more than one request (``if D.shape[0] > 1``); so here ``lam`` is ignored for B = 1.
+Its R is MEMIT's (z minus the last edit layer's output at the bare prompt), not W k̄ + b.
 The original's C' = ``mom2_update_weight``·C + ``update_norm_lambda``·I: pass the Cholesky
 factor of that matrix to match it (λ_E then acts as λ_E·mom2_update_weight against the
 unscaled C's G). The original inverts C' and D explicitly in float64 (pinv if that fails);
@@ -82,4 +83,4 @@ def emmet_factors(keys_a: jax.Array, keys_b: jax.Array | None, residual: jax.Arr
         smallest, largest = spectrum[-1], spectrum[0]
     condition = jnp.where(smallest > 0, largest / smallest, jnp.inf)
     return left, residual, EmmetDiagnostics(
-        low_rank_diagnostics(keys_b, left, residual, residual), smallest, condition)
+        low_rank_diagnostics(keys_b, left, residual), smallest, condition)

@@ -15,7 +15,10 @@ adj_kᵀ`` transposed (its K is [F, B], its update [D, F] for GPT-J). λC + Kᵀ
 positive definite (C is, λ > 0), so the solve is one Cholesky factorisation and two triangular
 solves with B right-hand sides; no inverse is formed. The original solves in float64; here the
 dtype follows the inputs. Spreading over layers (R divided by the number of layers left) and
-recomputing keys and residuals per layer are the caller's: this is one layer's step.
+recomputing keys and residuals per layer are the caller's: this is one layer's step. In the
+original, K holds the template-averaged keys k̄ at this layer, and R = z − (the last edit
+layer's output at the subject's last token of the bare prompt), recomputed after the earlier
+layers' updates: a residual-stream target, not this layer's W k̄ + b.
 
 Pinned by tests/test_batch_closed_forms.py: Δw matches a float64 NumPy solve within
 c·F·eps·κ(λC + KᵀK), and the objective's gradient at Δw is ≈ 0 relative to its value at 0.
@@ -39,4 +42,4 @@ def memit_factors(keys: jax.Array, residual: jax.Array, moment: jax.Array, weigh
     moment = jnp.asarray(moment)
     factor = jnp.linalg.cholesky(jnp.asarray(weight, moment.dtype) * moment + keys.T @ keys)
     left = jax.scipy.linalg.cho_solve((factor, True), keys.T)
-    return left, residual, low_rank_diagnostics(keys, left, residual, residual)
+    return left, residual, low_rank_diagnostics(keys, left, residual)
