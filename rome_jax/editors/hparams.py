@@ -89,24 +89,45 @@ class BatchHParams:
 
 def _memit_v(layer: int, **changes) -> RomeHParams:
     """MEMIT's compute_z settings: clamp 0.75 of the residual stream's norm, MEMIT's
-    templates; the rest as ROME's (v_lr 0.5, 20 steps, decay 0.5, KL 0.0625)."""
+    templates (the plain prompt and 5 generated prefixes of 10 tokens from its opening words);
+    the rest as ROME's (v_lr 0.5, 20 steps, decay 0.5, KL 0.0625) unless changed."""
     return RomeHParams(layer=layer, clamp_norm_factor=0.75, clamp_reference="residual",
-                       context_templates="memit", **changes)
+                       context_templates="memit", context_template_length_params=((10, 5),),
+                       **changes)
 
 
 def _window(top: int) -> tuple[int, ...]:
     return tuple(range(max(0, top - WINDOW + 1), top + 1))
 
 
+# The originals' presets (kmeng01/memit hparams/MEMIT, jianghoucheng/AlphaEdit
+# hparams/AlphaEdit, unified-model-editing hparams/EMMET): (layers, BatchHParams fields,
+# RomeHParams fields of z). AlphaEdit's files carry mom2_update_weight but never use it.
+_ORIGINALS = {
+    ("memit", "gpt2-xl"): (tuple(range(13, 18)), {"mom2_update_weight": 20000.0}, {}),
+    ("memit", "gpt-j-6b"): (tuple(range(3, 9)), {"mom2_update_weight": 15000.0},
+                            {"v_num_grad_steps": 25}),
+    ("emmet", "gpt2-xl"): ((17,), {"mom2_update_weight": 1000.0, "emmet_lambda": 0.1}, {}),
+    ("emmet", "gpt-j-6b"): ((5,), {"mom2_update_weight": 1.0, "emmet_lambda": 0.1},
+                            {"v_num_grad_steps": 25}),
+    ("alphaedit", "gpt2-xl"): (tuple(range(13, 18)), {"l2": 10.0, "nullspace_threshold": 2e-2},
+                               {}),
+    ("alphaedit", "gpt-j-6b"): (tuple(range(3, 9)), {"l2": 10.0, "nullspace_threshold": 2e-2},
+                                {"v_num_grad_steps": 25}),
+}
+
+
 def batch_preset(config: ModelConfig, method: str, name: str | None = None) -> BatchHParams:
-    """The preset of ``method`` for a model of this family, depth and width (or ``name``)."""
+    """The preset of ``method`` for a model of this family, depth and width (or ``name``): the
+    original's where it has one; else MEMIT's and AlphaEdit's window by the rule (module
+    docstring) with GPT-J's other settings, and EMMET at ROME's layer with GPT-J's."""
     if method not in BATCH_METHODS:
         raise ValueError(f"method: {method!r} is not one of {', '.join(BATCH_METHODS)}")
     rome = preset_for(config, name)
     if name is None:
         name = next(n for n, p in PRESETS.items() if p is rome)
-    layers = {"gpt2-xl": tuple(range(13, 18)), "gpt-j-6b": tuple(range(3, 9))}.get(
-        name, _window(rome.layer))
-    weight = {"gpt2-xl": 20000.0}.get(name, 15000.0)
-    hparams = BatchHParams(layers=layers, v=_memit_v(layers[-1]), mom2_update_weight=weight)
+    layers, fields, z = _ORIGINALS.get((method, name)) or (
+        (rome.layer,) if method == "emmet" else _window(rome.layer),
+        dict(_ORIGINALS[(method, "gpt-j-6b")][1]), {})
+    hparams = BatchHParams(layers=layers, v=_memit_v(layers[-1], **z), **fields)
     return hparams.check(config)
