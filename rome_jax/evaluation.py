@@ -166,6 +166,32 @@ def counterfact_nll(model: Model, record: Mapping, params: Params | None = None,
     return counterfact_nlls(model, record, [prompts or counterfact_prompts(record)], params)[0]
 
 
+def counterfact_scores(model: Model, records: Sequence[Mapping],
+                       params: Params | None = None, batch_size: int = 64
+                       ) -> list[dict[str, float]]:
+    """``counterfact_metrics`` of each record (its plain prompts) on ``params``, every
+    record's prompts scored together in ``continuation_nll``'s batches (a batch edit's facts
+    at once, rather than one call per record)."""
+    pairs, spans = [], []
+    for record in records:
+        rw = record["requested_rewrite"]
+        prompts = counterfact_prompts(record)
+        start = len(pairs)
+        pairs += [(p, t) for g in COUNTERFACT_GROUPS for p in prompts[g]
+                  for t in (rw["target_new"]["str"], rw["target_true"]["str"])]
+        spans.append((start, [len(prompts[g]) for g in COUNTERFACT_GROUPS]))
+    nll = continuation_nll(model, [p for p, _ in pairs], [t for _, t in pairs], batch_size,
+                           params)
+    out = []
+    for start, sizes in spans:
+        groups, at = {}, start
+        for group, size in zip(COUNTERFACT_GROUPS, sizes):
+            groups[group] = nll[at:at + 2 * size].reshape(-1, 2)
+            at += 2 * size
+        out.append(counterfact_metrics(groups))
+    return out
+
+
 def counterfact_metrics(nll: Mapping[str, np.ndarray]) -> dict[str, float]:
     """One record's ES, PS, NS (success fractions) and EM, PM, NM (probability margins) from
     ``counterfact_nll``; a group without prompts gives NaN."""

@@ -13,47 +13,28 @@ from rome_jax.cli.common import PPL_CORPUS, PROG, Setup, fmt, log
 
 def layer_range(text: str) -> tuple[int, ...]:
     """``--layers``: "13-17" or "3,4,5" -> ascending layer numbers."""
-    try:
-        if "-" in text:
-            first, last = (int(x) for x in text.split("-"))
-            layers = tuple(range(first, last + 1))
-        else:
-            layers = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        layers = ()
-    if not layers or min(layers) < 0 or list(layers) != sorted(set(layers)):
-        import argparse
+    import argparse
 
-        raise argparse.ArgumentTypeError(f"{text!r}: give a range FIRST-LAST or ascending "
-                                         "layers L1,L2,... (e.g. 13-17)")
-    return layers
+    from rome_jax.editors.hparams import parse_layers
+
+    try:
+        return parse_layers(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def batch_hparams(s: Setup, method: str):
     """The method's preset for the model, with --layers, --keys and the v* flags applied."""
-    from rome_jax.editors.hparams import BatchHParams, batch_preset
+    from rome_jax.editors.hparams import resolve
 
     args = s.args
     try:
-        hparams = batch_preset(s.model.config, method)
-    except ValueError:
-        if args.layers is None:
-            raise ValueError("--layers: this model has no batch preset; give the layers to "
-                             "edit, e.g. --layers 2-4") from None
-        hparams = BatchHParams(layers=args.layers, v=s.hparams.replace(
-            layer=args.layers[-1], clamp_norm_factor=0.75, clamp_reference="residual"))
-    if args.layers is not None:
-        for layer in args.layers:
-            try:
-                s.model.config.check_layer(layer)
-            except ValueError as err:
-                raise ValueError(f"--layers: {err}") from None
-        hparams = hparams.with_layers(args.layers)
-    changes = {"mom2_n_samples": args.mom2_n_samples, "v_num_grad_steps": args.v_steps,
-               "context_template_length_params": args.template_lengths,
-               "context_templates": args.context_templates}
-    v = hparams.v.replace(**{k: v for k, v in changes.items() if v is not None})
-    return hparams.replace(v=v, keys=args.keys).check(s.model.config)
+        return resolve(s.model.config, method, s.hparams, args.layers, args.keys,
+                       mom2_n_samples=args.mom2_n_samples, v_num_grad_steps=args.v_steps,
+                       context_template_length_params=args.template_lengths,
+                       context_templates=args.context_templates)
+    except ValueError as err:
+        raise ValueError(f"--{err}" if str(err).startswith("layers:") else str(err)) from None
 
 
 def _efficacy(model, params, requests) -> tuple[np.ndarray, np.ndarray]:

@@ -218,7 +218,7 @@ def _diagnostics_dict(diagnostics, prefix: str = "") -> dict:
             out.update(_diagnostics_dict(value, f"{prefix}{name}."))
             continue
         value = np.asarray(value, np.float64)
-        if value.size == 1:
+        if value.ndim == 0:
             out[prefix + name] = float(value)
         else:
             out[f"{prefix}{name}_mean"], out[f"{prefix}{name}_max"] = (float(value.mean()),

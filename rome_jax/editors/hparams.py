@@ -131,3 +131,44 @@ def batch_preset(config: ModelConfig, method: str, name: str | None = None) -> B
         dict(_ORIGINALS[(method, "gpt-j-6b")][1]), {})
     hparams = BatchHParams(layers=layers, v=_memit_v(layers[-1], **z), **fields)
     return hparams.check(config)
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """"13-17" or "3,4,5" -> ascending distinct layer numbers; ValueError otherwise."""
+    try:
+        if "-" in text:
+            first, last = (int(x) for x in text.split("-"))
+            layers = tuple(range(first, last + 1))
+        else:
+            layers = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        layers = ()
+    if not layers or min(layers) < 0 or list(layers) != sorted(set(layers)):
+        raise ValueError(f"{text!r}: give a range FIRST-LAST or ascending layers L1,L2,... "
+                         "(e.g. 13-17)")
+    return layers
+
+
+def resolve(config: ModelConfig, method: str, base: RomeHParams,
+            layers: tuple[int, ...] | None = None, keys: str = "rome",
+            **v_changes) -> BatchHParams:
+    """``method``'s preset for the model (for a model without one: ``layers`` with MEMIT's z
+    settings over ``base``), over ``layers`` when given, with the key convention ``keys`` and
+    the v* settings ``v_changes`` (None values ignored). ValueError naming ``layers``."""
+    try:
+        hparams = batch_preset(config, method)
+    except ValueError:
+        if layers is None:
+            raise ValueError("layers: this model has no batch preset; give the layers to edit "
+                             "(e.g. 2-4)") from None
+        hparams = BatchHParams(layers=layers, v=base.replace(
+            layer=layers[-1], clamp_norm_factor=0.75, clamp_reference="residual"))
+    if layers is not None:
+        for layer in layers:
+            try:
+                config.check_layer(layer)
+            except ValueError as err:
+                raise ValueError(f"layers: {err}") from None
+        hparams = hparams.with_layers(layers)
+    v = hparams.v.replace(**{k: x for k, x in v_changes.items() if x is not None})
+    return hparams.replace(v=v, keys=keys).check(config)

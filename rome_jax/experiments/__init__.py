@@ -15,6 +15,8 @@
                  ``p-rome``: CounterFact metrics with and without the test-time prefix, |Δ|
                  against normalised generation entropy ("The Fall of ROME" Tables 3-4,
                  "Rebuilding ROME" Tables 1, 2, 4 and Figure 2)
+``batch``        one MEMIT / EMMET / AlphaEdit update of 1, 10, 100, … facts: CounterFact
+                 scores, ME-PPL_1k, the v* solves' and the closed forms' wall time
 ===============  =========================================================================
 
 An experiment module has ``NAME``, ``HELP``, ``add_args(parser)`` (its own options),
@@ -28,6 +30,6 @@ ME-PPL_50 probe, built lazily.
 
 from __future__ import annotations
 
-from rome_jax.experiments import bos, collapse, geometry, sequential, single, zsre
+from rome_jax.experiments import batch, bos, collapse, geometry, sequential, single, zsre
 
-EXPERIMENTS = {m.NAME: m for m in (collapse, bos, single, sequential, zsre, geometry)}
+EXPERIMENTS = {m.NAME: m for m in (collapse, bos, single, sequential, zsre, geometry, batch)}

@@ -1,0 +1,175 @@
+"""Batch editing: one MEMIT / EMMET / AlphaEdit update of 1, 10, 100, … CounterFact facts.
+
+For each method of ``--methods`` and each size n of ``--sizes``, the first n records of one
+seeded draw (the same records for every method; a larger n extends the smaller ones) are written
+into the base model in ONE update (``editors.batch.edit_batch``, the method's preset layers, key
+convention ``--keys``). A row per (method, n): the edited records' CounterFact scores on the
+plain prompts (ES PS NS, EM PM NM, S), ME-PPL_1k perplexity, ‖Δw‖ per layer, the wall time of
+the v* solves and of the keys and closed forms apart, and the process's peak resident memory
+so far (``ru_maxrss``: a high-water mark of the whole run, not of the row alone). ``none`` rows
+score the same records unedited. The table puts MEMIT's published GPT-J numbers (10,000
+CounterFact edits) beside.
+"""
+
+from __future__ import annotations
+
+import resource
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from rome_jax.experiments.report import Report, markdown_table, pyplot, run_label, save_figure
+
+NAME = "batch"
+HELP = "one MEMIT / EMMET / AlphaEdit update of 1, 10, 100, ... CounterFact facts"
+METHODS = ("memit", "emmet", "alphaedit")
+SCORES = ("ES", "PS", "NS", "EM", "PM", "NM", "S")
+# MEMIT's paper, GPT-J, 10,000 CounterFact edits (as quoted in zjunlp/EasyEdit#125):
+# efficacy, generalisation (paraphrase), specificity (neighbourhood) success in percent.
+MEMIT_GPTJ_10K = {"ES": 98.9, "PS": 88.6, "NS": 73.7}
+
+
+def add_args(p) -> None:
+    p.add_argument("--methods", default=",".join(METHODS), metavar="M,M",
+                   help=f"batch editors, comma-separated (default {','.join(METHODS)})")
+    p.add_argument("--sizes", default="1,10,100,1000", metavar="N,N",
+                   help="facts per update, comma-separated (default 1,10,100,1000)")
+    p.add_argument("--keys", default="rome", choices=("rome", "c-rome", "p-rome"),
+                   help="key convention (default rome: MEMIT's)")
+    p.add_argument("--sample-seed", type=int, default=0,
+                   help="numpy seed of the drawn records (default 0)")
+    p.add_argument("--ppl-texts", type=int, default=1000, metavar="N",
+                   help="ME-PPL_1k texts in the perplexity (default all 1000)")
+    p.add_argument("--chunk", type=int, default=32, metavar="B",
+                   help="requests per compiled step of the v* solves and keys (default 32)")
+
+
+def _list(text: str, flag: str, parse=str, known: Sequence | None = None) -> list:
+    try:
+        items = list(dict.fromkeys(parse(x.strip()) for x in text.split(",") if x.strip()))
+    except ValueError:
+        items = []
+    if not items:
+        raise ValueError(f"{flag}: give a comma-separated list, got {text!r}")
+    unknown = [x for x in items if known is not None and x not in known]
+    if unknown:
+        raise ValueError(f"{flag}: {', '.join(map(str, unknown))} not one of "
+                         f"{', '.join(known)}")
+    return items
+
+
+def settings(args) -> dict:
+    sizes = _list(args.sizes, "--sizes", int)
+    if min(sizes) < 1:
+        raise ValueError("--sizes: every size must be 1 or more")
+    if args.ppl_texts < 1 or args.chunk < 1:
+        raise ValueError(f"--{'ppl-texts' if args.ppl_texts < 1 else 'chunk'}: must be 1 or "
+                         "more")
+    return {"methods": _list(args.methods, "--methods", known=METHODS),
+            "sizes": sorted(sizes), "keys": args.keys, "sample_seed": args.sample_seed,
+            "ppl_texts": args.ppl_texts}
+
+
+def _mean_scores(scores: Sequence[Mapping]) -> dict:
+    from rome_jax.evaluation import summarize_counterfact
+
+    return {k: v for k, v in summarize_counterfact(scores).items() if k in SCORES}
+
+
+def run(s, args, journal, header: Mapping) -> None:
+    from rome_jax.data import load_me_ppl
+    from rome_jax.editors.batch import edit_batch, prepare_batch
+    from rome_jax.editors.delta import apply_edit
+    from rome_jax.editors.hparams import resolve
+    from rome_jax.evaluation import counterfact_scores, perplexity
+    from rome_jax.experiments.sequential import chosen_records
+    from rome_jax.rome.request import EditRequest
+
+    import jax
+
+    st = header["settings"]
+    records = chosen_records(s, {"case_ids": None, "n": max(st["sizes"]),
+                                 "sample_seed": st["sample_seed"]})
+    texts = load_me_ppl("ME-PPL_1k")[:st["ppl_texts"]]
+    base_ppl = None
+    for n in st["sizes"]:
+        key = f"none/{n}"
+        if key not in journal:
+            base_ppl = base_ppl or perplexity(s.model, texts)
+            scores = counterfact_scores(s.model, records[:n])
+            journal.append({"key": key, "method": "none", "n": n, **_mean_scores(scores),
+                            "ppl": base_ppl})
+    for method in st["methods"]:
+        hparams = resolve(s.model.config, method, s.hparams, keys=st["keys"],
+                          mom2_n_samples=s.hparams.mom2_n_samples)
+        context = None
+        for n in st["sizes"]:
+            key = f"{method}/{n}"
+            if key in journal:
+                continue
+            context = context or prepare_batch(s.model, method, hparams,
+                                               jax.random.key(st.get("seed", 0)))
+            requests = [EditRequest.from_dict(r) for r in records[:n]]
+            result = edit_batch(s.model, requests, method, hparams, context=context,
+                                chunk=args.chunk)
+            params = apply_edit(s.model.params, result.edit)
+            scores = counterfact_scores(s.model, records[:n], params)
+            report = result.report
+            journal.append({
+                "key": key, "method": method, "n": n, "layers": list(hparams.layers),
+                **_mean_scores(scores), "ppl": perplexity(s.model, texts, params=params),
+                "seconds_solve": report.seconds_solve, "seconds_update": report.seconds_update,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "update": report.layers,
+                "v_loss_median": float(np.median(report.v_losses))})
+
+
+def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
+    st = header["settings"]
+    by_key = {r["key"]: r for r in rows}
+    table_rows = []
+    for method in ("none", *st["methods"]):
+        for n in st["sizes"]:
+            r = by_key.get(f"{method}/{n}")
+            if r is None:
+                continue
+            base = by_key.get(f"none/{n}", {})
+            seconds = (r.get("seconds_solve", np.nan), r.get("seconds_update", np.nan))
+            delta = max((layer["update.delta_norm"] for layer in r.get("update", [])),
+                        default=None)
+            table_rows.append([method, n, *(r[k] for k in SCORES), r["ppl"],
+                               r["ppl"] / base["ppl"] if base else None, delta, *seconds,
+                               (seconds[0] + seconds[1]) / n if method != "none" else None,
+                               r.get("peak_rss_mb")])
+    header_cells = ["method", "n", *SCORES, "ME-PPL_1k", "x base", "max ‖Δw‖_F",
+                    "v* solves (s)", "keys + closed form (s)", "s / fact", "peak RSS (MB)"]
+    published = markdown_table(["", "ES", "PS", "NS"],
+                               [["MEMIT, GPT-J, 10,000 edits (paper, %)",
+                                 *(MEMIT_GPTJ_10K[k] for k in ("ES", "PS", "NS"))]])
+    markdown = (f"# Batch editing ({run_label(st)}; key convention {st['keys']}; sizes "
+                f"{st['sizes']}; seed {st['sample_seed']})\n\n"
+                + markdown_table(header_cells, table_rows) + "\n\nPublished:\n\n" + published
+                + "\n")
+    summary = {"settings": st, "rows": {r["key"]: {k: v for k, v in r.items() if k != "key"}
+                                        for r in rows}}
+
+    def figure(path) -> None:
+        plt = pyplot()
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        for method in ("none", *st["methods"]):
+            points = [by_key[f"{method}/{n}"] for n in st["sizes"] if f"{method}/{n}" in by_key]
+            if not points:
+                continue
+            ns = [p["n"] for p in points]
+            axes[0].plot(ns, [p["ES"] for p in points], "o-", label=method)
+            axes[1].plot(ns, [p["S"] for p in points], "o-", label=method)
+            axes[2].plot(ns, [p["ppl"] for p in points], "o-", label=method)
+        for ax, title in zip(axes, ("ES (efficacy)", "S (harmonic mean of ES PS NS)",
+                                    "ME-PPL_1k perplexity")):
+            ax.set_xscale("log")
+            ax.set_xlabel("facts in the update")
+            ax.set_title(title, fontsize=9)
+        axes[0].legend(fontsize=8)
+        save_figure(fig, path, f"Batch editing, {run_label(st)}")
+
+    return Report(summary, markdown, figure)
