@@ -48,7 +48,7 @@ from rome_jax.editors.hparams import BATCH_METHODS, BatchHParams, batch_preset
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
 from rome_jax.models.transformer import Params, residual_after, residual_at, rome_weight
-from rome_jax.rome.edit import (_checked, _requests, batch_mesh, build_batch,
+from rome_jax.rome.edit import (Solved, _checked, _requests, batch_mesh, build_batch,
                                 shard_requests, solve_built, stack_batches)
 from rome_jax.rome.keys import keys_from_residual
 from rome_jax.rome.request import EditRequest
@@ -226,15 +226,31 @@ def _diagnostics_dict(diagnostics, prefix: str = "") -> dict:
     return out
 
 
+def solve_targets(model: Model, requests: Sequence[EditRequest | dict],
+                  hparams: BatchHParams, context: BatchContext, *, params: Params | None = None,
+                  chunk: int = 32, devices: Sequence[jax.Device] | None = None,
+                  progress: Callable[[Iterable], Iterable] | None = None) -> list[Solved]:
+    """The v* solves of ``edit_batch``'s step 1 (``hparams.v`` at the last layer, on
+    ``params``), for ``edit_batch(..., solved=...)``."""
+    model = model if params is None else model.with_params(params)
+    batches = [build_batch(model, r, context.templates, hparams.v.fact_token)
+               for r in _requests(requests)]
+    solved = solve_built(model, batches, hparams.v, batch=chunk, devices=devices)
+    return list(progress(solved) if progress else solved)
+
+
 def edit_batch(model: Model, requests: Sequence[EditRequest | dict], method: str = "memit",
                hparams: BatchHParams | None = None, *, context: BatchContext | None = None,
                params: Params | None = None, preserved: dict | None = None, chunk: int = 32,
                devices: Sequence[jax.Device] | None = None,
-               progress: Callable[[Iterable], Iterable] | None = None) -> BatchResult:
+               progress: Callable[[Iterable], Iterable] | None = None,
+               solved: Sequence[Solved] | None = None) -> BatchResult:
     """One ``method`` update of ``params`` (default ``model.params``) that writes every request
     at once; returns ``BatchResult(edit, report, preserved)``, the edit not applied. Pure: the
     same inputs give the same edit. ``preserved``: AlphaEdit's K_pᵀK_p of earlier batches
     ({layer: [F, F]}, default zeros). ``progress`` wraps the v* solves (a tqdm, say).
+    ``solved``: the requests' v* solves on ``params`` with ``hparams.v`` (``solve_targets``),
+    to share them between methods or key conventions with the same z settings.
 
     Raises ValueError for a request that does not fit the model (naming its index) and for a
     non-finite update (the model is unchanged)."""
@@ -255,8 +271,11 @@ def edit_batch(model: Model, requests: Sequence[EditRequest | dict], method: str
             raise ValueError(f"requests[{i}]: {err}") from None
     n, layers, z_layer = len(requests), hparams.layers, hparams.layers[-1]
     start = time.perf_counter()
-    solved_iter = solve_built(current, batches, hparams.v, batch=chunk, devices=devices)
-    solved = list(progress(solved_iter) if progress else solved_iter)
+    if solved is None:
+        solved_iter = solve_built(current, batches, hparams.v, batch=chunk, devices=devices)
+        solved = list(progress(solved_iter) if progress else solved_iter)
+    elif len(solved) != len(requests):
+        raise ValueError(f"solved: {len(solved)} solves for {len(requests)} requests")
     deltas = jnp.stack([s.values.delta for s in solved])                      # [B, D]
     seconds_solve = time.perf_counter() - start
     start = time.perf_counter()
