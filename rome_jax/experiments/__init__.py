@@ -17,6 +17,8 @@
                  "Rebuilding ROME" Tables 1, 2, 4 and Figure 2)
 ``batch``        one MEMIT / EMMET / AlphaEdit update of 1, 10, 100, … facts: CounterFact
                  scores, ME-PPL_1k, the v* solves' and the closed forms' wall time
+``sequential-batch``  facts in batches, each batch one update of the previous result:
+                 ME-PPL_1k, downstream accuracy, efficacy of all facts so far (AlphaEdit)
 ===============  =========================================================================
 
 An experiment module has ``NAME``, ``HELP``, ``add_args(parser)`` (its own options),
@@ -30,6 +32,8 @@ ME-PPL_50 probe, built lazily.
 
 from __future__ import annotations
 
-from rome_jax.experiments import batch, bos, collapse, geometry, sequential, single, zsre
+from rome_jax.experiments import (batch, bos, collapse, geometry, sequential, sequential_batch,
+                                  single, zsre)
 
-EXPERIMENTS = {m.NAME: m for m in (collapse, bos, single, sequential, zsre, geometry, batch)}
+EXPERIMENTS = {m.NAME: m for m in (collapse, bos, single, sequential, zsre, geometry, batch,
+                                   sequential_batch)}

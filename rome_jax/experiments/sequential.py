@@ -155,11 +155,13 @@ def load_state(out: Path, method: str, params, layer: int) -> tuple[int, object]
 
 
 class Evaluators:
-    """ME-PPL_1k perplexity and downstream accuracy, built on first use (a resumed run that
+    """ME-PPL_1k perplexity and downstream accuracy of params that differ from the base only
+    at blocks ≥ ``layer`` (default the edit layer), built on first use (a resumed run that
     needs neither builds neither)."""
 
-    def __init__(self, s, st: Mapping):
+    def __init__(self, s, st: Mapping, layer: int | None = None):
         self.s, self.st = s, st
+        self.layer = s.hparams.layer if layer is None else layer
         self._ppl = self._downstream = None
 
     def __call__(self, params) -> dict:
@@ -170,10 +172,10 @@ class Evaluators:
         s, st = self.s, self.st
         if self._ppl is None:
             self._ppl = PerplexityProbe(s.model, load_me_ppl("ME-PPL_1k")[:st["ppl_texts"]],
-                                        s.hparams.layer)
+                                        self.layer)
             tasks = downstream.load_tasks(st["tasks"], st["downstream_n"], st["shots"],
                                           st["sample_seed"])
-            self._downstream = downstream.DownstreamProbe(s.model, tasks, s.hparams.layer)
+            self._downstream = downstream.DownstreamProbe(s.model, tasks, self.layer)
         return {"ppl1k": self._ppl(params), "downstream": self._downstream(params)}
 
 

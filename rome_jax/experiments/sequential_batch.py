@@ -1,0 +1,210 @@
+"""Sequential batch editing (AlphaEdit's setting): ``--n`` facts in batches of ``--batch-size``,
+each batch one MEMIT / EMMET / AlphaEdit update of the result of the previous ones.
+
+For each method of ``--methods`` the same seeded draw of CounterFact records is edited in order,
+``--batch-size`` at a time (``editors.batch.edit_batches``: C and the templates stay the base
+model's; AlphaEdit's K_pᵀK_p of the earlier batches is threaded through the fold). A row per
+(method, batches done), the first one unedited: ME-PPL_1k perplexity, few-shot downstream
+accuracy, the efficacy ES (P(new) > P(true) on the rewrite prompt) of every fact edited so far
+and of the last batch alone, and each layer's ‖Δw‖_F of the batch's update.
+
+Resumable: after every row the window's weights (the only ones that change) and AlphaEdit's
+``preserved`` are saved atomically as ``state-METHOD.npz`` with the batch count; a rerun
+continues from it.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from rome_jax.experiments.report import Report, markdown_table, pyplot, run_label, save_figure
+
+NAME = "sequential-batch"
+HELP = ("sequential batch edits (MEMIT, EMMET, AlphaEdit): ME-PPL_1k, downstream accuracy and "
+        "the efficacy of all facts edited so far after every batch")
+METHODS = ("memit", "emmet", "alphaedit")
+
+
+def add_args(p) -> None:
+    from rome_jax.downstream import TASKS
+
+    p.add_argument("--methods", default=",".join(METHODS), metavar="M,M",
+                   help=f"batch editors, comma-separated (default {','.join(METHODS)})")
+    p.add_argument("--n", type=int, default=1000, help="facts per method (default 1000)")
+    p.add_argument("--batch-size", type=int, default=100, metavar="B",
+                   help="facts per update (default 100, AlphaEdit's)")
+    p.add_argument("--keys", default="rome", choices=("rome", "c-rome", "p-rome"),
+                   help="key convention (default rome: MEMIT's)")
+    p.add_argument("--sample-seed", type=int, default=0,
+                   help="numpy seed of the drawn records and downstream examples (default 0)")
+    p.add_argument("--tasks", default=",".join(TASKS), metavar="T,T",
+                   help=f"downstream tasks (default {','.join(TASKS)})")
+    p.add_argument("--downstream-n", type=int, default=20, metavar="N",
+                   help="scored examples per downstream task (default 20)")
+    p.add_argument("--shots", type=int, default=3, metavar="K",
+                   help="few-shot demonstrations per downstream example (default 3)")
+    p.add_argument("--ppl-texts", type=int, default=1000, metavar="N",
+                   help="ME-PPL_1k texts in the perplexity (default all 1000)")
+
+
+def settings(args) -> dict:
+    from rome_jax.downstream import TASKS
+    from rome_jax.experiments.batch import _list
+
+    for flag, value, low in (("--n", args.n, 1), ("--batch-size", args.batch_size, 1),
+                             ("--downstream-n", args.downstream_n, 1),
+                             ("--ppl-texts", args.ppl_texts, 1), ("--shots", args.shots, 0)):
+        if value < low:
+            raise ValueError(f"{flag}: must be {low} or more, got {value}")
+    return {"methods": _list(args.methods, "--methods", known=METHODS), "n": args.n,
+            "batch_size": args.batch_size, "keys": args.keys,
+            "sample_seed": args.sample_seed, "tasks": _list(args.tasks, "--tasks", known=TASKS),
+            "downstream_n": args.downstream_n, "shots": args.shots,
+            "ppl_texts": args.ppl_texts}
+
+
+def _state_path(out: Path, method: str) -> Path:
+    return Path(out) / f"state-{method}.npz"
+
+
+def save_state(out: Path, method: str, done: int, params, layers, preserved: Mapping) -> None:
+    """The window's weights and AlphaEdit's ``preserved`` after ``done`` batches, atomically."""
+    from rome_jax.files import write_bytes_atomic
+    from rome_jax.models.transformer import rome_weight
+
+    arrays = {f"weight{layer}": np.asarray(rome_weight(params, layer)[0]) for layer in layers}
+    arrays.update({f"preserved{layer}": np.asarray(p) for layer, p in preserved.items()})
+    buffer = io.BytesIO()
+    np.savez(buffer, done=done, **arrays)
+    write_bytes_atomic(_state_path(out, method), buffer.getvalue())
+
+
+def load_state(out: Path, method: str, params, layers) -> tuple[int, object, dict]:
+    """(batches done, params with the saved weights, preserved), or (0, params, {})."""
+    import jax.numpy as jnp
+
+    path = _state_path(out, method)
+    if not path.exists():
+        return 0, params, {}
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            done = int(saved["done"])
+            weights = {layer: saved[f"weight{layer}"] for layer in layers}
+            preserved = {int(k.removeprefix("preserved")): jnp.asarray(saved[k])
+                         for k in saved.files if k.startswith("preserved")}
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{path}: unreadable state ({' '.join(str(err).split())}); use "
+                         "--overwrite to start over") from None
+    fc_out = params["blocks"]["mlp"]["fc_out"]
+    w = fc_out["w"]
+    for layer, weight in weights.items():
+        if weight.shape != w.shape[1:]:
+            raise ValueError(f"{path}: a weight of shape {weight.shape} at layer {layer}, the "
+                             f"model has {w.shape[1:]}; use --overwrite to start over")
+        w = w.at[layer].set(jnp.asarray(weight, w.dtype))
+    mlp = {**params["blocks"]["mlp"], "fc_out": {**fc_out, "w": w}}
+    return done, {**params, "blocks": {**params["blocks"], "mlp": mlp}}, preserved
+
+
+def _efficacy(model, records: Sequence[Mapping], params) -> float:
+    """Share of ``records`` whose rewrite prompt gives P(new) > P(true) on ``params``."""
+    from rome_jax.evaluation import continuation_nll
+
+    texts = [r["requested_rewrite"]["prompt"].format(r["requested_rewrite"]["subject"])
+             for r in records]
+    new = continuation_nll(model, texts, [r["requested_rewrite"]["target_new"]["str"]
+                                          for r in records], params=params)
+    true = continuation_nll(model, texts, [r["requested_rewrite"]["target_true"]["str"]
+                                           for r in records], params=params)
+    return float((new < true).mean())
+
+
+def run(s, args, journal, header: Mapping) -> None:
+    from tqdm import tqdm
+
+    from rome_jax.editors.batch import edit_batch, prepare_batch
+    from rome_jax.editors.delta import apply_edit
+    from rome_jax.editors.hparams import resolve
+    from rome_jax.experiments.sequential import Evaluators, chosen_records
+    from rome_jax.rome.request import EditRequest
+
+    import jax
+
+    st = header["settings"]
+    out = Path(header["out"])
+    records = chosen_records(s, {"case_ids": None, "n": st["n"],
+                                 "sample_seed": st["sample_seed"]})
+    size = st["batch_size"]
+    n_batches = -(-len(records) // size)
+    for method in st["methods"]:
+        hparams = resolve(s.model.config, method, s.hparams, keys=st["keys"],
+                          mom2_n_samples=s.hparams.mom2_n_samples)
+        evaluate = Evaluators(s, st, layer=hparams.layers[0])
+        if [method, 0] not in journal:
+            _state_path(out, method).unlink(missing_ok=True)  # an --overwrite left it behind
+            journal.append({"key": [method, 0], "method": method, "batches": 0, "edited": 0,
+                            **evaluate(s.model.params)})
+        done, params, preserved = load_state(out, method, s.model.params, hparams.layers)
+        if done < n_batches:
+            context = prepare_batch(s.model, method, hparams, jax.random.key(st.get("seed", 0)))
+        for b in tqdm(range(done + 1, n_batches + 1), initial=done, total=n_batches,
+                      desc=method, unit="batch"):
+            batch = records[(b - 1) * size:b * size]
+            result = edit_batch(s.model, [EditRequest.from_dict(r) for r in batch], method,
+                                hparams, context=context, params=params, preserved=preserved)
+            params, preserved = apply_edit(params, result.edit), result.preserved
+            if [method, b] not in journal:
+                journal.append({
+                    "key": [method, b], "method": method, "batches": b,
+                    "edited": min(b * size, len(records)),
+                    "es_so_far": _efficacy(s.model, records[:b * size], params),
+                    "es_batch": _efficacy(s.model, batch, params),
+                    "delta_norm": [layer["update.delta_norm"] for layer in result.report.layers],
+                    "seconds_solve": result.report.seconds_solve,
+                    "seconds_update": result.report.seconds_update, **evaluate(params)})
+            save_state(out, method, b, params, hparams.layers, preserved)
+
+
+def _traces(rows: Sequence[Mapping]) -> dict[str, list[Mapping]]:
+    out: dict[str, list[Mapping]] = {}
+    for r in rows:
+        out.setdefault(r["method"], []).append(r)
+    return {m: sorted(rs, key=lambda r: r["batches"]) for m, rs in out.items()}
+
+
+def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
+    st = header["settings"]
+    traces = _traces(rows)
+    table_rows = []
+    for method, trace in traces.items():
+        for r in trace:
+            acc = r.get("downstream", {})
+            table_rows.append([method, r["batches"], r["edited"], r.get("es_so_far"),
+                               r.get("es_batch"), r["ppl1k"],
+                               *(acc.get(t, {}).get("accuracy") for t in st["tasks"])])
+    markdown = (f"# Sequential batch editing ({run_label(st)}; {st['n']} facts in batches of "
+                f"{st['batch_size']}; keys {st['keys']})\n\n"
+                + markdown_table(["method", "batches", "edited", "ES so far", "ES last batch",
+                                  "ME-PPL_1k", *st["tasks"]], table_rows) + "\n")
+    summary = {"settings": st, "traces": {m: [{k: v for k, v in r.items() if k != "key"}
+                                               for r in t] for m, t in traces.items()}}
+
+    def figure(path) -> None:
+        plt = pyplot()
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for method, trace in traces.items():
+            edited = [r["edited"] for r in trace]
+            axes[0].plot(edited, [r["ppl1k"] for r in trace], "o-", label=method)
+            axes[1].plot(edited[1:], [r["es_so_far"] for r in trace[1:]], "o-", label=method)
+        axes[0].set_title("ME-PPL_1k perplexity", fontsize=9)
+        axes[1].set_title("ES of all facts edited so far", fontsize=9)
+        for ax in axes:
+            ax.set_xlabel("facts edited")
+        axes[0].legend(fontsize=8)
+        save_figure(fig, path, f"Sequential batch editing, {run_label(st)}")
+
+    return Report(summary, markdown, figure)
