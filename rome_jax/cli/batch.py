@@ -29,7 +29,7 @@ def batch_hparams(s: Setup, method: str):
 
     args = s.args
     try:
-        return resolve(s.model.config, method, s.hparams, args.layers, args.keys,
+        return resolve(s.model.config, method, s.hparams, args.layers, args.keys, args.layer,
                        mom2_n_samples=args.mom2_n_samples, v_num_grad_steps=args.v_steps,
                        context_template_length_params=args.template_lengths,
                        context_templates=args.context_templates)

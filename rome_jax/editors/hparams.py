@@ -117,22 +117,27 @@ _ORIGINALS = {
 }
 
 
-def batch_preset(config: ModelConfig, method: str, name: str | None = None) -> BatchHParams:
+def batch_preset(config: ModelConfig, method: str, name: str | None = None,
+                 layer: int | None = None) -> BatchHParams:
     """The preset of ``method`` for a model of this family, depth and width (or ``name``): the
     original's where it has one; else MEMIT's and AlphaEdit's window by the rule (module
     docstring) with GPT-J's other settings, and EMMET at ROME's layer with GPT-J's. MEMIT's λ
     is then GPT-J's per key dimension, 15000 · F / 16384 (λC weighs against KᵀK along each key
     direction roughly as λ · tr(C) / F does; measured on the default model, 20 facts: ES 0.55
-    at λ 15000, 0.85 at 1500, 0.95 at 150)."""
+    at λ 15000, 0.85 at 1500, 0.95 at 150). ``layer`` replaces ROME's layer in the rule (an
+    edit at another layer than the preset's)."""
     if method not in BATCH_METHODS:
         raise ValueError(f"method: {method!r} is not one of {', '.join(BATCH_METHODS)}")
     rome = preset_for(config, name)
     if name is None:
         name = next(n for n, p in PRESETS.items() if p is rome)
-    layers, fields, z = _ORIGINALS.get((method, name)) or (
-        (rome.layer,) if method == "emmet" else _window(rome.layer),
-        dict(_ORIGINALS[(method, "gpt-j-6b")][1]), {})
-    if (method, name) not in _ORIGINALS and method == "memit":
+    if layer == rome.layer:
+        layer = None  # the preset's own layer: the original's preset where there is one
+    top = rome.layer if layer is None else config.check_layer(layer)
+    original = _ORIGINALS.get((method, name)) if layer is None else None
+    layers, fields, z = original or ((top,) if method == "emmet" else _window(top),
+                                     dict(_ORIGINALS[(method, "gpt-j-6b")][1]), {})
+    if original is None and method == "memit":
         fields["mom2_update_weight"] = round(15000.0 * config.d_mlp / 16384)
     hparams = BatchHParams(layers=layers, v=_memit_v(layers[-1], **z), **fields)
     return hparams.check(config)
@@ -155,13 +160,14 @@ def parse_layers(text: str) -> tuple[int, ...]:
 
 
 def resolve(config: ModelConfig, method: str, base: RomeHParams,
-            layers: tuple[int, ...] | None = None, keys: str = "rome",
+            layers: tuple[int, ...] | None = None, keys: str = "rome", layer: int | None = None,
             **v_changes) -> BatchHParams:
-    """``method``'s preset for the model (for a model without one: ``layers`` with MEMIT's z
-    settings over ``base``), over ``layers`` when given, with the key convention ``keys`` and
-    the v* settings ``v_changes`` (None values ignored). ValueError naming ``layers``."""
+    """``method``'s preset for the model (``layer``: the rule's window ending there instead;
+    for a model without a preset: ``layers`` with MEMIT's z settings over ``base``), over
+    ``layers`` when given, with the key convention ``keys`` and the v* settings ``v_changes``
+    (None values ignored). ValueError naming ``layers``."""
     try:
-        hparams = batch_preset(config, method)
+        hparams = batch_preset(config, method, layer=layer)
     except ValueError:
         if layers is None:
             raise ValueError("layers: this model has no batch preset; give the layers to edit "

@@ -101,7 +101,7 @@ def run(s, args, journal, header: Mapping) -> None:
                             "ppl": base_ppl})
     for method in st["methods"]:
         hparams = resolve(s.model.config, method, s.hparams, keys=st["keys"],
-                          mom2_n_samples=s.hparams.mom2_n_samples)
+                          layer=s.hparams.layer, mom2_n_samples=s.hparams.mom2_n_samples)
         context = None
         for n in st["sizes"]:
             key = f"{method}/{n}"

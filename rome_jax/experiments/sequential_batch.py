@@ -142,7 +142,7 @@ def run(s, args, journal, header: Mapping) -> None:
     n_batches = -(-len(records) // size)
     for method in st["methods"]:
         hparams = resolve(s.model.config, method, s.hparams, keys=st["keys"],
-                          mom2_n_samples=s.hparams.mom2_n_samples)
+                          layer=s.hparams.layer, mom2_n_samples=s.hparams.mom2_n_samples)
         evaluate = Evaluators(s, st, layer=hparams.layers[0])
         if [method, 0] not in journal:
             _state_path(out, method).unlink(missing_ok=True)  # an --overwrite left it behind
