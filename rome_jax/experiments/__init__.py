@@ -19,6 +19,8 @@
                  scores, ME-PPL_1k, the v* solves' and the closed forms' wall time
 ``sequential-batch``  facts in batches, each batch one update of the previous result:
                  ME-PPL_1k, downstream accuracy, efficacy of all facts so far (AlphaEdit)
+``batch-collapse``  a collapse run's collapse cases and normal records in one update, per
+                 batch editor and key convention: ME-PPL_50 ratio, efficacy, ‖Δw‖
 ===============  =========================================================================
 
 An experiment module has ``NAME``, ``HELP``, ``add_args(parser)`` (its own options),
@@ -32,8 +34,8 @@ ME-PPL_50 probe, built lazily.
 
 from __future__ import annotations
 
-from rome_jax.experiments import (batch, bos, collapse, geometry, sequential, sequential_batch,
-                                  single, zsre)
+from rome_jax.experiments import (batch, batch_collapse, bos, collapse, geometry, sequential,
+                                  sequential_batch, single, zsre)
 
 EXPERIMENTS = {m.NAME: m for m in (collapse, bos, single, sequential, zsre, geometry, batch,
-                                   sequential_batch)}
+                                   sequential_batch, batch_collapse)}
