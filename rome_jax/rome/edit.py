@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from rome_jax.data import bucket, pad_batch
 from rome_jax.evaluation import target_probabilities
 from rome_jax.models.config import ModelConfig
-from rome_jax.models.model import Model
+from rome_jax.models.model import Model, check_params
 from rome_jax.models.transformer import Params, residual_at, rome_weight
 from rome_jax.rome.hparams import RomeHParams, preset_for
 from rome_jax.rome.keys import Keys, keys_from_residual
@@ -52,6 +52,14 @@ class EditContext:
     def layer(self) -> int:
         """The layer whose key statistics (and C⁻¹) this context holds."""
         return self.stats.layer
+
+
+def _params(model: Model, params: Params | None) -> Params:
+    """``params`` (``model.params`` when None), checked as a tree of ``model``'s shape."""
+    if params is None:
+        return model.params
+    check_params(params, model.config)
+    return params
 
 
 def _checked(model: Model, hparams: RomeHParams | None,
@@ -308,7 +316,7 @@ def solve(model: Model, request: EditRequest | dict, hparams: RomeHParams | None
     the same params."""
     hparams = _checked(model, hparams, context)
     request = _request(request)
-    params = model.params if params is None else params
+    params = _params(model, params)
     context = context or prepare(model, hparams)
     return _solve_built(model, hparams, params,
                         build_batch(model, request, context.templates, hparams.fact_token))
@@ -331,7 +339,7 @@ def compute_edit(model: Model, request: EditRequest | dict, hparams: RomeHParams
     request = _request(request)
     if solved is not None and not isinstance(solved, Solved):
         raise TypeError(f"solved: expected the result of solve(), got {type(solved).__name__}")
-    params = model.params if params is None else params
+    params = _params(model, params)
     context = context or prepare(model, hparams)
     if solved is None:
         solved = solve(model, request, hparams, context=context, params=params)
