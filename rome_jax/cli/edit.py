@@ -219,14 +219,7 @@ def run(args) -> int:
     if out and report_file and out.absolute() in report_file.absolute().parents:
         raise ValueError(f"--report {report_file}: inside --out {out}, which the export replaces")
     s = Setup(args)
-    for i, request in enumerate(requests):
-        try:
-            s.check_request(request)
-        except ValueError as err:
-            where = f"request {i}: " if args.requests else ""
-            raise ValueError(f"{where}{err}") from None
-    for request in requests:
-        s.check_fits(request)
+    s.check_requests(requests, args.requests)
     profile = None if args.no_guard else s.profile()
     base = s.probe.base
     params, ppl = s.model.params, base
