@@ -169,12 +169,12 @@ def _read_json(name: str) -> tuple[Path, object]:
     try:
         return path, json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); delete it to download it again, or "
-                         "fix ROME_JAX_DATA") from None
+        raise ValueError(f"{path}: not valid JSON, the file is truncated or corrupt "
+                         f"({err})") from None
 
 
 def _check_records(path: Path, data, checks: dict[str, Callable[[object], bool]],
-                   what: str) -> list[dict]:
+                   what: dict[str, str]) -> list[dict]:
     """``data`` as a list of JSON objects whose fields pass ``checks`` (field -> predicate,
     described by ``what[field]``); ValueError naming the file, the record and the field."""
     if not isinstance(data, list):

@@ -114,13 +114,10 @@ def read_results(path: Path, what: str, overwrite: bool) -> dict | None:
 
 
 # Result settings (``Setup.result_settings``, nested ones included) -> the flag that sets them.
-SETTING_FLAGS = {"digest": "--model", "layer": "--layer", "bos": "--bos", "seed": "--seed",
-                 "method": "--method", "methods": "--methods", "test_prefix": "--test-prefix",
-                 "generation_prompts": "--generation-prompts",
-                 "generation_tokens": "--generation-tokens",
-                 "mom2_n_samples": "--mom2-n-samples", "v_num_grad_steps": "--v-steps",
-                 "context_template_length_params": "--template-lengths",
-                 "context_templates": "--context-templates"}
+SETTING_FLAGS = {**{k: "--" + k.replace("_", "-") for k in (
+    "layer", "bos", "seed", "method", "methods", "test_prefix", "generation_prompts",
+    "generation_tokens", "mom2_n_samples", "context_templates")}, **FIELD_FLAGS,
+    "digest": "--model"}
 
 
 def _setting_differences(old: dict, new: dict, prefix: str = "") -> dict[str, str]:

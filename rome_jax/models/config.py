@@ -296,6 +296,23 @@ def _rope_theta(hf: Mapping[str, Any], source: str) -> float:
     return _positive_float({"rope_theta": theta}, "rope_theta", source, 10000.0)
 
 
+def positive_int(value: Any, where: str) -> int:
+    """``value`` when it is a positive integer (not a bool); else ValueError ``{where}={value!r}
+    must be a positive integer`` (``where``: the file and the field)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where}={value!r} must be a positive integer")
+    return value
+
+
+def positive_number(value: Any, where: str) -> float:
+    """``value`` as a float when it is a positive finite number; else ValueError as
+    :func:`positive_int`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"{where}={value!r} must be a positive finite number")
+    return float(value)
+
+
 def _positive_int(hf: Mapping[str, Any], source: str, name: str, default: Any = ...) -> Any:
     """``hf[name]`` as a positive integer; ``default`` when absent or null (``...``: required,
     KeyError)."""
@@ -304,20 +321,13 @@ def _positive_int(hf: Mapping[str, Any], source: str, name: str, default: Any = 
         if default is ...:
             raise KeyError(name)
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{source}: {name}={value!r} must be a positive integer")
-    return value
+    return positive_int(value, f"{source}: {name}")
 
 
 def _positive_float(hf: Mapping[str, Any], name: str, source: str, default: float) -> float:
     """``hf[name]`` (``default`` when absent or null) as a positive finite float."""
     value = hf.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            math.isfinite(value) and value > 0):
-        raise ValueError(f"{source}: {name}={value!r} must be a positive finite number")
-    return float(value)
+    return default if value is None else positive_number(value, f"{source}: {name}")
 
 
 def _flag(hf: Mapping[str, Any], name: str, source: str, default: bool) -> bool:

