@@ -328,7 +328,7 @@ def test_screen_writes_and_resumes(env, tiny_model, tmp_path):
 
     other = cli(env, "screen", "--n", "3", "--out", out, "--model", tiny_model,
                      "--method", "c-rome", *SMALL)
-    assert_user_error(other, "other settings (method")
+    assert_user_error(other, "other settings (--method: \"rome\" in the file, \"c-rome\" now)")
 
 
 # ----------------------------------------------------------------------------- trace
