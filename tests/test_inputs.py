@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -40,10 +41,32 @@ def tiny_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, tiny_dir) -> Path:
+    """A 2-layer, 16-wide random Llama with the GPT-2 tokenizer and its token ids in
+    config.json, saved by rome_jax (no torch)."""
+    config = rome_jax.ModelConfig.from_hf({
+        "model_type": "llama", "vocab_size": 50257, "hidden_size": 16, "intermediate_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 32,
+        "bos_token_id": 50256, "eos_token_id": [50256]})
+    rng = np.random.default_rng(0)
+    params = FAMILIES["llama"].import_weights(
+        lambda name, shape: rng.standard_normal(shape).astype(np.float32), config)
+    path = tmp_path_factory.mktemp("inputs-llama") / "llama"
+    rome_jax.save_hf(Model(config, params, rome_jax.load_model(tiny_dir).tokenizer), path)
+    return path
+
+
 @pytest.fixture
 def model_dir(tiny_dir, tmp_path) -> Path:
     """A damageable copy of ``tiny_dir``."""
     return Path(shutil.copytree(tiny_dir, tmp_path / "model"))
+
+
+@pytest.fixture
+def llama_copy(llama_dir, tmp_path) -> Path:
+    """A damageable copy of ``llama_dir``."""
+    return Path(shutil.copytree(llama_dir, tmp_path / "llama"))
 
 
 @pytest.fixture
@@ -102,6 +125,19 @@ def test_bad_config_through_the_cli(model_dir, run):
     _write_config(model_dir, {"n_embd": "abc"})
     assert_user_error(*run("edit", *REQUEST, "--model", model_dir),
                       f"{model_dir / 'config.json'}: n_embd='abc' must be a positive integer")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"bos_token_id": -1}, "bos_token_id=-1 must be a token id"),
+    ({"eos_token_id": [2, "x"]}, "eos_token_id=[2, 'x'] must be a token id"),
+    ({"num_key_value_heads": "2"}, "num_key_value_heads='2' must be a positive integer"),
+    ({"attention_bias": 1}, "attention_bias=1 must be true or false"),
+])
+def test_bad_llama_config(llama_copy, change, message):
+    rome_jax.load_model(llama_copy)
+    _write_config(llama_copy, change)
+    with pytest.raises(ValueError, match=rf"config\.json: {re.escape(message)}"):
+        rome_jax.load_model(llama_copy)
 
 
 def test_llama_config_sizes_are_checked():
@@ -429,24 +465,40 @@ def _never_internal(run, inputs: Path, *argv) -> None:
     assert _digest(inputs) == before
 
 
-CONFIG_KEYS = ["n_embd", "n_head", "n_layer", "vocab_size", "n_positions", "n_inner",
-               "layer_norm_epsilon", "activation_function", "model_type", "tie_word_embeddings",
-               "rotary_dim", "scale_attn_weights", "rope_scaling", "task_specific_params"]
+GPT2_KEYS = ["n_embd", "n_head", "n_layer", "vocab_size", "n_positions", "n_inner",
+             "layer_norm_epsilon", "activation_function", "model_type", "tie_word_embeddings",
+             "rotary_dim", "scale_attn_weights", "rope_scaling", "task_specific_params"]
+LLAMA_KEYS = ["hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "num_hidden_layers", "intermediate_size", "max_position_embeddings", "vocab_size",
+              "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "hidden_act",
+              "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings",
+              "attention_bias", "mlp_bias", "pretraining_tp", "sliding_window"]
+
+
+def _fuzz_config(run, path: Path, changes: dict, whole) -> None:
+    original = (path / "config.json").read_bytes()
+    config = json.loads(original)
+    (path / "config.json").write_text(json.dumps({**config, **changes} if whole is None
+                                                 else whole))
+    try:
+        _never_internal(run, path, "edit", *REQUEST, "--model", path, "--layer", "99")
+    finally:
+        (path / "config.json").write_bytes(original)
 
 
 @FUZZ
-@given(changes=st.dictionaries(st.sampled_from(CONFIG_KEYS), JSON_VALUES, min_size=1,
+@given(changes=st.dictionaries(st.sampled_from(GPT2_KEYS), JSON_VALUES, min_size=1,
                                max_size=3),
        whole=st.none() | JSON_VALUES)
 def test_fuzz_config_json(model_dir, run, changes, whole):
-    config = json.loads((model_dir / "config.json").read_text())
-    original = (model_dir / "config.json").read_bytes()
-    (model_dir / "config.json").write_text(json.dumps({**config, **changes} if whole is None
-                                                      else whole))
-    try:
-        _never_internal(run, model_dir, "edit", *REQUEST, "--model", model_dir, "--layer", "99")
-    finally:
-        (model_dir / "config.json").write_bytes(original)
+    _fuzz_config(run, model_dir, changes, whole)
+
+
+@FUZZ
+@given(changes=st.dictionaries(st.sampled_from(LLAMA_KEYS), JSON_VALUES, min_size=1,
+                               max_size=3))
+def test_fuzz_llama_config_json(llama_copy, run, changes):
+    _fuzz_config(run, llama_copy, changes, None)
 
 
 GGUF_KEYS = ["llama.block_count", "llama.context_length", "llama.embedding_length",

@@ -161,6 +161,12 @@ class ModelConfig:
         known |= set(_REQUIRED[model_type]) | _IGNORED
         if model_type == "llama":
             known -= _TOKEN_IDS
+            for name in _TOKEN_IDS & hf.keys():
+                ids = hf[name] if isinstance(hf[name], list) else [hf[name]]
+                if not all(i is None or (isinstance(i, int) and not isinstance(i, bool)
+                                         and 0 <= i < 2**31) for i in ids):
+                    raise ValueError(f"{source}: {name}={hf[name]!r} must be a token id (an "
+                                     "integer >= 0), a list of them or null")
         # Other attributes (generic generation settings and the like) do not change the maths;
         # they are kept so that export writes them back.
         extra = tuple(sorted((k, _freeze(v)) for k, v in hf.items()
