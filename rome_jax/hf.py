@@ -24,7 +24,7 @@ from safetensors.flax import save_file
 from rome_jax.files import atomic_directory
 from rome_jax.models import gguf
 from rome_jax.models.config import ModelConfig
-from rome_jax.models.model import FAMILIES, Model
+from rome_jax.models.model import FAMILIES, Model, check_model
 from rome_jax.models.tokenizer import Tokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "checkpoints" / "gpt2-cf-tiny"  # package data
@@ -229,9 +229,7 @@ def save_hf(model: Model, out_dir: str | os.PathLike, *, overwrite: bool = False
     was loaded from, else as they are); ``extra_files`` maps a file name to text or bytes
     written beside them (a model card, say).
     """
-    if not isinstance(model, Model):
-        raise TypeError(f"save_hf: model must be a rome_jax Model (from load_model), got "
-                        f"{type(model).__name__}")
+    check_model(model)
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"save_hf: out_dir must be a path (str or os.PathLike), got "
                         f"{type(out_dir).__name__}")

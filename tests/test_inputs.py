@@ -417,8 +417,10 @@ def test_api_misuse_names_the_argument(tiny_dir):
     from rome_jax.rome.hparams import RomeHParams
 
     model = rome_jax.load_model(tiny_dir)
-    with pytest.raises(TypeError, match=r"save_hf: model must be a rome_jax Model .* got str"):
+    with pytest.raises(TypeError, match=r"model: expected a rome_jax Model .* got str"):
         rome_jax.save_hf("model", "out")
+    with pytest.raises(TypeError, match=r"model: expected a rome_jax Model .* got PosixPath"):
+        rome_jax.logits(tiny_dir, np.zeros((1, 2), np.int32))
     with pytest.raises(TypeError, match=r"load_model: path_or_id must be a path.* got int"):
         rome_jax.load_model(5)
     with pytest.raises(TypeError, match=r"params: not the params of this gpt2 model \(2 layers\)"

@@ -84,6 +84,14 @@ class Model:
         return dataclasses.replace(self, tokenizer=tokenizer)
 
 
+def check_model(model, argument: str = "model") -> "Model":
+    """``model`` when it is a :class:`Model`; else TypeError naming ``argument``."""
+    if not isinstance(model, Model):
+        raise TypeError(f"{argument}: expected a rome_jax Model (rome_jax.load_model), got "
+                        f"{type(model).__name__}")
+    return model
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def _logits(params: Params, config: ModelConfig, input_ids, attention_mask):
     return forward(params, config, input_ids, attention_mask).logits
@@ -91,6 +99,7 @@ def _logits(params: Params, config: ModelConfig, input_ids, attention_mask):
 
 def logits(model: Model, input_ids, attention_mask=None) -> jax.Array:
     """Logits [batch, seq, vocab] for input_ids [batch, seq] (mask: 1 = real token)."""
+    check_model(model)
     return _logits(model.params, model.config, input_ids, attention_mask)
 
 

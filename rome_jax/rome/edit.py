@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from rome_jax.data import bucket, pad_batch
 from rome_jax.evaluation import target_probabilities
 from rome_jax.models.config import ModelConfig
-from rome_jax.models.model import Model, check_params
+from rome_jax.models.model import Model, check_model, check_params
 from rome_jax.models.transformer import Params, residual_at, rome_weight
 from rome_jax.rome.hparams import RomeHParams, preset_for
 from rome_jax.rome.keys import Keys, keys_from_residual
@@ -66,9 +66,7 @@ def _checked(model: Model, hparams: RomeHParams | None,
              context: EditContext | None = None) -> RomeHParams:
     """``hparams`` (the model's preset when None) checked against ``model`` and, when given,
     ``context``: TypeError / ValueError naming the argument."""
-    if not isinstance(model, Model):
-        raise TypeError(f"model: expected a rome_jax Model (rome_jax.load_model), got "
-                        f"{type(model).__name__}")
+    check_model(model)
     if hparams is None:
         hparams = preset_for(model.config)
     elif not isinstance(hparams, RomeHParams):
