@@ -123,6 +123,45 @@ def evaluate_record(model: Model, record: Mapping, hparams: RomeHParams, context
     return row
 
 
+_METRICS = ("ES", "PS", "NS", "EM", "PM", "NM")
+
+
+def check_row(row: Mapping, settings: EvalSettings, where: str = "") -> None:
+    """ValueError (prefixed by ``where``, naming the field) unless ``row`` holds what
+    ``summarize`` reads of an ``evaluate_record`` row made with ``settings``: a true/false
+    ``first_token_subject``, numeric scores ``before`` and for each method (or its
+    ``error``), with the prefixed scores and generation entropies when measured."""
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if not isinstance(row.get("first_token_subject"), bool):
+        raise ValueError(f"{where}first_token_subject: expected true or false")
+    edits = row.get("edits")
+    if not isinstance(edits, Mapping):
+        raise ValueError(f"{where}edits: expected an object of method -> scores")
+    for name, scores in [("before", row.get("before")),
+                         *((f"edits.{m}", edits.get(m)) for m in settings.methods)]:
+        if not isinstance(scores, Mapping):
+            raise ValueError(f"{where}{name}: expected an object of scores")
+        if name != "before" and "error" in scores:
+            continue
+        need = {name: (*_METRICS, "ppl_ratio")}
+        if name != "before":
+            need[name] += ("delta_abs", "residual_norm")
+        if settings.generation_prompts:
+            need[name] += ("GE", "GE_norm")
+        if settings.test_prefix:
+            if not isinstance(scores.get("prefixed"), Mapping):
+                raise ValueError(f"{where}{name}.prefixed: expected an object of scores")
+            need[f"{name}.prefixed"] = _METRICS
+        for part, fields in need.items():
+            values = scores if part == name else scores["prefixed"]
+            bad = [f for f in fields if not number(values.get(f))]
+            if bad:
+                raise ValueError(f"{where}{part}.{bad[0]}: expected a number, got "
+                                 f"{values.get(bad[0])!r}")
+
+
 def summarize(rows: Sequence[Mapping], methods: Sequence[str],
               subset: Callable[[Mapping], bool] = lambda row: True,
               prefixed: bool = False) -> dict[str, dict]:

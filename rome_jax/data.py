@@ -19,6 +19,7 @@ import tempfile
 import urllib.request
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -161,9 +162,70 @@ def _nonblank_lines(archive: Path, member: str, out: Path) -> Path:
     return out
 
 
+def _read_json(name: str) -> tuple[Path, object]:
+    """Data file ``name`` (see ``data_file``) and its parsed JSON; ValueError naming the file
+    when it is not UTF-8 JSON (a truncated download, say)."""
+    path = data_file(name)
+    try:
+        return path, json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON, the file is truncated or corrupt "
+                         f"({err})") from None
+
+
+def _check_records(path: Path, data, checks: dict[str, Callable[[object], bool]],
+                   what: dict[str, str]) -> list[dict]:
+    """``data`` as a list of JSON objects whose fields pass ``checks`` (field -> predicate,
+    described by ``what[field]``); ValueError naming the file, the record and the field."""
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    for i, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: record {i}: expected a JSON object, got "
+                             f"{type(record).__name__}")
+        for field, ok in checks.items():
+            if field not in record:
+                raise ValueError(f"{path}: record {i}: {field}: missing")
+            if not ok(record[field]):
+                raise ValueError(f"{path}: record {i}: {field}: expected {what[field]}, got "
+                                 f"{json.dumps(record[field])[:80]}")
+    return data
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_texts(x) -> bool:
+    return isinstance(x, list) and all(isinstance(t, str) for t in x)
+
+
+def _is_target(x) -> bool:
+    return isinstance(x, dict) and isinstance(x.get("str"), str)
+
+
+def _is_rewrite(x) -> bool:
+    return (isinstance(x, dict) and isinstance(x.get("prompt"), str)
+            and isinstance(x.get("subject"), str) and _is_target(x.get("target_new"))
+            and _is_target(x.get("target_true")))
+
+
+_PROMPTS = ("paraphrase_prompts", "neighborhood_prompts", "attribute_prompts",
+            "generation_prompts")
+_COUNTERFACT_CHECKS = {"case_id": _is_int, "requested_rewrite": _is_rewrite,
+                       **{name: _is_texts for name in _PROMPTS}}
+_COUNTERFACT_WHAT = {"case_id": "an integer",
+                     "requested_rewrite": 'an object with string "prompt" and "subject" and '
+                                          '{"str": ...} "target_new" and "target_true"',
+                     **{name: "a list of strings" for name in _PROMPTS}}
+
+
 def load_counterfact() -> list[dict]:
-    """CounterFact records (ROME schema), sorted by case_id."""
-    return json.loads(data_file("counterfact.json").read_text())
+    """CounterFact records (ROME schema), sorted by case_id. ValueError naming the file, the
+    record and the field for a file that is not JSON or a record without an integer
+    ``case_id``, a ``requested_rewrite`` or the four prompt lists."""
+    path, data = _read_json("counterfact.json")
+    return _check_records(path, data, _COUNTERFACT_CHECKS, _COUNTERFACT_WHAT)
 
 
 def counterfact_by_case_id(records: list[dict], case_ids) -> list[dict]:
@@ -188,12 +250,15 @@ def load_zsre() -> list[dict]:
     """zsRE edit-evaluation records (``zsre_mem_eval`` schema: ``subject, src, pred, rephrase,
     alt, answers, loc, loc_ans, cond``), in file order: a record's index is its case id, as in
     ROME's ``MENDQADataset`` (``zsre_eval.zsre_record`` makes the edit request)."""
-    return json.loads(data_file("zsre_eval.json").read_text())
+    path, data = _read_json("zsre_eval.json")
+    return _check_records(path, data, {}, {})
 
 
 def load_me_ppl(name: str = "ME-PPL_50") -> list[str]:
     """ME-PPL sentences: ``ME-PPL`` (10k), ``ME-PPL_1k`` or ``ME-PPL_50``."""
-    return [r["Text"] for r in json.loads(data_file(f"me_ppl/{name}.json").read_text())]
+    path, data = _read_json(f"me_ppl/{name}.json")
+    return [r["Text"] for r in _check_records(path, data, {"Text": lambda t: isinstance(t, str)},
+                                              {"Text": "a string"})]
 
 
 def load_wikitext() -> list[str]:

@@ -18,16 +18,15 @@ from typing import Callable
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
 from rome_jax.files import atomic_directory
-from rome_jax.models import gguf, gpt2, gptj, llama
+from rome_jax.models import gguf
 from rome_jax.models.config import ModelConfig
-from rome_jax.models.model import Model
+from rome_jax.models.model import FAMILIES, Model, check_model
 from rome_jax.models.tokenizer import Tokenizer
 
-FAMILIES = {"gpt2": gpt2, "gptj": gptj, "llama": llama}
 DEFAULT_MODEL = Path(__file__).resolve().parent / "checkpoints" / "gpt2-cf-tiny"  # package data
 GGUF_ALIASES = {"smollm2-135m": gguf.smollm2_path}
 
@@ -59,7 +58,7 @@ def _read_config(path: Path) -> ModelConfig:
         raise FileNotFoundError(f"{file}: missing (every model directory needs config.json)")
     try:
         hf = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{file}: not valid JSON ({err})") from None
     return ModelConfig.from_hf(hf, source=str(file))
 
@@ -68,9 +67,15 @@ def _weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
+            parsed = json.loads(index.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{index}: not a safetensors index ({err})") from None
+        weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(name, str) and name and Path(name).name == name
+                for name in weight_map.values()):
+            raise ValueError(f"{index}: weight_map must be a JSON object of tensor name -> "
+                             "file name in this directory")
         return [path / name for name in sorted(set(weight_map.values()))]
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (path / name).is_file():
@@ -145,16 +150,31 @@ def load_model(path_or_id: str | os.PathLike | None = None, dtype=jnp.float32) -
     weights, an unknown architecture, a missing tensor, a wrong shape, a non-finite value or a
     truncated file.
     """
+    if path_or_id is not None and not isinstance(path_or_id, (str, os.PathLike)):
+        raise TypeError(f"load_model: path_or_id must be a path, hub id or GGUF alias (str or "
+                        f"os.PathLike) or None, got {type(path_or_id).__name__}")
     if str(path_or_id) in GGUF_ALIASES or Path(str(path_or_id)).suffix == ".gguf":
         return _load_gguf(path_or_id, dtype)
     path = resolve(path_or_id)
     config = _read_config(path)
+    tokenizer = Tokenizer.from_dir(path, config.token_ids)
+    source = "tokenizer.json" if "tokenizer.json" in tokenizer.files else "vocab.json"
+    _check_vocab(tokenizer, config, f"{path / source} and {path / 'config.json'}")
     files = _weight_files(path)
     readers = _tensor_readers(files)
     where = files[0] if len(files) == 1 else path / "model.safetensors.index.json"
     params, source_dtype = _import_params(config, readers, where, dtype)
-    return Model(config, params, Tokenizer.from_dir(path, config.token_ids),
-                 name=str(path_or_id or path), source_dtype=source_dtype)
+    return Model(config, params, tokenizer, name=str(path_or_id or path),
+                 source_dtype=source_dtype)
+
+
+def _check_vocab(tokenizer: Tokenizer, config: ModelConfig, where: str) -> None:
+    """Refuse a tokenizer that makes ids the embedding has no row for (they would be clamped
+    silently into other tokens' rows)."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the "
+                         f"embedding has only {config.vocab_size} rows (vocab_size); a token "
+                         "id past the last row would read another token's embedding")
 
 
 def _load_gguf(path_or_id: str | os.PathLike, dtype) -> Model:
@@ -163,6 +183,7 @@ def _load_gguf(path_or_id: str | os.PathLike, dtype) -> Model:
     path = alias() if alias else Path(path_or_id).expanduser()
     read = gguf.read_gguf(path)
     config = ModelConfig.from_hf(read.config, source=str(path))
+    _check_vocab(read.tokenizer, config, f"{path} (tokenizer.ggml.tokens, llama.vocab_size)")
     readers = {name: (lambda value=value: value) for name, value in read.tensors.items()}
     params, source_dtype = _import_params(config, readers, path, dtype)
     return Model(config, params, read.tokenizer, name=str(path_or_id), source_dtype=source_dtype)
@@ -208,6 +229,10 @@ def save_hf(model: Model, out_dir: str | os.PathLike, *, overwrite: bool = False
     was loaded from, else as they are); ``extra_files`` maps a file name to text or bytes
     written beside them (a model card, say).
     """
+    check_model(model)
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"save_hf: out_dir must be a path (str or os.PathLike), got "
+                        f"{type(out_dir).__name__}")
     dtype = model.source_dtype if dtype is None else dtype
     weights = FAMILIES[model.config.model_type].export_weights(model.params, model.config)
     weights = {k: jnp.asarray(v if dtype is None else v.astype(dtype)) for k, v in weights.items()}
@@ -219,7 +244,11 @@ def save_hf(model: Model, out_dir: str | os.PathLike, *, overwrite: bool = False
         config = model.config.to_hf()
         config["torch_dtype"] = str(next(iter(weights.values())).dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        try:
+            save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        except SafetensorError as err:  # a full disk, say: safetensors' error is no OSError
+            raise OSError(f"{out_dir}: writing model.safetensors failed ({err}); nothing was "
+                          "written") from None
         model.tokenizer.save(tmp, model.config.n_positions)
         for name, content in (extra_files or {}).items():
             data = content.encode() if isinstance(content, str) else content

@@ -130,15 +130,27 @@ def save_hf_dir(model, cfg: dict, path: Path) -> None:
         config = json.loads((path / "config.json").read_text())
         config["rotary_dim"] = None
         (path / "config.json").write_text(json.dumps(config, indent=2))
-    copy_tokenizer(path)
+    copy_tokenizer(path, cfg["vocab_size"])
 
 
-def copy_tokenizer(dest: Path) -> None:
+def copy_tokenizer(dest: Path, vocab_size: int = 50257) -> None:
+    """GPT-2's ``vocab.json`` / ``merges.txt``, cut to the first ``vocab_size`` tokens (and the
+    merges among them) for a smaller embedding: rome_jax refuses a tokenizer with more tokens
+    than the embedding has rows."""
     src = tokenizer_dir()
     for name in TOKENIZER_FILES:
         if not (src / name).is_file():
             pytest.skip(f"{src / name}: shared GPT-2 tokenizer file missing")
         shutil.copyfile(src / name, dest / name)
+    vocab = json.loads((src / "vocab.json").read_text())
+    if vocab_size >= len(vocab):
+        return
+    kept = {token: i for token, i in vocab.items() if i < vocab_size}
+    lines = (src / "merges.txt").read_text().splitlines()
+    merges = [m for m in lines[1:] if len(m.split(" ")) == 2
+              and {*m.split(" "), m.replace(" ", "")} <= kept.keys()]
+    (dest / "vocab.json").write_text(json.dumps(kept))
+    (dest / "merges.txt").write_text("\n".join([lines[0], *merges]) + "\n")
 
 
 @pytest.fixture(scope="session")

@@ -328,7 +328,7 @@ def test_screen_writes_and_resumes(env, tiny_model, tmp_path):
 
     other = cli(env, "screen", "--n", "3", "--out", out, "--model", tiny_model,
                      "--method", "c-rome", *SMALL)
-    assert_user_error(other, "other settings (method")
+    assert_user_error(other, "other settings (--method: \"rome\" in the file, \"c-rome\" now)")
 
 
 # ----------------------------------------------------------------------------- trace
@@ -492,7 +492,8 @@ def test_evaluate_resumes(env, tiny_model, tmp_path):
     assert again["summary"]["all"]["rome"]["n"] == 2
     other = ["evaluate", "--methods", "c-rome", "--out", out, "--model", tiny_model, *SMALL,
              "--n", "1"]
-    assert_user_error(cli(env, *other), "other settings (evaluation differ)")
+    assert_user_error(cli(env, *other), "other settings (--methods: [\"rome\"] in the file, "
+                                        "[\"c-rome\"] now)")
     assert_ok(cli(env, *other, "--overwrite"))
     assert [r["case_id"] for r in json.loads(out.read_text())["records"]] == [0]
     assert [f.name for f in tmp_path.iterdir()] == ["eval.json"]  # no temp files left

@@ -112,7 +112,7 @@ def _llama_tokenizer_json() -> str:
 @pytest.fixture
 def llama_dir(hf_model, copy_model_dir):
     """A tiny Llama directory whose tokenizer is a ``tokenizer.json`` without <|endoftext|>."""
-    path = copy_model_dir(hf_model("llama"))
+    path = copy_model_dir(hf_model("llama", vocab_size=300))
     for name in ("vocab.json", "merges.txt"):
         (path / name).unlink()
     (path / "tokenizer.json").write_text(_llama_tokenizer_json())

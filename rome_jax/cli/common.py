@@ -100,23 +100,55 @@ def read_results(path: Path, what: str, overwrite: bool) -> dict | None:
         previous = json.loads(path.read_text())
         if not isinstance(previous, dict) or not isinstance(previous.get("records"), list):
             raise ValueError("no 'records' list")
+        if not isinstance(previous.get("settings"), dict):
+            raise ValueError(f"settings: expected an object, got "
+                             f"{type(previous.get('settings')).__name__}")
+        for i, record in enumerate(previous["records"]):
+            case_id = record.get("case_id") if isinstance(record, dict) else None
+            if not isinstance(case_id, int) or isinstance(case_id, bool):
+                raise ValueError(f"record {i}: not an object with an integer case_id")
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: exists but is not {what} file ({one_line(err)}); use "
                          "another --out, or --overwrite to replace it") from None
     return previous
 
 
+# Result settings (``Setup.result_settings``, nested ones included) -> the flag that sets them.
+SETTING_FLAGS = {**{k: "--" + k.replace("_", "-") for k in (
+    "layer", "bos", "seed", "method", "methods", "test_prefix", "generation_prompts",
+    "generation_tokens", "mom2_n_samples", "context_templates")}, **FIELD_FLAGS,
+    "digest": "--model"}
+
+
+def _setting_differences(old: dict, new: dict, prefix: str = "") -> dict[str, str]:
+    """Flag (or dotted setting name) -> "<old> in the file, <new> now", for the settings of
+    ``new`` that ``old`` has otherwise (``model``, the path, is not compared)."""
+    out = {}
+    for key, value in new.items():
+        value, was = json.loads(json.dumps(value)), old.get(key)
+        if key == "model" or was == value:
+            continue
+        if isinstance(value, dict) and isinstance(was, dict):
+            out.update(_setting_differences(was, value, f"{prefix}{key}."))
+        else:
+            name = SETTING_FLAGS.get(key, prefix + key)
+            out.setdefault(name, f"{json.dumps(was)[:40]} in the file, {json.dumps(value)[:40]} "
+                                 "now")
+    return out
+
+
 def resumed_records(previous: dict | None, settings: dict, path: Path) -> list[dict]:
     """The records of ``previous`` when it was made with ``settings`` (``model``, the path,
-    may differ: the digest names the weights); ValueError naming the settings that differ."""
+    may differ: the digest names the weights); ValueError naming the flags (or settings) that
+    differ, with both values."""
     if previous is None:
         return []
-    old = previous.get("settings", {})
-    differ = [k for k in settings if k != "model" and old.get(k) != json.loads(
-        json.dumps(settings[k]))]
+    differ = _setting_differences(previous["settings"], settings)
     if differ:
-        raise ValueError(f"{path}: was made with other settings ({', '.join(differ)} differ); "
-                         "use the same settings, another --out, or --overwrite to start over")
+        raise ValueError(f"{path}: was made with other settings ("
+                         + "; ".join(f"{k}: {v}" for k, v in differ.items())
+                         + "); use the same settings, another --out, or --overwrite to start "
+                         "over")
     return previous["records"]
 
 
@@ -156,6 +188,19 @@ nonnegative_float = number(float, lambda v: v >= 0 and math.isfinite(v), "must b
 positive_int = number(int, lambda v: v >= 1, "must be at least 1")
 nonnegative_int = number(int, lambda v: v >= 0, "must be 0 or more")
 ratio_above_one = number(float, lambda v: v > 1, "must be greater than 1")
+
+
+def method_list(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated edit methods, each one of ``editors.rome.METHODS``."""
+    from rome_jax.editors.rome import METHODS
+
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(
+            f"{unknown[0]!r} is not one of {', '.join(METHODS)}" if unknown
+            else "give at least one method")
+    return methods
 
 
 def add_model_source_args(g) -> None:
@@ -346,6 +391,36 @@ class Setup:
         from rome_jax.rome.edit import build_batch
 
         build_batch(self.model, request, self.context.templates, self.hparams.fact_token)
+
+    def check_requests(self, requests: list, source: str | None = None) -> None:
+        """ValueError now, before the edits: each subject in its prompt (before the key
+        statistics are loaded), then each request with its templates and target. The errors
+        of a requests file ``source`` (``--requests``) name it, the request's index and its
+        own prompt; checking many shows a progress bar."""
+        from tqdm import tqdm
+
+        from rome_jax.rome.edit import check_requests
+
+        where = lambda i: f"--requests {source}: request {i} ({requests[i].prompt!r}): "
+        for i, request in enumerate(requests):
+            try:
+                self.check_request(request)
+            except ValueError as err:
+                if source is None:
+                    raise
+                raise ValueError(f"{where(i)}{err}") from None
+        if source is None:
+            for request in requests:
+                self.check_fits(request)
+            return
+        templates = self.context.templates
+        with tqdm(total=len(requests), desc="checking requests", unit="request",
+                  disable=len(requests) < 100, leave=False) as bar:
+            try:
+                check_requests(self.model, requests, templates, self.hparams.fact_token,
+                               bar.update)
+            except ValueError as err:
+                raise ValueError(f"--requests {source}: {err}") from None
 
 
 def probabilities(model, params, text: str, request) -> tuple[float, float | None]:

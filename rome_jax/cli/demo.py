@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from rome_jax.cli.common import (PPL_CORPUS, PROG, Setup, add_guard_args, add_model_args, fmt,
-                                one_line, positive_int, probabilities, test_prefix_entry)
+                                method_list, one_line, positive_int, probabilities,
+                                test_prefix_entry)
 
 
 def add_parser(sub) -> None:
@@ -20,7 +21,7 @@ def add_parser(sub) -> None:
                    help="records to edit (default 3: two first-token subjects, one other)")
     p.add_argument("--case-ids", metavar="ID,...",
                    help="edit these CounterFact case ids instead")
-    p.add_argument("--methods", default="rome,c-rome",
+    p.add_argument("--methods", type=method_list, default="rome,c-rome",
                    help="comma-separated methods (default rome,c-rome)")
     p.add_argument("--tokens", type=positive_int, default=12,
                    help="new tokens per greedy completion (default 12)")
@@ -83,13 +84,8 @@ def run(args) -> int:
     from rome_jax.rome.edit import compute_edit
     from rome_jax.rome.request import EditRequest
     from rome_jax.editors.delta import apply_edit
-    from rome_jax.editors.rome import canonical_method
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
-        canonical_method(m)
-    if not methods:
-        raise ValueError("--methods: give at least one method")
+    methods = list(args.methods)
     s = Setup(args)
     records = _demo_records(s, args)
     requests = [EditRequest.from_dict(r) for r in records]

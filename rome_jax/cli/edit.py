@@ -234,14 +234,7 @@ def run(args) -> int:
 
         return run_batch(args, requests, out, report_file, _write_outputs)
     s = Setup(args)
-    for i, request in enumerate(requests):
-        try:
-            s.check_request(request)
-        except ValueError as err:
-            where = f"request {i}: " if args.requests else ""
-            raise ValueError(f"{where}{err}") from None
-    for request in requests:
-        s.check_fits(request)
+    s.check_requests(requests, args.requests)
     profile = None if args.no_guard else s.profile()
     base = s.probe.base
     params, ppl = s.model.params, base

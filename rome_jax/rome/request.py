@@ -101,11 +101,18 @@ def subject_token_index(tokenizer: Tokenizer, template: str, subject: str,
     character), ``subject_first`` or ``last`` (the last token of the prompt). Raises ValueError
     when the subject does not start on a token boundary (ROME would count its tokens wrongly).
     """
+    encoding = tokenizer.backend.encode(template.format(subject), add_special_tokens=False)
+    return subject_lookup(tokenizer, encoding, template, subject, fact_token)
+
+
+def subject_lookup(tokenizer: Tokenizer, encoding, template: str, subject: str,
+                   fact_token: str) -> tuple[list[int], int]:
+    """``subject_token_index`` of an ``encoding`` of ``template.format(subject)`` already
+    made (``tokenizer.backend.encode_batch`` encodes many at once)."""
     if fact_token not in FACT_TOKENS:
         raise ValueError(f"fact_token: {fact_token!r} is not one of {FACT_TOKENS}")
     start = template.index("{}")
     text = template.format(subject)
-    encoding = tokenizer.backend.encode(text, add_special_tokens=False)
     shift = len(tokenizer.start_ids)
     ids = tokenizer.start_ids + encoding.ids
     if fact_token == "last":
