@@ -211,14 +211,14 @@ _closed_form_jit = jax.jit(_closed_form, static_argnums=(0, 1))
 
 def _diagnostics_dict(diagnostics, prefix: str = "") -> dict:
     """A closed form's (nested) diagnostics as JSON numbers: scalars as they are, per-request
-    arrays as their mean and max (``fit_error_mean``, ``fit_error_max``)."""
+    arrays (even of one request) as their mean and max (``fit_error_mean``, ``fit_error_max``)."""
     out = {}
     for name, value in diagnostics._asdict().items():
         if hasattr(value, "_asdict"):
             out.update(_diagnostics_dict(value, f"{prefix}{name}."))
             continue
         value = np.asarray(value, np.float64)
-        if value.size == 1:
+        if value.ndim == 0:
             out[prefix + name] = float(value)
         else:
             out[f"{prefix}{name}_mean"], out[f"{prefix}{name}_max"] = (float(value.mean()),
