@@ -3,6 +3,7 @@ of ``--requests`` into the model at once, with one report for the batch."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 
@@ -22,8 +23,6 @@ def layer_range(text: str) -> tuple[int, ...]:
     except ValueError:
         layers = ()
     if not layers or min(layers) < 0 or list(layers) != sorted(set(layers)):
-        import argparse
-
         raise argparse.ArgumentTypeError(f"{text!r}: give a range FIRST-LAST or ascending "
                                          "layers L1,L2,... (e.g. 13-17)")
     return layers
@@ -95,6 +94,10 @@ def run_batch(args, requests: list, out: Path | None, report_file: Path | None,
                          "drop --mode")
     if args.test_prefix:
         raise ValueError(f"--test-prefix: not implemented for {method}")
+    if args.layer is None and args.layers is not None:
+        # Setup asks a model without a ROME preset for --layer; a batch editor takes its layers
+        # from --layers (checked as --layers by batch_hparams), so any valid layer serves here.
+        args = argparse.Namespace(**{**vars(args), "layer": 0})
     s = Setup(args)
     hparams = batch_hparams(s, method)
     for i, request in enumerate(requests):
