@@ -47,8 +47,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def stats(model):
-    texts = data.load_wikitext()[:60]
-    return {layer: compute_key_stats(model, layer, texts, "wiki60") for layer in LAYERS}
+    texts = data.load_wikitext()[:30]
+    return {layer: compute_key_stats(model, layer, texts, "wiki30") for layer in LAYERS}
 
 
 @pytest.fixture(scope="module")
