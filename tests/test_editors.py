@@ -17,7 +17,6 @@ import pytest
 from conftest import tiny_gpt2
 
 from rome_jax import data
-from rome_jax.editors import alphaedit
 from rome_jax.editors.api import edit_requests, prepare_editor
 from rome_jax.editors.batch import (BatchContext, edit_batch, edit_batches, layer_inputs,
                                     prepare_batch)
