@@ -127,6 +127,14 @@ BAD = {
                             "piano"], "--subject: must be a non-empty string"),
     "blank-target-flag": (["edit", "--prompt", "{} plays", "--subject", "A", "--target-new",
                            " "], "--target-new: must be a non-empty string"),
+    # batch editors: --layers names itself (issue #18)
+    "memit-layers-reversed": (["edit", *REQUEST, "--method", "memit", "--layers", "5-3"],
+                              "--layers: '5-3': give a range FIRST-LAST"),
+    "memit-layers-not-numbers": (["edit", *REQUEST, "--method", "memit", "--layers", "x"],
+                                 "--layers: 'x': give a range FIRST-LAST"),
+    "memit-layers-beyond-the-model": (["edit", *REQUEST, "--method", "memit", "--model",
+                                       "{model}", "--layers", "0-5"],
+                                      "--layers: layer: 2 is out of range"),
 }
 
 
@@ -249,6 +257,71 @@ def test_edit_requests_sequential(env, tiny_model, tmp_path, requests_file):
     diff = np.asarray(rome_jax.load_model(out).params["blocks"]["mlp"]["fc_out"]["w"][1]
                       - rome_jax.load_model(tiny_model).params["blocks"]["mlp"]["fc_out"]["w"][1])
     assert np.linalg.matrix_rank(diff, tol=1e-6) == 2
+
+
+BATCH_SMALL = ["--mom2-n-samples", "40", "--v-steps", "4", "--template-lengths", "5x5"]
+
+
+def test_edit_memit_batch_exports_an_hf_model(env, tiny_model, tmp_path, requests_file):
+    """``edit --method memit``: one update of both requests at layers 0-1 (``--layers`` alone
+    suffices on a model without a preset), a report with efficacy and per-layer diagnostics, and
+    an export that transformers computes as rome_jax does, holding exactly the reported update."""
+    out, report_file = tmp_path / "memit", tmp_path / "memit.json"
+    proc = cli(env, "edit", "--method", "memit", "--requests", requests_file, "--model",
+               tiny_model, "--layers", "0-1", *BATCH_SMALL, "--out", out, "--report",
+               report_file)
+    assert_ok(proc)
+    assert f"wrote {out}" in proc.stdout and "layer 1: ‖Δw‖_F" in proc.stdout
+    report = json.loads(report_file.read_text())
+    assert report["method"] == "memit" and report["layers"] == [0, 1]
+    assert report["mode"] == "batch" and report["status"] == "applied"
+    assert report["n_requests"] == 2 and report["keys"] == "rome"
+    # efficacy over the requests that have a target_true (the first only)
+    assert report["efficacy_before"] in (0.0, 1.0) and report["efficacy_after"] in (0.0, 1.0)
+    first, second = report["edits"]
+    assert first["request"]["case_id"] == 0 and second["p_true_before"] is None
+    for e in report["edits"]:
+        assert all(np.isfinite(e[k]) for k in ("p_new_before", "p_new_after", "v_loss",
+                                               "v_delta_norm"))
+    layers = report["update"]["layers"]
+    assert [x["layer"] for x in layers] == [0, 1] and report["update"]["n_requests"] == 2
+    for x in layers:
+        assert x["rank"] == 2
+        for field in ("update.delta_norm", "update.fit_error_mean", "update.fit_error_max",
+                      "update.residual_norm_mean", "delta_abs"):
+            assert np.isfinite(x[field]) and x[field] >= 0, field
+    assert json.loads((out / "rome_edit.json").read_text()) == report
+
+    import jax.numpy as jnp
+    import torch
+    import transformers
+
+    import rome_jax
+
+    edited, base = rome_jax.load_model(out), rome_jax.load_model(tiny_model)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    assert isinstance(hf, transformers.GPT2LMHeadModel)
+    ids = np.asarray([edited.tokenizer.encode("The mother tongue of Danielle Darrieux is")])
+    with torch.no_grad():
+        hf_logits = hf(torch.as_tensor(ids)).logits.numpy()
+    ours = np.asarray(rome_jax.logits(edited, jnp.asarray(ids)))
+    np.testing.assert_allclose(hf_logits, ours, rtol=0, atol=1e-4 * np.abs(ours).max())
+    # the export is the base plus the reported update: fc_out of layers 0 and 1, rank 2 each
+    w = lambda m: np.asarray(m.params["blocks"]["mlp"]["fc_out"]["w"], np.float64)
+    diff = w(edited) - w(base)
+    eps = np.finfo(np.float32).eps
+    for layer, x in zip((0, 1), layers):
+        tol = max(diff[layer].shape) * eps * np.linalg.norm(diff[layer], 2)
+        assert np.linalg.matrix_rank(diff[layer], tol=tol) == 2
+        assert np.linalg.norm(diff[layer]) == pytest.approx(x["update.delta_norm"], rel=1e-3)
+    import jax
+
+    def others(m):  # every parameter but fc_out's w
+        blocks, mlp = m.params["blocks"], m.params["blocks"]["mlp"]
+        fc_out = {k: v for k, v in mlp["fc_out"].items() if k != "w"}
+        return {**m.params, "blocks": {**blocks, "mlp": {**mlp, "fc_out": fc_out}}}
+
+    jax.tree.map(np.testing.assert_array_equal, others(edited), others(base))
 
 
 def test_edit_requests_independent(env, tiny_model, requests_file):

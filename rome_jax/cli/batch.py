@@ -3,6 +3,7 @@ of ``--requests`` into the model at once, with one report for the batch."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 
@@ -13,8 +14,6 @@ from rome_jax.cli.common import PPL_CORPUS, PROG, Setup, fmt, log
 
 def layer_range(text: str) -> tuple[int, ...]:
     """``--layers``: "13-17" or "3,4,5" -> ascending layer numbers."""
-    import argparse
-
     from rome_jax.editors.hparams import parse_layers
 
     try:
@@ -76,6 +75,10 @@ def run_batch(args, requests: list, out: Path | None, report_file: Path | None,
                          "drop --mode")
     if args.test_prefix:
         raise ValueError(f"--test-prefix: not implemented for {method}")
+    if args.layer is None and args.layers is not None:
+        # Setup asks a model without a ROME preset for --layer; a batch editor takes its layers
+        # from --layers (checked as --layers by batch_hparams), so any valid layer serves here.
+        args = argparse.Namespace(**{**vars(args), "layer": 0})
     s = Setup(args)
     hparams = batch_hparams(s, method)
     for i, request in enumerate(requests):

@@ -104,13 +104,13 @@ class BatchReport:
 
 def _checked_batch(model: Model, method: str, hparams: BatchHParams | None,
                    context: BatchContext | None = None) -> BatchHParams:
+    if hparams is not None and not isinstance(hparams, BatchHParams):
+        raise TypeError(f"hparams: expected BatchHParams or None, got {type(hparams).__name__}")
     _checked(model, None if hparams is None else hparams.v)  # model type, v* settings
     if method not in BATCH_METHODS:
         raise ValueError(f"method: {method!r} is not one of {', '.join(BATCH_METHODS)}")
     if hparams is None:
         hparams = batch_preset(model.config, method)
-    elif not isinstance(hparams, BatchHParams):
-        raise TypeError(f"hparams: expected BatchHParams or None, got {type(hparams).__name__}")
     hparams.check(model.config)
     if context is not None:
         if not isinstance(context, BatchContext):
@@ -211,7 +211,7 @@ _closed_form_jit = jax.jit(_closed_form, static_argnums=(0, 1))
 
 def _diagnostics_dict(diagnostics, prefix: str = "") -> dict:
     """A closed form's (nested) diagnostics as JSON numbers: scalars as they are, per-request
-    arrays as their mean and max (``fit_error_mean``, ``fit_error_max``)."""
+    arrays (even of one request) as their mean and max (``fit_error_mean``, ``fit_error_max``)."""
     out = {}
     for name, value in diagnostics._asdict().items():
         if hasattr(value, "_asdict"):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import zipfile
 from pathlib import Path
 
 import jax
@@ -124,25 +126,41 @@ def save_edit(edit: Edit, path: str | os.PathLike) -> None:
 
 
 def load_edit(path: str | os.PathLike) -> Edit:
-    """Read an edit written by ``save_edit``; ValueError naming the file when it is not one."""
+    """Read an edit written by ``save_edit``; ValueError naming the file when it is not one (not
+    an .npz, pickled objects, an array name other than ``layer<L>.left/right/dense``, a factor
+    without its partner, or shapes that do not multiply: left [..., F, r] @ right [..., r, D],
+    dense [..., F, D]; the leading axes are those of stacked edits, as ``edit_independent``'s)."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("a single array, not an .npz archive")
             arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path}: not an edit file ({err})") from None
+    except TypeError:  # np.load returned a plain array (an .npy), not a context manager
+        raise ValueError(f"{path}: not an edit file (a single array, not an .npz archive)"
+                         ) from None
+    parts: dict[int, dict[str, np.ndarray]] = {}
+    for name, array in arrays.items():
+        match = re.fullmatch(r"layer(\d+)\.(left|right|dense)", name)
+        if match is None:
+            raise ValueError(f"{path}: not an edit file (array {name!r}; expected "
+                             "layer<L>.left, layer<L>.right or layer<L>.dense)")
+        if array.ndim < 2 or not np.issubdtype(array.dtype, np.floating):
+            raise ValueError(f"{path}: not an edit file (array {name!r} is {array.dtype} of "
+                             f"shape {array.shape}; expected a float array of 2 or more axes)")
+        parts.setdefault(int(match[1]), {})[match[2]] = array
     deltas = {}
-    try:
-        for name, array in arrays.items():
-            layer_name, kind = name.split(".")
-            layer = int(layer_name.removeprefix("layer"))
-            if kind == "dense":
-                deltas[layer] = jnp.asarray(array)
-            elif kind == "left":
-                deltas[layer] = Factors(jnp.asarray(array),
-                                        jnp.asarray(arrays[f"layer{layer}.right"]))
-            elif kind != "right":
-                raise ValueError(kind)
-    except (ValueError, KeyError) as err:
-        raise ValueError(f"{path}: not an edit file (array {err})") from None
+    for layer, kinds in sorted(parts.items()):
+        if set(kinds) == {"dense"}:
+            deltas[layer] = jnp.asarray(kinds["dense"])
+        elif (set(kinds) == {"left", "right"}
+              and kinds["left"].shape[:-2] == kinds["right"].shape[:-2]
+              and kinds["left"].shape[-1] == kinds["right"].shape[-2]):
+            deltas[layer] = Factors(jnp.asarray(kinds["left"]), jnp.asarray(kinds["right"]))
+        else:
+            shapes = {k: v.shape for k, v in sorted(kinds.items())}
+            raise ValueError(f"{path}: not an edit file (layer {layer} has {shapes}; expected "
+                             "left [..., F, r] with right [..., r, D], or dense [..., F, D])")
     return Edit(deltas)
