@@ -49,11 +49,12 @@ from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
 from rome_jax.models.transformer import Params, residual_after, residual_at, rome_weight
 from rome_jax.rome.edit import (Solved, _checked, _requests, batch_mesh, build_batch,
-                                shard_requests, solve_built, stack_batches)
+                                context_templates, shard_requests, solve_built,
+                                stack_batches)
 from rome_jax.rome.keys import keys_from_residual
 from rome_jax.rome.request import EditRequest
 from rome_jax.rome.stats import KeyStats, key_stats
-from rome_jax.rome.templates import ContextTemplates, sample_context_templates
+from rome_jax.rome.templates import ContextTemplates
 from rome_jax.rome.values import VBatch
 
 
@@ -143,12 +144,7 @@ def prepare_batch(model: Model, method: str, hparams: BatchHParams | None = None
     (``stats``: {layer: KeyStats})."""
     hparams = _checked_batch(model, method, hparams)
     v = hparams.v
-    if templates is None:
-        templates = sample_context_templates(model, jax.random.key(0) if key is None else key,
-                                             v.context_template_length_params,
-                                             style=v.context_templates)
-    elif not isinstance(templates, ContextTemplates):
-        templates = ContextTemplates(tuple(templates))
+    templates = context_templates(model, v, key, templates)
     stats = dict(stats or {})
     for layer in hparams.layers:
         if layer not in stats:

@@ -12,11 +12,10 @@ MEMIT window 13-17 ends at ROME's 17), cut at layer 0.
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 
 from rome_jax.models.config import ModelConfig
-from rome_jax.rome.hparams import PRESETS, RomeHParams, preset_for
+from rome_jax.rome.hparams import PRESETS, RomeHParams, check_numbers, preset_for
 
 BATCH_METHODS = ("memit", "emmet", "alphaedit")
 KEY_CONVENTIONS = ("rome", "c-rome", "p-rome")
@@ -60,15 +59,9 @@ class BatchHParams:
         if self.v.layer != self.layers[-1]:
             raise ValueError(f"v: its layer ({self.v.layer}) must be the last edited layer "
                              f"({self.layers[-1]})")
-        for name, positive in (("mom2_update_weight", True), ("update_norm_lambda", False),
-                               ("emmet_lambda", False),
-                               ("nullspace_threshold", True), ("l2", False)):
-            value = getattr(self, name)
-            if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-                    or not math.isfinite(value) or value < 0 or (positive and value == 0)):
-                raise ValueError(f"{name}: must be a finite number "
-                                 f"{'> 0' if positive else '>= 0'}, got {value!r}")
-            object.__setattr__(self, name, float(value))
+        check_numbers(self, (("mom2_update_weight", True), ("update_norm_lambda", False),
+                             ("emmet_lambda", False), ("nullspace_threshold", True),
+                             ("l2", False)))
         if self.keys not in KEY_CONVENTIONS:
             raise ValueError(f"keys: {self.keys!r} is not one of {', '.join(KEY_CONVENTIONS)}")
 

@@ -104,22 +104,29 @@ def _requests(requests: Sequence[EditRequest | Mapping]) -> list[EditRequest]:
     return [_request(r) for r in requests]
 
 
+def context_templates(model: Model, hparams: RomeHParams, key: jax.Array | None,
+                      templates: ContextTemplates | Sequence[str] | None) -> ContextTemplates:
+    """``templates`` as ContextTemplates, or sampled as ``hparams`` says with ``key`` (default
+    ``jax.random.key(0)``) when None."""
+    if key is not None and not isinstance(key, jax.Array):
+        raise TypeError(f"key: expected a jax.random.key, got {type(key).__name__}")
+    if templates is None:
+        return sample_context_templates(model, jax.random.key(0) if key is None else key,
+                                        hparams.context_template_length_params,
+                                        style=hparams.context_templates)
+    return templates if isinstance(templates, ContextTemplates) else ContextTemplates(
+        tuple(templates))
+
+
 def prepare(model: Model, hparams: RomeHParams | None = None, key: jax.Array | None = None, *,
             templates: ContextTemplates | Sequence[str] | None = None,
             stats: KeyStats | None = None, log=None) -> EditContext:
     """Sample the templates with ``key`` (default ``jax.random.key(0)``) unless given, and load
     or compute the key statistics (cached on disk) unless given."""
     hparams = _checked(model, hparams)
-    if key is not None and not isinstance(key, jax.Array):
-        raise TypeError(f"key: expected a jax.random.key, got {type(key).__name__}")
     if stats is not None and not isinstance(stats, KeyStats):
         raise TypeError(f"stats: expected KeyStats, got {type(stats).__name__}")
-    if templates is None:
-        templates = sample_context_templates(model, jax.random.key(0) if key is None else key,
-                                             hparams.context_template_length_params,
-                                             style=hparams.context_templates)
-    elif not isinstance(templates, ContextTemplates):
-        templates = ContextTemplates(tuple(templates))
+    templates = context_templates(model, hparams, key, templates)
     if stats is None:
         stats = key_stats(model, hparams.layer, hparams.mom2_corpus,
                           n_samples=hparams.mom2_n_samples, log=log)

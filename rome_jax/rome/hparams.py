@@ -52,15 +52,9 @@ class RomeHParams:
                 raise ValueError(f"{name}: must be an integer >= {low}"
                                  f"{' or None' if optional else ''}, got {value!r}")
             object.__setattr__(self, name, int(value))
-        for name, positive in (("v_lr", True), ("v_weight_decay", False), ("kl_factor", False),
-                               ("clamp_norm_factor", True), ("early_stop_loss", False),
-                               ("mom2_ridge", False)):
-            value = getattr(self, name)
-            if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-                    or not math.isfinite(value) or value < 0 or (positive and value == 0)):
-                raise ValueError(f"{name}: must be a finite number "
-                                 f"{'> 0' if positive else '>= 0'}, got {value!r}")
-            object.__setattr__(self, name, float(value))
+        check_numbers(self, (("v_lr", True), ("v_weight_decay", False), ("kl_factor", False),
+                             ("clamp_norm_factor", True), ("early_stop_loss", False),
+                             ("mom2_ridge", False)))
         if self.fact_token not in FACT_TOKENS:
             raise ValueError(f"fact_token: {self.fact_token!r} is not one of {FACT_TOKENS}")
         if self.context_templates not in TEMPLATE_STYLES:
@@ -91,6 +85,18 @@ class RomeHParams:
 
     def replace(self, **changes) -> "RomeHParams":
         return dataclasses.replace(self, **changes)
+
+
+def check_numbers(hparams, fields) -> None:
+    """Each (name, positive) of ``fields`` of the frozen dataclass ``hparams`` must be a finite
+    real >= 0 (> 0 when positive), and is stored as float; ValueError naming the field."""
+    for name, positive in fields:
+        value = getattr(hparams, name)
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                or not math.isfinite(value) or value < 0 or (positive and value == 0)):
+            raise ValueError(f"{name}: must be a finite number "
+                             f"{'> 0' if positive else '>= 0'}, got {value!r}")
+        object.__setattr__(hparams, name, float(value))
 
 
 def _integer(value, low: int) -> bool:
