@@ -69,7 +69,7 @@ def run(args) -> int:
     if args.report_only and not (out / "rows.jsonl").exists():
         raise FileNotFoundError(f"--report-only: {out / 'rows.jsonl'} does not exist")
     with Journal(out / "rows.jsonl", module.NAME, settings, overwrite=args.overwrite,
-                 check_row=module.check_row) as journal:
+                 check_row=module.check_row, read_only=args.report_only) as journal:
         if journal.rows and not args.report_only:
             log(f"{PROG}: resuming {out}: {len(journal.rows)} rows done")
         header = {"experiment": module.NAME, "settings": journal.settings, "out": str(out)}

@@ -97,27 +97,33 @@ def parse(data: bytes, path: Path, experiment: str | None = None,
 
 class Journal:
     """The rows of ``path`` (started with ``experiment`` / ``settings`` when missing or when
-    ``overwrite``). ``check_row(row)`` raises ValueError for a row the experiment cannot read.
-    Use as a context manager, or call ``close``."""
+    ``overwrite``). ``check_row(row)`` raises ValueError for a row the experiment cannot read;
+    ``read_only``: the file must exist and is never changed (no row can be appended). Use as
+    a context manager, or call ``close``."""
 
     def __init__(self, path: str | os.PathLike, experiment: str, settings: Mapping[str, Any],
-                 overwrite: bool = False, check_row: CheckRow | None = None):
+                 overwrite: bool = False, check_row: CheckRow | None = None,
+                 read_only: bool = False):
         self.path = Path(path)
         self.experiment = experiment
         self.settings = _normal(dict(settings))
         self.check_row = check_row
+        self.read_only = read_only and not overwrite
         absolute = self.path.absolute()
         self._made = [d for d in absolute.parents if not d.exists()]  # deepest first
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._created = not self.path.exists()
-        self._handle = open(self.path, "a+b")
+        self._handle = open(self.path, "rb" if self.read_only else "a+b")
         try:
-            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._handle, (fcntl.LOCK_SH if self.read_only else fcntl.LOCK_EX)
+                        | fcntl.LOCK_NB)
         except BlockingIOError:
             self._handle.close()
             raise ValueError(f"{self.path}: another process is writing this experiment; wait "
                              "for it or use another --out") from None
         self._started = not overwrite  # an old file is replaced at the first write
+        self._torn_at = None
         try:
             self.rows = self._read() if self._started else []
         except BaseException:
@@ -142,16 +148,21 @@ class Journal:
             raise ValueError(f"{self.path}: was made with other settings ({', '.join(differ)} "
                              "differ); use the same settings, another --out, or --overwrite "
                              "to start over")
-        if end != len(data):
-            self._handle.truncate(end)  # the torn last line of an interrupted run
+        self._torn_at = end if end != len(data) else None  # cut at the first write
         return rows
 
     def _start(self) -> None:
-        """Write the header (replacing what the file held) unless it is written."""
+        """Write the header (replacing what the file held) unless it is written, or cut off a
+        torn last line."""
+        if self.read_only:
+            raise ValueError(f"{self.path}: opened read-only, nothing can be written")
         if not self._started:
             self._handle.truncate(0)
             self._write({"experiment": self.experiment, "settings": self.settings})
             self._started = True
+        elif self._torn_at is not None:  # the torn last line of an interrupted run
+            self._handle.truncate(self._torn_at)
+            self._torn_at = None
 
     def _write(self, obj: Mapping) -> None:
         self._handle.seek(0, os.SEEK_END)
@@ -193,7 +204,7 @@ class Journal:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        if exc_type is None:  # a finished run records its settings, rows or none
+        if exc_type is None and not self.read_only:  # a finished run records its settings
             self._start()
         self.close()
 
