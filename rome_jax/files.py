@@ -103,7 +103,8 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive ``fcntl.flock`` on ``.<name>.lock`` beside ``path``: cache builders
     take it around check-build-save, so that concurrent processes build once and the others
     wait, then load. The holder removes the lock file before releasing it (a waiter that then
-    gets the lock of a removed file retries), so none is left behind. Not re-entrant."""
+    gets the lock of a removed file retries), so none is left behind. Not re-entrant. A folder
+    where the lock cannot be created (read-only, or a file) is one OSError line naming it."""
     path = Path(path)
     lock = path.parent / f".{path.name}.lock"
     try:

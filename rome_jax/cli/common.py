@@ -110,8 +110,9 @@ def check_inputs_apart(path: str | os.PathLike, flag: str, args) -> None:
     from rome_jax.files import overlap
     from rome_jax.hf import local_source
 
-    inputs = [(f"--model {local_source(getattr(args, 'model', None))}",
-               local_source(getattr(args, "model", None)))]
+    model = local_source(getattr(args, "model", None))
+    inputs = [(f"--model {model}" if getattr(args, "model", None) else f"the default model "
+               f"{model}", model)]
     for name in ("requests", "case_ids", "baseline"):
         value = getattr(args, name, None)
         if value:

@@ -36,7 +36,7 @@ def settings(args) -> dict:
 def run(s, args, journal, header: Mapping) -> None:
     from rome_jax.data import counterfact_by_case_id, load_counterfact
 
-    base_header, base_rows = collapse.baseline(header, None)
+    base_header, base_rows = collapse.baseline(header, None, full=True)
     ids = [i for _, i, _ in collapse.chosen(base_header, base_rows, args.n)]
     if not ids:
         raise ValueError(f"--n {args.n}: selects no record of the baseline "
@@ -47,7 +47,7 @@ def run(s, args, journal, header: Mapping) -> None:
 
 def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
     path = collapse.baseline_dir(header, None)
-    base_header, base_rows = collapse.baseline(header, None)
+    base_header, base_rows = collapse.baseline(header, None, full=True)
     threshold = base_header["settings"]["threshold"]
     group = {r["case_id"]: collapse.group_of(r, threshold) for r in base_rows}
     done = {r["case_id"] for r in rows}

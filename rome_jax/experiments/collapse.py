@@ -58,13 +58,19 @@ EDIT_FIELDS = {"residual_norm": NUMBER, "denominator_unit_u": NUMBER, "delta_nor
                "perplexity": NUMBER, "ratio": NUMBER, "success": bool}
 
 
+def check_group_row(row: Mapping) -> None:
+    """ValueError naming the first field that ``group_of`` and ``chosen`` need and a row
+    lacks (what other experiments read of a baseline)."""
+    require(row, {"key": int, "case_id": int})
+    if "error" not in row:
+        require(row, {"first_token_subject": bool, "rome": {"ratio": NUMBER}})
+
+
 def check_row(row: Mapping) -> None:
     """ValueError naming the first field a row of ``compute_row``'s shape lacks."""
-    require(row, {"key": int, "case_id": int})
-    if "error" in row:
-        return
-    require(row, {"first_token_subject": bool, "base_perplexity": NUMBER,
-                  **{m: EDIT_FIELDS for m in METHODS}})
+    check_group_row(row)
+    if "error" not in row:
+        require(row, {"base_perplexity": NUMBER, **{m: EDIT_FIELDS for m in METHODS}})
 
 
 def chosen_records(s, args) -> list[dict]:
@@ -151,9 +157,11 @@ def baseline_dir(header: Mapping, bos: int | None) -> Path:
             / f"collapse-l{st['layer']}{'' if bos is None else '-bos'}")
 
 
-def baseline(header: Mapping, bos: int | None) -> tuple[dict, list[dict]]:
+def baseline(header: Mapping, bos: int | None, full: bool = False
+             ) -> tuple[dict, list[dict]]:
     """(header, rows) of that collapse run; it must have been made with the weights and layer
-    of ``header``'s run and with start token ``bos`` (None: without one)."""
+    of ``header``'s run and with start token ``bos`` (None: without one). Its rows must have
+    what grouping needs, or (``full``) every field of a collapse row."""
     from rome_jax.experiments.journal import read_rows
 
     path = baseline_dir(header, bos) / "rows.jsonl"
@@ -161,7 +169,7 @@ def baseline(header: Mapping, bos: int | None) -> tuple[dict, list[dict]]:
         start = "without --bos" if bos is None else "with --bos"
         raise FileNotFoundError(f"--baseline: {path} does not exist; run `rome-jax experiment "
                                 f"collapse` with the same model and layer ({start}) first")
-    base_header, rows = read_rows(path, NAME, check_row)
+    base_header, rows = read_rows(path, NAME, check_row if full else check_group_row)
     st, base = header["settings"], base_header["settings"]
     try:
         require(base, {"threshold": NUMBER, "sample_seed": int})

@@ -206,24 +206,17 @@ def project(points: np.ndarray, method: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- run
 
 
-RECORD_SCALARS = ("norm_plain", "norm_mean", "norm_ratio", "distance", "relative_distance",
-                  "cos_plain_mean", "cos_inv_mean_plain", "cos_inv_mean_mean",
-                  "cos_inv_plain_inv_mean", "denominator_rome", "denominator_c_rome",
-                  "mahalanobis_plain", "mahalanobis_mean")
-TEXT_SCALARS = ("norm_first", "norm_later", "cos_first_later", "mahalanobis_first",
-                "mahalanobis_later")
-
-
 def check_row(row: Mapping) -> None:
-    """ValueError naming the first field a record or text row lacks."""
+    """ValueError naming the first field a record or text row lacks (of those the report
+    reads)."""
     from rome_jax.experiments.journal import NUMBER, require
 
     if "text_index" in row:
         require(row, {"key": str, "text_index": int, "n_tokens": int, "positions": list,
-                      **dict.fromkeys(TEXT_SCALARS, NUMBER)})
+                      **{f: NUMBER for f, _ in TEXT_SCALARS}})
     else:
         require(row, {"key": int, "case_id": int, "group": str, "first_token_subject": bool,
-                      **dict.fromkeys(RECORD_SCALARS, NUMBER)})
+                      **{f: NUMBER for f, _ in RECORD_SCALARS}})
 
 
 def text_key(i: int) -> str:

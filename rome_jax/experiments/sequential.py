@@ -14,7 +14,9 @@ and ``single`` rows score each record edited alone from the base model with ever
 
 Resumable: after every row the edited layer's weight (the only one that changes) is saved
 atomically as ``state-METHOD.npz`` with its step; a rerun continues from it. Rows are written
-before their state, so a run cut between the two replays that one edit (deterministic).
+before their state, so a run cut between the two replays that one edit (deterministic); a
+state ahead of the journal (a rows.jsonl restored from an older copy) is not trusted: the
+method's edits are replayed from the base model, the rows already written kept.
 """
 
 from __future__ import annotations
