@@ -105,9 +105,10 @@ def test_what_is_not_a_journal_is_refused_and_kept(tmp_path, text):
     newlines, and the file is left byte for byte (also read only)."""
     path = tmp_path / "rows.jsonl"
     path.write_text(text)
-    for read_only in (False, True):
-        with pytest.raises(ValueError, match="not an experiment journal"):
-            Journal(path, "x", {}, read_only=read_only)
+    with pytest.raises(ValueError, match="not an experiment journal"):
+        Journal(path, "x", {})
+    with pytest.raises(ValueError, match="not an experiment journal"):
+        Journal(path, "x", {}, read_only=True)
     with pytest.raises(ValueError, match="not an experiment journal"):
         read_rows(path)
     assert path.read_text() == text
