@@ -125,7 +125,7 @@ def test_rows_the_experiment_cannot_read_are_refused(tmp_path):
         Journal(path, "collapse", {}, check_row=collapse.check_row)
     path.write_text(text.replace('{"key": 5}', '{"key": 5, "case_id": 5, "first_token_subject":'
                                  ' true, "base_perplexity": 2, "rome": {}, "c-rome": {}}'))
-    with pytest.raises(ValueError, match=r"line 2: rome\.residual_norm: missing"):
+    with pytest.raises(ValueError, match=r"line 2: rome\.ratio: missing"):
         read_rows(path, "collapse", collapse.check_row)
 
 
