@@ -599,7 +599,7 @@ def test_smollm2_edit_with_bos_exports_what_transformers_computes(env, tmp_path)
         edited.tokenizer.encode("Rome")
 
 
-# ----------------------------------------------------------------------------- issue 23: output paths
+# ----------------------------------------------------------------------------- issue 23
 
 
 def _main(argv, monkeypatch, tmp_path, capsys):

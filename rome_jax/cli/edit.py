@@ -9,8 +9,8 @@ from typing import Any
 
 from rome_jax.cli.common import (EXIT_REFUSED, PPL_CORPUS, PROG, Setup, add_guard_args,
                                 add_model_args, check_inputs_apart, check_output, fmt,
-                                hparams_dict, log, one_line, probabilities, test_prefix_entry)
-from rome_jax.cli.common import status as show_status
+                                hparams_dict, log, one_line, probabilities,
+                                status as show_status, test_prefix_entry)
 
 
 def add_parser(sub) -> None:
