@@ -67,9 +67,15 @@ SOURCES = {
 
 
 def cache_root() -> Path:
-    """The user cache: ``$ROME_JAX_CACHE``, default ``~/.cache/rome_jax``."""
-    return Path(os.environ.get("ROME_JAX_CACHE") or Path.home() / ".cache" / "rome_jax"
+    """The user cache: ``$ROME_JAX_CACHE``, default ``~/.cache/rome_jax``; NotADirectoryError
+    when it is a file, or lies below one."""
+    root = Path(os.environ.get("ROME_JAX_CACHE") or Path.home() / ".cache" / "rome_jax"
                 ).expanduser()
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"ROME_JAX_CACHE: the cache folder {root} cannot be made "
+                                 f"({existing} is a file); set ROME_JAX_CACHE to a folder")
+    return root
 
 
 def data_dirs() -> list[Path]:

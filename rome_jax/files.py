@@ -31,6 +31,14 @@ def usual_permissions(root: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def overlap(path: str | os.PathLike, other: str | os.PathLike) -> str | None:
+    """How ``path`` lies against ``other`` once both are resolved: "is", "holds" (an
+    ancestor), "is inside" (a descendant), or None when they are apart."""
+    a, b = Path(path).expanduser().resolve(), Path(other).expanduser().resolve()
+    return "is" if a == b else "holds" if a in b.parents else "is inside" if b in a.parents \
+        else None
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a fresh temporary sibling of ``path`` to write; on success it is renamed to
@@ -95,10 +103,16 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive ``fcntl.flock`` on ``.<name>.lock`` beside ``path``: cache builders
     take it around check-build-save, so that concurrent processes build once and the others
     wait, then load. The holder removes the lock file before releasing it (a waiter that then
-    gets the lock of a removed file retries), so none is left behind. Not re-entrant."""
+    gets the lock of a removed file retries), so none is left behind. Not re-entrant. A folder
+    where the lock cannot be created (read-only, or a file) is one OSError line naming it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lock = path.parent / f".{path.name}.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        open(lock, "a").close()
+    except OSError as err:  # a read-only or full cache: one line naming the folder
+        raise OSError(f"{path.parent}: cannot build {path.name} there ({err.strerror}); set "
+                      "ROME_JAX_CACHE to a writable folder") from None
     while True:
         handle = open(lock, "a")
         fcntl.flock(handle, fcntl.LOCK_EX)

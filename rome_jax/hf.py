@@ -21,7 +21,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
-from rome_jax.files import atomic_directory
+from rome_jax.files import atomic_directory, overlap
 from rome_jax.models import gguf
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import FAMILIES, Model, check_model
@@ -29,6 +29,15 @@ from rome_jax.models.tokenizer import Tokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "checkpoints" / "gpt2-cf-tiny"  # package data
 GGUF_ALIASES = {"smollm2-135m": gguf.smollm2_path}
+
+
+def local_source(path_or_id: str | os.PathLike | None) -> Path | None:
+    """The local folder or file a model argument names (``None``: the default model), or None
+    for a hub id or alias (nothing local to protect)."""
+    if path_or_id is None:
+        path_or_id = os.environ.get("ROME_JAX_DEFAULT_MODEL", DEFAULT_MODEL)
+    path = Path(path_or_id).expanduser()
+    return path if str(path_or_id) not in GGUF_ALIASES and path.exists() else None
 
 
 def resolve(path_or_id: str | os.PathLike | None) -> Path:
@@ -233,6 +242,10 @@ def save_hf(model: Model, out_dir: str | os.PathLike, *, overwrite: bool = False
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"save_hf: out_dir must be a path (str or os.PathLike), got "
                         f"{type(out_dir).__name__}")
+    source = local_source(model.name) if model.name else None
+    where = source and overlap(out_dir, source)
+    if where:
+        raise ValueError(f"{out_dir}: {where} the model's source {source}; save elsewhere")
     dtype = model.source_dtype if dtype is None else dtype
     weights = FAMILIES[model.config.model_type].export_weights(model.params, model.config)
     weights = {k: jnp.asarray(v if dtype is None else v.astype(dtype)) for k, v in weights.items()}

@@ -671,3 +671,131 @@ def test_smollm2_edit_with_bos_exports_what_transformers_computes(env, tmp_path)
                                atol=1e-3)
     assert transformers.AutoTokenizer.from_pretrained(out)("Rome").input_ids == \
         edited.tokenizer.encode("Rome")
+
+
+# ----------------------------------------------------------------------------- issue 23
+
+
+def _main(argv, monkeypatch, tmp_path, capsys):
+    from rome_jax import cli as rome_cli
+
+    monkeypatch.setenv("ROME_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ROME_JAX_COMPILATION_CACHE", "0")
+    capsys.readouterr()
+    code = rome_cli.main([str(a) for a in argv])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_outputs_apart_from_inputs_and_never_the_current_directory(tiny_model, copy_model_dir,
+                                                                   tmp_path, monkeypatch,
+                                                                   capsys):
+    """Issue 23 (2, 22): --out that is the --model folder, --report that is the --requests
+    file, --out . / .. : refused before any work, with or without --overwrite, and nothing
+    changes; save_hf refuses the model's own folder."""
+    from rome_jax import load_model, save_hf
+
+    model = copy_model_dir(tiny_model)
+    (model / "README.md").write_text("card")
+    requests = tmp_path / "requests.json"
+    requests.write_text(json.dumps([{"prompt": "{} plays the", "subject": "Danielle Darrieux",
+                                     "target_new": "piano"}]))
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    monkeypatch.chdir(model)
+    cases = [(["--model", model, *REQUEST, "--out", model], "--out"),
+             (["--model", model, *REQUEST, "--out", tmp_path], "--out"),
+             (["--model", model, "--requests", requests, "--report", requests], "--report"),
+             (["--model", model, *REQUEST, "--out", "."], "current directory"),
+             (["--model", model, *REQUEST, "--out", ".."], "current directory")]
+    for args, match in cases:
+        for overwrite in ([], ["--overwrite"]):
+            code, err = _main(["edit", *args, *overwrite], monkeypatch, tmp_path, capsys)
+            assert code == 2 and len(err) == 1 and match in err[0], err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    assert json.loads(requests.read_text())[0]["target_new"] == "piano"
+    with pytest.raises(ValueError, match="the model's source"):
+        save_hf(load_model(model), model, overwrite=True)
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
+def test_a_cache_folder_that_is_a_file_is_one_line(tiny_model, tmp_path, monkeypatch, capsys):
+    """Issue 23 (25, 29): ROME_JAX_CACHE naming a file (or a path below one) is one line
+    naming the variable, before any work; an unwritable one turns off the compilation cache
+    instead of JAX warnings."""
+    from rome_jax import cli as rome_cli
+
+    (tmp_path / "file").write_text("")
+    for cache in (tmp_path / "file", tmp_path / "file" / "below"):
+        monkeypatch.setenv("ROME_JAX_CACHE", str(cache))
+        monkeypatch.delenv("ROME_JAX_COMPILATION_CACHE", raising=False)
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+        capsys.readouterr()
+        assert rome_cli.main(["stats", "--model", str(tiny_model), "--layer", "1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "ROME_JAX_CACHE" in err[0] and "Errno" not in err[0], err
+    import jax
+
+    monkeypatch.setenv("ROME_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    before = jax.config.jax_compilation_cache_dir
+    rome_cli._compilation_cache()
+    assert jax.config.jax_compilation_cache_dir == before
+
+
+def test_stats_says_it_loaded_what_another_process_built(tiny_model, tmp_path, monkeypatch,
+                                                         capsys):
+    """Issue 23 (24): the cache is missing, then another process builds it while this one
+    waits for the lock: "loaded what another process built", not "(built)"."""
+    import contextlib
+
+    from rome_jax import files, load_model
+    from rome_jax.data import load_wikitext
+    from rome_jax.rome import stats as stats_mod
+
+    model = load_model(tiny_model)
+
+    @contextlib.contextmanager
+    def another_process_builds(path):
+        stats_mod.save_key_stats(stats_mod.compute_key_stats(
+            model, 1, load_wikitext(), "wikitext", 40), path)
+        yield
+
+    monkeypatch.setattr(files, "file_lock", another_process_builds)
+    from rome_jax import cli as rome_cli
+
+    monkeypatch.setenv("ROME_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ROME_JAX_COMPILATION_CACHE", "0")
+    assert rome_cli.main(["stats", "--model", str(tiny_model), "--layer", "1",
+                          "--mom2-n-samples", "40"]) == 0
+    out, err = capsys.readouterr()
+    assert "(loaded what another process built meanwhile)" in out and "(built)" not in out
+    assert "computing" not in err
+
+
+def test_a_refusal_with_report_says_where_the_report_is(tiny_model, tmp_path, monkeypatch,
+                                                        capsys):
+    """Issue 23 (28) and the status lines: a refused edit with --report and --out says the
+    report is written and the model is not (never "Nothing was written."); on a terminal each
+    long phase says what it does, one line each."""
+    import sys
+
+    from rome_jax.cli import edit as edit_cmd
+
+    def refused(s, request, params, method, profile, ppl, test_prefix):
+        return {"request": request.to_dict(), "method": method, "applied": False,
+                "status": "refused", "guard": {"ok": False, "reasons": ["test refusal"],
+                                               "suggestion": ""}}, None
+
+    monkeypatch.setattr(edit_cmd, "_one_edit", refused)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    report = tmp_path / "report.json"
+    code, err = _main(["edit", "--model", tiny_model, *REQUEST, *SMALL, "--no-guard",
+                       "--report", report, "--out", tmp_path / "edited"], monkeypatch,
+                      tmp_path, capsys)
+    assert code == 3 and report.is_file() and not (tmp_path / "edited").exists()
+    assert "Nothing was written" not in err[-1]
+    assert f"The report is in {report}" in err[-1] and "not written" in err[-1]
+    phases = [line for line in err if line.endswith("…")]
+    assert phases[0].startswith("rome-jax: loading ") and len(set(phases)) == len(phases)
+    for word in ("context templates", "computing key statistics", "perplexity",
+                 "computing the edit"):
+        assert any(word in line for line in phases), phases

@@ -272,7 +272,8 @@ def test_store_round_trip_and_keep_only(tmp_path):
 
 
 def test_baseline_of_other_weights_is_refused(setup, tmp_path, capsys):
-    write_baseline(tmp_path, setup, digest="other")
-    assert run("--baseline", tmp_path, *TEXT, "--out", tmp_path / "out") == 2
+    (tmp_path / "base").mkdir()  # an --out inside --baseline is refused (issue 23, 2)
+    write_baseline(tmp_path / "base", setup, digest="other")
+    assert run("--baseline", tmp_path / "base", *TEXT, "--out", tmp_path / "out") == 2
     assert "digest" in capsys.readouterr().err
     assert run("--baseline", tmp_path / "nowhere", "--out", tmp_path / "out2") == 2

@@ -89,3 +89,78 @@ def test_report_helpers(tmp_path):
     assert json.loads((tmp_path / "out" / "summary.json").read_text()) == {"n": 1}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "figure.png", "summary.json", "table.md"]  # no temporary files left
+
+
+# ----------------------------------------------------------------------------- issue 23
+
+
+@pytest.mark.parametrize("text", ["notes without newline", "hello\nworld without newline",
+                                  '{"experiment": "x", "settings": []}\n',
+                                  '{"experiment": "x", "settings": {}}\n[1, 2]\n',
+                                  '{"experiment": "x", "settings": {}}\n{"key": 1}\nnotes',
+                                  '{"experiment": 5, "settings": {}}\n', "\n"])
+def test_what_is_not_a_journal_is_refused_and_kept(tmp_path, text):
+    """Issue 23 (1, 13): no complete line, a header whose settings is not an object, a row
+    that is not an object, or a last line that cannot be a torn row: refused, whatever the
+    newlines, and the file is left byte for byte (also read only)."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="not an experiment journal"):
+        Journal(path, "x", {})
+    with pytest.raises(ValueError, match="not an experiment journal"):
+        Journal(path, "x", {}, read_only=True)
+    with pytest.raises(ValueError, match="not an experiment journal"):
+        read_rows(path)
+    assert path.read_text() == text
+
+
+def test_rows_the_experiment_cannot_read_are_refused(tmp_path):
+    """Issue 23 (14): a collapse row ``{"key": 5}`` names its line and first missing field."""
+    from rome_jax.experiments import collapse
+
+    path = tmp_path / "rows.jsonl"
+    text = '{"experiment": "collapse", "settings": {}}\n{"key": 5}\n'
+    path.write_text(text)
+    with pytest.raises(ValueError, match="line 2: case_id: missing"):
+        Journal(path, "collapse", {}, check_row=collapse.check_row)
+    path.write_text(text.replace('{"key": 5}', '{"key": 5, "case_id": 5, "first_token_subject":'
+                                 ' true, "base_perplexity": 2, "rome": {}, "c-rome": {}}'))
+    with pytest.raises(ValueError, match=r"line 2: rome\.ratio: missing"):
+        read_rows(path, "collapse", collapse.check_row)
+
+
+def test_a_refused_run_leaves_nothing_and_keeps_old_rows(tmp_path):
+    """Issue 23 (21): a run that fails before its first row leaves no header-only journal (nor
+    the folders made for it); a failed --overwrite run keeps the old rows; a finished run
+    without rows records its settings."""
+    path = tmp_path / "a" / "b" / "rows.jsonl"
+    with pytest.raises(RuntimeError):
+        with Journal(path, "x", SETTINGS):
+            raise RuntimeError("refused")
+    assert not (tmp_path / "a").exists()
+    with Journal(path, "x", SETTINGS) as journal:
+        journal.append({"key": 1})
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError):
+        with Journal(path, "x", {**SETTINGS, "layer": 9}, overwrite=True) as journal:
+            assert journal.rows == []
+            raise RuntimeError("refused")
+    assert path.read_bytes() == before
+    with Journal(tmp_path / "none.jsonl", "x", SETTINGS):
+        pass
+    assert read_rows(tmp_path / "none.jsonl") == ({"experiment": "x", "settings": {
+        **SETTINGS, "lengths": [5, 10]}}, [])
+
+
+def test_read_only_keeps_a_torn_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    with Journal(path, "x", SETTINGS) as journal:
+        journal.append({"key": 1})
+    with open(path, "a") as f:
+        f.write('{"key": 2, "rat')
+    before = path.read_bytes()
+    with Journal(path, "x", SETTINGS, read_only=True) as journal:
+        assert [r["key"] for r in journal.rows] == [1]
+        with pytest.raises(ValueError, match="read-only"):
+            journal.append({"key": 3})
+    assert path.read_bytes() == before

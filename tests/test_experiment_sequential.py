@@ -167,3 +167,45 @@ def test_a_non_finite_update_ends_the_trace(env, monkeypatch):
     summary = sequential.report(header | {"out": str(out)}, rows).summary
     assert summary["methods"]["rome"]["ended_at"] == 2
     assert summary["methods"]["rome"]["edits"] == 1
+
+
+def test_a_journal_behind_its_state_is_replayed(env, done, monkeypatch, capsys):
+    """Issue 23 (7): rows.jsonl restored to an older copy (rome's rows after step 1 gone) while
+    state-rome.npz says step 3: the rerun replays rome's edits from the base model instead of
+    skipping steps 2 and 3, and ends with the uninterrupted run's rows and weights."""
+    import shutil
+
+    out = env / "behind"
+    shutil.copytree(done, out)
+    lines = (out / "rows.jsonl").read_text().splitlines(keepends=True)
+    (out / "rows.jsonl").write_text("".join(lines[:3]))  # header, rome 0, rome 1
+    assert int(np.load(out / "state-rome.npz")["step"]) == 3
+    assert experiment(env, monkeypatch, out) == 0
+    assert "replaying" in capsys.readouterr().err
+    _, whole = read_rows(done / "rows.jsonl")
+    _, resumed = read_rows(out / "rows.jsonl")
+    assert [r["key"] for r in resumed] == [r["key"] for r in whole]
+    assert [r.get("delta_norm") for r in resumed] == [r.get("delta_norm") for r in whole]
+    np.testing.assert_array_equal(np.load(out / "state-rome.npz")["weight"],
+                                  np.load(done / "state-rome.npz")["weight"])
+
+
+@pytest.mark.parametrize("content", [b"garbage", "pickled", "no step"])
+def test_a_corrupt_state_names_its_file(tmp_path, content):
+    """Issue 23 (26): a state-*.npz that is not one: ValueError naming the file, never numpy's
+    advice to unpickle it."""
+    import io
+
+    path = sequential.state_path(tmp_path, "rome")
+    if content == "pickled":
+        buffer = io.BytesIO()
+        np.savez(buffer, step=np.array([{"a": 1}], dtype=object), weight=np.zeros(2))
+        content = buffer.getvalue()
+    elif content == "no step":
+        buffer = io.BytesIO()
+        np.savez(buffer, weight=np.zeros(2))
+        content = buffer.getvalue()
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        sequential.load_state(tmp_path, "rome", {}, 1)
+    assert str(path) in str(err.value) and "allow_pickle" not in str(err.value)

@@ -48,16 +48,22 @@ def build_parser() -> Parser:
 def _compilation_cache() -> None:
     """Keep XLA compilations between runs (most of a small edit's time is compiling): in
     ``$JAX_COMPILATION_CACHE_DIR`` when set, else ``$ROME_JAX_CACHE/jax`` (default
-    ``~/.cache/rome_jax/jax``); ``ROME_JAX_COMPILATION_CACHE=0`` turns it off."""
+    ``~/.cache/rome_jax/jax``); ``ROME_JAX_COMPILATION_CACHE=0`` turns it off, and so does a
+    cache folder that cannot be written (read-only caches still serve what they hold). A cache
+    folder that is a file is refused here, in one line, before any work."""
+    from rome_jax.data import cache_root
+
+    folder = cache_root() / "jax"
     if os.environ.get("ROME_JAX_COMPILATION_CACHE", "1") == "0" or os.environ.get(
             "JAX_COMPILATION_CACHE_DIR"):
         return
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return  # JAX would warn on every compilation, in many lines
     import jax
 
-    from rome_jax.data import cache_root
-
     try:
-        jax.config.update("jax_compilation_cache_dir", str(cache_root() / "jax"))
+        jax.config.update("jax_compilation_cache_dir", str(folder))
         if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     except Exception:  # an older jax without these options: no cache, nothing else changes

@@ -40,6 +40,13 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def status(message: str) -> None:
+    """``rome-jax: MESSAGE…`` on stderr when it is a terminal: what a long phase is doing (a
+    user error stays the only line of a captured stderr)."""
+    if sys.stderr.isatty():
+        log(f"{PROG}: {message}…")
+
+
 # Library fields whose flag is not ``--`` + the field with dashes.
 FIELD_FLAGS = {"v_num_grad_steps": "--v-steps",
                "context_template_length_params": "--template-lengths"}
@@ -66,11 +73,17 @@ def close_progress_bars() -> None:
 
 
 def check_output(path: str | os.PathLike, flag: str, overwrite: bool,
-                 directory: bool = False) -> Path:
+                 directory: bool = False, replaced: bool = True) -> Path:
     """Refuse now, before any work, an output that exists (unless ``overwrite``), is a file where
     a directory goes (or the reverse), or cannot be created: its nearest existing ancestor must
-    be a writable directory."""
+    be a writable directory. A directory that is ``replaced`` as a whole cannot be the current
+    one or above it (``.``, ``..``)."""
     path = Path(path)
+    if directory and replaced:
+        resolved, here = path.resolve(), Path.cwd().resolve()
+        if resolved == here or resolved in here.parents or not resolved.name:
+            raise ValueError(f"{flag} {path}: is the current directory or above it; name a new "
+                             "directory to write")
     if path.exists():
         if not overwrite:
             raise FileExistsError(f"{flag} {path}: already exists (pass --overwrite to replace "
@@ -87,6 +100,29 @@ def check_output(path: str | os.PathLike, flag: str, overwrite: bool,
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"{flag} {path}: cannot be created ({parent} is not writable)")
     return path
+
+
+def check_inputs_apart(path: str | os.PathLike, flag: str, args) -> None:
+    """Refuse an output that is, holds or lies inside what the command reads: the model
+    (``--model``, or the default one), ``--requests``, ``--case-ids``, ``--baseline`` and the
+    data folders; ``--overwrite`` would replace it, or the output would land in it."""
+    from rome_jax.data import data_dirs
+    from rome_jax.files import overlap
+    from rome_jax.hf import local_source
+
+    model = local_source(getattr(args, "model", None))
+    inputs = [(f"--model {model}" if getattr(args, "model", None) else f"the default model "
+               f"{model}", model)]
+    for name in ("requests", "case_ids", "baseline"):
+        value = getattr(args, name, None)
+        if value:
+            inputs.append((f"--{name.replace('_', '-')} {value}", Path(value)))
+    inputs += [(f"the data folder {folder}", folder) for folder in data_dirs()]
+    for what, source in inputs:
+        where = source is not None and source.exists() and overlap(path, source)
+        if where:
+            raise ValueError(f"{flag} {path}: {where} {what}, which this command reads; "
+                             "choose another path")
 
 
 def read_results(path: Path, what: str, overwrite: bool) -> dict | None:
@@ -168,12 +204,15 @@ def template_lengths(text: str) -> tuple[tuple[int, int], ...]:
 
 
 def number(parse, accept, requirement: str):
-    """An argparse type: ``parse`` the text, then require ``accept(value)``."""
-    noun = "an integer" if parse is int else "a number"
+    """An argparse type: ``parse`` the text, then require ``accept(value)``; a float must be
+    finite (never NaN or infinity, which pass or fail comparisons silently)."""
+    noun = "an integer" if parse is int else "a finite number"
 
     def convert(text: str):
         try:
             value = parse(text)
+            if not math.isfinite(value):
+                raise ValueError
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
         if not accept(value):
@@ -183,8 +222,8 @@ def number(parse, accept, requirement: str):
     return convert
 
 
-positive_float = number(float, lambda v: v > 0 and math.isfinite(v), "must be a positive number")
-nonnegative_float = number(float, lambda v: v >= 0 and math.isfinite(v), "must be 0 or more")
+positive_float = number(float, lambda v: v > 0, "must be a positive number")
+nonnegative_float = number(float, lambda v: v >= 0, "must be 0 or more")
 positive_int = number(int, lambda v: v >= 1, "must be at least 1")
 nonnegative_int = number(int, lambda v: v >= 0, "must be 0 or more")
 ratio_above_one = number(float, lambda v: v > 1, "must be greater than 1")
@@ -218,8 +257,11 @@ def add_model_source_args(g) -> None:
 
 def load_cli_model(args):
     """The model of --model, with the start token of --bos."""
-    from rome_jax.hf import load_model
+    from rome_jax.hf import GGUF_ALIASES, load_model
 
+    name = args.model or "the default model"
+    gguf = str(name) in GGUF_ALIASES or str(name).endswith(".gguf")
+    status(f"loading {'and dequantizing ' if gguf else ''}{name}")
     model = load_model(args.model)
     return model if args.bos is None else model.with_bos(args.bos)
 
@@ -341,14 +383,17 @@ class Setup:
 
         from rome_jax.rome.edit import prepare
 
+        status(f"sampling context templates and loading the key statistics of layer "
+               f"{self.hparams.layer}")
         return prepare(self.model, self.hparams, jax.random.key(getattr(self.args, "seed", 0)),
-                       log=log)
+                       log=status)
 
     @functools.cached_property
     def probe(self):
         from rome_jax.data import load_me_ppl
         from rome_jax.guard import PerplexityProbe
 
+        status(f"measuring the unedited model's {PPL_CORPUS} perplexity")
         return PerplexityProbe(self.model, load_me_ppl(PPL_CORPUS), self.hparams.layer)
 
     def profile(self, build: bool = True):

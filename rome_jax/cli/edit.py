@@ -9,8 +9,9 @@ from typing import Any
 
 from rome_jax.cli.batch import layer_range
 from rome_jax.cli.common import (EXIT_REFUSED, PPL_CORPUS, PROG, Setup, add_guard_args,
-                                add_model_args, check_output, fmt, hparams_dict, log, one_line,
-                                positive_int, probabilities, test_prefix_entry)
+                                add_model_args, check_inputs_apart, check_output, fmt,
+                                hparams_dict, log, one_line, positive_int, probabilities,
+                                status as show_status, test_prefix_entry)
 
 
 def add_parser(sub) -> None:
@@ -229,6 +230,9 @@ def run(args) -> int:
     report_file = check_output(args.report, "--report", args.overwrite) if args.report else None
     if out and report_file and out.absolute() in report_file.absolute().parents:
         raise ValueError(f"--report {report_file}: inside --out {out}, which the export replaces")
+    for path, flag in ((out, "--out"), (report_file, "--report")):
+        if path:
+            check_inputs_apart(path, flag, args)
     if method in ("memit", "emmet", "alphaedit"):
         from rome_jax.cli.batch import run_batch
 
@@ -239,6 +243,8 @@ def run(args) -> int:
     base = s.probe.base
     params, ppl = s.model.params, base
     entries, status = [], "applied"
+    if len(requests) == 1:
+        show_status("computing the edit (v*, the update, perplexity after)")
     with tqdm(requests, desc="edit", unit="request", disable=len(requests) < 2) as bar:
         for request in bar:
             start = s.model.params if args.mode == "independent" else params
@@ -273,7 +279,8 @@ def run(args) -> int:
         what = "refused" if status == "refused" else "rolled back"
         reasons = "; ".join(verdict["reasons"]) or "non-finite update"
         hint = f" Suggestion: {verdict['suggestion']}." if verdict["suggestion"] else ""
-        log(f"{PROG}: edit {what}: {reasons}.{hint}"
-             + (" Nothing was written." if args.out else ""))
+        written = (f" --out {out}: not written." if out else "") + (
+            f" The report is in {report_file}." if report_file else "")
+        log(f"{PROG}: edit {what}: {reasons}.{hint}{written}")
         return EXIT_REFUSED
     return 0

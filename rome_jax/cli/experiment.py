@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rome_jax.cli.common import PROG, Setup, add_model_args, log, positive_int
+from rome_jax.cli.common import (PROG, Setup, add_model_args, check_inputs_apart, check_output,
+                                log, positive_int)
 
 
 def add_parser(sub) -> None:
@@ -35,6 +36,7 @@ def add_parser(sub) -> None:
                             "to float32 rounding whatever B)")
         add_model_args(q)
         q.set_defaults(func=run, experiment_module=module)
+    p.set_defaults(experiment_parsers=names.choices)
 
 
 def model_slug(model_arg: str | None, model) -> str:
@@ -55,15 +57,19 @@ def run(args) -> int:
     import jax
 
     module = args.experiment_module
-    args.batch = args.batch or len(jax.devices())
-    s = Setup(args)
-    out = Path(args.out) if args.out else default_out(args, s)
-    settings = s.result_settings(seed=getattr(args, "seed", 0), **module.settings(args))
+    args.command_parser = args.experiment_parsers[args.experiment]  # errors name its flags
     if args.report_only and args.overwrite:
         raise ValueError("--report-only: cannot be combined with --overwrite")
+    if args.out:
+        check_outputs(Path(args.out), args)
+    args.batch = args.batch or len(jax.devices())
+    s = Setup(args)
+    out = Path(args.out) if args.out else check_outputs(default_out(args, s), args)
+    settings = s.result_settings(seed=getattr(args, "seed", 0), **module.settings(args))
     if args.report_only and not (out / "rows.jsonl").exists():
         raise FileNotFoundError(f"--report-only: {out / 'rows.jsonl'} does not exist")
-    with Journal(out / "rows.jsonl", module.NAME, settings, overwrite=args.overwrite) as journal:
+    with Journal(out / "rows.jsonl", module.NAME, settings, overwrite=args.overwrite,
+                 check_row=module.check_row, read_only=args.report_only) as journal:
         if journal.rows and not args.report_only:
             log(f"{PROG}: resuming {out}: {len(journal.rows)} rows done")
         header = {"experiment": module.NAME, "settings": journal.settings, "out": str(out)}
@@ -75,3 +81,15 @@ def run(args) -> int:
     print(f"\n{PROG} experiment {module.NAME}: {len(journal.rows)} rows in {out / 'rows.jsonl'}; "
           + ", ".join(str(p) for p in paths))
     return 0
+
+
+def check_outputs(out: Path, args) -> Path:
+    """Refuse now, before any work, an --out folder (and the files the run writes in it) that
+    cannot be written, or that is, holds or lies inside an input."""
+    from rome_jax.experiments.report import FILES
+
+    check_output(out, "--out", overwrite=True, directory=True, replaced=False)
+    for name in ("rows.jsonl", *FILES):
+        check_output(out / name, "--out", overwrite=True)
+    check_inputs_apart(out, "--out", args)
+    return out

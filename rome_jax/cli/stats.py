@@ -48,14 +48,22 @@ def run(args) -> int:
         except ValueError as err:
             log(f"{PROG}: {one_line(err)}; rebuilding")
     cached = stats is not None
+    how = "loaded"
     if not cached:
         if path.exists():
             shutil.rmtree(path)
-        log(f"{PROG}: computing key statistics at layer {hp.layer} -> {path}")
+        built = []  # key_stats logs only when it computes (not when another process did)
+
+        def note(message: str) -> None:
+            built.append(message)
+            log(f"{PROG}: {message}")
+
         stats = key_stats(s.model, hp.layer, hp.mom2_corpus, n_samples=hp.mom2_n_samples,
-                          log=log)
+                          log=note)
+        how = "built" if built else "loaded what another process built meanwhile"
     eig = np.linalg.eigvalsh(stats.moment)
-    info = {"path": str(path), "cached": cached, "layer": stats.layer, "corpus": stats.corpus,
+    info = {"path": str(path), "cached": how != "built", "layer": stats.layer,
+            "corpus": stats.corpus,
             "n_samples": hp.mom2_n_samples, "tokens": stats.count,
             "dim": int(stats.moment.shape[0]),
             "fingerprint": fingerprint(s.model.params, hp.layer),
@@ -79,7 +87,7 @@ def run(args) -> int:
         print(json.dumps(info, indent=1))
         return 0
     print(f"{PROG} stats: {args.model or s.model.name}, layer {info['layer']}")
-    rows = [("cache", f"{info['path']} ({'loaded' if cached else 'built'})"),
+    rows = [("cache", f"{info['path']} ({how})"),
             ("corpus", f"{info['corpus']} ({info['n_samples'] or 'all'} texts)"),
             ("tokens", f"{info['tokens']:,}"), ("size", f"{info['dim']} x {info['dim']}"),
             ("eigenvalues", f"{info['eigenvalue_min']:.4g} .. {info['eigenvalue_max']:.4g}"),

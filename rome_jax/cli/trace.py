@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rome_jax.cli.common import (PROG, add_model_source_args, check_output, load_cli_model,
-                                nonnegative_float, positive_int)
+from rome_jax.cli.common import (PROG, add_model_source_args, check_inputs_apart, check_output,
+                                load_cli_model, nonnegative_float, positive_int)
 
 
 def add_parser(sub) -> None:
@@ -59,8 +59,10 @@ def run(args) -> int:
     report = args.report or (str(Path(args.out).with_suffix(".json")) if args.out else None)
     if args.out:
         check_output(args.out, "--out", args.overwrite)
+        check_inputs_apart(args.out, "--out", args)
     if report:
         check_output(report, "--report" if args.report else "the grid of --out", args.overwrite)
+        check_inputs_apart(report, "--report" if args.report else "the grid of --out", args)
     if args.out and report and Path(report).absolute() == Path(args.out).absolute():
         raise ValueError(f"--report {report}: is the --out file")
     if args.std_subjects < 0:

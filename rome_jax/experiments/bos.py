@@ -17,6 +17,7 @@ from rome_jax.experiments import collapse
 from rome_jax.experiments.report import Report, markdown_table
 
 NAME = "bos"
+check_row = collapse.check_row  # its rows are collapse rows
 HELP = "collapse vs normal cases with and without a start token (Fall of ROME §3.3)"
 
 
@@ -35,15 +36,18 @@ def settings(args) -> dict:
 def run(s, args, journal, header: Mapping) -> None:
     from rome_jax.data import counterfact_by_case_id, load_counterfact
 
-    base_header, base_rows = collapse.baseline(header, None)
+    base_header, base_rows = collapse.baseline(header, None, full=True)
     ids = [i for _, i, _ in collapse.chosen(base_header, base_rows, args.n)]
+    if not ids:
+        raise ValueError(f"--n {args.n}: selects no record of the baseline "
+                         f"{collapse.baseline_dir(header, None)}")
     collapse.run_rows(s, counterfact_by_case_id(load_counterfact(), ids), journal,
                       base_header["settings"]["threshold"], NAME, args.batch)
 
 
 def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
     path = collapse.baseline_dir(header, None)
-    base_header, base_rows = collapse.baseline(header, None)
+    base_header, base_rows = collapse.baseline(header, None, full=True)
     threshold = base_header["settings"]["threshold"]
     group = {r["case_id"]: collapse.group_of(r, threshold) for r in base_rows}
     done = {r["case_id"] for r in rows}

@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from rome_jax.experiments.journal import NUMBER, require
 from rome_jax.experiments.report import (Report, grouped, markdown_table, pyplot, run_label,
                                          save_figure, stats)
 
@@ -28,8 +29,10 @@ GROUPS = ("collapse", "normal", "first-token, below threshold")
 
 
 def add_args(p) -> None:
+    from rome_jax.cli.common import ratio_above_one
+
     add_record_args(p)
-    p.add_argument("--threshold", type=float, default=10.0, metavar="X",
+    p.add_argument("--threshold", type=ratio_above_one, default=10.0, metavar="X",
                    help="a collapse case: rome multiplies ME-PPL_50 perplexity by more than X "
                         "(default 10)")
 
@@ -47,10 +50,27 @@ def add_record_args(p) -> None:
 
 
 def settings(args) -> dict:
-    if args.threshold <= 1:
-        raise ValueError("--threshold: must be greater than 1")
     return {"methods": list(METHODS), "threshold": args.threshold,
             "sample_seed": args.sample_seed}
+
+
+EDIT_FIELDS = {"residual_norm": NUMBER, "denominator_unit_u": NUMBER, "delta_norm": NUMBER,
+               "perplexity": NUMBER, "ratio": NUMBER, "success": bool}
+
+
+def check_group_row(row: Mapping) -> None:
+    """ValueError naming the first field that ``group_of`` and ``chosen`` need and a row
+    lacks (what other experiments read of a baseline)."""
+    require(row, {"key": int, "case_id": int})
+    if "error" not in row:
+        require(row, {"first_token_subject": bool, "rome": {"ratio": NUMBER}})
+
+
+def check_row(row: Mapping) -> None:
+    """ValueError naming the first field a row of ``compute_row``'s shape lacks."""
+    check_group_row(row)
+    if "error" not in row:
+        require(row, {"base_perplexity": NUMBER, **{m: EDIT_FIELDS for m in METHODS}})
 
 
 def chosen_records(s, args) -> list[dict]:
@@ -68,6 +88,8 @@ def chosen_records(s, args) -> list[dict]:
         first = [r for r in chosen if first_token_subject(r, s.model.tokenizer)]
         return first[:args.max_first] + [r for r in chosen if r not in first]
     first, others = first_token_and_sample(records, s.model.tokenizer, args.n, args.sample_seed)
+    if not first[:args.max_first] + others:
+        raise ValueError(f"--n {args.n} and --max-first {args.max_first}: select no records")
     return counterfact_by_case_id(records, first[:args.max_first] + others)
 
 
@@ -135,9 +157,11 @@ def baseline_dir(header: Mapping, bos: int | None) -> Path:
             / f"collapse-l{st['layer']}{'' if bos is None else '-bos'}")
 
 
-def baseline(header: Mapping, bos: int | None) -> tuple[dict, list[dict]]:
+def baseline(header: Mapping, bos: int | None, full: bool = False
+             ) -> tuple[dict, list[dict]]:
     """(header, rows) of that collapse run; it must have been made with the weights and layer
-    of ``header``'s run and with start token ``bos`` (None: without one)."""
+    of ``header``'s run and with start token ``bos`` (None: without one). Its rows must have
+    what grouping needs, or (``full``) every field of a collapse row."""
     from rome_jax.experiments.journal import read_rows
 
     path = baseline_dir(header, bos) / "rows.jsonl"
@@ -145,8 +169,12 @@ def baseline(header: Mapping, bos: int | None) -> tuple[dict, list[dict]]:
         start = "without --bos" if bos is None else "with --bos"
         raise FileNotFoundError(f"--baseline: {path} does not exist; run `rome-jax experiment "
                                 f"collapse` with the same model and layer ({start}) first")
-    base_header, rows = read_rows(path, NAME)
+    base_header, rows = read_rows(path, NAME, check_row if full else check_group_row)
     st, base = header["settings"], base_header["settings"]
+    try:
+        require(base, {"threshold": NUMBER, "sample_seed": int})
+    except ValueError as err:
+        raise ValueError(f"--baseline {path}: settings.{err}") from None
     want = {"digest": st["digest"], "layer": st["layer"], "bos": bos}
     differ = [k for k, v in want.items() if base.get(k) != v]
     if differ:

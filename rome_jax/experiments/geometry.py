@@ -206,6 +206,19 @@ def project(points: np.ndarray, method: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- run
 
 
+def check_row(row: Mapping) -> None:
+    """ValueError naming the first field a record or text row lacks (of those the report
+    reads)."""
+    from rome_jax.experiments.journal import NUMBER, require
+
+    if "text_index" in row:
+        require(row, {"key": str, "text_index": int, "n_tokens": int, "positions": list,
+                      **{f: NUMBER for f, _ in TEXT_SCALARS}})
+    else:
+        require(row, {"key": int, "case_id": int, "group": str, "first_token_subject": bool,
+                      **{f: NUMBER for f, _ in RECORD_SCALARS}})
+
+
 def text_key(i: int) -> str:
     return f"text{i}"
 

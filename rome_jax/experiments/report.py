@@ -13,6 +13,9 @@ import numpy as np
 from rome_jax.files import atomic_file, write_bytes_atomic, write_json_atomic
 
 
+FILES = ("summary.json", "table.md", "figure.png")
+
+
 @dataclasses.dataclass
 class Report:
     """``summary`` (JSON-ready numbers), ``markdown`` (the tables, with a line saying what they
@@ -25,13 +28,13 @@ class Report:
 
 def write_report(out_dir: str | Path, report: Report) -> list[Path]:
     """``summary.json``, ``table.md`` and (with a figure) ``figure.png`` in ``out_dir``."""
-    out = Path(out_dir)
-    paths = [write_json_atomic(out / "summary.json", report.summary),
-             write_bytes_atomic(out / "table.md", (report.markdown.rstrip() + "\n").encode())]
+    summary, table, figure = (Path(out_dir) / name for name in FILES)
+    paths = [write_json_atomic(summary, report.summary),
+             write_bytes_atomic(table, (report.markdown.rstrip() + "\n").encode())]
     if report.figure is not None:
-        with atomic_file(out / "figure.png", suffix=".png") as tmp:
+        with atomic_file(figure, suffix=".png") as tmp:
             report.figure(tmp)
-        paths.append(out / "figure.png")
+        paths.append(figure)
     return paths
 
 

@@ -14,12 +14,15 @@ and ``single`` rows score each record edited alone from the base model with ever
 
 Resumable: after every row the edited layer's weight (the only one that changes) is saved
 atomically as ``state-METHOD.npz`` with its step; a rerun continues from it. Rows are written
-before their state, so a run cut between the two replays that one edit (deterministic).
+before their state, so a run cut between the two replays that one edit (deterministic); a
+state ahead of the journal (a rows.jsonl restored from an older copy) is not trusted: the
+method's edits are replayed from the base model, the rows already written kept.
 """
 
 from __future__ import annotations
 
 import io
+import zipfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -91,6 +94,28 @@ def settings(args) -> dict:
             "shots": args.shots, "ppl_texts": args.ppl_texts}
 
 
+def check_row(row: Mapping) -> None:
+    """ValueError naming the first field that a step, ``final`` or ``single`` row lacks."""
+    from rome_jax.experiments.journal import NUMBER, require
+
+    key = row["key"]
+    if not (isinstance(key, list) and len(key) == 2 and isinstance(key[0], str)
+            and (type(key[1]) is int or key[1] == "final")):
+        raise ValueError("key: expected [METHOD, STEP or \"final\"] or [\"single\", CASE_ID]")
+    if key[0] == "single":
+        require(row, {"case_id": int, "before": dict, "edits": dict})
+        return
+    require(row, {"method": str, "step": int})
+    if key[1] == "final":
+        require(row, {"case_ids": list, "records": list, "summary": dict})
+    elif row.get("ended"):
+        require(row, {"error": str})
+    elif key[1] != 0:
+        require(row, {"case_id": int, "delta_norm": NUMBER, "ppl50": NUMBER})
+    if "ppl1k" in row:
+        require(row, {"ppl1k": NUMBER, "downstream": dict})
+
+
 def chosen_records(s, st: Mapping) -> list[dict]:
     """The records edited, in order: ``case_ids``, else the first ``n`` of a numpy
     permutation (seed ``sample_seed``) of CounterFact whose request fits the model."""
@@ -136,12 +161,21 @@ def save_state(out: Path, method: str, step: int, params, layer: int) -> None:
 
 
 def load_state(out: Path, method: str, params, layer: int) -> tuple[int, object]:
-    """(step, params with the saved weight at ``layer``), or (0, ``params``) without a state."""
+    """(step, params with the saved weight at ``layer``), or (0, ``params``) without a state.
+    ValueError naming the file for one that is not a state (never unpickled)."""
     path = state_path(out, method)
     if not path.exists():
         return 0, params
-    with np.load(path) as saved:
-        step, weight = int(saved["step"]), saved["weight"]
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            step, weight = saved["step"], saved["weight"]
+        if step.shape or step.dtype.kind not in "iu" or weight.dtype.kind != "f":
+            raise ValueError("step or weight of another type")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        reason = "pickled data" if "pickle" in str(err) else type(err).__name__
+        raise ValueError(f"{path}: not a saved sequential state ({reason}); delete it, or use "
+                         "--overwrite to start over") from None
+    step = int(step)
     fc_out = params["blocks"]["mlp"]["fc_out"]
     if weight.shape != fc_out["w"].shape[1:]:
         raise ValueError(f"{path}: a weight of shape {weight.shape}, layer {layer} has "
@@ -188,6 +222,7 @@ def run_method(s, method: str, records: Sequence[Mapping], journal, out: Path, s
     """One method's trace from its saved state, then its ``final`` row."""
     from tqdm import tqdm
 
+    from rome_jax.cli.common import PROG, log
     from rome_jax.counterfact_eval import summarize_counterfact
     from rome_jax.evaluation import counterfact_metrics, counterfact_nll
     from rome_jax.rome.edit import compute_edit
@@ -205,6 +240,12 @@ def run_method(s, method: str, records: Sequence[Mapping], journal, out: Path, s
         journal.append({"key": [method, 0], "method": method, "step": 0,
                         "ppl50": s.probe.base, "ppl50_ratio": 1.0, **scores})
     step, params = load_state(out, method, s.model.params, layer)
+    written = max(r["step"] for r in journal.rows if r["key"][0] == method
+                  and r["key"][1] != "final")
+    if step > written:  # the journal is behind its state: replay from the base model
+        log(f"{PROG}: {state_path(out, method)}: at step {step}, but {journal.path} ends at "
+            f"step {written}; replaying {label(method)}'s edits from the base model")
+        step, params = 0, s.model.params
     for i in tqdm(range(step + 1, n + 1), initial=step, total=n, desc=label(method),
                   unit="edit"):
         done = _row(journal, [method, i])

@@ -63,6 +63,14 @@ def prefixed_prompts(record: Mapping, prefix: str) -> int:
     return sum(a != b for g in ("rewrite", "paraphrase") for a, b in zip(plain[g], fixed[g]))
 
 
+def check_row(row: Mapping) -> None:
+    """ValueError naming the first top-level field a row lacks."""
+    from rome_jax.experiments.journal import require
+
+    require(row, {"key": int, "case_id": int, "group": str, "first_token_subject": bool,
+                  "prompts_prefixed": int, "before": dict, "edits": dict})
+
+
 def run(s, args, journal, header: Mapping) -> None:
     from tqdm import tqdm
 

@@ -68,6 +68,15 @@ def sample_ids(n_records: int, n: int, seed: int) -> list[int]:
     return [int(i) for i in np.random.default_rng(seed).permutation(n_records)[:n]]
 
 
+def check_row(row: Mapping) -> None:
+    """ValueError naming the first top-level field a row lacks."""
+    from rome_jax.experiments.journal import require
+
+    require(row, {"key": int, "case_id": int})
+    if "error" not in row:
+        require(row, {"first_token_subject": bool, "none": dict})
+
+
 def run(s, args, journal, header: Mapping) -> None:
     from tqdm import tqdm
 

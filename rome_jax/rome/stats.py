@@ -155,9 +155,9 @@ def key_stats(model: Model, layer: int, corpus: str = "wikitext",
     """Cached C for ``model`` at ``layer`` over ``corpus``: ``"wikitext"`` (WikiText-2, the
     default), the path of a text file (one sample per non-empty line), or a name for ``texts``.
 
-    A cache hit is returned as stored; a missing or unreadable cache is (re)computed and saved.
-    Concurrent callers (threads or processes) for one cache build it once: the others wait for
-    the lock, then load it.
+    A cache hit is returned as stored; a missing or unreadable cache is (re)computed and saved,
+    with a line to ``log`` (called only then). Concurrent callers (threads or processes) for one
+    cache build it once: the others wait for the lock, then load it.
     """
     if texts is None and corpus != "wikitext":
         file = Path(corpus)
@@ -179,9 +179,11 @@ def key_stats(model: Model, layer: int, corpus: str = "wikitext",
             unreadable.append(err)
             return None
 
-    def build() -> KeyStats:
+    def build() -> KeyStats:  # the only caller of ``log``: a caller learns that it built
         if log and unreadable:
             log(f"{unreadable[-1]}; rebuilding")
+        if log:
+            log(f"computing key statistics at layer {layer} -> {path}")
         stats = compute_key_stats(model, layer, load_wikitext() if texts is None else texts,
                                   corpus, n_samples)
         save_key_stats(stats, path)
