@@ -8,19 +8,19 @@ import argparse
 import dataclasses
 import functools
 import json
-import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
+# The argument types and files live below the CLI (the experiments use them too); the
+# commands import them from here.
+from rome_jax.arguments import (PROG, log, one_line, positive_float, positive_int,
+                                ratio_above_one, read_case_ids)
 from rome_jax.models.tokenizer import EOS_TOKEN
 
-PROG = "rome-jax"
 EXIT_USAGE = 2
 EXIT_REFUSED = 3
 PPL_CORPUS = "ME-PPL_50"
-
 
 
 class Parser(argparse.ArgumentParser):
@@ -30,14 +30,6 @@ class Parser(argparse.ArgumentParser):
         where = self.prog.removeprefix(PROG).strip()
         text = f"{where}: {message}" if where else message
         self.exit(EXIT_USAGE, f"{PROG}: error: {one_line(text)} (see {self.prog} --help)\n")
-
-
-def one_line(text: Any) -> str:
-    return " ".join(str(text).split())
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def status(message: str) -> None:
@@ -201,32 +193,6 @@ def template_lengths(text: str) -> tuple[tuple[int, int], ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not LENGTHxCOUNT[,LENGTHxCOUNT...] (e.g. 5x10,10x10)") from None
-
-
-def number(parse, accept, requirement: str):
-    """An argparse type: ``parse`` the text, then require ``accept(value)``; a float must be
-    finite (never NaN or infinity, which pass or fail comparisons silently)."""
-    noun = "an integer" if parse is int else "a finite number"
-
-    def convert(text: str):
-        try:
-            value = parse(text)
-            if not math.isfinite(value):
-                raise ValueError
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
-        if not accept(value):
-            raise argparse.ArgumentTypeError(f"{text!r} {requirement}")
-        return value
-
-    return convert
-
-
-positive_float = number(float, lambda v: v > 0, "must be a positive number")
-nonnegative_float = number(float, lambda v: v >= 0, "must be 0 or more")
-positive_int = number(int, lambda v: v >= 1, "must be at least 1")
-nonnegative_int = number(int, lambda v: v >= 0, "must be 0 or more")
-ratio_above_one = number(float, lambda v: v > 1, "must be greater than 1")
 
 
 def method_list(text: str) -> tuple[str, ...]:
@@ -483,16 +449,6 @@ def hparams_dict(hparams) -> dict:
 
 def fmt(x, spec: str = ".4g") -> str:
     return "-" if x is None else format(x, spec)
-
-
-def read_case_ids(path: str) -> list:
-    """The JSON list of case ids in ``path`` (``--case-ids``); ValueError naming the flag when
-    the file cannot be read or parsed (the ids themselves are checked where they are used)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"--case-ids {path}: not a JSON list of case ids "
-                         f"({one_line(err)})") from None
 
 
 def counterfact_records(args) -> list[dict]:

@@ -6,9 +6,10 @@ import dataclasses
 import json
 from pathlib import Path
 
+from rome_jax.arguments import nonnegative_int
 from rome_jax.cli.common import (PPL_CORPUS, PROG, Setup, add_model_args, add_record_args,
-                                counterfact_records, fmt, log, method_list, nonnegative_int,
-                                one_line, positive_int, read_results, resumed_records)
+                                counterfact_records, fmt, log, method_list, one_line,
+                                positive_int, read_results, resumed_records)
 
 
 def add_parser(sub) -> None:

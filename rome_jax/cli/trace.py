@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rome_jax.arguments import nonnegative_float
 from rome_jax.cli.common import (PROG, add_model_source_args, check_inputs_apart, check_output,
-                                load_cli_model, nonnegative_float, positive_int)
+                                load_cli_model, positive_int)
 
 
 def add_parser(sub) -> None:

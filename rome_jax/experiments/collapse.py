@@ -29,7 +29,7 @@ GROUPS = ("collapse", "normal", "first-token, below threshold")
 
 
 def add_args(p) -> None:
-    from rome_jax.cli.common import ratio_above_one
+    from rome_jax.arguments import ratio_above_one
 
     add_record_args(p)
     p.add_argument("--threshold", type=ratio_above_one, default=10.0, metavar="X",
@@ -75,7 +75,7 @@ def check_row(row: Mapping) -> None:
 
 def chosen_records(s, args) -> list[dict]:
     """The records to edit, first-token records first (see the module docstring)."""
-    from rome_jax.cli.common import read_case_ids
+    from rome_jax.arguments import read_case_ids
     from rome_jax.data import counterfact_by_case_id, load_counterfact
     from rome_jax.experiments.records import first_token_and_sample
     from rome_jax.training import first_token_subject

@@ -43,7 +43,7 @@ def label(method: str) -> str:
 
 
 def add_args(p) -> None:
-    from rome_jax.cli.common import positive_int
+    from rome_jax.arguments import positive_int
     from rome_jax.downstream import TASKS
 
     p.add_argument("--methods", default=",".join(METHODS), metavar="M,M",
@@ -79,7 +79,7 @@ def _names(text: str, flag: str, known: Sequence[str] | None = None) -> list[str
 
 
 def settings(args) -> dict:
-    from rome_jax.cli.common import read_case_ids
+    from rome_jax.arguments import read_case_ids
     from rome_jax.downstream import TASKS
     from rome_jax.editors.rome import canonical_method
 
@@ -222,7 +222,7 @@ def run_method(s, method: str, records: Sequence[Mapping], journal, out: Path, s
     """One method's trace from its saved state, then its ``final`` row."""
     from tqdm import tqdm
 
-    from rome_jax.cli.common import PROG, log
+    from rome_jax.arguments import PROG, log
     from rome_jax.counterfact_eval import summarize_counterfact
     from rome_jax.evaluation import counterfact_metrics, counterfact_nll
     from rome_jax.rome.edit import compute_edit

@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from rome_jax.cli.common import positive_int
+from rome_jax.arguments import positive_int
 from rome_jax.experiments import collapse
 from rome_jax.experiments.report import (Report, grouped, markdown_table, pyplot, run_label,
                                          save_figure)
