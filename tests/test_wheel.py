@@ -113,6 +113,44 @@ def test_shipped_caches_are_those_of_the_default_model(monkeypatch, tmp_path):
     assert set(profile.case_ids) <= ids
 
 
+def fresh_venv(root: Path) -> Path:
+    """A venv at ``root`` that borrows this interpreter's packages (see the module docstring);
+    its python."""
+    run([sys.executable, "-m", "venv", "--without-pip", root])
+    python = root / "bin" / "python"
+    site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
+                    ).stdout.strip())
+    deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    (site / "dependencies.pth").write_text("".join(f"{path}\n" for path in sorted(deps)))
+    return python
+
+
+def copy_sources(src: Path) -> Path:
+    """The files a build reads, copied (no stale build/, cache or egg-info gets in)."""
+    for name in SOURCE_FILES:
+        origin = data.CHECKOUT / name
+        if origin.is_dir():
+            shutil.copytree(origin, src / name, ignore=shutil.ignore_patterns(
+                "__pycache__", "stats", "*.egg-info"))
+        else:
+            src.mkdir(exist_ok=True)
+            shutil.copy2(origin, src / name)
+    return src
+
+
+def test_an_editable_install_finds_the_model_at_the_top(tmp_path):
+    src = copy_sources(tmp_path / "src")
+    python = fresh_venv(tmp_path / "venv")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "ROME_JAX"))}
+    run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", src],
+        env=env, cwd=tmp_path)
+    where = json.loads(run([python, "-c", "import json, rome_jax.hf as hf, rome_jax.data as d; "
+                                          "print(json.dumps([hf.__file__, str(hf.DEFAULT_MODEL), "
+                                          "str(d.EMBEDDED)]))"], env=env, cwd=tmp_path).stdout)
+    assert where == [str(src / "rome_jax" / "hf.py"), str(src / "checkpoints" / "gpt2-cf-tiny"),
+                     str(src / "checkpoints" / "gpt2-cf-tiny" / "data")]
+
+
 def closed_port() -> int:
     """A local port that nothing listens on (bound, then released)."""
     with socket.socket() as s:
@@ -132,16 +170,7 @@ def test_wheel_runs_the_readme_commands_on_a_bare_machine(tmp_path):
     a fresh venv with the built wheel, outside any checkout: HOME and the cache in a temporary
     folder, no ROME_JAX_DATA, no ../shared, the download mirror a closed local port, the
     guard on. Everything comes from the wheel: exit 0, the demo table, edits that take."""
-    # Build from a copy of the files a build reads, so no stale build/ or cache gets in.
-    src = tmp_path / "src"
-    for name in SOURCE_FILES:
-        origin = data.CHECKOUT / name
-        if origin.is_dir():
-            shutil.copytree(origin, src / name, ignore=shutil.ignore_patterns(
-                "__pycache__", "stats", "*.egg-info"))
-        else:
-            src.mkdir(exist_ok=True)
-            shutil.copy2(origin, src / name)
+    src = copy_sources(tmp_path / "src")
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", src,
          "-w", tmp_path / "dist"])
     (wheel,) = (tmp_path / "dist").glob("rome_jax-*.whl")
@@ -154,12 +183,7 @@ def test_wheel_runs_the_readme_commands_on_a_bare_machine(tmp_path):
         assert str(file.relative_to(data.CHECKOUT)) in names
 
     venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", "--without-pip", venv])
-    python = venv / "bin" / "python"
-    site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
-                    ).stdout.strip())
-    deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    (site / "dependencies.pth").write_text("".join(f"{path}\n" for path in sorted(deps)))
+    python = fresh_venv(venv)
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items()
