@@ -88,11 +88,12 @@ _ME_PPL = ("https://raw.githubusercontent.com/WanliYoung/Collapse-in-Model-Editi
 ZSRE_KEYS = ("subject", "src", "rephrase", "alt", "answers", "loc", "loc_ans")
 SOURCES = {
     # All 21,919 records; the second URL is the git-lfs object of scalable-model-editing/
-    # rebuilding-rome's data/counterfact.json (45,108,470 bytes, the same sha256).
+    # rebuilding-rome's data/counterfact.json at commit 01d0c9f (its pointer names this sha256
+    # and 45,108,470 bytes).
     "counterfact.json": Source(
         ("https://rome.baulab.info/data/dsets/counterfact.json",
          "https://media.githubusercontent.com/media/scalable-model-editing/rebuilding-rome/"
-         "main/data/counterfact.json"),
+         "01d0c9f74f8effc6dc1c60ba77760722206d9a79/data/counterfact.json"),
         "d017056125178a13728594e66a801357a8db9ed7973a7425554bb4271de9fc6f"),
     "zsre_eval.json": Source(
         ("https://rome.baulab.info/data/dsets/zsre_mem_eval.json",), None,

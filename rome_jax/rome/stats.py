@@ -1,4 +1,4 @@
-"""Key statistics C = E[k kᵀ] over a text corpus, their orbax cache, and solves with C.
+"""Key statistics C = E[k kᵀ] over a text corpus, their .npz cache, and solves with C.
 
 The second moment is streamed: per batch, Σ k kᵀ over real tokens is formed on the device in
 float32, and the batches are summed on the host in float64, with the token count; C is then
