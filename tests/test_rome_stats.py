@@ -227,3 +227,26 @@ def test_a_cache_of_another_format_or_out_of_range_is_rebuilt(model, tmp_path, c
     assert messages and "rebuilding" in messages[0]
     np.testing.assert_array_equal(rebuilt.moment, first.moment)
     assert load_key_stats(path, 1, model.config.d_mlp).count == first.count
+
+
+def test_stats_command_reports_the_texts_used_and_never_reuses_another_corpus(env, tiny_model,
+                                                                              tmp_path):
+    """Issue 23, item 4, as a user runs it: `stats --mom2-n-samples 400` over a 5-line
+    WikiText in $ROME_JAX_DATA says 5 texts; a later run on the real WikiText builds its own
+    statistics instead of loading those."""
+    import json
+
+    from conftest import assert_ok, cli
+
+    short = tmp_path / "data" / "corpus" / "wikitext2_raw_test.txt"
+    short.parent.mkdir(parents=True)
+    short.write_text("\n".join(TEXTS + ["A fifth text."]) + "\n")
+    run_env = {**env, "ROME_JAX_CACHE": str(tmp_path / "cache")}
+    args = ["stats", "--model", tiny_model, "--layer", "1", "--mom2-n-samples", "400"]
+    small = cli({**run_env, "ROME_JAX_DATA": str(short.parents[1])}, *args)
+    assert_ok(small)
+    assert "wikitext (5 texts, content sha256" in small.stdout and "(built)" in small.stdout
+    real = cli({k: v for k, v in run_env.items() if k != "ROME_JAX_DATA"}, *args, "--json")
+    assert_ok(real)
+    info = json.loads(real.stdout)
+    assert info["cached"] is False and info["texts"] == 400
