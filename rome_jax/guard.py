@@ -311,23 +311,25 @@ def load_profile(path: str | os.PathLike, settings: Mapping | None = None
     return profile
 
 
+def find_profile(path: str | os.PathLike, settings: Mapping) -> GuardProfile | None:
+    """The profile cached at ``path`` for ``settings``, else the embedded default's shipped
+    profile of the same name (so of the same weights, layer, corpus and settings), else None."""
+    path = Path(path)
+    return (load_profile(path, settings)
+            or load_profile(shipped_cache_dir() / path.name, settings))
+
+
 def cached_profile(path: str | os.PathLike, settings: Mapping,
                    build: Callable[[], GuardProfile]) -> GuardProfile:
-    """The profile cached at ``path`` for ``settings`` (else the embedded default's shipped
-    profile of the same name), else ``build()`` written to ``path`` atomically. Concurrent
-    callers build it once: the others wait for the lock, then load."""
-    path = Path(path)
-
-    def load() -> GuardProfile | None:
-        return (load_profile(path, settings)
-                or load_profile(shipped_cache_dir() / path.name, settings))
+    """``find_profile``, else ``build()`` written to ``path`` atomically. Concurrent callers
+    build it once: the others wait for the lock, then load."""
 
     def build_and_save() -> GuardProfile:
         profile = build()
         write_json_atomic(path, profile.to_dict())
         return profile
 
-    return build_once(path, load, build_and_save)
+    return build_once(path, lambda: find_profile(path, settings), build_and_save)
 
 
 # ----------------------------------------------------------------------------- perplexity

@@ -310,7 +310,7 @@ class Setup:
         """The guard profile (loaded, or built and cached), with the threshold arguments."""
         from tqdm import tqdm
 
-        from rome_jax.guard import (build_profile, cached_profile, load_profile,
+        from rome_jax.guard import (build_profile, cached_profile, find_profile,
                                     profile_path, profile_settings)
 
         n = self.args.guard_samples
@@ -326,7 +326,7 @@ class Setup:
                 progress=lambda total: tqdm(total=total, desc="guard profile", leave=False))
 
         profile = (cached_profile(path, settings, build_it) if build
-                   else load_profile(path, settings))
+                   else find_profile(path, settings))
         if profile is None:
             return None
         return profile.with_thresholds(margin=getattr(self.args, "guard_margin", None),
