@@ -378,18 +378,16 @@ def read_case_ids(path: str) -> list:
 def counterfact_records(args) -> list[dict]:
     """CounterFact records ``--start`` .. ``--start + --n`` (sorted by case id), within
     ``--case-ids`` when given (every id must name a record)."""
-    from rome_jax.data import counterfact_cases, data_file, describe, load_counterfact
+    from rome_jax.data import counterfact_cases, load_counterfact
 
     if args.start < 0:
         raise ValueError("--start: must be 0 or more")
     if not args.case_ids:
         records = load_counterfact()
-        log(f"{PROG}: CounterFact: {describe(data_file('counterfact.json'))}")
     else:
         wanted = read_case_ids(args.case_ids)
         try:
-            selected, source = counterfact_cases(wanted)
-            log(f"{PROG}: CounterFact: {source}")
+            selected, _ = counterfact_cases(wanted)
         except ValueError as err:
             raise ValueError(f"--case-ids {args.case_ids}: {one_line(err).removeprefix('case_ids: ')}") from None
         records = sorted({r["case_id"]: r for r in selected}.values(),
