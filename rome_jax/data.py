@@ -208,7 +208,8 @@ def describe(path: Path, name: str | None = None) -> str:
         return f"{path} (the original, sha256 verified)"
     if digest in known:
         return f"{path} ({known[digest]})"
-    return f"{path} (a local copy, sha256 {digest[:16]}…: neither the original nor a known subset)"
+    return (f"{path} (a local copy, sha256 {digest[:16]}…: neither the original nor a known "
+            "subset)")
 
 
 def download(name: str, folder: Path, base_url: str | None = None,

@@ -7,7 +7,8 @@ Into checkpoints/gpt2-cf-tiny/: cache/ (the key statistics at the preset layer o
 WikiText and the guard profile of 48 normal edits, each as the user cache stores them, under
 the name that keys it) and data/ (ME-PPL_50 as is; counterfact.json.gz, the CounterFact records
 of the training and held-out ids and of the profile). Reads the full data sets from the usual
-data folders (rome_jax.data); builds in a temporary cache (never from the shipped copies), so the user's is left alone.
+data folders (rome_jax.data); builds in a temporary cache (never from the shipped copies), so
+the user's is left alone.
 """
 
 import gzip
@@ -15,7 +16,6 @@ import json
 import os
 import shutil
 import tempfile
-from pathlib import Path
 
 import jax
 
@@ -60,7 +60,8 @@ def main() -> None:
     for file in sorted(p for p in DEFAULT_MODEL.rglob("*") if p.parent != DEFAULT_MODEL
                        and p.is_file()):
         print(f"{file.relative_to(DEFAULT_MODEL)}: {file.stat().st_size:,} bytes")
-    print(f"{len(records)} CounterFact records, from {data.describe(data.data_file('counterfact.json'))}")
+    source = data.describe(data.data_file("counterfact.json"))
+    print(f"{len(records)} CounterFact records, from {source}")
 
 
 if __name__ == "__main__":

@@ -254,8 +254,8 @@ def key_stats(model: Model, layer: int, corpus: str = "wikitext",
 
     A cache hit (in ``cache_dir``, default the user cache, else the shipped caches of the
     embedded default, unless not ``shipped``) is returned as stored; a missing or unreadable
-    cache is (re)computed and saved in ``cache_dir``. Concurrent callers (threads or processes) for one cache build it once: the others
-    wait for the lock, then load it.
+    cache is (re)computed and saved in ``cache_dir``. Concurrent callers (threads or
+    processes) for one cache build it once: the others wait for the lock, then load it.
     """
     source = resolve_corpus(corpus, texts, n_samples)
     errors: list[ValueError] = []
