@@ -1,20 +1,36 @@
-"""Data sets (found locally, or downloaded from the original URLs) and padded token batches.
+"""Data sets (found locally, shipped with the embedded default, or downloaded and verified) and
+padded token batches.
 
 A data file is named by its path under a data folder (``counterfact.json``,
-``me_ppl/ME-PPL_50.json``, ...) and looked up in ``$ROME_JAX_DATA``, then ``../shared/data``
-beside a source checkout, then the user cache ``$ROME_JAX_CACHE/data`` (default
-``~/.cache/rome_jax/data``). A file found nowhere is downloaded from its original URL (or from
-``$ROME_JAX_DATA_URL``, a mirror of the original files) into the user cache, atomically, and
-only if its sha256 is the one pinned in ``SOURCES``. Files are read, never unpickled.
+``me_ppl/ME-PPL_50.json``, ...) and looked up, in this order, in
+
+1. ``$ROME_JAX_DATA``;
+2. ``../shared/data`` beside a source checkout;
+3. the user cache ``$ROME_JAX_CACHE/data`` (default ``~/.cache/rome_jax/data``);
+4. the embedded default model's ``data/`` folder (``EMBEDDED``): ``me_ppl/ME-PPL_50.json``, a
+   byte-identical copy of the pinned original, for any caller; and a CounterFact subset (the
+   records the default model was trained and held out on, and its guard profile's), used only
+   by ``counterfact_cases`` for case ids it holds when no folder above has ``counterfact.json``,
+   so it never stands in for the full data set;
+5. a download from the file's original URLs (or ``$ROME_JAX_DATA_URL``, a mirror of the
+   original files) into the user cache, atomically, kept only if its sha256 is the one pinned in
+   ``SOURCES``, or, for a file whose original hash is not known (zsRE), if it parses with the
+   expected schema: its sha256 is then recorded beside it on first use, printed, and checked at
+   every later use.
+
+Local files of known subsets (``KNOWN``) are named as such by ``describe``. Files are read,
+never unpickled.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import http.client
 import json
 import os
+import sys
 import tempfile
 import urllib.request
 import zipfile
@@ -27,43 +43,82 @@ from tqdm import tqdm
 from rome_jax.hf import DEFAULT_MODEL
 
 CHECKOUT = Path(__file__).resolve().parent.parent  # the repository root, in a source checkout
+EMBEDDED = DEFAULT_MODEL / "data"  # data shipped with the embedded default model
+EMBEDDED_COUNTERFACT = "counterfact.json.gz"  # its CounterFact subset, under EMBEDDED
+
+
+def _json_records(keys: tuple[str, ...]) -> Callable[[Path], None]:
+    """A schema check: the file is a non-empty JSON list of objects that all have ``keys``."""
+
+    def check(path: Path) -> None:
+        try:
+            records = json.loads(path.read_bytes())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"not JSON ({err})") from None
+        if not isinstance(records, list) or not records:
+            raise ValueError("not a non-empty JSON list")
+        for i, record in enumerate(records):
+            missing = [k for k in keys if not isinstance(record, dict) or k not in record]
+            if missing:
+                raise ValueError(f"record {i} lacks {', '.join(missing)}")
+
+    return check
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """Where a data file comes from: ``url`` serves bytes whose sha256 is ``sha256``. With
-    ``member``, those bytes are a zip archive and the data file is that member's non-blank
-    lines (kept byte for byte)."""
+    """Where a data file comes from: ``urls``, tried in order, serve bytes whose sha256 is
+    ``sha256``. ``sha256`` None: the original's hash is not known here, so the first download
+    is kept if ``schema`` accepts it (trust on first use: its sha256 is recorded beside it and
+    checked at every later use). With ``member``, the bytes are a zip archive and the data file
+    is that member's non-blank lines (kept byte for byte)."""
 
-    url: str
-    sha256: str
+    urls: tuple[str, ...]
+    sha256: str | None
     member: str | None = None
+    schema: Callable[[Path], None] | None = None
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
 
 
 _ME_PPL = ("https://raw.githubusercontent.com/WanliYoung/Collapse-in-Model-Editing/"
            "ba8122e46ce31d3518a44e942540179cc7531f15/data/ME-PPL/")
+ZSRE_KEYS = ("subject", "src", "rephrase", "alt", "answers", "loc", "loc_ans")
 SOURCES = {
+    # All 21,919 records; the second URL is the git-lfs object of scalable-model-editing/
+    # rebuilding-rome's data/counterfact.json at commit 01d0c9f (its pointer names this sha256
+    # and 45,108,470 bytes).
     "counterfact.json": Source(
-        "https://rome.baulab.info/data/dsets/counterfact.json",
-        "c72da2d8db4e194143402906e48016c7c53dba095be68721838727a2a3832a81"),
+        ("https://rome.baulab.info/data/dsets/counterfact.json",
+         "https://media.githubusercontent.com/media/scalable-model-editing/rebuilding-rome/"
+         "01d0c9f74f8effc6dc1c60ba77760722206d9a79/data/counterfact.json"),
+        "d017056125178a13728594e66a801357a8db9ed7973a7425554bb4271de9fc6f"),
     "zsre_eval.json": Source(
-        "https://rome.baulab.info/data/dsets/zsre_mem_eval.json",
-        "e6443926dbdb5a24a0aca67d12ee705a160f0959617d871bfb7018930a15c307"),
+        ("https://rome.baulab.info/data/dsets/zsre_mem_eval.json",), None,
+        schema=_json_records(ZSRE_KEYS)),
     "me_ppl/ME-PPL.json": Source(
-        _ME_PPL + "ME-PPL.json",
+        (_ME_PPL + "ME-PPL.json",),
         "c09b3d8191ffad954bf3b5e96dac84a7caf83d57c15e262b1d81ef6590742fb4"),
     "me_ppl/ME-PPL_1k.json": Source(
-        _ME_PPL + "ME-PPL_1k.json",
+        (_ME_PPL + "ME-PPL_1k.json",),
         "71e29fc5daf443b35ec16c8a9e91e1f4398b5b84ca7c25393639c066b65b5afb"),
     "me_ppl/ME-PPL_50.json": Source(
-        _ME_PPL + "ME-PPL_50.json",
+        (_ME_PPL + "ME-PPL_50.json",),
         "55f3b951d2c4287b90d9e511f256efb9d47461f0da408a17dac5ffcef685c4e4"),
     # The Salesforce release (s3://research.metamind.io, no longer served), as llama.cpp mirrors it.
     "corpus/wikitext2_raw_test.txt": Source(
-        "https://huggingface.co/datasets/ggml-org/ci/resolve/main/wikitext-2-raw-v1.zip",
+        ("https://huggingface.co/datasets/ggml-org/ci/resolve/main/wikitext-2-raw-v1.zip",),
         "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11",
         member="wikitext-2-raw/wiki.test.raw"),
 }
+# Local copies that are known subsets of a data set (sha256 -> what they are): ../shared/data's
+# CounterFact, and the embedded default's (gunzipped).
+KNOWN = {"counterfact.json": {
+    "c72da2d8db4e194143402906e48016c7c53dba095be68721838727a2a3832a81":
+        "subset: 17,000 of the 21,919 records"}}
+TRUSTED = ".sha256"  # suffix of the hash recorded on a trust-on-first-use download
 
 
 def cache_root() -> Path:
@@ -96,12 +151,50 @@ def tokenizer_dir() -> Path:
     return DEFAULT_MODEL
 
 
-def data_file(name: str, base_url: str | None = None) -> Path:
-    """The path of data file ``name``: the first data folder that holds it, else a download
-    into the user cache (see ``download``)."""
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def local_file(name: str) -> Path | None:
+    """Data file ``name`` in the first data folder that holds it (``data_dirs``), else None. A
+    trust-on-first-use download in the user cache is checked against its recorded sha256
+    (ValueError when it changed)."""
     for folder in data_dirs():
-        if (folder / name).is_file():
-            return folder / name
+        path = folder / name
+        if path.is_file():
+            if folder == cache_root() / "data" and name in SOURCES and \
+                    SOURCES[name].sha256 is None:
+                _verify_recorded(path)
+            return path
+    return None
+
+
+def _verify_recorded(path: Path) -> None:
+    record = path.with_name(path.name + TRUSTED)
+    try:
+        recorded = record.read_text().split()[0]
+    except (OSError, IndexError):
+        raise ValueError(f"{path}: no sha256 recorded beside it ({record.name}); delete it to "
+                         "download it again") from None
+    actual = sha256_file(path)
+    if actual != recorded:
+        raise ValueError(f"{path}: sha256 {actual} is not {recorded}, recorded when it was "
+                         "downloaded; the file changed: delete it (and "
+                         f"{record.name}) to download it again")
+
+
+def data_file(name: str, base_url: str | None = None) -> Path:
+    """The path of data file ``name``: the first data folder that holds it, else the embedded
+    copy of a file shipped whole, else a download into the user cache (see ``download``)."""
+    path = local_file(name)
+    if path is not None:
+        return path
+    if (EMBEDDED / name).is_file():
+        return EMBEDDED / name
     if name not in SOURCES:
         raise FileNotFoundError(f"{name}: data file missing (looked in "
                                 f"{', '.join(map(str, data_dirs()))}); set ROME_JAX_DATA to the "
@@ -109,31 +202,81 @@ def data_file(name: str, base_url: str | None = None) -> Path:
     return download(name, cache_root() / "data", base_url)
 
 
+def describe(path: Path, name: str | None = None) -> str:
+    """``path``, and what it is when its sha256 is known: the pinned original, or a subset."""
+    name = name or path.name
+    known = KNOWN.get(name, {})
+    source = SOURCES.get(name)
+    if not known and (source is None or source.sha256 is None or source.member):
+        return str(path)
+    digest = sha256_file(path)
+    if source is not None and digest == source.sha256:
+        return f"{path} (the original, sha256 verified)"
+    if digest in known:
+        return f"{path} ({known[digest]})"
+    return (f"{path} (a local copy, sha256 {digest[:16]}…: neither the original nor a known "
+            "subset)")
+
+
 def download(name: str, folder: Path, base_url: str | None = None,
              source: Source | None = None) -> Path:
     """Fetch data file ``name`` into ``folder / name`` and return that path.
 
-    From ``source.url`` (default ``SOURCES[name]``), or from ``<base_url>/<file name of the
-    url>`` (default ``$ROME_JAX_DATA_URL``). The bytes go to a temporary folder beside the
-    target, which receives the file by a rename only when the download is complete and has the
-    pinned sha256: ``OSError`` for a failed or cut download, ``ValueError`` for a wrong hash, and
+    From ``source.urls`` (default ``SOURCES[name]``) in order until one serves the pinned file,
+    or from ``<base_url>/<file name of the first url>`` (default ``$ROME_JAX_DATA_URL``). The
+    bytes go to a temporary folder beside the target, which receives the file by a rename only
+    when the download is complete and has the pinned sha256, or, for a source without a pin,
+    passes its schema (its sha256 is then written to ``<name>.sha256`` first, and printed):
+    ``OSError`` for failed or cut downloads, ``ValueError`` for a wrong hash or schema, and
     nothing is left behind either way.
     """
     source = source or SOURCES[name]
     base_url = base_url or os.environ.get("ROME_JAX_DATA_URL")
-    url = f"{base_url.rstrip('/')}/{source.url.rsplit('/', 1)[1]}" if base_url else source.url
+    urls = ([f"{base_url.rstrip('/')}/{source.url.rsplit('/', 1)[1]}"] if base_url
+            else list(source.urls))
     target = Path(folder) / name
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
-        fetched = Path(tmp) / "download"
-        digest = _fetch(url, fetched, name)
-        if digest != source.sha256:
-            raise ValueError(f"{url}: sha256 {digest} is not the pinned {source.sha256} of "
-                             f"{name}; the download was discarded")
-        if source.member:
-            fetched = _nonblank_lines(fetched, source.member, Path(tmp) / "member")
-        os.replace(fetched, target)
-    return target
+    errors: list[Exception] = []
+    for url in urls:
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
+            fetched = Path(tmp) / "download"
+            try:
+                digest = _fetch(url, fetched, name)
+                if source.sha256 is not None and digest != source.sha256:
+                    raise ValueError(f"{url}: sha256 {digest} is not the pinned "
+                                     f"{source.sha256} of {name}; the download was discarded")
+                if source.member:
+                    fetched = _nonblank_lines(fetched, source.member, Path(tmp) / "member")
+                if source.sha256 is None:
+                    _trust_on_first_use(name, url, fetched, digest, source, target)
+            except (OSError, ValueError) as err:
+                errors.append(err)
+                continue
+            os.replace(fetched, target)
+            return target
+    if len(errors) == 1:
+        raise errors[0]
+    kind = ValueError if any(isinstance(e, ValueError) for e in errors) else OSError
+    raise kind("; ".join(str(e) for e in errors))
+
+
+def _trust_on_first_use(name: str, url: str, fetched: Path, digest: str, source: Source,
+                        target: Path) -> None:
+    """Check ``source.schema`` on a download with no pinned hash, record its sha256 beside
+    ``target`` (before the file itself is moved there) and print it."""
+    if source.schema is not None:
+        try:
+            source.schema(fetched)
+        except ValueError as err:
+            raise ValueError(f"{url}: {name} does not have the expected schema ({err}); the "
+                             "download was discarded") from None
+    record = target.with_name(target.name + TRUSTED)
+    with tempfile.NamedTemporaryFile("w", dir=target.parent, delete=False,
+                                     prefix=f".{record.name}.") as out:
+        out.write(f"{digest}  {url}\n")
+    os.replace(out.name, record)
+    print(f"{name}: downloaded from {url}, sha256 {digest} (no pinned hash is known: recorded "
+          f"in {record} on this first use and checked at every later use)", file=sys.stderr)
 
 
 def _fetch(url: str, path: Path, name: str) -> str:
@@ -232,6 +375,30 @@ def load_counterfact() -> list[dict]:
     ``case_id``, a ``requested_rewrite`` or the four prompt lists."""
     path, data = _read_json("counterfact.json")
     return _check_records(path, data, _COUNTERFACT_CHECKS, _COUNTERFACT_WHAT)
+
+
+def _embedded_counterfact() -> tuple[dict, ...]:
+    path = EMBEDDED / EMBEDDED_COUNTERFACT
+    return tuple(json.loads(gzip.decompress(path.read_bytes()))) if path.is_file() else ()
+
+
+def counterfact_cases(case_ids) -> tuple[list[dict], str]:
+    """The CounterFact records with these case ids, in the order given, and where they came
+    from (``describe``): ``counterfact.json`` of a data folder; without one, the embedded
+    default's subset when it holds every id; else a download of the full data set. ValueError
+    as ``counterfact_by_case_id``."""
+    path = local_file("counterfact.json")
+    if path is None:
+        embedded = _embedded_counterfact()
+        ids = {r["case_id"] for r in embedded}
+        if isinstance(case_ids, list) and case_ids and all(
+                isinstance(i, int) and i in ids for i in case_ids):
+            return (counterfact_by_case_id(list(embedded), case_ids),
+                    f"{EMBEDDED / EMBEDDED_COUNTERFACT} (the embedded default model's subset: "
+                    f"{len(embedded)} records)")
+        path = data_file("counterfact.json")
+    return (counterfact_by_case_id(json.loads(path.read_text()), case_ids),
+            describe(path, "counterfact.json"))
 
 
 def counterfact_by_case_id(records: list[dict], case_ids) -> list[dict]:

@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import json
 import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -38,7 +39,7 @@ from rome_jax.files import build_once, write_json_atomic
 from rome_jax.models.transformer import forward, residual_at
 from rome_jax.rome.edit import build_batch, compute_edit, edit_independent
 from rome_jax.rome.request import EditRequest
-from rome_jax.rome.stats import cache_path, fingerprint
+from rome_jax.rome.stats import cache_path, fingerprint, resolve_corpus, shipped_cache_dir
 from rome_jax.editors.delta import apply_edit
 
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
@@ -90,15 +91,29 @@ class GuardProfile:
         if len(self.denominators) == 0 or len(self.denominators) != len(self.delta_abs):
             raise ValueError("guard profile: needs as many denominators as |Δ| values, at "
                              "least one")
-        if not all(math.isfinite(x) and x > 0 for x in self.delta_abs):
+        if not all(_real(x) and x > 0 for x in self.delta_abs):
             raise ValueError("guard profile: |Δ| values must be finite and positive")
-        if not all(math.isfinite(x) for x in self.denominators):
+        if not all(_real(x) for x in self.denominators):
             raise ValueError("guard profile: denominators must be finite")
-        if not 0 <= self.quantile <= 1 or self.margin <= 0 or self.mad_k <= 0:
-            raise ValueError("guard profile: need 0 <= quantile <= 1, margin > 0, mad_k > 0")
-        if self.max_ppl_ratio is not None and self.max_ppl_ratio <= 1:
-            raise ValueError("guard profile: max_ppl_ratio must be > 1 (or None: no check)")
-        if self.base_perplexity is not None and not (math.isfinite(self.base_perplexity)
+        # `not (x > 0)` rather than `x <= 0`: NaN passes every comparison, so each range is
+        # checked as what must hold, and every number must be finite.
+        if not (_real(self.quantile) and 0 <= self.quantile <= 1 and _real(self.margin)
+                and self.margin > 0 and _real(self.mad_k) and self.mad_k > 0):
+            raise ValueError(f"guard profile: need finite 0 <= quantile <= 1, margin > 0 and "
+                             f"mad_k > 0, got {self.quantile!r}, {self.margin!r}, "
+                             f"{self.mad_k!r}")
+        if self.max_ppl_ratio is not None and not (_real(self.max_ppl_ratio)
+                                                   and self.max_ppl_ratio > 1):
+            raise ValueError(f"guard profile: max_ppl_ratio must be finite and > 1 (or None: "
+                             f"no check), got {self.max_ppl_ratio!r}")
+        if not (isinstance(self.layer, numbers.Integral) and not isinstance(self.layer, bool)
+                and self.layer >= 0):
+            raise ValueError(f"guard profile: layer must be an integer >= 0, got "
+                             f"{self.layer!r}")
+        if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
+                   for i in self.case_ids):
+            raise ValueError("guard profile: case_ids must be integers")
+        if self.base_perplexity is not None and not (_real(self.base_perplexity)
                                                      and self.base_perplexity > 0):
             raise ValueError(f"guard profile: base_perplexity {self.base_perplexity} is not "
                              "finite and positive (non-finite weights?)")
@@ -169,6 +184,11 @@ class GuardProfile:
             return cls(**kwargs)
         except TypeError as err:
             raise ValueError(f"guard profile: {err}") from None
+
+
+def _real(x: Any) -> bool:
+    """A finite real number (not a bool, a string or NaN)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _field(report: Any, name: str, default=None):
@@ -267,15 +287,17 @@ def profile_settings(hparams, n_samples: int, method: str = "rome") -> dict:
 
 
 def profile_path(model, hparams, n_samples: int, cache_dir: Path | None = None) -> Path:
-    """``<key stats cache>.guard-n<N>.json``, beside the key statistics of the same key."""
-    stats = cache_path(model, hparams.layer, hparams.mom2_corpus, hparams.mom2_n_samples,
-                       cache_dir)
-    return stats.with_name(f"{stats.name}.guard-n{n_samples}.json")
+    """``<key stats cache>.guard-n<N>.json``, beside the key statistics of the same key (so
+    keyed by the weights' fingerprint, the layer, the corpus content and the start token)."""
+    stats = cache_path(model, hparams.layer, resolve_corpus(
+        hparams.mom2_corpus, n_samples=hparams.mom2_n_samples), cache_dir)
+    return stats.with_name(f"{stats.stem}.guard-n{n_samples}.json")
 
 
 def load_profile(path: str | os.PathLike, settings: Mapping | None = None
                  ) -> GuardProfile | None:
-    """The cached profile, or None when missing, unreadable or made with other settings."""
+    """The cached profile, or None when missing, unreadable, of another format version, with
+    a non-finite or out-of-range number, or made with other settings."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -289,17 +311,25 @@ def load_profile(path: str | os.PathLike, settings: Mapping | None = None
     return profile
 
 
+def find_profile(path: str | os.PathLike, settings: Mapping) -> GuardProfile | None:
+    """The profile cached at ``path`` for ``settings``, else the embedded default's shipped
+    profile of the same name (so of the same weights, layer, corpus and settings), else None."""
+    path = Path(path)
+    return (load_profile(path, settings)
+            or load_profile(shipped_cache_dir() / path.name, settings))
+
+
 def cached_profile(path: str | os.PathLike, settings: Mapping,
                    build: Callable[[], GuardProfile]) -> GuardProfile:
-    """The profile cached at ``path`` for ``settings``, else ``build()`` written there
-    atomically. Concurrent callers build it once: the others wait for the lock, then load."""
+    """``find_profile``, else ``build()`` written to ``path`` atomically. Concurrent callers
+    build it once: the others wait for the lock, then load."""
 
     def build_and_save() -> GuardProfile:
         profile = build()
         write_json_atomic(path, profile.to_dict())
         return profile
 
-    return build_once(path, lambda: load_profile(path, settings), build_and_save)
+    return build_once(path, lambda: find_profile(path, settings), build_and_save)
 
 
 # ----------------------------------------------------------------------------- perplexity

@@ -27,7 +27,20 @@ from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import FAMILIES, Model, check_model
 from rome_jax.models.tokenizer import Tokenizer
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "checkpoints" / "gpt2-cf-tiny"  # package data
+
+def _default_model() -> Path:
+    """The embedded default model: ``rome_jax/checkpoints/gpt2-cf-tiny`` where the wheel
+    installs it (pyproject.toml maps the repository's ``checkpoints/`` there), else
+    ``checkpoints/gpt2-cf-tiny`` at the top of the checkout (a source tree or an editable
+    install, whose ``rome_jax`` is the checkout's)."""
+    package = Path(__file__).resolve().parent
+    for root in (package, package.parent):
+        if (root / "checkpoints" / "gpt2-cf-tiny" / "config.json").is_file():
+            return root / "checkpoints" / "gpt2-cf-tiny"
+    return package.parent / "checkpoints" / "gpt2-cf-tiny"
+
+
+DEFAULT_MODEL = _default_model()
 GGUF_ALIASES = {"smollm2-135m": gguf.smollm2_path}
 
 

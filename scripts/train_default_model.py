@@ -1,5 +1,5 @@
 """Train the default model and write it, with its model card, over the embedded one
-(rome_jax/checkpoints/gpt2-cf-tiny, or --out).
+(checkpoints/gpt2-cf-tiny, or --out).
 
     python scripts/train_default_model.py [--steps N ...] [--work-dir runs/default]
 

@@ -16,7 +16,7 @@ from rome_jax.models.transformer import forward
 from rome_jax.rome.edit import prepare, solve
 from rome_jax.rome.hparams import RomeHParams
 from rome_jax.rome.request import EditRequest, subject_token_index
-from rome_jax.rome.stats import cache_path, compute_key_stats
+from rome_jax.rome.stats import cache_path, compute_key_stats, resolve_corpus
 
 HP = RomeHParams(layer=1, v_num_grad_steps=3, v_lr=0.1,
                  context_template_length_params=((4, 3), (6, 2)))
@@ -122,10 +122,11 @@ def test_statistics_with_bos_read_it_and_have_their_own_cache(model, bos_model, 
     assert without.count == sum(min(k, n) for k in lengths)
     assert with_bos.count == sum(min(k + 1, n) for k in lengths)
     assert not np.allclose(with_bos.moment, without.moment)
-    plain = cache_path(model, HP.layer, "wiki12", None, tmp_path)
-    assert cache_path(bos_model, HP.layer, "wiki12", None, tmp_path) != plain
-    assert cache_path(model.with_bos("Hello"), HP.layer, "wiki12", None, tmp_path) not in (
-        plain, cache_path(bos_model, HP.layer, "wiki12", None, tmp_path))
+    corpus = resolve_corpus("wiki12", texts)
+    plain = cache_path(model, HP.layer, corpus, tmp_path)
+    assert cache_path(bos_model, HP.layer, corpus, tmp_path) != plain
+    assert cache_path(model.with_bos("Hello"), HP.layer, corpus, tmp_path) not in (
+        plain, cache_path(bos_model, HP.layer, corpus, tmp_path))
     assert guard.profile_path(bos_model, HP, 8, tmp_path) != guard.profile_path(model, HP, 8,
                                                                                 tmp_path)
 

@@ -1,8 +1,9 @@
-"""Data lookup and downloads, against a local HTTP server on 127.0.0.1 serving ../shared's files.
+"""Data lookup and downloads, against a local HTTP server on 127.0.0.1 serving ../shared's files
+and files built here.
 
 The server plays the original hosts (``base_url`` / ``$ROME_JAX_DATA_URL`` point the downloads at
-it): it serves each file under the name it has at its original URL, can corrupt a file, and can
-cut a body off half way, after announcing the full length.
+it, or a test gives a source its URLs): it serves each file under the name it has at its original
+URL, can corrupt a file, and can cut a body off half way, after announcing the full length.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import json
 import threading
 import zipfile
 from pathlib import Path
@@ -86,35 +88,126 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
 
 
-def test_pins_are_the_shared_files():
-    """Every pinned file that is served as is has the sha256 of its copy in ../shared/data."""
+def test_pins_are_the_shared_files_or_known_subsets():
+    """Every pinned file that is served as is has the sha256 of its copy in ../shared/data,
+    except CounterFact: its pin is the full original's, and the shared copy is a known subset."""
     for name, source in data.SOURCES.items():
-        if source.member is None:
+        if source.member is None and source.sha256 is not None and name != "counterfact.json":
             assert hashlib.sha256(shared_bytes(name)).hexdigest() == source.sha256, name
+    cf = data.SOURCES["counterfact.json"]
+    assert cf.sha256 == "d017056125178a13728594e66a801357a8db9ed7973a7425554bb4271de9fc6f"
+    assert cf.urls[1].startswith("https://media.githubusercontent.com/media/"
+                                 "scalable-model-editing/rebuilding-rome/")
+    subset = hashlib.sha256(shared_bytes("counterfact.json")).hexdigest()
+    assert "subset" in data.KNOWN["counterfact.json"][subset]
+    assert data.SOURCES["zsre_eval.json"].sha256 is None  # trusted on first use
 
 
-def test_download_checks_hash_caches_and_is_not_repeated(server, cache, monkeypatch):
-    body = shared_bytes("counterfact.json")
-    server.files["/mirror/counterfact.json"] = body
-    monkeypatch.setenv("ROME_JAX_DATA_URL", server.url)
+def built_counterfact(n: int = 40) -> bytes:
+    """A CounterFact file built here from the shared records (the real one is not here)."""
+    return json.dumps(json.loads(shared_bytes("counterfact.json"))[:n]).encode()
+
+
+def test_download_tries_the_second_source_checks_the_pin_and_caches(server, cache, monkeypatch):
+    """The first host fails, the second (the rebuilding-rome LFS object) serves the file with
+    the pinned hash: kept, cached, read again without a download."""
+    body = built_counterfact()
+    monkeypatch.setitem(data.SOURCES, "counterfact.json", data.Source(
+        (server.url + "/dsets/counterfact.json", server.url + "/media/counterfact.json"),
+        hashlib.sha256(body).hexdigest()))
+    server.files["/mirror/media/counterfact.json"] = body
 
     records = data.load_counterfact()
-    assert server.requests == ["/mirror/counterfact.json"]
+    assert server.requests == ["/mirror/dsets/counterfact.json", "/mirror/media/counterfact.json"]
     assert (cache / "data" / "counterfact.json").read_bytes() == body
     assert leftovers(cache / "data") == ["counterfact.json"]
     assert records[0]["case_id"] == 0
+    assert "the original, sha256 verified" in data.describe(data.data_file("counterfact.json"))
 
     assert data.data_file("counterfact.json") == cache / "data" / "counterfact.json"
     assert data.load_counterfact() == records
-    assert server.requests == ["/mirror/counterfact.json"]  # the second call read the cache
+    assert len(server.requests) == 2  # the second call read the cache
+
+
+def test_the_subset_is_refused_as_a_download_and_named_where_it_is_used(server, cache,
+                                                                         monkeypatch, tmp_path):
+    """The shared 17,000-record copy is not the pinned file: a host serving it is refused. As a
+    local file it is used, and said to be a subset."""
+    server.files["/mirror/counterfact.json"] = shared_bytes("counterfact.json")
+    with pytest.raises(ValueError, match="is not the pinned d017056125"):
+        data.data_file("counterfact.json", base_url=server.url)
+    assert leftovers(cache / "data") == []
+    monkeypatch.setenv("ROME_JAX_DATA", str(SHARED))
+    records, source = data.counterfact_cases([57, 1416])
+    assert [r["case_id"] for r in records] == [57, 1416]
+    assert source == f"{SHARED / 'counterfact.json'} (subset: 17,000 of the 21,919 records)"
+
+
+def test_the_embedded_records_serve_their_case_ids_only(server, cache, monkeypatch):
+    """Without counterfact.json anywhere, case ids the embedded default ships come from its
+    copy; any other id needs the full data set (a download), so the shipped subset never
+    stands in for it."""
+    records, source = data.counterfact_cases([57, 946])
+    assert [r["case_id"] for r in records] == [57, 946] and "embedded" in source
+    assert server.requests == []
+    shipped = {r["case_id"] for r in data._embedded_counterfact()}
+    other = next(i for i in range(10**6) if i not in shipped)
+    monkeypatch.setenv("ROME_JAX_DATA_URL", server.url)
+    with pytest.raises(OSError, match="404"):
+        data.counterfact_cases([57, other])
+    with pytest.raises(OSError, match="404"):
+        data.load_counterfact()
+    assert server.requests == ["/mirror/counterfact.json"] * 2
+
+
+def zsre_bytes(n: int = 30) -> bytes:
+    return json.dumps(json.loads(shared_bytes("zsre_eval.json"))[:n]).encode()
+
+
+def test_zsre_is_trusted_on_first_use_then_verified(server, cache, monkeypatch, capsys):
+    """No hash of the original zsRE is known: the first download is kept when it has the
+    schema, its sha256 recorded beside it and printed; every later use checks it; a changed
+    file is refused."""
+    body = zsre_bytes()
+    digest = hashlib.sha256(body).hexdigest()
+    server.files["/mirror/zsre_mem_eval.json"] = body
+    monkeypatch.setenv("ROME_JAX_DATA_URL", server.url)
+
+    records = data.load_zsre()
+    assert len(records) == 30 and server.requests == ["/mirror/zsre_mem_eval.json"]
+    assert digest in capsys.readouterr().err
+    record = cache / "data" / "zsre_eval.json.sha256"
+    assert record.read_text().split()[0] == digest
+    assert leftovers(cache / "data") == ["zsre_eval.json", "zsre_eval.json.sha256"]
+
+    assert data.load_zsre() == records  # verified, not downloaded again
+    assert len(server.requests) == 1
+
+    changed = bytearray(body)
+    changed[body.index(b'"subject": "') + 12] ^= 1
+    (cache / "data" / "zsre_eval.json").write_bytes(bytes(changed))
+    with pytest.raises(ValueError, match=f"is not {digest}, recorded when it was downloaded"):
+        data.load_zsre()
+    record.unlink()
+    with pytest.raises(ValueError, match="no sha256 recorded"):
+        data.load_zsre()
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[]", b'{"subject": "x"}',
+                                  json.dumps([{"subject": "x", "src": "y"}]).encode()])
+def test_a_zsre_download_without_the_schema_is_refused(server, cache, body):
+    server.files["/mirror/zsre_mem_eval.json"] = body
+    with pytest.raises(ValueError, match="expected schema"):
+        data.data_file("zsre_eval.json", base_url=server.url)
+    assert leftovers(cache / "data") == []
 
 
 def test_corrupted_download_is_refused_and_not_cached(server, cache):
-    body = bytearray(shared_bytes("me_ppl/ME-PPL_50.json"))
+    body = bytearray(shared_bytes("me_ppl/ME-PPL_1k.json"))
     body[len(body) // 2] ^= 1
-    server.files["/mirror/ME-PPL_50.json"] = bytes(body)
-    with pytest.raises(ValueError, match="sha256 .* is not the pinned .* of me_ppl/ME-PPL_50"):
-        data.data_file("me_ppl/ME-PPL_50.json", base_url=server.url)
+    server.files["/mirror/ME-PPL_1k.json"] = bytes(body)
+    with pytest.raises(ValueError, match="sha256 .* is not the pinned .* of me_ppl/ME-PPL_1k"):
+        data.data_file("me_ppl/ME-PPL_1k.json", base_url=server.url)
     assert leftovers(cache / "data") == ["me_ppl"]  # no file, no temporary left behind
 
 
@@ -129,8 +222,14 @@ def test_interrupted_download_is_refused_and_not_cached(server, cache):
 
 def test_unreachable_or_missing_url_is_an_oserror(server, cache):
     with pytest.raises(OSError, match="404"):
-        data.data_file("me_ppl/ME-PPL_50.json", base_url=server.url)
+        data.data_file("me_ppl/ME-PPL_1k.json", base_url=server.url)
     assert leftovers(cache / "data") == ["me_ppl"]
+
+
+def test_me_ppl_50_is_the_shipped_copy_when_found_nowhere(server, cache):
+    path = data.data_file("me_ppl/ME-PPL_50.json", base_url=server.url)
+    assert path == data.EMBEDDED / "me_ppl" / "ME-PPL_50.json" and server.requests == []
+    assert data.sha256_file(path) == data.SOURCES["me_ppl/ME-PPL_50.json"].sha256
 
 
 def test_wikitext_is_the_non_blank_lines_of_the_archive_member(server, cache):
@@ -146,7 +245,7 @@ def test_wikitext_is_the_non_blank_lines_of_the_archive_member(server, cache):
     body = archive.getvalue()
     server.files["/mirror/wikitext-2-raw-v1.zip"] = body
     original = data.SOURCES["corpus/wikitext2_raw_test.txt"]
-    source = data.Source(original.url, hashlib.sha256(body).hexdigest(), member)
+    source = data.Source(original.urls, hashlib.sha256(body).hexdigest(), member)
 
     path = data.download("corpus/wikitext2_raw_test.txt", cache / "data", server.url, source)
     assert path.read_bytes() == text

