@@ -198,9 +198,10 @@ def test_emmet_with_one_request_is_rank_one_update(dtype_name, method, seed, f, 
         keys_b = None if method != "rome" else cast(key_b[None])
         left, right, diag = emmet_factors(cast(key_a[None]), keys_b, cast(residual[None]),
                                           factor, lam)
-    scale = np.linalg.norm(as64(edit.key_dir))
-    assert np.linalg.norm(as64(left[:, 0]) - as64(edit.key_dir)) <= tol * scale
-    np.testing.assert_allclose(as64(right[0]), as64(edit.value_delta), rtol=tol,
+    key_dir, value_delta = edit.deltas[0].left[:, 0], edit.deltas[0].right[0]  # rank one
+    scale = np.linalg.norm(as64(key_dir))
+    assert np.linalg.norm(as64(left[:, 0]) - as64(key_dir)) <= tol * scale
+    np.testing.assert_allclose(as64(right[0]), as64(value_delta), rtol=tol,
                                atol=tol * np.abs(residual).max())
     np.testing.assert_allclose(as64(diag.denominator_min), abs(float(rome_diag.denominator)),
                                rtol=tol)
