@@ -55,3 +55,19 @@ def read_case_ids(path: str) -> list:
     except (OSError, ValueError) as err:
         raise ValueError(f"--case-ids {path}: not a JSON list of case ids "
                          f"({one_line(err)})") from None
+
+
+def batch_hparams(config, method: str, args, layers=None, keys: str = "rome", layer=None):
+    """A batch editor's settings (``editors.hparams.resolve``) with the v* flags of ``args``
+    (--mom2-n-samples, --v-steps, --template-lengths, --context-templates; absent or None:
+    the preset's); ValueError naming --layers."""
+    from rome_jax.editors.hparams import resolve
+
+    flags = {"mom2_n_samples": "mom2_n_samples", "v_num_grad_steps": "v_steps",
+             "context_template_length_params": "template_lengths",
+             "context_templates": "context_templates"}
+    try:
+        return resolve(config, method, layers, keys, layer,
+                       **{field: getattr(args, flag, None) for field, flag in flags.items()})
+    except ValueError as err:
+        raise ValueError(f"--{err}" if str(err).startswith("layers:") else str(err)) from None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rome_jax.arguments import batch_hparams
 from rome_jax.cli.common import PPL_CORPUS, PROG, Setup, fmt, log
 
 
@@ -20,20 +21,6 @@ def layer_range(text: str) -> tuple[int, ...]:
         return parse_layers(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def batch_hparams(s: Setup, method: str):
-    """The method's preset for the model, with --layers, --keys and the v* flags applied."""
-    from rome_jax.editors.hparams import resolve
-
-    args = s.args
-    try:
-        return resolve(s.model.config, method, s.hparams, args.layers, args.keys, args.layer,
-                       mom2_n_samples=args.mom2_n_samples, v_num_grad_steps=args.v_steps,
-                       context_template_length_params=args.template_lengths,
-                       context_templates=args.context_templates)
-    except ValueError as err:
-        raise ValueError(f"--{err}" if str(err).startswith("layers:") else str(err)) from None
 
 
 def _efficacy(model, params, requests) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +67,7 @@ def run_batch(args, requests: list, out: Path | None, report_file: Path | None,
         # from --layers (checked as --layers by batch_hparams), so any valid layer serves here.
         args = argparse.Namespace(**{**vars(args), "layer": 0})
     s = Setup(args)
-    hparams = batch_hparams(s, method)
+    hparams = batch_hparams(s.model.config, method, args, args.layers, args.keys, args.layer)
     for i, request in enumerate(requests):
         try:
             s.check_request(request)

@@ -110,30 +110,38 @@ _ORIGINALS = {
 }
 
 
+def rule_preset(config: ModelConfig, method: str, top: int) -> BatchHParams:
+    """``method``'s settings by the rule (module docstring) for a window ending at layer
+    ``top``: MEMIT's and AlphaEdit's five layers, EMMET's ``top`` alone, GPT-J's other
+    settings. MEMIT's λ is then GPT-J's per key dimension, 15000 · F / 16384 (λC weighs
+    against KᵀK along each key direction roughly as λ · tr(C) / F does; measured on the
+    default model, 20 facts: ES 0.55 at λ 15000, 0.85 at 1500, 0.95 at 150)."""
+    if method not in BATCH_METHODS:
+        raise ValueError(f"method: {method!r} is not one of {', '.join(BATCH_METHODS)}")
+    top = config.check_layer(top)
+    layers = (top,) if method == "emmet" else _window(top)
+    fields = dict(_ORIGINALS[(method, "gpt-j-6b")][1])
+    if method == "memit":
+        fields["mom2_update_weight"] = round(15000.0 * config.d_mlp / 16384)
+    return BatchHParams(layers=layers, v=_memit_v(layers[-1]), **fields).check(config)
+
+
 def batch_preset(config: ModelConfig, method: str, name: str | None = None,
                  layer: int | None = None) -> BatchHParams:
     """The preset of ``method`` for a model of this family, depth and width (or ``name``): the
-    original's where it has one; else MEMIT's and AlphaEdit's window by the rule (module
-    docstring) with GPT-J's other settings, and EMMET at ROME's layer with GPT-J's. MEMIT's λ
-    is then GPT-J's per key dimension, 15000 · F / 16384 (λC weighs against KᵀK along each key
-    direction roughly as λ · tr(C) / F does; measured on the default model, 20 facts: ES 0.55
-    at λ 15000, 0.85 at 1500, 0.95 at 150). ``layer`` replaces ROME's layer in the rule (an
-    edit at another layer than the preset's)."""
+    original's where it has one, else ``rule_preset`` at ROME's layer; ``layer`` (an edit at
+    another layer than the preset's) moves the rule's window there. ValueError for a model
+    without a ROME preset."""
     if method not in BATCH_METHODS:
         raise ValueError(f"method: {method!r} is not one of {', '.join(BATCH_METHODS)}")
     rome = preset_for(config, name)
     if name is None:
         name = next(n for n, p in PRESETS.items() if p is rome)
-    if layer == rome.layer:
-        layer = None  # the preset's own layer: the original's preset where there is one
-    top = rome.layer if layer is None else config.check_layer(layer)
-    original = _ORIGINALS.get((method, name)) if layer is None else None
-    layers, fields, z = original or ((top,) if method == "emmet" else _window(top),
-                                     dict(_ORIGINALS[(method, "gpt-j-6b")][1]), {})
-    if original is None and method == "memit":
-        fields["mom2_update_weight"] = round(15000.0 * config.d_mlp / 16384)
-    hparams = BatchHParams(layers=layers, v=_memit_v(layers[-1], **z), **fields)
-    return hparams.check(config)
+    original = _ORIGINALS.get((method, name))
+    if original is None or layer not in (None, rome.layer):
+        return rule_preset(config, method, rome.layer if layer is None else layer)
+    layers, fields, z = original
+    return BatchHParams(layers=layers, v=_memit_v(layers[-1], **z), **fields).check(config)
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
@@ -152,25 +160,24 @@ def parse_layers(text: str) -> tuple[int, ...]:
     return layers
 
 
-def resolve(config: ModelConfig, method: str, base: RomeHParams,
-            layers: tuple[int, ...] | None = None, keys: str = "rome", layer: int | None = None,
-            **v_changes) -> BatchHParams:
+def resolve(config: ModelConfig, method: str, layers: tuple[int, ...] | None = None,
+            keys: str = "rome", layer: int | None = None, **v_changes) -> BatchHParams:
     """``method``'s preset for the model (``layer``: the rule's window ending there instead;
-    for a model without a preset: ``layers`` with MEMIT's z settings over ``base``), over
+    a model without a preset: the rule's window ending at ``layers[-1]`` or ``layer``), over
     ``layers`` when given, with the key convention ``keys`` and the v* settings ``v_changes``
     (None values ignored). ValueError naming ``layers``."""
     try:
         hparams = batch_preset(config, method, layer=layer)
     except ValueError:
-        if layers is None:
+        top = layers[-1] if layers else layer
+        if top is None:
             raise ValueError("layers: this model has no batch preset; give the layers to edit "
                              "(e.g. 2-4)") from None
-        hparams = BatchHParams(layers=layers, v=base.replace(
-            layer=layers[-1], clamp_norm_factor=0.75, clamp_reference="residual"))
+        hparams = rule_preset(config, method, top)
     if layers is not None:
-        for layer in layers:
+        for one in layers:
             try:
-                config.check_layer(layer)
+                config.check_layer(one)
             except ValueError as err:
                 raise ValueError(f"layers: {err}") from None
         hparams = hparams.with_layers(layers)

@@ -76,11 +76,22 @@ def _mean_scores(scores: Sequence[Mapping]) -> dict:
     return {k: v for k, v in summarize_counterfact(scores).items() if k in SCORES}
 
 
+def check_row(row: Mapping) -> None:
+    """ValueError naming the first field a row lacks."""
+    from rome_jax.experiments.journal import NUMBER, require
+
+    require(row, {"key": str, "method": str, "n": int, "ppl": NUMBER,
+                  **{k: NUMBER for k in SCORES}})
+    if row["method"] != "none":
+        require(row, {"layers": list, "update": list, "seconds_solve": NUMBER,
+                      "seconds_update": NUMBER})
+
+
 def run(s, args, journal, header: Mapping) -> None:
     from rome_jax.data import load_me_ppl
     from rome_jax.editors.batch import edit_batch, prepare_batch
     from rome_jax.editors.delta import apply_edit
-    from rome_jax.editors.hparams import resolve
+    from rome_jax.arguments import batch_hparams
     from rome_jax.evaluation import counterfact_scores, perplexity
     from rome_jax.experiments.sequential import chosen_records
     from rome_jax.rome.request import EditRequest
@@ -100,8 +111,8 @@ def run(s, args, journal, header: Mapping) -> None:
             journal.append({"key": key, "method": "none", "n": n, **_mean_scores(scores),
                             "ppl": base_ppl})
     for method in st["methods"]:
-        hparams = resolve(s.model.config, method, s.hparams, keys=st["keys"],
-                          layer=s.hparams.layer, mom2_n_samples=s.hparams.mom2_n_samples)
+        hparams = batch_hparams(s.model.config, method, args, keys=st["keys"],
+                                layer=s.hparams.layer)
         context = None
         for n in st["sizes"]:
             key = f"{method}/{n}"

@@ -47,11 +47,22 @@ def settings(args) -> dict:
             "conventions": _list(args.conventions, "--conventions", known=CONVENTIONS)}
 
 
+def check_row(row: Mapping) -> None:
+    """ValueError naming the first field a row lacks."""
+    from rome_jax.experiments.journal import NUMBER, require
+
+    require(row, {"key": list, "method": str, "keys": str, "layers": list, "n_collapse": int,
+                  "n_normal": int})
+    if "error" not in row:
+        require(row, {"ppl50_ratio": NUMBER, "es_collapse": NUMBER, "es_normal": NUMBER,
+                      "update": list})
+
+
 def run(s, args, journal, header: Mapping) -> None:
     from rome_jax.data import counterfact_by_case_id, load_counterfact, load_me_ppl
     from rome_jax.editors.batch import edit_batch, prepare_batch, solve_targets
     from rome_jax.editors.delta import apply_edit
-    from rome_jax.editors.hparams import resolve
+    from rome_jax.arguments import batch_hparams
     from rome_jax.evaluation import perplexity
     from rome_jax.experiments.sequential_batch import _efficacy
     from rome_jax.rome.request import EditRequest
@@ -74,8 +85,8 @@ def run(s, args, journal, header: Mapping) -> None:
             key = [method, keys]
             if key in journal:
                 continue
-            hparams = resolve(s.model.config, method, s.hparams, keys=keys,
-                              layer=s.hparams.layer, mom2_n_samples=s.hparams.mom2_n_samples)
+            hparams = batch_hparams(s.model.config, method, args, keys=keys,
+                                    layer=s.hparams.layer)
             context = context or prepare_batch(s.model, method, hparams,
                                                jax.random.key(st.get("seed", 0)))
             solved = solved or solve_targets(s.model, requests, hparams, context,

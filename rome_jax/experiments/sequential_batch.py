@@ -123,12 +123,22 @@ def _efficacy(model, records: Sequence[Mapping], params) -> float:
     return float((new < true).mean())
 
 
+def check_row(row: Mapping) -> None:
+    """ValueError naming the first field a row lacks."""
+    from rome_jax.experiments.journal import NUMBER, require
+
+    require(row, {"key": list, "method": str, "batches": int, "edited": int, "ppl1k": NUMBER,
+                  "downstream": dict})
+    if row["batches"] > 0:
+        require(row, {"es_so_far": NUMBER, "es_batch": NUMBER, "delta_norm": list})
+
+
 def run(s, args, journal, header: Mapping) -> None:
     from tqdm import tqdm
 
     from rome_jax.editors.batch import edit_batch, prepare_batch
     from rome_jax.editors.delta import apply_edit
-    from rome_jax.editors.hparams import resolve
+    from rome_jax.arguments import batch_hparams
     from rome_jax.experiments.sequential import Evaluators, chosen_records
     from rome_jax.rome.request import EditRequest
 
@@ -141,8 +151,8 @@ def run(s, args, journal, header: Mapping) -> None:
     size = st["batch_size"]
     n_batches = -(-len(records) // size)
     for method in st["methods"]:
-        hparams = resolve(s.model.config, method, s.hparams, keys=st["keys"],
-                          layer=s.hparams.layer, mom2_n_samples=s.hparams.mom2_n_samples)
+        hparams = batch_hparams(s.model.config, method, args, keys=st["keys"],
+                                layer=s.hparams.layer)
         evaluate = Evaluators(s, st, layer=hparams.layers[0])
         if [method, 0] not in journal:
             _state_path(out, method).unlink(missing_ok=True)  # an --overwrite left it behind

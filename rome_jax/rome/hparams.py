@@ -8,6 +8,7 @@ import numbers
 
 from rome_jax.models.config import ModelConfig
 from rome_jax.rome.request import FACT_TOKENS
+from rome_jax.rome.templates import MEMIT_OPENINGS
 from rome_jax.rome.templates import STYLES as TEMPLATE_STYLES
 
 
@@ -75,6 +76,12 @@ class RomeHParams:
                              f"{self.context_template_length_params!r}")
         object.__setattr__(self, "context_template_length_params",
                            tuple((int(n), int(k)) for n, k in pairs))
+        if self.context_templates == "memit" and any(
+                k % len(MEMIT_OPENINGS) for _, k in self.context_template_length_params):
+            raise ValueError(f"context_template_length_params: MEMIT's templates take one count "
+                             f"per opening word ({len(MEMIT_OPENINGS)}), so each count must be a "
+                             f"multiple of {len(MEMIT_OPENINGS)}, got "
+                             f"{self.context_template_length_params!r}")
 
     def check(self, config: ModelConfig) -> "RomeHParams":
         config.check_layer(self.layer)

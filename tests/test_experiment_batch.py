@@ -1,0 +1,106 @@
+"""``rome-jax experiment batch``, ``sequential-batch`` and ``batch-collapse`` on the embedded
+default model at small sizes, in process: the rows' shapes, ranges and internal consistency,
+the reports from the rows, and resuming without recomputing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rome_jax import cli
+from rome_jax.experiments.journal import Journal, read_rows
+
+SMALL = ["--mom2-n-samples", "40", "--v-steps", "4", "--template-lengths", "5x5"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ROME_JAX_CACHE", str(root / "cache"))
+        mp.setenv("ROME_JAX_COMPILATION_CACHE", "0")
+        mp.setenv("TQDM_DISABLE", "1")
+        mp.delenv("ROME_JAX_DEFAULT_MODEL", raising=False)
+        yield root
+
+
+def harmonic(*xs: float) -> float:
+    return 0.0 if min(xs) <= 0 else len(xs) / sum(1 / x for x in xs)
+
+
+def test_batch_rows_and_resume(env):
+    args = ["experiment", "batch", "--sizes", "1,3", "--methods", "memit,emmet",
+            "--ppl-texts", "5", "--out", str(env / "batch"), *SMALL]
+    assert cli.main(args) == 0
+    header, rows = read_rows(env / "batch" / "rows.jsonl", "batch")
+    by_key = {r["key"]: r for r in rows}
+    assert set(by_key) == {f"{m}/{n}" for m in ("none", "memit", "emmet") for n in (1, 3)}
+    assert by_key["none/1"]["ppl"] == by_key["none/3"]["ppl"]  # one unedited model
+    for key, r in by_key.items():
+        for score in ("ES", "PS", "NS"):
+            assert 0 <= r[score] <= 1
+        assert r["S"] == pytest.approx(harmonic(r["ES"], r["PS"], r["NS"]))
+        if r["method"] == "none":
+            continue
+        assert r["layers"] == ([0, 1, 2] if r["method"] == "memit" else [2])  # the presets
+        assert [layer["layer"] for layer in r["update"]] == r["layers"]
+        for layer in r["update"]:
+            assert layer["rank"] == min(r["n"], 64) and np.isfinite(layer["update.delta_norm"])
+            assert layer["update.delta_norm"] > 0
+        assert r["seconds_solve"] > 0 and r["seconds_update"] > 0 and r["ppl"] > 1
+    # a rerun with the same settings computes nothing and keeps the rows
+    assert cli.main(args) == 0
+    assert read_rows(env / "batch" / "rows.jsonl", "batch")[1] == rows
+    table = (env / "batch" / "table.md").read_text()
+    assert "| memit | 3 |" in table and "MEMIT, GPT-J, 10,000 edits" in table
+
+
+def test_sequential_batch_folds_and_resumes(env):
+    out = env / "seq"
+    args = ["experiment", "sequential-batch", "--n", "4", "--batch-size", "2", "--methods",
+            "alphaedit,memit", "--tasks", "sst2", "--downstream-n", "4", "--shots", "1",
+            "--ppl-texts", "5", "--out", str(out), *SMALL]
+    assert cli.main(args) == 0
+    _, rows = read_rows(out / "rows.jsonl", "sequential-batch")
+    for method in ("alphaedit", "memit"):
+        trace = sorted((r for r in rows if r["method"] == method), key=lambda r: r["batches"])
+        assert [r["batches"] for r in trace] == [0, 1, 2]
+        assert [r["edited"] for r in trace] == [0, 2, 4]
+        for r in trace[1:]:
+            assert 0 <= r["es_so_far"] <= 1 and 0 <= r["es_batch"] <= 1
+            assert len(r["delta_norm"]) == 3 and all(np.isfinite(r["delta_norm"]))
+        assert all(r["ppl1k"] > 1 and 0 <= r["downstream"]["sst2"]["accuracy"] <= 1
+                   for r in trace)
+        state = np.load(out / f"state-{method}.npz")
+        assert int(state["done"]) == 2
+        preserved = [k for k in state.files if k.startswith("preserved")]
+        assert bool(preserved) == (method == "alphaedit")  # AlphaEdit's fold state only
+        for k in preserved:
+            np.testing.assert_allclose(state[k], state[k].T, rtol=1e-5, atol=1e-5)
+    assert cli.main(args) == 0
+    assert read_rows(out / "rows.jsonl", "sequential-batch")[1] == rows
+
+
+def test_batch_collapse_rows(env):
+    from rome_jax import load_model
+    from rome_jax.models.model import params_digest
+
+    baseline = env / "collapse-l2"
+    settings = {"layer": 2, "bos": None, "threshold": 10.0, "sample_seed": 0,
+                "digest": params_digest(load_model().params)}
+    with Journal(baseline / "rows.jsonl", "collapse", settings) as journal:
+        for case_id, first, ratio in ((946, True, 100.0), (0, False, 1.0), (2, False, 1.01)):
+            journal.append({"key": case_id, "case_id": case_id, "first_token_subject": first,
+                            "rome": {"ratio": ratio}})
+    out = env / "batch-collapse"
+    assert cli.main(["experiment", "batch-collapse", "--baseline", str(baseline), "--n-normal",
+                     "2", "--methods", "emmet", "--conventions", "rome,c-rome", "--out",
+                     str(out), *SMALL]) == 0
+    _, rows = read_rows(out / "rows.jsonl", "batch-collapse")
+    assert [(r["method"], r["keys"]) for r in rows] == [("emmet", "rome"), ("emmet", "c-rome")]
+    for r in rows:
+        assert (r["n_collapse"], r["n_normal"]) == (1, 2)
+        assert 0 <= r["es_collapse"] <= 1 and 0 <= r["es_normal"] <= 1 and r["ppl50_ratio"] > 0
+        (layer,) = r["update"]
+        assert layer["layer"] == 2 and layer["rank"] == 3
+        assert layer["denominator_condition"] >= 1
