@@ -166,6 +166,11 @@ def resolve(config: ModelConfig, method: str, layers: tuple[int, ...] | None = N
     a model without a preset: the rule's window ending at ``layers[-1]`` or ``layer``), over
     ``layers`` when given, with the key convention ``keys`` and the v* settings ``v_changes``
     (None values ignored). ValueError naming ``layers``."""
+    for one in layers or ():
+        try:
+            config.check_layer(one)
+        except ValueError as err:
+            raise ValueError(f"layers: {err}") from None
     try:
         hparams = batch_preset(config, method, layer=layer)
     except ValueError:
@@ -175,11 +180,6 @@ def resolve(config: ModelConfig, method: str, layers: tuple[int, ...] | None = N
                              "(e.g. 2-4)") from None
         hparams = rule_preset(config, method, top)
     if layers is not None:
-        for one in layers:
-            try:
-                config.check_layer(one)
-            except ValueError as err:
-                raise ValueError(f"layers: {err}") from None
         hparams = hparams.with_layers(layers)
     v = hparams.v.replace(**{k: x for k, x in v_changes.items() if x is not None})
     return hparams.replace(v=v, keys=keys).check(config)
