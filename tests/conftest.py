@@ -13,6 +13,7 @@ projection or a wrong position id would still match HF to 1e-4. With O(1) weight
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -187,6 +188,19 @@ def copy_model_dir(tmp_path) -> Callable[[HFModel | Path], Path]:
 
     return copy
 
+
+
+@contextlib.contextmanager
+def in_process_env(root: Path, default_model: bool = True):
+    """Environment for in-process ``cli.main`` runs: the cache under ``root``, no compilation
+    cache, no progress bars; ``default_model``: no ROME_JAX_DEFAULT_MODEL override."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ROME_JAX_CACHE", str(root / "cache"))
+        mp.setenv("ROME_JAX_COMPILATION_CACHE", "0")
+        mp.setenv("TQDM_DISABLE", "1")
+        if default_model:
+            mp.delenv("ROME_JAX_DEFAULT_MODEL", raising=False)
+        yield mp
 
 
 def tiny_gpt2(n_layer: int, d_model: int, n_head: int, seq_len: int, seed: int,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import in_process_env
 
 from rome_jax import cli
 from rome_jax.experiments.journal import Journal, read_rows
@@ -16,11 +17,7 @@ SMALL = ["--mom2-n-samples", "40", "--v-steps", "4", "--template-lengths", "5x5"
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("batch")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ROME_JAX_CACHE", str(root / "cache"))
-        mp.setenv("ROME_JAX_COMPILATION_CACHE", "0")
-        mp.setenv("TQDM_DISABLE", "1")
-        mp.delenv("ROME_JAX_DEFAULT_MODEL", raising=False)
+    with in_process_env(root):
         yield root
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import pytest
-from conftest import SMALL
+from conftest import SMALL, in_process_env
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -86,10 +86,7 @@ def test_out_apart_from_the_inputs(run, tiny_model):
 def finished(tiny_model, tmp_path_factory):
     """A finished collapse run's rows.jsonl (header and one row), as bytes."""
     root = tmp_path_factory.mktemp("fuzz")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ROME_JAX_CACHE", str(root / "cache"))
-        mp.setenv("ROME_JAX_COMPILATION_CACHE", "0")
-        mp.setenv("TQDM_DISABLE", "1")
+    with in_process_env(root, default_model=False):
         assert cli.main(["experiment", "collapse", "--model", str(tiny_model), *SMALL, "--n",
                          "1", "--max-first", "0", "--out", str(root / "run")]) == 0
     return root, (root / "run" / "rows.jsonl").read_bytes()

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import in_process_env
 
 from rome_jax import cli
 from rome_jax.experiments import single
@@ -25,11 +26,7 @@ BASELINE = {946: (True, 100.0), 1420: (True, 1.02), 0: (False, 1.0), 2: (False, 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ROME_JAX_CACHE", str(root / "cache"))
-        mp.setenv("ROME_JAX_COMPILATION_CACHE", "0")
-        mp.setenv("TQDM_DISABLE", "1")
-        mp.delenv("ROME_JAX_DEFAULT_MODEL", raising=False)
+    with in_process_env(root):
         yield root
 
 
