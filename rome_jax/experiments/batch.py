@@ -148,7 +148,7 @@ def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
             seconds = (r.get("seconds_solve", np.nan), r.get("seconds_update", np.nan))
             delta = max((layer["update.delta_norm"] for layer in r.get("update", [])),
                         default=None)
-            table_rows.append([method, n, *(r[k] for k in SCORES), r["ppl"],
+            table_rows.append([method, f"{n:,}", *(r[k] for k in SCORES), r["ppl"],
                                r["ppl"] / base["ppl"] if base else None, delta, *seconds,
                                (seconds[0] + seconds[1]) / n if method != "none" else None,
                                r.get("peak_rss_mb")])

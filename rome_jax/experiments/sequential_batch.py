@@ -193,7 +193,7 @@ def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
     for method, trace in traces.items():
         for r in trace:
             acc = r.get("downstream", {})
-            table_rows.append([method, r["batches"], r["edited"], r.get("es_so_far"),
+            table_rows.append([method, r["batches"], f"{r['edited']:,}", r.get("es_so_far"),
                                r.get("es_batch"), r["ppl1k"],
                                *(acc.get(t, {}).get("accuracy") for t in st["tasks"])])
     markdown = (f"# Sequential batch editing ({run_label(st)}; {st['n']} facts in batches of "
