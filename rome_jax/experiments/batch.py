@@ -180,6 +180,7 @@ def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
             ax.set_xscale("log")
             ax.set_xlabel("facts in the update")
             ax.set_title(title, fontsize=9)
+        axes[2].set_yscale("log")  # a collapse spans decades
         axes[0].legend(fontsize=8)
         save_figure(fig, path, f"Batch editing, {run_label(st)}")
 
