@@ -82,6 +82,28 @@ def target_probabilities(model: Model, prompt: str, target_new: str,
     return float(probs[0]), (float(probs[1]) if len(probs) > 1 else None)
 
 
+def request_probabilities(model: Model, requests: Sequence, params: Params | None = None
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """P(target_new), P(target_true) [B] after each request's plain prompt (``EditRequest``s;
+    NaN where a request has no target_true), every request in ``continuation_nll``'s batches."""
+    texts = [r.text for r in requests]
+    p_new = np.exp(-continuation_nll(model, texts, [r.target_new for r in requests],
+                                     params=params))
+    known = [i for i, r in enumerate(requests) if r.target_true]
+    p_true = np.full(len(requests), np.nan)
+    if known:
+        p_true[known] = np.exp(-continuation_nll(
+            model, [texts[i] for i in known], [requests[i].target_true for i in known],
+            params=params))
+    return p_new, p_true
+
+
+def efficacy(p_new: np.ndarray, p_true: np.ndarray) -> float | None:
+    """Share of P(new) > P(true) over the requests with a target_true (None without any)."""
+    known = ~np.isnan(p_true)
+    return float((p_new[known] > p_true[known]).mean()) if known.any() else None
+
+
 def perplexity_batches(tokenizer, texts: Sequence[str], batch_size: int = 32,
                        max_tokens: int = 256) -> list[tuple[np.ndarray, np.ndarray]]:
     """``texts`` with two or more tokens (the start token counted, if any), each read as a whole

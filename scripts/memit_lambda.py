@@ -10,8 +10,6 @@ error ‖k_i Δw − r_i‖ and the mean residual ‖r_i‖.
 
 import argparse
 
-import numpy as np
-
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -26,19 +24,16 @@ def main() -> None:
     from rome_jax.editors.batch import edit_batch, prepare_batch
     from rome_jax.editors.delta import apply_edit
     from rome_jax.editors.hparams import batch_preset
-    from rome_jax.evaluation import continuation_nll
+    from rome_jax.evaluation import efficacy, request_probabilities
     from rome_jax.rome.request import EditRequest
 
     model = load_model(args.model)
     requests = [EditRequest.from_dict(r) for r in load_counterfact()[:args.n]]
-    texts = [r.text for r in requests]
 
-    def efficacy(params=None) -> float:
-        new = continuation_nll(model, texts, [r.target_new for r in requests], params=params)
-        true = continuation_nll(model, texts, [r.target_true for r in requests], params=params)
-        return float(np.mean(new < true))
+    def es(params=None) -> float:
+        return efficacy(*request_probabilities(model, requests, params))
 
-    print(f"ES before: {efficacy():.2f}")
+    print(f"ES before: {es():.2f}")
     hparams = batch_preset(model.config, "memit")
     hparams = hparams.replace(v=hparams.v.replace(mom2_n_samples=args.mom2_n_samples))
     context = prepare_batch(model, "memit", hparams)
@@ -48,7 +43,7 @@ def main() -> None:
         layers = [(r["layer"], round(r["update.delta_norm"], 2),
                    round(r["update.fit_error_mean"], 2), round(r["update.residual_norm_mean"], 2))
                   for r in result.report.layers]
-        print(f"λ {weight:g}: ES after {efficacy(apply_edit(model.params, result.edit)):.2f}; "
+        print(f"λ {weight:g}: ES after {es(apply_edit(model.params, result.edit)):.2f}; "
               f"(layer, ‖Δw‖, fit error, residual): {layers}")
 
 

@@ -23,27 +23,6 @@ def layer_range(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _efficacy(model, params, requests) -> tuple[np.ndarray, np.ndarray]:
-    """P(new), P(true) [B] of every request's plain prompt (NaN where no target_true)."""
-    from rome_jax.evaluation import continuation_nll
-
-    texts = [r.text for r in requests]
-    p_new = np.exp(-continuation_nll(model, texts, [r.target_new for r in requests],
-                                     params=params))
-    with_true = [i for i, r in enumerate(requests) if r.target_true]
-    p_true = np.full(len(requests), np.nan)
-    if with_true:
-        p_true[with_true] = np.exp(-continuation_nll(
-            model, [texts[i] for i in with_true], [requests[i].target_true for i in with_true],
-            params=params))
-    return p_new, p_true
-
-
-def _share(p_new: np.ndarray, p_true: np.ndarray) -> float | None:
-    known = ~np.isnan(p_true)
-    return float((p_new[known] > p_true[known]).mean()) if known.any() else None
-
-
 def run_batch(args, requests: list, out: Path | None, report_file: Path | None,
               write_outputs) -> int:
     """Edit, measure, write (``write_outputs(model or None, out, report, report_file,
@@ -54,6 +33,7 @@ def run_batch(args, requests: list, out: Path | None, report_file: Path | None,
     from rome_jax.data import load_me_ppl
     from rome_jax.editors.batch import edit_batch, prepare_batch
     from rome_jax.editors.delta import apply_edit
+    from rome_jax.evaluation import efficacy, request_probabilities
     from rome_jax.guard import PerplexityProbe
 
     method = args.method
@@ -77,7 +57,7 @@ def run_batch(args, requests: list, out: Path | None, report_file: Path | None,
         f"(keys {hparams.keys}); guard: not calibrated for batch editors, not applied")
     context = prepare_batch(s.model, method, hparams, jax.random.key(args.seed), log=log)
     probe = PerplexityProbe(s.model, load_me_ppl(PPL_CORPUS), hparams.layers[0])
-    p_new0, p_true0 = _efficacy(s.model, s.model.params, requests)
+    p_new0, p_true0 = request_probabilities(s.model, requests)
     with tqdm(total=len(requests), desc=f"{method} v*", unit="request") as bar:
         def progress(items):
             for item in items:
@@ -87,7 +67,7 @@ def run_batch(args, requests: list, out: Path | None, report_file: Path | None,
         result = edit_batch(s.model, requests, method, hparams, context=context,
                             chunk=args.chunk, progress=progress)
     params = apply_edit(s.model.params, result.edit)
-    p_new1, p_true1 = _efficacy(s.model, params, requests)
+    p_new1, p_true1 = request_probabilities(s.model, requests, params)
     ppl_after = probe(params)
     edits = [{"request": r.to_dict(), "p_new_before": float(a), "p_new_after": float(b),
               "p_true_before": None if np.isnan(c) else float(c),
@@ -104,7 +84,7 @@ def run_batch(args, requests: list, out: Path | None, report_file: Path | None,
         "layers": list(hparams.layers), "keys": hparams.keys, "mode": "batch",
         "n_requests": len(requests), "perplexity_corpus": PPL_CORPUS,
         "perplexity_before": probe.base, "perplexity_after": ppl_after,
-        "efficacy_before": _share(p_new0, p_true0), "efficacy_after": _share(p_new1, p_true1),
+        "efficacy_before": efficacy(p_new0, p_true0), "efficacy_after": efficacy(p_new1, p_true1),
         "status": "applied", "hparams": hp, "update": result.report.to_dict(), "edits": edits,
         "out": str(out) if out else None}
     write_outputs(s.model.with_params(params) if out else None, out, report, report_file,

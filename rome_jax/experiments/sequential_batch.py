@@ -112,15 +112,11 @@ def load_state(out: Path, method: str, params, layers) -> tuple[int, object, dic
 
 def _efficacy(model, records: Sequence[Mapping], params) -> float:
     """Share of ``records`` whose rewrite prompt gives P(new) > P(true) on ``params``."""
-    from rome_jax.evaluation import continuation_nll
+    from rome_jax.evaluation import efficacy, request_probabilities
+    from rome_jax.rome.request import EditRequest
 
-    texts = [r["requested_rewrite"]["prompt"].format(r["requested_rewrite"]["subject"])
-             for r in records]
-    new = continuation_nll(model, texts, [r["requested_rewrite"]["target_new"]["str"]
-                                          for r in records], params=params)
-    true = continuation_nll(model, texts, [r["requested_rewrite"]["target_true"]["str"]
-                                           for r in records], params=params)
-    return float((new < true).mean())
+    return efficacy(*request_probabilities(
+        model, [EditRequest.from_dict(r) for r in records], params))
 
 
 def check_row(row: Mapping) -> None:
