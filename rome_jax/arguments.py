@@ -47,6 +47,22 @@ nonnegative_int = number(int, lambda v: v >= 0, "must be 0 or more")
 ratio_above_one = number(float, lambda v: v > 1, "must be greater than 1")
 
 
+def comma_list(text: str, flag: str, parse=str, known=None) -> list:
+    """``flag``'s comma-separated items, parsed by ``parse``, duplicates dropped, each one of
+    ``known`` when given; ValueError naming ``flag`` for an empty list or an unknown item."""
+    try:
+        items = list(dict.fromkeys(parse(x.strip()) for x in text.split(",") if x.strip()))
+    except ValueError:
+        items = []
+    if not items:
+        raise ValueError(f"{flag}: give a comma-separated list, got {text!r}")
+    unknown = [x for x in items if known is not None and x not in known]
+    if unknown:
+        raise ValueError(f"{flag}: {', '.join(map(str, unknown))} not one of "
+                         f"{', '.join(known)}")
+    return items
+
+
 def read_case_ids(path: str) -> list:
     """The JSON list of case ids in ``path`` (``--case-ids``); ValueError naming the flag when
     the file cannot be read or parsed (the ids themselves are checked where they are used)."""

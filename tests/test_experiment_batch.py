@@ -46,10 +46,57 @@ def test_batch_rows_and_resume(env):
             assert layer["update.delta_norm"] > 0
         assert r["seconds_solve"] > 0 and r["seconds_update"] > 0 and r["ppl"] > 1
     # a rerun with the same settings computes nothing and keeps the rows
+    for n in (1, 3):  # the v* targets are solved once and shared by the methods and sizes
+        assert by_key[f"memit/{n}"]["v_loss_median"] == by_key[f"emmet/{n}"]["v_loss_median"]
+    assert by_key["memit/1"]["seconds_solve"] == pytest.approx(
+        by_key["memit/3"]["seconds_solve"] / 3)
+    assert len(list((env / "batch").glob("targets-*.npz"))) == 1
     assert cli.main(args) == 0
     assert read_rows(env / "batch" / "rows.jsonl", "batch")[1] == rows
     table = (env / "batch" / "table.md").read_text()
     assert "| memit | 3 |" in table and "MEMIT, GPT-J, 10,000 edits" in table
+
+
+def test_shared_targets_resume(env, tmp_path, monkeypatch):
+    """Targets saved every SAVE_EVERY requests: a run killed after the first save solves only the
+    rest, and the resumed targets equal an uninterrupted run's."""
+    import jax
+
+    from rome_jax.editors import batch as editors_batch
+    from rome_jax.editors.batch import prepare_batch
+    from rome_jax.editors.hparams import resolve
+    from rome_jax.experiments import batch
+    from rome_jax.hf import DEFAULT_MODEL, load_model
+    from rome_jax.rome.request import EditRequest
+
+    model = load_model(DEFAULT_MODEL)
+    hparams = resolve(model.config, "emmet", v_num_grad_steps=2)
+    context = prepare_batch(model, "emmet", hparams, jax.random.key(0),
+                            templates=["{}", "A. {}"])
+    requests = [EditRequest("{} is located in", s, "Paris", "Rome")
+                for s in ("Berlin", "Madrid", "Oslo")]
+    monkeypatch.setattr(batch, "SAVE_EVERY", 2)  # chunks of 2: [0, 1], [2]
+    whole, _ = batch.shared_targets(model, requests, hparams, context, tmp_path / "a", 2)
+    solve = editors_batch.solve_targets
+    calls = []
+
+    def killed(model, piece, *a, **k):
+        calls.append(len(piece))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed after the first save
+        return solve(model, piece, *a, **k)
+
+    monkeypatch.setattr(editors_batch, "solve_targets", killed)
+    with pytest.raises(KeyboardInterrupt):
+        batch.shared_targets(model, requests, hparams, context, tmp_path / "b", 2)
+    monkeypatch.setattr(editors_batch, "solve_targets", lambda model, piece, *a, **k: (
+        calls.append(len(piece)), solve(model, piece, *a, **k))[1])
+    resumed, seconds = batch.shared_targets(model, requests, hparams, context,
+                                            tmp_path / "b", 2)
+    assert calls == [2, 1, 1] and seconds > 0
+    for a, b in zip(whole, resumed):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_sequential_batch_folds_and_resumes(env):

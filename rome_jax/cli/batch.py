@@ -43,9 +43,9 @@ def run_batch(args, requests: list, out: Path | None, report_file: Path | None,
     if args.test_prefix:
         raise ValueError(f"--test-prefix: not implemented for {method}")
     if args.layer is None and args.layers is not None:
-        # Setup asks a model without a ROME preset for --layer; a batch editor takes its layers
-        # from --layers (checked as --layers by batch_hparams), so any valid layer serves here.
-        args = argparse.Namespace(**{**vars(args), "layer": 0})
+        # --layers alone: the window's top layer, where v* is solved, is the edit's layer (a
+        # model without a ROME preset then needs no --layer).
+        args = argparse.Namespace(**{**vars(args), "layer": args.layers[-1]})
     s = Setup(args)
     hparams = batch_hparams(s.model.config, method, args, args.layers, args.keys, args.layer)
     for i, request in enumerate(requests):

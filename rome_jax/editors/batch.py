@@ -48,14 +48,14 @@ from rome_jax.editors.hparams import BATCH_METHODS, BatchHParams, batch_preset
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
 from rome_jax.models.transformer import Params, residual_after, residual_at, rome_weight
-from rome_jax.rome.edit import (Solved, _checked, _requests, batch_mesh, build_batch,
+from rome_jax.rome.edit import (_checked, _requests, batch_mesh, build_batch,
                                 context_templates, shard_requests, solve_built,
                                 stack_batches)
 from rome_jax.rome.keys import keys_from_residual
 from rome_jax.rome.request import EditRequest
 from rome_jax.rome.stats import KeyStats, key_stats
 from rome_jax.rome.templates import ContextTemplates
-from rome_jax.rome.values import VBatch
+from rome_jax.rome.values import VBatch, VResult
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -225,14 +225,20 @@ def _diagnostics_dict(diagnostics, prefix: str = "") -> dict:
 def solve_targets(model: Model, requests: Sequence[EditRequest | dict],
                   hparams: BatchHParams, context: BatchContext, *, params: Params | None = None,
                   chunk: int = 32, devices: Sequence[jax.Device] | None = None,
-                  progress: Callable[[Iterable], Iterable] | None = None) -> list[Solved]:
-    """The v* solves of ``edit_batch``'s step 1 (``hparams.v`` at the last layer, on
-    ``params``), for ``edit_batch(..., solved=...)``."""
+                  progress: Callable[[Iterable], Iterable] | None = None) -> list[VResult]:
+    """The v* targets of ``edit_batch``'s step 1 (``hparams.v`` at the last layer, on
+    ``params``), one ``VResult`` per request, for ``edit_batch(..., targets=...)``: methods and
+    key conventions with the same ``hparams.v`` and templates share them."""
     model = model if params is None else model.with_params(params)
     batches = [build_batch(model, r, context.templates, hparams.v.fact_token)
                for r in _requests(requests)]
+    return _solve(model, batches, hparams, chunk, devices, progress)
+
+
+def _solve(model: Model, batches: Sequence[VBatch], hparams: BatchHParams, chunk: int,
+           devices, progress) -> list[VResult]:
     solved = solve_built(model, batches, hparams.v, batch=chunk, devices=devices)
-    return list(progress(solved) if progress else solved)
+    return [s.values for s in (progress(solved) if progress else solved)]
 
 
 def edit_batch(model: Model, requests: Sequence[EditRequest | dict], method: str = "memit",
@@ -240,13 +246,14 @@ def edit_batch(model: Model, requests: Sequence[EditRequest | dict], method: str
                params: Params | None = None, preserved: dict | None = None, chunk: int = 32,
                devices: Sequence[jax.Device] | None = None,
                progress: Callable[[Iterable], Iterable] | None = None,
-               solved: Sequence[Solved] | None = None) -> BatchResult:
+               targets: Sequence[VResult] | None = None) -> BatchResult:
     """One ``method`` update of ``params`` (default ``model.params``) that writes every request
     at once; returns ``BatchResult(edit, report, preserved)``, the edit not applied. Pure: the
     same inputs give the same edit. ``preserved``: AlphaEdit's K_pᵀK_p of earlier batches
     ({layer: [F, F]}, default zeros). ``progress`` wraps the v* solves (a tqdm, say).
-    ``solved``: the requests' v* solves on ``params`` with ``hparams.v`` (``solve_targets``),
-    to share them between methods or key conventions with the same z settings.
+    ``targets``: the requests' v* targets on ``params`` with ``hparams.v`` and the context's
+    templates (``solve_targets``), to share them between methods or key conventions with the
+    same z settings.
 
     Raises ValueError for a request that does not fit the model (naming its index) and for a
     non-finite update (the model is unchanged)."""
@@ -267,12 +274,11 @@ def edit_batch(model: Model, requests: Sequence[EditRequest | dict], method: str
             raise ValueError(f"requests[{i}]: {err}") from None
     n, layers, z_layer = len(requests), hparams.layers, hparams.layers[-1]
     start = time.perf_counter()
-    if solved is None:
-        solved_iter = solve_built(current, batches, hparams.v, batch=chunk, devices=devices)
-        solved = list(progress(solved_iter) if progress else solved_iter)
-    elif len(solved) != len(requests):
-        raise ValueError(f"solved: {len(solved)} solves for {len(requests)} requests")
-    deltas = jnp.stack([s.values.delta for s in solved])                      # [B, D]
+    if targets is None:
+        targets = _solve(current, batches, hparams, chunk, devices, progress)
+    elif len(targets) != len(requests):
+        raise ValueError(f"targets: {len(targets)} v* targets for {len(requests)} requests")
+    deltas = jnp.stack([t.delta for t in targets])                            # [B, D]
     seconds_solve = time.perf_counter() - start
     start = time.perf_counter()
     stacked = stack_batches(model, batches)
@@ -309,8 +315,8 @@ def edit_batch(model: Model, requests: Sequence[EditRequest | dict], method: str
     edit = Edit(out)
     report = BatchReport(
         method=method, keys=hparams.keys, n_requests=n, layers=reports,
-        v_losses=[float(np.asarray(s.values.losses)[int(s.values.steps) - 1]) for s in solved],
-        v_delta_norms=[float(jnp.linalg.norm(s.values.delta)) for s in solved],
+        v_losses=[float(np.asarray(t.losses)[int(t.steps) - 1]) for t in targets],
+        v_delta_norms=[float(jnp.linalg.norm(t.delta)) for t in targets],
         seconds_solve=seconds_solve, seconds_update=time.perf_counter() - start)
     if not edit.is_finite():
         norms = [r["update.delta_norm"] for r in reports]

@@ -7,13 +7,23 @@ convention ``--keys``). A row per (method, n): the edited records' CounterFact s
 plain prompts (ES PS NS, EM PM NM, S), ME-PPL_1k perplexity, ‖Δw‖ per layer, the wall time of
 the v* solves and of the keys and closed forms apart, and the process's peak resident memory
 so far (``ru_maxrss``: a high-water mark of the whole run, not of the row alone). ``none`` rows
-score the same records unedited. The table puts MEMIT's published GPT-J numbers (10,000
+score the same records unedited.
+
+The v* targets depend on the request and the z settings alone, not on the method or on n, so
+the largest n's records are solved once per z setting (``hparams.v`` and the templates) and
+every (method, n) row takes its first n; a row's ``seconds_solve`` is that shared solve's time
+scaled to its n (``solves_shared``). The targets are saved in the run directory
+(``targets-HASH.npz``) every ``SAVE_EVERY`` requests, so a killed run resumes its solves. The table puts MEMIT's published GPT-J numbers (10,000
 CounterFact edits) beside.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import resource
+import time
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -27,6 +37,7 @@ SCORES = ("ES", "PS", "NS", "EM", "PM", "NM", "S")
 # MEMIT's paper, GPT-J, 10,000 CounterFact edits (as quoted in zjunlp/EasyEdit#125):
 # efficacy, generalisation (paraphrase), specificity (neighbourhood) success in percent.
 MEMIT_GPTJ_10K = {"ES": 98.9, "PS": 88.6, "NS": 73.7}
+SAVE_EVERY = 256  # requests solved between two saves of the shared v* targets
 
 
 def add_args(p) -> None:
@@ -44,30 +55,67 @@ def add_args(p) -> None:
                    help="requests per compiled step of the v* solves and keys (default 32)")
 
 
-def _list(text: str, flag: str, parse=str, known: Sequence | None = None) -> list:
-    try:
-        items = list(dict.fromkeys(parse(x.strip()) for x in text.split(",") if x.strip()))
-    except ValueError:
-        items = []
-    if not items:
-        raise ValueError(f"{flag}: give a comma-separated list, got {text!r}")
-    unknown = [x for x in items if known is not None and x not in known]
-    if unknown:
-        raise ValueError(f"{flag}: {', '.join(map(str, unknown))} not one of "
-                         f"{', '.join(known)}")
-    return items
-
-
 def settings(args) -> dict:
-    sizes = _list(args.sizes, "--sizes", int)
+    from rome_jax.arguments import comma_list
+
+    sizes = comma_list(args.sizes, "--sizes", int)
     if min(sizes) < 1:
         raise ValueError("--sizes: every size must be 1 or more")
     if args.ppl_texts < 1 or args.chunk < 1:
         raise ValueError(f"--{'ppl-texts' if args.ppl_texts < 1 else 'chunk'}: must be 1 or "
                          "more")
-    return {"methods": _list(args.methods, "--methods", known=METHODS),
+    return {"methods": comma_list(args.methods, "--methods", known=METHODS),
             "sizes": sorted(sizes), "keys": args.keys, "sample_seed": args.sample_seed,
             "ppl_texts": args.ppl_texts}
+
+
+def _targets_path(out: Path, hparams, context) -> Path:
+    """The run directory's file of v* targets for one z setting (``hparams.v``, templates)."""
+    digest = hashlib.sha256(repr((hparams.v, context.templates)).encode()).hexdigest()[:16]
+    return Path(out) / f"targets-{digest}.npz"
+
+
+def shared_targets(model, requests: Sequence, hparams, context, out: Path, chunk: int,
+                   ) -> tuple[list, float]:
+    """The v* targets (``VResult``) of ``requests`` on the base model, resumed from and saved to
+    the run directory (atomically) every ``SAVE_EVERY`` requests rounded up to whole ``chunk``s,
+    so a resumed run solves the same compiled chunks as an uninterrupted one and gets the same
+    targets bit for bit; (targets, seconds spent solving them, summed over resumed runs)."""
+    from tqdm import tqdm
+
+    from rome_jax.editors.batch import solve_targets
+    from rome_jax.files import write_bytes_atomic
+    from rome_jax.rome.values import VResult
+
+    path = _targets_path(out, hparams, context)
+    fields, seconds = {name: [] for name in VResult._fields}, 0.0
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                fields = {name: list(saved[name]) for name in VResult._fields}
+                seconds = float(saved["seconds"])
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"{path}: unreadable v* targets ({' '.join(str(err).split())}); "
+                             "use --overwrite to start over") from None
+    done = len(fields["delta"])
+    with tqdm(total=len(requests), initial=min(done, len(requests)), desc="v* targets",
+              unit="fact") as bar:
+        every = -(-SAVE_EVERY // chunk) * chunk
+        for start in range(done, len(requests), every):
+            piece = requests[start:start + every]
+            began = time.perf_counter()
+            solved = solve_targets(model, piece, hparams, context, chunk=chunk)
+            seconds += time.perf_counter() - began
+            for t in solved:
+                for name in VResult._fields:
+                    fields[name].append(np.asarray(getattr(t, name)))
+            buffer = io.BytesIO()
+            np.savez(buffer, seconds=seconds, **{k: np.stack(v) for k, v in fields.items()})
+            write_bytes_atomic(path, buffer.getvalue())
+            bar.update(len(piece))
+    targets = [VResult(*(fields[name][i] for name in VResult._fields))
+               for i in range(len(requests))]
+    return targets, seconds * len(requests) / max(len(fields["delta"]), 1)
 
 
 def _mean_scores(scores: Sequence[Mapping]) -> dict:
@@ -102,6 +150,9 @@ def run(s, args, journal, header: Mapping) -> None:
     records = chosen_records(s, {"case_ids": None, "n": max(st["sizes"]),
                                  "sample_seed": st["sample_seed"]})
     texts = load_me_ppl("ME-PPL_1k")[:st["ppl_texts"]]
+    if not journal.rows:  # a new or --overwrite run: targets left behind may be another model's
+        for stale in Path(header["out"]).glob("targets-*.npz"):
+            stale.unlink()
     base_ppl = None
     for n in st["sizes"]:
         key = f"none/{n}"
@@ -110,6 +161,7 @@ def run(s, args, journal, header: Mapping) -> None:
             scores = counterfact_scores(s.model, records[:n])
             journal.append({"key": key, "method": "none", "n": n, **_mean_scores(scores),
                             "ppl": base_ppl})
+    targets, seconds_all = {}, {}
     for method in st["methods"]:
         hparams = batch_hparams(s.model.config, method, args, keys=st["keys"],
                                 layer=s.hparams.layer)
@@ -120,20 +172,25 @@ def run(s, args, journal, header: Mapping) -> None:
                 continue
             context = context or prepare_batch(s.model, method, hparams,
                                                jax.random.key(st.get("seed", 0)))
+            z = _targets_path(header["out"], hparams, context).name
+            if z not in targets:
+                requests = [EditRequest.from_dict(r) for r in records]
+                targets[z], seconds_all[z] = shared_targets(s.model, requests, hparams, context,
+                                                            header["out"], args.chunk)
             requests = [EditRequest.from_dict(r) for r in records[:n]]
             result = edit_batch(s.model, requests, method, hparams, context=context,
-                                chunk=args.chunk)
+                                chunk=args.chunk, targets=targets[z][:n])
             params = apply_edit(s.model.params, result.edit)
             scores = counterfact_scores(s.model, records[:n], params)
             report = result.report
             journal.append({
                 "key": key, "method": method, "n": n, "layers": list(hparams.layers),
                 **_mean_scores(scores), "ppl": perplexity(s.model, texts, params=params),
-                "seconds_solve": report.seconds_solve, "seconds_update": report.seconds_update,
+                "seconds_solve": seconds_all[z] * n / len(records), "solves_shared": True,
+                "seconds_update": report.seconds_update,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "update": report.layers,
                 "v_loss_median": float(np.median(report.v_losses))})
-
 
 def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
     st = header["settings"]

@@ -38,13 +38,13 @@ def add_args(p) -> None:
 
 
 def settings(args) -> dict:
-    from rome_jax.experiments.batch import _list
+    from rome_jax.arguments import comma_list
 
     if args.n_normal < 0:
         raise ValueError(f"--n-normal: must be 0 or more, got {args.n_normal}")
     return {"baseline": args.baseline, "n_normal": args.n_normal,
-            "methods": _list(args.methods, "--methods", known=METHODS),
-            "conventions": _list(args.conventions, "--conventions", known=CONVENTIONS)}
+            "methods": comma_list(args.methods, "--methods", known=METHODS),
+            "conventions": comma_list(args.conventions, "--conventions", known=CONVENTIONS)}
 
 
 def check_row(row: Mapping) -> None:
@@ -78,7 +78,7 @@ def run(s, args, journal, header: Mapping) -> None:
     requests = [EditRequest.from_dict(r) for r in records]
     texts = load_me_ppl("ME-PPL_50")
     base_ppl = perplexity(s.model, texts)
-    solved = None
+    targets = None
     for method in st["methods"]:
         context = None
         for keys in st["conventions"]:
@@ -89,14 +89,14 @@ def run(s, args, journal, header: Mapping) -> None:
                                     layer=s.hparams.layer)
             context = context or prepare_batch(s.model, method, hparams,
                                                jax.random.key(st.get("seed", 0)))
-            solved = solved or solve_targets(s.model, requests, hparams, context,
-                                             chunk=args.batch)
+            targets = targets or solve_targets(s.model, requests, hparams, context,
+                                               chunk=args.batch)
             row = {"key": key, "method": method, "keys": keys, "layers": list(hparams.layers),
                    "n_collapse": int((groups == "collapse").sum()),
                    "n_normal": int((groups == "normal").sum())}
             try:
                 result = edit_batch(s.model, requests, method, hparams, context=context,
-                                    solved=solved)
+                                    targets=targets)
             except ValueError as err:  # a non-finite update: the batch would destroy it
                 journal.append({**row, "error": " ".join(str(err).split())})
                 continue

@@ -44,7 +44,6 @@ def label(method: str) -> str:
 
 def add_args(p) -> None:
     from rome_jax.arguments import positive_int
-    from rome_jax.downstream import TASKS
 
     p.add_argument("--methods", default=",".join(METHODS), metavar="M,M",
                    help=f"methods, comma-separated (default {','.join(METHODS)}; r-rome is "
@@ -53,11 +52,20 @@ def add_args(p) -> None:
     p.add_argument("--every", type=positive_int, default=10, metavar="K",
                    help="ME-PPL_1k perplexity and downstream accuracy every K edits (and at "
                         "step 0 and the last edit; default 10)")
+    add_evaluation_args(p)
+    p.add_argument("--case-ids", metavar="FILE.json",
+                   help="edit these case ids, in this order, instead of a drawn sample")
+
+
+def add_evaluation_args(p) -> None:
+    """The records' draw and the evaluation after the edits, shared with ``sequential-batch``:
+    --sample-seed, --tasks, --downstream-n, --shots, --ppl-texts."""
+    from rome_jax.arguments import positive_int
+    from rome_jax.downstream import TASKS
+
     p.add_argument("--sample-seed", type=int, default=0,
                    help="numpy seed of the drawn records and of the downstream examples "
                         "(default 0)")
-    p.add_argument("--case-ids", metavar="FILE.json",
-                   help="edit these case ids, in this order, instead of a drawn sample")
     p.add_argument("--tasks", default=",".join(TASKS), metavar="T,T",
                    help=f"downstream tasks (default {','.join(TASKS)})")
     p.add_argument("--downstream-n", type=positive_int, default=20, metavar="N",
@@ -68,30 +76,27 @@ def add_args(p) -> None:
                    help="ME-PPL_1k texts in the perplexity (default all 1000)")
 
 
-def _names(text: str, flag: str, known: Sequence[str] | None = None) -> list[str]:
-    names = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
-    if not names:
-        raise ValueError(f"{flag}: give at least one")
-    unknown = [x for x in names if known is not None and x not in known]
-    if unknown:
-        raise ValueError(f"{flag}: {', '.join(unknown)} not one of {', '.join(known)}")
-    return names
+def evaluation_settings(args) -> dict:
+    """The settings of ``add_evaluation_args``'s flags; ValueError naming the flag."""
+    from rome_jax.arguments import comma_list
+    from rome_jax.downstream import TASKS
+
+    if args.shots < 0:
+        raise ValueError("--shots: must be 0 or more")
+    return {"sample_seed": args.sample_seed, "tasks": comma_list(args.tasks, "--tasks",
+                                                                 known=TASKS),
+            "downstream_n": args.downstream_n, "shots": args.shots, "ppl_texts": args.ppl_texts}
 
 
 def settings(args) -> dict:
-    from rome_jax.arguments import read_case_ids
-    from rome_jax.downstream import TASKS
+    from rome_jax.arguments import comma_list, read_case_ids
     from rome_jax.editors.rome import canonical_method
 
-    methods = list(dict.fromkeys(canonical_method(m) for m in _names(args.methods,
-                                                                      "--methods")))
-    if args.shots < 0:
-        raise ValueError("--shots: must be 0 or more")
+    methods = list(dict.fromkeys(canonical_method(m) for m in comma_list(args.methods,
+                                                                          "--methods")))
     case_ids = read_case_ids(args.case_ids) if args.case_ids else None
-    return {"methods": methods, "n": args.n, "every": args.every,
-            "sample_seed": args.sample_seed, "case_ids": case_ids,
-            "tasks": _names(args.tasks, "--tasks", TASKS), "downstream_n": args.downstream_n,
-            "shots": args.shots, "ppl_texts": args.ppl_texts}
+    return {"methods": methods, "n": args.n, "every": args.every, "case_ids": case_ids,
+            **evaluation_settings(args)}
 
 
 def check_row(row: Mapping) -> None:

@@ -30,41 +30,25 @@ METHODS = ("memit", "emmet", "alphaedit")
 
 
 def add_args(p) -> None:
-    from rome_jax.downstream import TASKS
+    from rome_jax.arguments import positive_int
+    from rome_jax.experiments.sequential import add_evaluation_args
 
     p.add_argument("--methods", default=",".join(METHODS), metavar="M,M",
                    help=f"batch editors, comma-separated (default {','.join(METHODS)})")
-    p.add_argument("--n", type=int, default=1000, help="facts per method (default 1000)")
-    p.add_argument("--batch-size", type=int, default=100, metavar="B",
+    p.add_argument("--n", type=positive_int, default=1000, help="facts per method (default 1000)")
+    p.add_argument("--batch-size", type=positive_int, default=100, metavar="B",
                    help="facts per update (default 100, AlphaEdit's)")
     p.add_argument("--keys", default="rome", choices=("rome", "c-rome", "p-rome"),
                    help="key convention (default rome: MEMIT's)")
-    p.add_argument("--sample-seed", type=int, default=0,
-                   help="numpy seed of the drawn records and downstream examples (default 0)")
-    p.add_argument("--tasks", default=",".join(TASKS), metavar="T,T",
-                   help=f"downstream tasks (default {','.join(TASKS)})")
-    p.add_argument("--downstream-n", type=int, default=20, metavar="N",
-                   help="scored examples per downstream task (default 20)")
-    p.add_argument("--shots", type=int, default=3, metavar="K",
-                   help="few-shot demonstrations per downstream example (default 3)")
-    p.add_argument("--ppl-texts", type=int, default=1000, metavar="N",
-                   help="ME-PPL_1k texts in the perplexity (default all 1000)")
+    add_evaluation_args(p)
 
 
 def settings(args) -> dict:
-    from rome_jax.downstream import TASKS
-    from rome_jax.experiments.batch import _list
+    from rome_jax.arguments import comma_list
+    from rome_jax.experiments.sequential import evaluation_settings
 
-    for flag, value, low in (("--n", args.n, 1), ("--batch-size", args.batch_size, 1),
-                             ("--downstream-n", args.downstream_n, 1),
-                             ("--ppl-texts", args.ppl_texts, 1), ("--shots", args.shots, 0)):
-        if value < low:
-            raise ValueError(f"{flag}: must be {low} or more, got {value}")
-    return {"methods": _list(args.methods, "--methods", known=METHODS), "n": args.n,
-            "batch_size": args.batch_size, "keys": args.keys,
-            "sample_seed": args.sample_seed, "tasks": _list(args.tasks, "--tasks", known=TASKS),
-            "downstream_n": args.downstream_n, "shots": args.shots,
-            "ppl_texts": args.ppl_texts}
+    return {"methods": comma_list(args.methods, "--methods", known=METHODS), "n": args.n,
+            "batch_size": args.batch_size, "keys": args.keys, **evaluation_settings(args)}
 
 
 def _state_path(out: Path, method: str) -> Path:
