@@ -52,23 +52,47 @@ def _batches(n: int, size: int):
         yield slice(start, min(n, start + size))
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def target_nll(params: Params, config: ModelConfig, input_ids, attention_mask, positions,
+               targets, valid):
+    """Mean NLL of each row's target tokens: [B]. ``targets`` [B, K] are predicted by the logits
+    at ``positions`` [B, K] (token t+1's at t); only ``valid`` [B, K] entries count, and only
+    those positions reach the LM head (K·V logits a row, not T·V)."""
+    logits = forward(params, config, input_ids, attention_mask, logit_positions=positions).logits
+    logp = jax.nn.log_softmax(logits)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return (nll * valid).sum(-1) / jnp.maximum(valid.sum(-1), 1)
+
+
 def continuation_nll(model: Model, prompts: list[str], targets: list[str],
                      batch_size: int = 64, params: Params | None = None) -> np.ndarray:
     """Mean NLL per token of ``" " + target`` after each prompt: [N].
 
-    ``exp(-nll)`` is the geometric-mean token probability, ROME's P(target).
+    ``exp(-nll)`` is the geometric-mean token probability, ROME's P(target). The pairs are
+    scored in batches of ``batch_size`` sorted by length (little padding), each batch padded to
+    bucketed shapes (``pad_batch``; K target positions a power of two; the last batch filled
+    with copies) so that jit compiles a few programs however many pairs there are.
     """
     params = model.params if params is None else params
     tok = model.tokenizer
     prompt_ids = tok.encode_sequences(list(prompts))
     target_ids = tok.encode_batch([" " + t.strip() for t in targets])
     out = np.zeros(len(prompts))
-    for sl in _batches(len(prompts), batch_size):
-        seqs = [p + t for p, t in zip(prompt_ids[sl], target_ids[sl])]
-        ids, mask = pad_batch(seqs, tok.pad_id)
-        nll = np.asarray(token_nll(params, model.config, ids, mask))
-        for row, (p, t) in enumerate(zip(prompt_ids[sl], target_ids[sl])):
-            out[sl.start + row] = nll[row, len(p) - 1:len(p) + len(t) - 1].mean()
+    order = np.argsort([len(p) + len(t) for p, t in zip(prompt_ids, target_ids)], kind="stable")
+    for sl in _batches(len(order), batch_size):
+        rows = list(order[sl]) + [order[sl][-1]] * (batch_size - (sl.stop - sl.start))
+        ids, mask = pad_batch([prompt_ids[i] + target_ids[i] for i in rows], tok.pad_id)
+        k = 1 << (max(1, *(len(target_ids[i]) for i in rows)) - 1).bit_length()
+        positions = np.zeros((len(rows), k), np.int32)
+        labels = np.zeros((len(rows), k), np.int32)
+        valid = np.zeros((len(rows), k), np.float32)
+        for row, i in enumerate(rows):
+            n, start = len(target_ids[i]), len(prompt_ids[i]) - 1
+            positions[row, :n] = np.arange(start, start + n)
+            labels[row, :n] = target_ids[i]
+            valid[row, :n] = 1
+        nll = np.asarray(target_nll(params, model.config, ids, mask, positions, labels, valid))
+        out[order[sl]] = nll[:sl.stop - sl.start]
     return out
 
 
