@@ -57,7 +57,9 @@ def local_source(path_or_id: str | os.PathLike | None) -> Path | None:
 
 
 def resolve(path_or_id: str | os.PathLike | None) -> Path:
-    """A local directory, or a hub id downloaded to the HF cache. ``None``: the default model."""
+    """A local directory, or a hub id downloaded to the HF cache (its config, tokenizer and
+    safetensors weights; its Flax msgpack weights where it has no safetensors). ``None``: the
+    default model."""
     if path_or_id is None:
         path_or_id = os.environ.get("ROME_JAX_DEFAULT_MODEL", DEFAULT_MODEL)
     path = Path(path_or_id).expanduser()
@@ -69,9 +71,13 @@ def resolve(path_or_id: str | os.PathLike | None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(text, allow_patterns=[
-            "config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json",
-            "vocab.json", "merges.txt"]))
+        for weights in (["*.safetensors", "*.safetensors.index.json"],
+                        ["flax_model*.msgpack", flax_checkpoint.INDEX]):
+            snapshot = Path(snapshot_download(text, allow_patterns=[
+                "config.json", "tokenizer.json", "vocab.json", "merges.txt", *weights]))
+            if any(snapshot.glob(weights[0])):
+                break
+        return snapshot
     except Exception as err:
         raise FileNotFoundError(f"{text}: not a local directory, and the hub download failed "
                                 f"({type(err).__name__}: {err})") from None

@@ -220,3 +220,35 @@ def test_edit_format_flag(hf_model, tmp_path):
     _write_outputs(model, out, {"status": "applied"}, None, False, "flax")
     assert (out / flax_checkpoint.FILE).is_file() and not (out / "model.safetensors").exists()
     jax.tree.map(np.testing.assert_array_equal, rome_jax.load_model(out).params, model.params)
+
+
+def test_hub_id_without_safetensors_downloads_the_flax_weights(hf_model, tmp_path, monkeypatch):
+    """A hub repository with safetensors gets them alone; one without (Flax only) gets its
+    ``flax_model.msgpack`` (``snapshot_download`` faked by a local repository)."""
+    import fnmatch
+
+    import huggingface_hub
+
+    hf = hf_model("gpt2")
+    repos = {"user/st": hf.path,
+             "user/flax": flax_dir(hf, hf_flax_params(hf.torch_model, "gpt2"), tmp_path / "fx")}
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        snapshot = tmp_path / "hub" / repo_id / str(len(calls))
+        snapshot.mkdir(parents=True)
+        for file in repos[repo_id].iterdir():
+            if any(fnmatch.fnmatch(file.name, p) for p in allow_patterns):
+                shutil.copyfile(file, snapshot / file.name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    ids = _ids(hf.config["vocab_size"], seed=2)
+    for repo in ("user/st", "user/flax"):
+        model = rome_jax.load_model(repo)
+        np.testing.assert_allclose(np.asarray(rome_jax.logits(model, ids)), hf.logits(ids),
+                                   atol=ATOL, rtol=0)
+    assert [repo for repo, _ in calls] == ["user/st", "user/flax", "user/flax"]
+    assert not any("msgpack" in p for p in calls[0][1])
+    assert flax_checkpoint.FILE in {p.name for p in (tmp_path / "hub/user/flax/3").iterdir()}
