@@ -1,11 +1,13 @@
 """Hugging Face directories <-> Model.
 
 Reads ``config.json`` and weights from ``model.safetensors``, sharded safetensors with
-``model.safetensors.index.json``, or ``pytorch_model.bin`` (only through
-``torch.load(weights_only=True)``, only when torch is installed; nothing else is unpickled),
-plus the tokenizer files. A hub id is fetched with ``huggingface_hub.snapshot_download``.
-Exports write ``config.json``, ``model.safetensors`` and the tokenizer into a temporary directory
-that is renamed into place, so an export is never half-written.
+``model.safetensors.index.json``, a Flax ``flax_model.msgpack`` (or its shards with
+``flax_model.msgpack.index.json``; ``models/flax_checkpoint.py``), or ``pytorch_model.bin``
+(only through ``torch.load(weights_only=True)``, only when torch is installed; nothing else is
+unpickled), plus the tokenizer files. A hub id is fetched with
+``huggingface_hub.snapshot_download``. Exports write ``config.json``, ``model.safetensors`` (or
+``flax_model.msgpack``) and the tokenizer into a temporary directory that is renamed into place,
+so an export is never half-written.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
 from rome_jax.files import atomic_directory, overlap
-from rome_jax.models import gguf
+from rome_jax.models import flax_checkpoint, gguf
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import FAMILIES, Model, check_model
 from rome_jax.models.tokenizer import Tokenizer
@@ -41,6 +43,7 @@ def _default_model() -> Path:
 
 
 DEFAULT_MODEL = _default_model()
+EXPORT_FORMATS = ("safetensors", "flax")  # save_hf's format, edit's --format
 GGUF_ALIASES = {"smollm2-135m": gguf.smollm2_path}
 
 
@@ -54,7 +57,9 @@ def local_source(path_or_id: str | os.PathLike | None) -> Path | None:
 
 
 def resolve(path_or_id: str | os.PathLike | None) -> Path:
-    """A local directory, or a hub id downloaded to the HF cache. ``None``: the default model."""
+    """A local directory, or a hub id downloaded to the HF cache (its config, tokenizer and
+    safetensors weights; its Flax msgpack weights where it has no safetensors). ``None``: the
+    default model."""
     if path_or_id is None:
         path_or_id = os.environ.get("ROME_JAX_DEFAULT_MODEL", DEFAULT_MODEL)
     path = Path(path_or_id).expanduser()
@@ -66,9 +71,13 @@ def resolve(path_or_id: str | os.PathLike | None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(text, allow_patterns=[
-            "config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json",
-            "vocab.json", "merges.txt"]))
+        for weights in (["*.safetensors", "*.safetensors.index.json"],
+                        ["flax_model*.msgpack", flax_checkpoint.INDEX]):
+            snapshot = Path(snapshot_download(text, allow_patterns=[
+                "config.json", "tokenizer.json", "vocab.json", "merges.txt", *weights]))
+            if any(snapshot.glob(weights[0])):
+                break
+        return snapshot
     except Exception as err:
         raise FileNotFoundError(f"{text}: not a local directory, and the hub download failed "
                                 f"({type(err).__name__}: {err})") from None
@@ -85,33 +94,52 @@ def _read_config(path: Path) -> ModelConfig:
     return ModelConfig.from_hf(hf, source=str(file))
 
 
-def _weight_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            parsed = json.loads(index.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{index}: not a safetensors index ({err})") from None
-        weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
-        if not isinstance(weight_map, dict) or not all(
-                isinstance(name, str) and name and Path(name).name == name
-                for name in weight_map.values()):
-            raise ValueError(f"{index}: weight_map must be a JSON object of tensor name -> "
-                             "file name in this directory")
-        return [path / name for name in sorted(set(weight_map.values()))]
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (path / name).is_file():
-            return [path / name]
+def _weight_files(path: Path) -> tuple[list[Path], Path]:
+    """The weight files of the directory ``path``, and the file errors name (the index of
+    shards); the first of safetensors (sharded or not), Flax msgpack (sharded or not) and
+    ``pytorch_model.bin`` that is there."""
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          (flax_checkpoint.INDEX, flax_checkpoint.FILE)):
+        if (path / index).is_file():
+            return _shards(path / index), path / index
+        if (path / single).is_file():
+            return [path / single], path / single
+    if (path / "pytorch_model.bin").is_file():
+        return [path / "pytorch_model.bin"], path / "pytorch_model.bin"
     raise FileNotFoundError(f"{path}: no weights (model.safetensors, "
-                            "model.safetensors.index.json or pytorch_model.bin)")
+                            "model.safetensors.index.json, flax_model.msgpack, "
+                            "flax_model.msgpack.index.json or pytorch_model.bin)")
 
 
-def _tensor_readers(files: list[Path]) -> dict[str, Callable[[], np.ndarray]]:
-    """HF name (``transformer.`` prefix stripped) -> loader; loading is lazy, per tensor."""
+def _shards(index: Path) -> list[Path]:
+    """The files an index of shards (safetensors' or Flax's: the same JSON) names."""
+    try:
+        parsed = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{index}: not an index of shards ({err})") from None
+    weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(name, str) and name and Path(name).name == name
+            for name in weight_map.values()):
+        raise ValueError(f"{index}: weight_map must be a JSON object of tensor name -> "
+                         "file name in this directory")
+    return [index.parent / name for name in sorted(set(weight_map.values()))]
+
+
+def _tensor_readers(files: list[Path], family) -> tuple[dict[str, Callable[[], np.ndarray]],
+                                                        dict[str, str]]:
+    """HF name (``transformer.`` prefix stripped) -> loader, lazy per tensor except in a Flax
+    msgpack (decoded whole); and HF name -> Flax key of the tensors read from msgpack files."""
     readers: dict[str, Callable[[], np.ndarray]] = {}
+    flax_keys: dict[str, str] = {}
     for file in files:
         if not file.is_file():
             raise FileNotFoundError(f"{file}: weight file missing")
+        if file.suffix == ".msgpack":
+            for name, (key, value) in flax_checkpoint.read(file, family).items():
+                readers[name.removeprefix("transformer.")] = lambda v=value: v
+                flax_keys[name.removeprefix("transformer.")] = key
+            continue
         if file.suffix == ".bin":
             try:
                 import torch
@@ -142,7 +170,7 @@ def _tensor_readers(files: list[Path]) -> dict[str, Callable[[], np.ndarray]]:
         for name in names:
             readers[name.removeprefix("transformer.")] = (
                 lambda h=handle, n=name, f=file: _get(h, n, f))
-    return readers
+    return readers, flax_keys
 
 
 def _numpy(tensor) -> np.ndarray:
@@ -182,12 +210,25 @@ def load_model(path_or_id: str | os.PathLike | None = None, dtype=jnp.float32) -
     tokenizer = Tokenizer.from_dir(path, config.token_ids)
     source = "tokenizer.json" if "tokenizer.json" in tokenizer.files else "vocab.json"
     _check_vocab(tokenizer, config, f"{path / source} and {path / 'config.json'}")
-    files = _weight_files(path)
-    readers = _tensor_readers(files)
-    where = files[0] if len(files) == 1 else path / "model.safetensors.index.json"
-    params, source_dtype = _import_params(config, readers, where, dtype)
+    files, where = _weight_files(path)
+    family = FAMILIES[config.model_type]
+    readers, flax_keys = _tensor_readers(files, family)
+    label = _flax_label(flax_keys, family) if flax_keys else None
+    params, source_dtype = _import_params(config, readers, where, dtype, label)
     return Model(config, params, tokenizer, name=str(path_or_id or path),
                  source_dtype=source_dtype)
+
+
+def _flax_label(flax_keys: dict[str, str], family) -> Callable[[str, int | None],
+                                                                 tuple[str, bool]]:
+    """How errors name a tensor of a Flax file: by its Flax key (``flax_key`` for a missing
+    one), with its shape as the file holds it (a ``kernel`` transposed)."""
+
+    def label(name: str, ndim: int | None) -> tuple[str, bool]:
+        key = flax_keys.get(name) or flax_checkpoint.flax_key(name, ndim, family)
+        return key, key.endswith("/kernel")
+
+    return label
 
 
 def _check_vocab(tokenizer: Tokenizer, config: ModelConfig, where: str) -> None:
@@ -212,31 +253,41 @@ def _load_gguf(path_or_id: str | os.PathLike, dtype) -> Model:
 
 
 def _import_params(config: ModelConfig, readers: dict[str, Callable[[], np.ndarray]],
-                   where: Path, dtype) -> tuple[dict, str | None]:
+                   where: Path, dtype,
+                   label: Callable[[str, int | None], tuple[str, bool]] | None = None
+                   ) -> tuple[dict, str | None]:
     """The family's params from HF-named tensor loaders (every loader must be used), and the
-    widest floating dtype they were stored in."""
+    widest floating dtype they were stored in. ``label(name, ndim)``: the name errors give a
+    tensor (``ndim`` None for one the file holds), and whether the file holds it transposed
+    (default: the HF name, as is)."""
     family = FAMILIES[config.model_type]
     used: set[str] = set()
     stored: set[np.dtype] = set()
+    label = label or (lambda name, ndim: (name, False))
 
     def read(name: str, shape: tuple) -> jnp.ndarray:
+        shown, transposed = label(name, len(shape))
         if name not in readers:
-            raise ValueError(f"{where}: missing tensor {name!r} "
+            raise ValueError(f"{where}: missing tensor {shown!r} "
                              f"(a {config.model_type} with {config.n_layer} layers needs it)")
         raw = readers[name]()
         value = jnp.asarray(raw, dtype=dtype)
         if tuple(value.shape) != tuple(shape):
-            raise ValueError(f"{where}: tensor {name!r} has shape {tuple(value.shape)}, "
-                             f"expected {tuple(shape)} from config.json")
+            got, want = tuple(value.shape), tuple(shape)
+            if transposed:
+                got, want = got[::-1], want[::-1]
+            raise ValueError(f"{where}: tensor {shown!r} has shape {got}, expected {want} from "
+                             "config.json")
         if jnp.issubdtype(raw.dtype, jnp.floating):
             stored.add(np.dtype(raw.dtype))
             if not bool(jnp.isfinite(value).all()):
-                raise ValueError(f"{where}: tensor {name!r} holds NaN or infinite values")
+                raise ValueError(f"{where}: tensor {shown!r} holds NaN or infinite values")
         used.add(name)
         return value
 
     params = family.import_weights(read, config)
-    unexpected = [n for n in readers if n not in used and not n.endswith(family.IGNORED_SUFFIXES)]
+    unexpected = [label(n, None)[0] for n in readers
+                  if n not in used and not n.endswith(family.IGNORED_SUFFIXES)]
     if unexpected:
         raise ValueError(f"{where}: unexpected tensors {unexpected[:5]} for a "
                          f"{config.model_type} with {config.n_layer} layers")
@@ -244,14 +295,20 @@ def _import_params(config: ModelConfig, readers: dict[str, Callable[[], np.ndarr
 
 
 def save_hf(model: Model, out_dir: str | os.PathLike, *, overwrite: bool = False,
-            dtype=None, extra_files: dict[str, str | bytes] | None = None) -> Path:
-    """Write ``model`` as an HF directory that ``transformers.AutoModelForCausalLM`` loads.
+            dtype=None, extra_files: dict[str, str | bytes] | None = None,
+            format: str = "safetensors") -> Path:
+    """Write ``model`` as an HF directory that ``transformers.AutoModelForCausalLM`` loads
+    (``format="safetensors"``), or, with ``format="flax"``, whose weights are one
+    ``flax_model.msgpack`` as transformers' Flax classes (before version 5) wrote and read it.
 
     ``dtype`` casts the saved weights (default: ``model.source_dtype``, the dtype the model
     was loaded from, else as they are); ``extra_files`` maps a file name to text or bytes
     written beside them (a model card, say).
     """
     check_model(model)
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"save_hf: format must be one of {', '.join(EXPORT_FORMATS)}, got "
+                         f"{format!r}")
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"save_hf: out_dir must be a path (str or os.PathLike), got "
                         f"{type(out_dir).__name__}")
@@ -260,7 +317,8 @@ def save_hf(model: Model, out_dir: str | os.PathLike, *, overwrite: bool = False
     if where:
         raise ValueError(f"{out_dir}: {where} the model's source {source}; save elsewhere")
     dtype = model.source_dtype if dtype is None else dtype
-    weights = FAMILIES[model.config.model_type].export_weights(model.params, model.config)
+    family = FAMILIES[model.config.model_type]
+    weights = family.export_weights(model.params, model.config)
     weights = {k: jnp.asarray(v if dtype is None else v.astype(dtype)) for k, v in weights.items()}
     bad = [k for k, v in weights.items() if not bool(jnp.isfinite(v).all())]
     if bad:
@@ -270,14 +328,19 @@ def save_hf(model: Model, out_dir: str | os.PathLike, *, overwrite: bool = False
         config = model.config.to_hf()
         config["torch_dtype"] = str(next(iter(weights.values())).dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        try:
-            save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        except SafetensorError as err:  # a full disk, say: safetensors' error is no OSError
-            raise OSError(f"{out_dir}: writing model.safetensors failed ({err}); nothing was "
-                          "written") from None
+        if format == "flax":
+            (tmp / flax_checkpoint.FILE).write_bytes(flax_checkpoint.to_bytes(
+                weights, family, model.config.tied_lm_head))
+        else:
+            try:
+                save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            except SafetensorError as err:  # a full disk, say: safetensors' error is no OSError
+                raise OSError(f"{out_dir}: writing model.safetensors failed ({err}); nothing "
+                              "was written") from None
         model.tokenizer.save(tmp, model.config.n_positions)
         for name, content in (extra_files or {}).items():
             data = content.encode() if isinstance(content, str) else content
             (tmp / name).write_bytes(data)
 
     return atomic_directory(out_dir, overwrite, write)
+

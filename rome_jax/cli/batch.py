@@ -26,7 +26,7 @@ def layer_range(text: str) -> tuple[int, ...]:
 def run_batch(args, requests: list, out: Path | None, report_file: Path | None,
               write_outputs) -> int:
     """Edit, measure, write (``write_outputs(model or None, out, report, report_file,
-    overwrite)``, edit's) and print; the exit status."""
+    overwrite, format)``, edit's) and print; the exit status."""
     import jax
     from tqdm import tqdm
 
@@ -88,7 +88,7 @@ def run_batch(args, requests: list, out: Path | None, report_file: Path | None,
         "status": "applied", "hparams": hp, "update": result.report.to_dict(), "edits": edits,
         "out": str(out) if out else None}
     write_outputs(s.model.with_params(params) if out else None, out, report, report_file,
-                  args.overwrite)
+                  args.overwrite, args.format)
     if args.json:
         import json
 

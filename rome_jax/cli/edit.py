@@ -12,6 +12,7 @@ from rome_jax.cli.common import (EXIT_REFUSED, PPL_CORPUS, PROG, Setup, add_guar
                                 add_model_args, check_inputs_apart, check_output, fmt,
                                 hparams_dict, log, one_line, positive_int, probabilities,
                                 status as show_status, test_prefix_entry)
+from rome_jax.hf import EXPORT_FORMATS
 
 
 def add_parser(sub) -> None:
@@ -52,6 +53,9 @@ def add_parser(sub) -> None:
     add_guard_args(p)
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="DIR", help="write the edited model as an HF directory")
+    g.add_argument("--format", choices=EXPORT_FORMATS, default="safetensors",
+                   help="the weights file of --out: model.safetensors (default) or "
+                        "flax_model.msgpack, as transformers' Flax classes wrote it")
     g.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out or --report")
     g.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
@@ -199,9 +203,9 @@ def _print_edit_report(report: dict) -> None:
 
 
 def _write_outputs(model, out: Path | None, report: dict, report_file: Path | None,
-                   overwrite: bool) -> None:
-    """The report first, then the model (when ``model``): a failed export removes the report
-    it described, so the two succeed or fail together."""
+                   overwrite: bool, format: str = "safetensors") -> None:
+    """The report first, then the model (when ``model``, in ``format``: ``save_hf``'s): a failed
+    export removes the report it described, so the two succeed or fail together."""
     from rome_jax.files import write_json_atomic
     from rome_jax.hf import save_hf
 
@@ -210,7 +214,7 @@ def _write_outputs(model, out: Path | None, report: dict, report_file: Path | No
     if model is None:
         return
     try:
-        save_hf(model, out, overwrite=overwrite,
+        save_hf(model, out, overwrite=overwrite, format=format,
                 extra_files={"rome_edit.json": json.dumps(report, indent=1)})
     except BaseException:
         if report_file:
@@ -226,6 +230,9 @@ def run(args) -> int:
     if args.out and args.mode == "independent" and len(requests) > 1:
         raise ValueError("--out: independent edits give one model per request; use --mode "
                          "sequential to write one model with all of them")
+    if args.format != "safetensors" and not args.out:
+        raise ValueError(f"--format {args.format}: the format of the model --out writes; give "
+                         "--out DIR")
     out = check_output(args.out, "--out", args.overwrite, directory=True) if args.out else None
     report_file = check_output(args.report, "--report", args.overwrite) if args.report else None
     if out and report_file and out.absolute() in report_file.absolute().parents:
@@ -269,7 +276,7 @@ def run(args) -> int:
         "hparams": hparams_dict(s.hparams), "edits": entries,
         "out": str(out) if out and status == "applied" else None}
     _write_outputs(s.model.with_params(params) if report["out"] else None, out, report,
-                   report_file, args.overwrite)
+                   report_file, args.overwrite, args.format)
     if args.json:
         print(json.dumps(report, indent=1))
     else:

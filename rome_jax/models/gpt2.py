@@ -17,6 +17,9 @@ from rome_jax.models.transformer import Params
 
 # Tensors HF checkpoints may hold that carry no weights of their own.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+# Flax checkpoints (models/flax_checkpoint.py): Embed tables, LayerNorm scales; Flax GPT-2
+# reuses wte as its head (no lm_head).
+FLAX_EMBEDDINGS, FLAX_NORM, FLAX_LM_HEAD = ("wte.weight", "wpe.weight"), "scale", None
 
 
 def import_weights(read: Callable[[str, tuple], jnp.ndarray], cfg: ModelConfig) -> Params:

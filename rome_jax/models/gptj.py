@@ -14,6 +14,8 @@ from rome_jax.models.config import ModelConfig
 from rome_jax.models.transformer import Params
 
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+# Flax checkpoints (models/flax_checkpoint.py): Embed table, LayerNorm scales, untied head.
+FLAX_EMBEDDINGS, FLAX_NORM, FLAX_LM_HEAD = ("wte.weight",), "scale", None
 _ATTN = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
 
 

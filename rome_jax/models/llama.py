@@ -17,6 +17,10 @@ from rome_jax.models.transformer import Params
 
 # Tensors HF checkpoints may hold that carry no weights of their own.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq", "lm_head.weight")
+# Flax checkpoints (models/flax_checkpoint.py): Embed table, RMSNorm weights, and a head that
+# Flax Llama always has (a copy of the embedding when tied).
+FLAX_EMBEDDINGS, FLAX_NORM = ("embed_tokens.weight",), "weight"
+FLAX_LM_HEAD = "model.embed_tokens.weight"
 _ATTN = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
 _MLP = {"gate": "gate_proj", "fc_in": "up_proj", "fc_out": "down_proj"}
 _NORMS = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm"}
