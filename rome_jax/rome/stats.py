@@ -93,18 +93,37 @@ def _layer(params: Params, config: ModelConfig, layer, h, mask):
     return block(jax.tree.map(lambda w: w[layer], params["blocks"]), config, h, ctx)
 
 
-_block = jax.jit(lambda params, config, layer, h, mask: _layer(params, config, layer, h,
-                                                              mask)[0], static_argnums=(1,))
+@functools.partial(jax.jit, static_argnums=(1,))
+def _block(params: Params, config: ModelConfig, layer, h, mask) -> jax.Array:
+    """Block ``layer`` below the asked layers: h [B, T, D] -> h [B, T, D]."""
+    return _layer(params, config, layer, h, mask)[0]
 
 
 @functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(5,))
 def _block_moment(params: Params, config: ModelConfig, layer, h, mask, sums):
     """Block ``layer`` and its keys' second moment added to the per-device sums: (h [B, T, D],
-    sums [N, F, F] + Σ k kᵀ of each device's B/N rows). The rows of device n are the n-th
-    B/N, so with the batch sharded over N devices each sums its own rows, no communication."""
+    sums [N, F, F] + Σ k kᵀ of each device's B/N rows, products summed in float32 whatever
+    the keys' dtype). The rows of device n are the n-th B/N, so with the batch sharded over
+    N devices each sums its own rows, no communication."""
     h, keys, _ = _layer(params, config, layer, h, mask)
-    keys = (keys * mask[..., None]).reshape(sums.shape[0], -1, keys.shape[-1])
-    return h, sums + jnp.einsum("ntf,ntg->nfg", keys, keys).astype(sums.dtype)
+    keys = (keys * mask[..., None].astype(keys.dtype)).reshape(sums.shape[0], -1,
+                                                                keys.shape[-1])
+    return h, sums + jnp.einsum("ntf,ntg->nfg", keys, keys, preferred_element_type=sums.dtype)
+
+
+def _pass(params: Params, config: ModelConfig, layers: list[int], ids, mask,
+          sums: list[jax.Array]) -> list[jax.Array]:
+    """One batch through blocks 0..max(layers): ``sums`` (per layer, [N, F, F]) + its keys'
+    per-device moments at each of ``layers`` (ascending)."""
+    h = _embed(params, config, ids, mask)
+    sums = list(sums)
+    for layer in range(layers[-1] + 1):
+        if layer in layers:
+            slot = layers.index(layer)
+            h, sums[slot] = _block_moment(params, config, layer, h, mask, sums[slot])
+        else:
+            h = _block(params, config, layer, h, mask)
+    return sums
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,8 +238,8 @@ def compute_layer_stats(model: Model, layers: Sequence[int], texts: list[str],
     for seq in (seq for chunk in batches for seq in chunk):
         digest.update(np.asarray([len(seq), *seq], np.int64).tobytes())
     settings = {"format": STATS_FORMAT, "tokens": digest.hexdigest(), "layers": layers,
-                "batches": len(batches),
-                "texts": n_texts, "batch_size": batch_size, "devices": n_dev, "reduce_every": reduce_every}
+                "batches": len(batches), "texts": n_texts, "batch_size": batch_size,
+                "devices": n_dev, "reduce_every": reduce_every}
     manager, first, total, count = _resume(checkpoints, settings, (len(layers), f, f), log)
     replicated = NamedSharding(mesh, PartitionSpec())
     rows = NamedSharding(mesh, PartitionSpec("data"))
@@ -237,19 +256,11 @@ def compute_layer_stats(model: Model, layers: Sequence[int], texts: list[str],
                leave=False)
     for index in range(first, len(batches)):
         chunk = batches[index]
-        ids, mask = pad_batch(chunk, model.tokenizer.pad_id, length=min(
-            bucket(max(map(len, chunk)), 32), model.config.n_positions))
-        extra = -len(chunk) % n_dev  # rows of padding alone (mask 0) fill every device
-        ids = np.pad(ids, ((0, extra), (0, 0)), constant_values=model.tokenizer.pad_id)
-        mask = np.pad(mask, ((0, extra), (0, 0)))
-        ids, mask = jax.device_put(ids, rows), jax.device_put(mask, rows)
-        h = _embed(params, model.config, ids, mask)
-        for layer in range(layers[-1] + 1):
-            if layer in layers:
-                slot = layers.index(layer)
-                h, sums[slot] = _block_moment(params, model.config, layer, h, mask, sums[slot])
-            elif layer < layers[-1]:
-                h = _block(params, model.config, layer, h, mask)
+        ids, mask = pad_batch(chunk + [[]] * (-len(chunk) % n_dev),  # empty rows fill devices
+                              model.tokenizer.pad_id, length=min(
+                                  bucket(max(map(len, chunk)), 32), model.config.n_positions))
+        sums = _pass(params, model.config, layers, jax.device_put(ids, rows),
+                     jax.device_put(mask, rows), sums)
         count += tokens[index]
         bar.update(tokens[index])
         done = index + 1
