@@ -243,3 +243,30 @@ def test_a_local_dataset_read_by_the_datasets_library(model, tmp_path):
     got = key_stats_layers(model, [1], f"hf:{folder}", n_samples=40, cache_dir=tmp_path / "c")
     np.testing.assert_array_equal(got[1].moment, compute_key_stats(model, 1, TEXTS[:40],
                                                                    "t").moment)
+
+
+def test_the_stats_command_builds_a_window_in_one_pass(tiny_model, tmp_path, capsys):
+    """`rome-jax stats --layers 0-1 --mom2-corpus FILE --mom2-samples N`: one pass, one cache
+    per layer, loaded by the next run; --checkpoint-every must be a multiple of 16."""
+    from conftest import in_process_env
+
+    from rome_jax import cli as rome_cli
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TEXTS))
+    args = ["stats", "--model", str(tiny_model), "--layer", "1", "--layers", "0-1",
+            "--mom2-corpus", str(corpus), "--mom2-samples", "30", "--json"]
+    with in_process_env(tmp_path):
+        assert rome_cli.main(args) == 0
+        out, err = capsys.readouterr()
+        first = json.loads(out)["layers"]
+        assert "computing key statistics at layers 0, 1" in err
+        assert rome_cli.main(args) == 0
+        again = json.loads(capsys.readouterr().out)["layers"]
+        with pytest.raises(SystemExit):
+            rome_cli.main([*args, "--checkpoint-every", "24"])
+        assert "24 is not a multiple of 16" in capsys.readouterr().err
+    assert [(i["layer"], i["how"], i["texts"], i["corpus"]) for i in first] == [
+        (0, "built", 30, "corpus"), (1, "built", 30, "corpus")]
+    assert [i["how"] for i in again] == ["loaded", "loaded"]
+    assert [i["path"] for i in again] == [i["path"] for i in first]

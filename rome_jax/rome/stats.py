@@ -15,7 +15,6 @@ non-finite values is rebuilt, never trusted. One cache file per layer, whichever
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -34,13 +33,16 @@ from tqdm import tqdm
 
 from rome_jax.data import (HF_CORPORA, bucket, cache_root, load_wikitext, local_file,
                            pad_batch, stream_hf_texts)
-from rome_jax.files import atomic_file, file_lock, write_json_atomic
+from rome_jax.files import atomic_file, file_locks, write_json_atomic
 from rome_jax.hf import DEFAULT_MODEL
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model, params_digest
 from rome_jax.models.transformer import Params, block, embed, key_weights, make_context
 
 STATS_FORMAT = 2  # of the cache file; 1 was an orbax float64 directory keyed by corpus name
+# Batches between the reductions of a statistics pass (per-device float32 sums -> the host's
+# float64 sums): few enough float32 additions, few enough host transfers of L x F x F.
+REDUCE_EVERY = 16
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -199,7 +201,7 @@ def _read_settings(path: Path) -> dict | None:
 def compute_layer_stats(model: Model, layers: Sequence[int], texts: list[str],
                         corpus: str = "custom", n_samples: int | None = None,
                         batch_size: int = 16, params: Params | None = None,
-                        mesh: Mesh | None = None, reduce_every: int = 16,
+                        mesh: Mesh | None = None, reduce_every: int = REDUCE_EVERY,
                         checkpoints: Checkpoints | None = None,
                         log=None) -> dict[int, KeyStats]:
     """C at each of ``layers`` in one pass over ``texts``: {layer: KeyStats}.
@@ -452,7 +454,7 @@ def find_key_stats(model: Model, layer: int, corpus: Corpus, cache_dir: Path | N
 def key_stats_layers(model: Model, layers: Sequence[int], corpus: str = "wikitext",
                      texts: list[str] | None = None, n_samples: int | None = None,
                      cache_dir: Path | None = None, log=None, shipped: bool = True,
-                     mesh: Mesh | None = None, reduce_every: int = 16,
+                     mesh: Mesh | None = None, reduce_every: int = REDUCE_EVERY,
                      checkpoint_every: int = 256) -> dict[int, KeyStats]:
     """Cached C for ``model`` at each of ``layers`` over ``corpus`` (see ``resolve_corpus``):
     {layer: KeyStats}, one cache file per layer (``cache_path``).
@@ -465,7 +467,7 @@ def key_stats_layers(model: Model, layers: Sequence[int], corpus: str = "wikitex
     ``.<name>.work/`` beside the caches, resumed by the next build of the same layers after a
     kill and removed when the caches are written.
     Concurrent callers (threads or processes) build each cache once: a builder holds the locks
-    of its missing caches (taken in layer order), and the others wait, then load them.
+    of its missing caches (``files.file_locks``), and the others wait, then load them.
     """
     source = resolve_corpus(corpus, texts, n_samples)
     layers = sorted(set(int(layer) for layer in layers))
@@ -484,9 +486,7 @@ def key_stats_layers(model: Model, layers: Sequence[int], corpus: str = "wikitex
     if not missing:
         return found
     paths = {layer: cache_path(model, layer, source, cache_dir) for layer in missing}
-    with contextlib.ExitStack() as locks:
-        for layer in missing:
-            locks.enter_context(file_lock(paths[layer]))
+    with file_locks(list(paths.values())):
         errors.clear()
         missing = load(missing)
         if missing:
