@@ -3,9 +3,9 @@
 The second moment is streamed in one pass for every layer asked (``compute_layer_stats``: each
 batch goes once through the blocks up to the top layer): per batch and layer, Σ k kᵀ over real
 tokens is formed in float32 on the devices, each summing its own rows of the batch; every N
-batches one reduction adds the per-device sums to the host's float64 running sums, with the
-token count, and an orbax checkpoint of those lets a killed build resume; C is then rounded to
-float32, as the cache stores it, so that a computed C and a cached one are the same.
+batches one reduction adds the per-device sums up and into the host's float64 running sums,
+with the token count, and an orbax checkpoint of those lets a killed build resume; C is then
+rounded to float32, as the cache stores it, so that a computed C and a cached one are the same.
 The cache key names what C depends on: a fingerprint of the weights that produce the keys at the
 layer (so an edit at that layer, which changes only its output projection, keeps the cache
 valid), the layer, the corpus's name and content (a hash of the texts used), the sample count
@@ -154,17 +154,28 @@ def data_mesh(mesh: Mesh | None = None) -> Mesh:
 
 
 def _batches(model: Model, texts: list[str], n_samples: int | None, batch_size: int,
-             corpus: str) -> tuple[list[list[list[int]]], int]:
-    """The texts' token lists in batches, as every build of them makes them: each text read
-    after the start token (if any) and cut to the model's context, the first ``n_samples``,
-    sorted by length (similar lengths share a batch: little padding, few shapes)."""
+             corpus: str) -> tuple[list[list[np.ndarray]], int]:
+    """The texts' tokens (int32 arrays) in batches, as every build of them makes them: each
+    text read after the start token (if any) and cut to the model's context, the first
+    ``n_samples``, sorted by length (similar lengths share a batch: little padding, few
+    shapes). Encoded 1,024 texts at a time, so long documents are never all held whole."""
     n_start = len(model.tokenizer.start_ids)  # a text of the start token alone is no sample
-    seqs = [s[:model.config.n_positions] for s in model.tokenizer.encode_sequences(list(texts))
-            if len(s) > n_start][:n_samples]
+    seqs: list[np.ndarray] = []
+    for start in range(0, len(texts), 1024):
+        seqs += [np.asarray(s[:model.config.n_positions], np.int32) for s in
+                 model.tokenizer.encode_sequences(list(texts[start:start + 1024]))
+                 if len(s) > n_start]
+    seqs = seqs[:n_samples]
     if not seqs:
         raise ValueError(f"corpus {corpus!r}: no text to compute key statistics from")
     seqs.sort(key=len)
     return [seqs[i:i + batch_size] for i in range(0, len(seqs), batch_size)], len(seqs)
+
+
+@jax.jit
+def _reduce(sums: jax.Array) -> jax.Array:
+    """The per-device sums [N, F, F] added over the devices (one all-reduce): [F, F]."""
+    return sums.sum(0)
 
 
 def _resume(checkpoints: Checkpoints | None, settings: dict, shape: tuple[int, ...], log):
@@ -210,8 +221,8 @@ def compute_layer_stats(model: Model, layers: Sequence[int], texts: list[str],
     top layer; at each asked layer l the keys' Σ k kᵀ [F, F] over real tokens is added, in
     float32 on the device, to per-device sums [N, F, F], the batch's rows split over the N
     devices of ``mesh``'s ``data`` axis (default: all devices). Every ``reduce_every`` batches
-    (and at the end) one reduction adds the per-device sums, in float64, to the host's running
-    sums; ``checkpoints`` (if given; its interval a multiple of ``reduce_every``) saves those
+    (and at the end) one reduction adds the per-device sums over the devices (float32) and
+    those to the host's running sums (float64); ``checkpoints`` (if given; its interval a multiple of ``reduce_every``) saves those
     and the token count with orbax, and a build of the same statistics started after a kill
     resumes there and gives the same C, bit for bit, as one never stopped (the reductions fall
     on the same batches). C = sum / count, rounded to float32. Its last bits depend on the
@@ -238,7 +249,7 @@ def compute_layer_stats(model: Model, layers: Sequence[int], texts: list[str],
     f = model.config.d_mlp
     digest = hashlib.sha256()
     for seq in (seq for chunk in batches for seq in chunk):
-        digest.update(np.asarray([len(seq), *seq], np.int64).tobytes())
+        digest.update(np.int64(len(seq)).tobytes() + seq.tobytes())
     settings = {"format": STATS_FORMAT, "tokens": digest.hexdigest(), "layers": layers,
                 "batches": len(batches), "texts": n_texts, "batch_size": batch_size,
                 "devices": n_dev, "reduce_every": reduce_every}
@@ -249,7 +260,7 @@ def compute_layer_stats(model: Model, layers: Sequence[int], texts: list[str],
                           == mesh else jax.device_put(w, replicated), params)  # kept if placed
 
     def zeros():
-        return [jax.device_put(np.zeros((n_dev, f, f), np.float32), rows) for _ in layers]
+        return [jnp.zeros((n_dev, f, f), jnp.float32, device=rows) for _ in layers]
 
     sums = zeros()
     tokens = [sum(map(len, chunk)) for chunk in batches]
@@ -267,7 +278,7 @@ def compute_layer_stats(model: Model, layers: Sequence[int], texts: list[str],
         bar.update(tokens[index])
         done = index + 1
         if done % reduce_every == 0 or done == len(batches):  # the one reduction
-            total = total + np.stack([np.asarray(s, np.float64).sum(0) for s in sums])
+            total = total + np.stack([np.asarray(_reduce(s), np.float64) for s in sums])
             sums = zeros()
             if manager is not None and done % checkpoints.every == 0 and done < len(batches):
                 manager.save(done, args=ocp.args.StandardSave(
