@@ -139,7 +139,8 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(model, tmp_path):
     lines = []
     again = compute_layer_stats(model, [1], TEXTS[20:], "t", reduce_every=1, checkpoints=work,
                                 log=lines.append)
-    assert lines == []  # other texts: started afresh, not resumed
+    assert lines == [f"{work.work_dir}: checkpoints of another build (other texts, layers or "
+                     "settings); starting afresh"]  # other texts: not resumed
     np.testing.assert_array_equal(again[1].moment, compute_layer_stats(
         model, [1], TEXTS[20:], "t", reduce_every=1)[1].moment)
     assert first[1].count != again[1].count

@@ -187,6 +187,9 @@ def _resume(checkpoints: Checkpoints | None, settings: dict, shape: tuple[int, .
     work = Path(checkpoints.work_dir)
     recorded = work / "settings.json"
     if work.exists() and (not recorded.is_file() or _read_settings(recorded) != settings):
+        if log:
+            log(f"{work}: checkpoints of another build (other texts, layers or settings); "
+                "starting afresh")
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(recorded, settings)
