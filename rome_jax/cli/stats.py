@@ -79,8 +79,7 @@ def run(args) -> int:
         built.append(message)
         log(f"{PROG}: {message}")
 
-    all_stats = key_stats_layers(s.model, layers, hp.mom2_corpus, n_samples=hp.mom2_n_samples,
-                                 log=note, shipped=not args.rebuild,
+    all_stats = key_stats_layers(s.model, layers, corpus, log=note, shipped=not args.rebuild,
                                  checkpoint_every=args.checkpoint_every)
     infos = []
     for layer in layers:

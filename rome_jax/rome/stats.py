@@ -225,13 +225,14 @@ def compute_layer_stats(model: Model, layers: Sequence[int], texts: list[str],
     float32 on the device, to per-device sums [N, F, F], the batch's rows split over the N
     devices of ``mesh``'s ``data`` axis (default: all devices). Every ``reduce_every`` batches
     (and at the end) one reduction adds the per-device sums over the devices (float32) and
-    those to the host's running sums (float64); ``checkpoints`` (if given; its interval a multiple of ``reduce_every``) saves those
-    and the token count with orbax, and a build of the same statistics started after a kill
-    resumes there and gives the same C, bit for bit, as one never stopped (the reductions fall
-    on the same batches). C = sum / count, rounded to float32. Its last bits depend on the
-    device count, ``batch_size`` and ``reduce_every`` (the order of the float32 sums), not on
-    the checkpoints nor on the layers asked with it: layer l's C is the same from a pass over
-    a window as from a pass for l alone. A progress bar shows tokens/s and the time left.
+    those to the host's running sums (float64); ``checkpoints`` (if given; its interval a
+    multiple of ``reduce_every``) saves those and the token count with orbax, and a build of
+    the same statistics started after a kill resumes there and gives the same C, bit for bit,
+    as one never stopped (the reductions fall on the same batches). C = sum / count, rounded
+    to float32. Its last bits depend on the device count, ``batch_size`` and
+    ``reduce_every`` (the order of the float32 sums), not on the checkpoints nor on the
+    layers asked with it: layer l's C is the same from a pass over a window as from a pass
+    for l alone. A progress bar shows tokens/s and the time left.
     Precision: the forward in the params' dtype, the moments in float32, their sum in float64.
     """
     params = model.params if params is None else params
@@ -465,13 +466,14 @@ def find_key_stats(model: Model, layer: int, corpus: Corpus, cache_dir: Path | N
     return path, None, errors
 
 
-def key_stats_layers(model: Model, layers: Sequence[int], corpus: str = "wikitext",
+def key_stats_layers(model: Model, layers: Sequence[int], corpus: str | Corpus = "wikitext",
                      texts: list[str] | None = None, n_samples: int | None = None,
                      cache_dir: Path | None = None, log=None, shipped: bool = True,
                      mesh: Mesh | None = None, reduce_every: int = REDUCE_EVERY,
                      checkpoint_every: int = 256) -> dict[int, KeyStats]:
-    """Cached C for ``model`` at each of ``layers`` over ``corpus`` (see ``resolve_corpus``):
-    {layer: KeyStats}, one cache file per layer (``cache_path``).
+    """Cached C for ``model`` at each of ``layers`` over ``corpus`` (see ``resolve_corpus``, or
+    a ``Corpus`` it made, so a streamed corpus is read once): {layer: KeyStats}, one cache file
+    per layer (``cache_path``).
 
     Cache hits (in ``cache_dir``, default the user cache, else the shipped caches of the
     embedded default, unless not ``shipped``) are returned as stored; the missing or unreadable
@@ -483,7 +485,7 @@ def key_stats_layers(model: Model, layers: Sequence[int], corpus: str = "wikitex
     Concurrent callers (threads or processes) build each cache once: a builder holds the locks
     of its missing caches (``files.file_locks``), and the others wait, then load them.
     """
-    source = resolve_corpus(corpus, texts, n_samples)
+    source = corpus if isinstance(corpus, Corpus) else resolve_corpus(corpus, texts, n_samples)
     layers = sorted(set(int(layer) for layer in layers))
     found: dict[int, KeyStats] = {}
     errors: list[ValueError] = []
