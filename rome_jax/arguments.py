@@ -75,11 +75,12 @@ def read_case_ids(path: str) -> list:
 
 def batch_hparams(config, method: str, args, layers=None, keys: str = "rome", layer=None):
     """A batch editor's settings (``editors.hparams.resolve``) with the v* flags of ``args``
-    (--mom2-n-samples, --v-steps, --template-lengths, --context-templates; absent or None:
-    the preset's); ValueError naming --layers."""
+    (--mom2-samples, --mom2-corpus, --v-steps, --template-lengths, --context-templates;
+    absent or None: the preset's); ValueError naming --layers."""
     from rome_jax.editors.hparams import resolve
 
-    flags = {"mom2_n_samples": "mom2_n_samples", "v_num_grad_steps": "v_steps",
+    flags = {"mom2_n_samples": "mom2_n_samples", "mom2_corpus": "mom2_corpus",
+             "v_num_grad_steps": "v_steps",
              "context_template_length_params": "template_lengths",
              "context_templates": "context_templates"}
     try:

@@ -440,6 +440,40 @@ def load_wikitext() -> list[str]:
     return [line.strip() for line in lines if line.strip()]
 
 
+# Corpora of key statistics read through the Hugging Face ``datasets`` library (streamed):
+# name -> (dataset path, configuration, split). ROME's ``layer_stats`` reads the same two.
+HF_CORPORA = {"wikitext-103": ("Salesforce/wikitext", "wikitext-103-raw-v1", "train"),
+              "wikipedia": ("wikimedia/wikipedia", "20231101.en", "train")}
+
+
+def stream_hf_texts(path: str, config: str | None = None, split: str = "train",
+                    n: int | None = None) -> list[str]:
+    """The first ``n`` (all when None) non-blank ``text`` fields of a Hugging Face dataset,
+    streamed (``datasets.load_dataset(path, config, split=split, streaming=True)``), so only
+    what is read is downloaded; ``path`` may be a local folder of data files. Needs the optional
+    ``datasets`` package (``pip install 'rome_jax[corpora]'``)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"corpus {path!r}: reading it needs the Hugging Face 'datasets' "
+                         "package (pip install datasets, or 'rome_jax[corpora]')") from None
+    try:
+        rows = datasets.load_dataset(path, config, split=split, streaming=True)
+        texts = []
+        for row in rows:
+            if n is not None and len(texts) >= n:
+                break
+            text = row.get("text") if isinstance(row, dict) else None
+            if not isinstance(text, str):
+                raise ValueError(f"a row without a 'text' string (fields: {sorted(row)})")
+            if text.strip():
+                texts.append(text.strip())
+    except Exception as err:  # the library's many error types: one line naming the corpus
+        raise ValueError(f"corpus {path!r} ({config or 'default'}, {split}): cannot be read "
+                         f"({type(err).__name__}: {err})") from None
+    return texts
+
+
 def bucket(length: int, multiple: int = 16) -> int:
     """Round a length up so that jit sees few distinct shapes."""
     return max(multiple, -(-length // multiple) * multiple)

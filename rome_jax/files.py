@@ -129,6 +129,16 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
         handle.close()  # releases the lock
 
 
+@contextlib.contextmanager
+def file_locks(paths: list[str | os.PathLike]) -> Iterator[None]:
+    """:func:`file_lock` on each of ``paths``, taken in the order of their names, so builders
+    of overlapping sets never deadlock (each waits for the first lock it lacks)."""
+    with contextlib.ExitStack() as stack:
+        for path in sorted(set(map(str, paths))):
+            stack.enter_context(file_lock(path))
+        yield
+
+
 def build_once(path: str | os.PathLike, load: Callable[[], T | None],
                build: Callable[[], T]) -> T:
     """The cache at ``path``: ``load()`` (None when it is missing or unusable), else, holding

@@ -59,8 +59,8 @@ def test_key_stats_caches_and_rebuilds_a_corrupt_cache(model, tmp_path, monkeypa
     path = stats_mod.cache_path(model, 1, resolve_corpus("four", TEXTS), tmp_path)
     assert path.is_file()
     calls = []
-    real = stats_mod.compute_key_stats
-    monkeypatch.setattr(stats_mod, "compute_key_stats",
+    real = stats_mod.compute_layer_stats
+    monkeypatch.setattr(stats_mod, "compute_layer_stats",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     again = key_stats(model, 1, "four", texts=TEXTS, cache_dir=tmp_path)
     assert calls == [] and np.array_equal(again.moment, first.moment)
@@ -103,12 +103,12 @@ from rome_jax.rome import stats
 cache, go, ready = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 texts = json.loads(sys.argv[4])
 model = tiny_gpt2(n_layer=2, d_model=16, n_head=2, seq_len=32, seed=5)
-real = stats.compute_key_stats
+real = stats.compute_layer_stats
 def slow(*args, **kwargs):  # a build that takes a while, as on a real model
     out = real(*args, **kwargs)
     time.sleep(1.0)
     return out
-stats.compute_key_stats = slow
+stats.compute_layer_stats = slow
 ready.touch()
 while not go.exists():
     time.sleep(0.005)

@@ -144,7 +144,8 @@ def read_results(path: Path, what: str, overwrite: bool) -> dict | None:
 # Result settings (``Setup.result_settings``, nested ones included) -> the flag that sets them.
 SETTING_FLAGS = {**{k: "--" + k.replace("_", "-") for k in (
     "layer", "bos", "seed", "method", "methods", "test_prefix", "generation_prompts",
-    "generation_tokens", "mom2_n_samples", "context_templates")}, **FIELD_FLAGS,
+    "generation_tokens", "mom2_corpus", "context_templates")}, **FIELD_FLAGS,
+    "mom2_n_samples": "--mom2-samples",
     "digest": "--model"}
 
 
@@ -238,9 +239,17 @@ def add_model_args(p: argparse.ArgumentParser, edits: bool = True) -> None:
     g.add_argument("--layer", type=int, metavar="L",
                    help="edit layer (default: the model's preset; required for models without "
                         "one)")
-    g.add_argument("--mom2-n-samples", type=positive_int, metavar="N",
-                   help="key statistics from the first N WikiText texts only (default: all); "
-                        "small values make statistics for tiny test models quick")
+    g.add_argument("--mom2-samples", "--mom2-n-samples", dest="mom2_n_samples",
+                   type=positive_int, metavar="N",
+                   help="key statistics from the first N texts of the corpus only, as ROME's "
+                        "mom2_n_samples (default: all; ROME used 100000 of Wikipedia); small "
+                        "values make statistics for tiny test models quick")
+    g.add_argument("--mom2-corpus", metavar="CORPUS",
+                   help="the key statistics' corpus: wikitext (WikiText-2's test split, the "
+                        "default, local), wikitext-103 or wikipedia (streamed through the "
+                        "Hugging Face datasets package), hf:PATH[:CONFIG][@SPLIT] (any dataset "
+                        "with a text field, or a local folder of data files), or a text file "
+                        "(one text per non-empty line)")
     if edits:
         g.add_argument("--v-steps", type=positive_int, metavar="N",
                        help="maximum optimisation steps for v* (default: the preset's, 20)")
@@ -326,6 +335,7 @@ class Setup:
             except ValueError:
                 hparams = RomeHParams(layer=args.layer)
         changes = {"mom2_n_samples": args.mom2_n_samples,
+                   "mom2_corpus": getattr(args, "mom2_corpus", None),
                    "v_num_grad_steps": getattr(args, "v_steps", None),
                    "context_template_length_params": getattr(args, "template_lengths", None),
                    "context_templates": getattr(args, "context_templates", None)}

@@ -53,7 +53,7 @@ from rome_jax.rome.edit import (_checked, _requests, batch_mesh, build_batch,
                                 stack_batches)
 from rome_jax.rome.keys import keys_from_residual
 from rome_jax.rome.request import EditRequest
-from rome_jax.rome.stats import KeyStats, key_stats
+from rome_jax.rome.stats import KeyStats, key_stats_layers
 from rome_jax.rome.templates import ContextTemplates
 from rome_jax.rome.values import VBatch, VResult
 
@@ -140,16 +140,18 @@ def prepare_batch(model: Model, method: str, hparams: BatchHParams | None = None
                   templates: ContextTemplates | Sequence[str] | None = None,
                   stats: dict | None = None, log=None) -> BatchContext:
     """Sample the templates with ``key`` (default ``jax.random.key(0)``) unless given, and
-    load or compute (cached on disk) the key statistics of every edited layer unless given
-    (``stats``: {layer: KeyStats})."""
+    load or compute (cached on disk, one file per layer) the key statistics of every edited
+    layer unless given (``stats``: {layer: KeyStats}); the missing ones are computed in one
+    pass up to the highest of them (``rome.stats.key_stats_layers``)."""
     hparams = _checked_batch(model, method, hparams)
     v = hparams.v
     templates = context_templates(model, v, key, templates)
     stats = dict(stats or {})
+    missing = [layer for layer in hparams.layers if layer not in stats]
+    if missing:  # one pass for the whole window, one cache file per layer
+        stats.update(key_stats_layers(model, missing, v.mom2_corpus,
+                                      n_samples=v.mom2_n_samples, log=log))
     for layer in hparams.layers:
-        if layer not in stats:
-            stats[layer] = key_stats(model, layer, v.mom2_corpus, n_samples=v.mom2_n_samples,
-                                     log=log)
         if stats[layer].moment.shape != (model.config.d_mlp,) * 2:
             raise ValueError(f"stats: layer {layer} has shape {stats[layer].moment.shape}, the "
                              f"model's MLP needs {(model.config.d_mlp,) * 2}")
