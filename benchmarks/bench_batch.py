@@ -32,7 +32,6 @@ def main() -> None:
     args = p.parse_args()
 
     import jax
-    import jax.numpy as jnp
 
     from rome_jax import data, load_model
     from rome_jax.editors.batch import edit_batch, prepare_batch
@@ -88,8 +87,8 @@ def main() -> None:
     jax.block_until_ready(params)
     rows.append({"method": "c-rome (single edits)", "n": args.single,
                  "total_per_fact": (time.perf_counter() - start) / args.single})
-    print(f"| model | method | facts | v* solves s/fact | keys + closed form s/fact | "
-          f"total s/fact |\n|---|---|---|---|---|---|")
+    print("| model | method | facts | v* solves s/fact | keys + closed form s/fact | "
+          "total s/fact |\n|---|---|---|---|---|---|")
     for r in rows:
         total = r.get("total_per_fact", r.get("solve_per_fact", 0) + r.get("update_per_fact", 0))
         print(f"| {model.name} | {r['method']} | {r['n']} | {r.get('solve_per_fact', '-')!s:.6} "
