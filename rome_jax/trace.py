@@ -31,8 +31,7 @@ import numpy as np
 from rome_jax.files import atomic_file
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
-from rome_jax.models.transformer import (Params, attention, embed, make_context, mlp, norm,
-                                         unembed)
+from rome_jax.models.transformer import Params, block, embed, make_context, unembed
 from rome_jax.rome.request import subject_token_index
 
 KINDS = ("hidden", "mlp", "attn")
@@ -83,20 +82,14 @@ def _block(p: Params, cfg: ModelConfig, h, ctx, patch_h, patch_a, patch_m, clean
     """One block with clean values patched in where patch_* [B, T] is true.
     clean = (hidden, attn, mlp), each [T, D]. Returns (h, attn_out, mlp_out)."""
     clean_h, clean_a, clean_m = clean
-    x = norm(p["ln_1"], cfg, h)
-    a = attention(p["attn"], cfg, x, ctx)
-    a = a[0] if isinstance(a, tuple) else a  # newer transformer.attention also returns (k, v)
-    a = jnp.where(patch_a[..., None], clean_a, a)
-    if cfg.parallel_residual:
-        m = mlp(p["mlp"], cfg, x)[0]
-        m = jnp.where(patch_m[..., None], clean_m, m)
-        out = h + a + m
-    else:
-        h = h + a
-        m = mlp(p["mlp"], cfg, norm(p["ln_2"], cfg, h))[0]
-        m = jnp.where(patch_m[..., None], clean_m, m)
-        out = h + m
-    return jnp.where(patch_h[..., None], clean_h, out), a, m
+    where = {"attn": (patch_a, clean_a), "mlp": (patch_m, clean_m)}
+
+    def patch(name, out):
+        at, value = where[name]
+        return jnp.where(at[..., None], value, out)
+
+    out = block(p, cfg, h, ctx, patch=patch)
+    return jnp.where(patch_h[..., None], clean_h, out.h), out.attn, out.mlp
 
 
 def _scan(params: Params, cfg: ModelConfig, h, ctx, rows, clean, collect: bool = False):

@@ -1,5 +1,6 @@
-"""The forward pass of GPT-2, GPT-J and Llama as pure functions over a params pytree, with
-ROME's taps. One forward for all families; ``ModelConfig`` fields say where they differ.
+"""The forward pass of GPT-2, GPT-J, GPT-NeoX and Llama (with Qwen2, Qwen3, Mistral and Phi-3)
+as pure functions over a params pytree, with ROME's taps. One forward for all families;
+``ModelConfig`` fields say where they differ.
 
 Params layout (every block leaf is stacked along a leading layer axis ``[L, ...]``; dense
 weights are stored ``[in, out]`` and applied as ``x @ w + b``; a ``b`` is absent where the
@@ -8,9 +9,10 @@ layer has no bias):
     wte [V, D]           token embedding
     wpe [P, D]           learned positions (GPT-2 only)
     blocks/ln_1, ln_2    LayerNorm {scale, bias} or RMSNorm {scale} [L, D] (no ln_2 in GPT-J)
-    blocks/attn/q        {w [L, D, H*hd], b [L, H*hd]} (b: GPT-2, Llama with attention_bias)
+    blocks/attn/q        {w [L, D, H*hd], b [L, H*hd]} (b with ``attention_bias``)
     blocks/attn/k,v      {w [L, D, KV*hd], b [L, KV*hd]} (KV = H except with grouped queries)
-    blocks/attn/o        {w [L, H*hd, D], b [L, D]}
+    blocks/attn/o        {w [L, H*hd, D], b [L, D]} (b with ``attention_out_bias``)
+    blocks/attn/q_norm   {scale [L, hd]}, and k_norm (Qwen3 only: ``qk_norm``)
     blocks/mlp/gate      {w [L, D, F], b [L, F]} (Llama only: gate_proj)
     blocks/mlp/fc_in     {w [L, D, F], b [L, F]} (Llama: up_proj, b with mlp_bias)
     blocks/mlp/fc_out    {w [L, F, D], b [L, D]}  ROME's W (as W^T) and b (see ``rome_weight``)
@@ -29,7 +31,7 @@ so lower blocks are skipped, and logits at chosen positions only.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,10 +42,13 @@ Params = dict[str, Any]
 
 
 class Context(NamedTuple):
-    """Per-batch facts every block needs. positions [B, T] int; attn_bias [B, 1, T, T]."""
+    """Per-batch facts every block needs. positions [B, T] int (the queries'); attn_bias
+    [B, 1, T, S]; key_positions [B, S] int, the keys' positions for a sliding window (``None``:
+    the keys are the queries, S = T)."""
 
     positions: jax.Array
     attn_bias: jax.Array
+    key_positions: jax.Array | None = None
 
 
 class ForwardOut(NamedTuple):
@@ -175,12 +180,17 @@ def attention(p: Params, cfg: ModelConfig, x: jax.Array, ctx: Context,
 
     Query head h reads key/value head ``h // G`` (G = H / KV; G = 1 is plain multi-head
     attention). ``past`` = (k, v) [B, Tp, KV, hd] of earlier positions (rotary already applied)
-    is attended before this call's own keys; ``ctx.attn_bias`` is then [B, 1, T, Tp + T].
+    is attended before this call's own keys; ``ctx.attn_bias`` is then [B, 1, T, Tp + T]. With
+    ``cfg.qk_norm`` each head of q and k is RMS-normed before the rotary embedding; with
+    ``cfg.sliding_window`` W a query at position i sees no key at a position j <= i - W.
     """
     batch, seq, _ = x.shape
     n_kv, hd = cfg.n_kv_head, cfg.head_dim
     q = dense(p["q"], x).reshape(batch, seq, cfg.n_head, hd)
     k, v = (dense(p[name], x).reshape(batch, seq, n_kv, hd) for name in ("k", "v"))
+    if cfg.qk_norm:
+        q = rms_norm(p["q_norm"], q, cfg.layer_norm_epsilon)
+        k = rms_norm(p["k_norm"], k, cfg.layer_norm_epsilon)
     if cfg.rotary_dim is not None:
         q = rotary(q, ctx.positions, cfg)
         k = rotary(k, ctx.positions, cfg)
@@ -188,7 +198,12 @@ def attention(p: Params, cfg: ModelConfig, x: jax.Array, ctx: Context,
                                                 jnp.concatenate([past[1], v], 1))
     q = q.reshape(batch, seq, n_kv, cfg.n_head // n_kv, hd)              # [B, T, KV, G, hd]
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k_all) / math.sqrt(hd)
-    bias = ctx.attn_bias[:, :, None].astype(scores.dtype)                # [B, 1, 1, T, S]
+    bias = ctx.attn_bias
+    if cfg.sliding_window is not None:
+        keys_at = ctx.positions if ctx.key_positions is None else ctx.key_positions
+        far = ctx.positions[:, :, None] - keys_at[:, None, :] >= cfg.sliding_window  # [B, T, S]
+        bias = jnp.where(far[:, None], jnp.finfo(bias.dtype).min, bias)
+    bias = bias[:, :, None].astype(scores.dtype)                          # [B, 1, 1, T, S]
     weights = jax.nn.softmax(scores + bias, axis=-1)
     out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v_all).reshape(batch, seq, cfg.n_head * hd)
     return dense(p["o"], out), (k, v)
@@ -205,24 +220,45 @@ def mlp(p: Params, cfg: ModelConfig, x: jax.Array, delta: jax.Array | None = Non
     return (out if delta is None else out + delta), key
 
 
-def block(p: Params, cfg: ModelConfig, h: jax.Array, ctx: Context,
-          mlp_delta: jax.Array | None = None, past=None, dropout: Dropout | None = None):
-    """One transformer block. h [B, T, D] -> (h [B, T, D], key [B, T, F], (k, v)).
+class BlockOut(NamedTuple):
+    """h [B, T, D] leaving the block; key [B, T, F] (ROME's); kv (k, v) [B, T, KV, hd]; attn and
+    mlp [B, T, D]: the two branch outputs added to the residual stream."""
 
+    h: jax.Array
+    key: jax.Array
+    kv: tuple[jax.Array, jax.Array]
+    attn: jax.Array
+    mlp: jax.Array
+
+
+def block(p: Params, cfg: ModelConfig, h: jax.Array, ctx: Context,
+          mlp_delta: jax.Array | None = None, past=None, dropout: Dropout | None = None,
+          patch: Callable[[str, jax.Array], jax.Array] | None = None) -> BlockOut:
+    """One transformer block on h [B, T, D].
+
+    Sequential: ``h + a + mlp(ln_2(h + a))`` with ``a = attn(ln_1(h))``; parallel:
+    ``h + a + mlp(ln_2(h))`` (GPT-NeoX), ``h + a + mlp(ln_1(h))`` (GPT-J, no ln_2).
     ``mlp_delta`` [B, T, D] is added to the MLP output; ``past`` as in ``attention``;
-    ``dropout`` drops both branch outputs.
+    ``dropout`` drops both branch outputs; ``patch(name, out)`` (name ``"attn"`` or ``"mlp"``)
+    replaces a branch output before it is added (causal tracing restores clean states so).
     """
     attn_drop, mlp_drop = [None] * 2 if dropout is None else jax.random.split(dropout.key)
     rate = 0.0 if dropout is None else dropout.rate
     x = norm(p["ln_1"], cfg, h)
     attn_out, kv = attention(p["attn"], cfg, x, ctx, past)
     attn_out = drop(attn_out, attn_drop, rate)
-    if cfg.parallel_residual:
-        mlp_out, key = mlp(p["mlp"], cfg, x, mlp_delta)
-        return h + attn_out + drop(mlp_out, mlp_drop, rate), key, kv
-    h = h + attn_out
-    mlp_out, key = mlp(p["mlp"], cfg, norm(p["ln_2"], cfg, h), mlp_delta)
-    return h + drop(mlp_out, mlp_drop, rate), key, kv
+    if patch is not None:
+        attn_out = patch("attn", attn_out)
+    base = h + attn_out
+    if not cfg.parallel_residual:
+        x = norm(p["ln_2"], cfg, base)
+    elif "ln_2" in p:
+        x = norm(p["ln_2"], cfg, h)
+    mlp_out, key = mlp(p["mlp"], cfg, x, mlp_delta)
+    mlp_out = drop(mlp_out, mlp_drop, rate)
+    if patch is not None:
+        mlp_out = patch("mlp", mlp_out)
+    return BlockOut(base + mlp_out, key, kv, attn_out, mlp_out)
 
 
 def run_blocks(params: Params, cfg: ModelConfig, h: jax.Array, ctx: Context,
@@ -232,11 +268,11 @@ def run_blocks(params: Params, cfg: ModelConfig, h: jax.Array, ctx: Context,
         return h
     layers = jax.tree.map(lambda w: w[start:stop], params["blocks"])
     if dropout is None:
-        return jax.lax.scan(lambda h, p: (block(p, cfg, h, ctx)[0], None), h, layers)[0]
+        return jax.lax.scan(lambda h, p: (block(p, cfg, h, ctx).h, None), h, layers)[0]
 
     def step(h, xs):
         p, key = xs
-        return block(p, cfg, h, ctx, dropout=Dropout(key, dropout.rate))[0], None
+        return block(p, cfg, h, ctx, dropout=Dropout(key, dropout.rate)).h, None
 
     return jax.lax.scan(step, h, (layers, jax.random.split(dropout.key, stop - start)))[0]
 
@@ -323,7 +359,7 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
                 delta_full = onehot[:, :, None] * jnp.broadcast_to(
                     mlp_delta, (h.shape[0], h.shape[-1]))[:, None, :]
         p_layer = jax.tree.map(lambda w: w[layer], params["blocks"])
-        h, keys, _ = block(p_layer, cfg, h, ctx, delta_full)
+        h, keys = block(p_layer, cfg, h, ctx, delta_full)[:2]
         if onehot is not None:
             key = jnp.einsum("bt,btf->bf", onehot, keys)
         h = run_blocks(params, cfg, h, ctx, layer + 1, cfg.n_layer)
@@ -343,7 +379,7 @@ def mlp_key(params: Params, cfg: ModelConfig, input_ids: jax.Array,
     cfg.check_layer(layer)
     ctx = make_context(input_ids.shape, attention_mask, params["wte"].dtype)
     h = run_blocks(params, cfg, embed(params, cfg, input_ids, ctx), ctx, 0, layer)
-    keys = block(jax.tree.map(lambda w: w[layer], params["blocks"]), cfg, h, ctx)[1]
+    keys = block(jax.tree.map(lambda w: w[layer], params["blocks"]), cfg, h, ctx).key
     if token_index is None:
         return keys
     return jnp.take_along_axis(keys, token_index[:, None, None], axis=1)[:, 0]
@@ -357,8 +393,8 @@ def blocks_kv(params: Params, cfg: ModelConfig, h: jax.Array, ctx: Context, star
     layers = jax.tree.map(lambda w: w[start:], params["blocks"])
 
     def step(h, p):
-        h, _, kv = block(p, cfg, h, ctx)
-        return h, kv
+        out = block(p, cfg, h, ctx)
+        return out.h, out.kv
 
     h, (k, v) = jax.lax.scan(step, h, layers)
     return h, k, v
@@ -376,12 +412,12 @@ def forward_live(params: Params, cfg: ModelConfig, layer: int, h: jax.Array, ctx
     of ``layer``. Returns logits [B, P, V] at ``logit_positions`` [B, P] (live coordinates).
     """
     first = jax.tree.map(lambda w: w[layer], params["blocks"])
-    h = block(first, cfg, h, ctx, mlp_delta, past=(past_k[0], past_v[0]))[0]
+    h = block(first, cfg, h, ctx, mlp_delta, past=(past_k[0], past_v[0])).h
     rest = jax.tree.map(lambda w: w[layer + 1:], params["blocks"])
 
     def step(h, xs):
         p, k, v = xs
-        return block(p, cfg, h, ctx, past=(k, v))[0], None
+        return block(p, cfg, h, ctx, past=(k, v)).h, None
 
     h = jax.lax.scan(step, h, (rest, past_k[1:], past_v[1:]))[0]
     h = jnp.take_along_axis(h, logit_positions[:, :, None], axis=1)
