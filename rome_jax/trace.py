@@ -78,7 +78,7 @@ def embedding_std(model: Model, key: jax.Array | None = None,
     return float(jnp.std(wte[jnp.asarray(ids)].astype(jnp.float32)))
 
 
-def _block(p: Params, cfg: ModelConfig, h, ctx, patch_h, patch_a, patch_m, clean):
+def _block(p: Params, cfg: ModelConfig, h, ctx, patch_h, patch_a, patch_m, clean, layer):
     """One block with clean values patched in where patch_* [B, T] is true.
     clean = (hidden, attn, mlp), each [T, D]. Returns (h, attn_out, mlp_out)."""
     clean_h, clean_a, clean_m = clean
@@ -88,7 +88,7 @@ def _block(p: Params, cfg: ModelConfig, h, ctx, patch_h, patch_a, patch_m, clean
         at, value = where[name]
         return jnp.where(at[..., None], value, out)
 
-    out = block(p, cfg, h, ctx, patch=patch)
+    out = block(p, cfg, h, ctx, patch=patch, layer=layer)
     return jnp.where(patch_h[..., None], clean_h, out.h), out.attn, out.mlp
 
 
@@ -102,7 +102,7 @@ def _scan(params: Params, cfg: ModelConfig, h, ctx, rows, clean, collect: bool =
         p, j, c = xs
         inside = ((lo <= j) & (j < hi))[:, None] & at_pos
         patches = [inside & (kind == _KIND_CODE[k])[:, None] for k in ("hidden", "attn", "mlp")]
-        h, a, m = _block(p, cfg, h, ctx, *patches, c)
+        h, a, m = _block(p, cfg, h, ctx, *patches, c, j)
         return h, ((h, a, m) if collect else None)
 
     layers = jnp.arange(cfg.n_layer)

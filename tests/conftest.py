@@ -92,7 +92,9 @@ HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
               "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
               "mistral": ("MistralConfig", "MistralForCausalLM"),
               "phi3": ("Phi3Config", "Phi3ForCausalLM"),
-              "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM")}
+              "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
+              "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+              "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM")}
 
 
 def build_hf_model(family: str, seed: int = 0, **overrides):
@@ -104,7 +106,7 @@ def build_hf_model(family: str, seed: int = 0, **overrides):
         cfg: dict[str, Any] = dict(vocab_size=101, max_position_embeddings=32, hidden_size=32,
                                    intermediate_size=48, num_hidden_layers=2,
                                    num_attention_heads=4)
-        if family != "gpt_neox":
+        if family in ("llama", "qwen2", "qwen3", "mistral", "phi3"):
             cfg.update(rope_theta=10000.0)
         if family == "mistral":
             cfg.update(sliding_window=None)
@@ -113,7 +115,8 @@ def build_hf_model(family: str, seed: int = 0, **overrides):
     else:
         cfg = dict(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=4)
     cfg.update(overrides)
-    if family in ("qwen2", "qwen3", "mistral", "phi3"):  # their defaults are not Llama's
+    if family in ("qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text"):
+        # their defaults are not Llama's
         cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
         cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
     if family in HF_CLASSES:

@@ -1,6 +1,6 @@
-"""Qwen2, Qwen3, Mistral, Phi-3 and GPT-NeoX specifics: config.json reading (legacy attributes
-included), refusals by name, and a ROME edit on a Mistral whose sliding window is shorter than
-the prompts.
+"""Qwen2, Qwen3, Mistral, Phi-3, GPT-NeoX and Gemma 2 / 3 specifics: config.json reading
+(legacy attributes included), refusals by name, and ROME edits on a Mistral and a Gemma 3 whose
+sliding windows are shorter than the prompts.
 
 Logit parity with ``transformers`` (and exports loading back) is in test_hf_parity.py and the
 ROME taps in test_forward_taps.py, each parametrized over the families.
@@ -44,6 +44,18 @@ QWEN2 = {
     "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
     "tie_word_embeddings": True, "use_sliding_window": False, "vocab_size": 151936,
 }
+# Gemma 3 1B's shape with the attributes transformers 4 wrote (rope_local_base_freq,
+# sliding_window_pattern, no layer_types).
+GEMMA3 = {
+    "architectures": ["Gemma3ForCausalLM"], "attn_logit_softcapping": None, "bos_token_id": 2,
+    "eos_token_id": 1, "final_logit_softcapping": None, "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152, "intermediate_size": 6912,
+    "max_position_embeddings": 32768, "model_type": "gemma3_text", "num_attention_heads": 4,
+    "num_hidden_layers": 26, "num_key_value_heads": 1, "pad_token_id": 0,
+    "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000,
+    "rope_scaling": None, "rope_theta": 1000000, "sliding_window": 512,
+    "sliding_window_pattern": 6, "vocab_size": 262144,
+}
 MISTRAL = {"model_type": "mistral", "vocab_size": 32000, "hidden_size": 64,
            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
            "num_key_value_heads": 2, "sliding_window": 4096}
@@ -73,7 +85,28 @@ def test_qwen2_unused_sliding_window_is_kept_not_applied():
     assert ModelConfig.from_hf(written) == cfg
 
 
+def test_gemma3_legacy_rope_and_layer_pattern():
+    cfg = ModelConfig.from_hf(GEMMA3)
+    assert (cfg.rope_theta, cfg.rope_local_theta, cfg.sliding_window) == (1e6, 1e4, 512)
+    assert [i for i, t in enumerate(cfg.layer_types) if t == "full_attention"] == [5, 11, 17, 23]
+    assert (cfg.norm, cfg.embed_scale, cfg.sandwich_norm, cfg.qk_norm, cfg.tied_lm_head) == (
+        "gemma", True, True, True, True)
+    assert (cfg.query_scale, cfg.attn_softcap, cfg.final_softcap) == (256, None, None)
+    assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoConfig.for_model(**GEMMA3)
+    assert tuple(hf.layer_types) == cfg.layer_types
+    assert (hf.rope_parameters["full_attention"]["rope_theta"],
+            hf.rope_parameters["sliding_attention"]["rope_theta"]) == (1e6, 1e4)
+
+
 @pytest.mark.parametrize("hf,name", [
+    ({**GEMMA3, "rope_scaling": {"rope_type": "linear", "factor": 8.0}}, "rope_scaling"),
+    ({**GEMMA3, "attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+    ({**GEMMA3, "use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    ({**GEMMA3, "hidden_activation": "gelu"}, "hidden_activation"),
+    ({**GEMMA3, "layer_types": ["chunked_attention"] * 26}, "layer_types"),
+    ({**GEMMA3, "model_type": "gemma2", "layer_types": ["full_attention"]}, "layer_types"),
     ({**QWEN2, "use_sliding_window": True}, "use_sliding_window"),
     ({**QWEN2, "layer_types": ["sliding_attention"] * 24}, "layer_types"),
     ({**QWEN2, "model_type": "qwen3", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
@@ -99,14 +132,20 @@ HP = RomeHParams(layer=1, v_num_grad_steps=6, v_lr=0.1,
 REQUEST = EditRequest("{} plays the", "Lionel Messi", "piano", "football")
 
 
-def test_rome_edit_on_mistral_with_a_window_shorter_than_the_prompts(hf_model):
+@pytest.mark.parametrize("family,extra", [
+    ("mistral", {}),
+    # windows in layers 0 and 2, the edit at layer 1 (full), δ before its post-feedforward norm
+    ("gemma3_text", dict(layer_types=["sliding_attention", "full_attention",
+                                      "sliding_attention"], final_logit_softcapping=5.0)),
+])
+def test_rome_edit_with_a_window_shorter_than_the_prompts(hf_model, family, extra):
     """The live-position forward of v*'s optimisation equals the full forward where the window
     cuts the past; the edited W maps the key to v*; ROME lowers v*'s loss at every step and
     edits only its layer's W."""
     pytest.importorskip("transformers")
-    model = load_model(hf_model("mistral", vocab_size=50257, num_key_value_heads=2,
+    model = load_model(hf_model(family, vocab_size=50257, num_key_value_heads=2,
                                 num_hidden_layers=3, max_position_embeddings=64,
-                                sliding_window=4).path)
+                                sliding_window=4, **extra).path)
     stats = compute_key_stats(model, HP.layer, data.load_wikitext()[:200], "wiki200")
     context = prepare(model, HP, jax.random.key(0), stats=stats)
     batch = build_batch(model, REQUEST, context.templates, HP.fact_token)

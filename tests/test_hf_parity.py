@@ -75,6 +75,21 @@ CONFIGS = {
         hidden_act="gelu_new", layer_norm_eps=1e-3,
         rope_parameters={"rope_type": "default", "rope_theta": 500.0,
                          "partial_rotary_factor": 0.5})),
+    # Gemma 2: transformers' alternating layer types, soft-capping at its defaults (30, 50)
+    # and below them, query_pre_attn_scalar != head_dim
+    "gemma2-window4-gqa2": ("gemma2", dict(sliding_window=4, query_pre_attn_scalar=12,
+                                           num_key_value_heads=2)),
+    "gemma2-3layers-caps": ("gemma2", dict(num_hidden_layers=3, head_dim=12, sliding_window=5,
+                                           attn_logit_softcapping=2.0,
+                                           final_logit_softcapping=5.0)),
+    # Gemma 3: q/k norms, a rotary base per layer type, layer types given or by the pattern
+    "gemma3-window4-thetas": ("gemma3_text", dict(
+        num_hidden_layers=3, num_key_value_heads=2, sliding_window=4, query_pre_attn_scalar=12,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        final_logit_softcapping=5.0,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10.0}})),
+    "gemma3-pattern-window3": ("gemma3_text", dict(head_dim=16, sliding_window=3)),
 }
 SEQ = 12
 LENGTHS = (12, 7, 1)
@@ -112,7 +127,10 @@ def test_config_read(case):
         assert (cfg.d_model, cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_mlp) == (
             tc.hidden_size, tc.num_hidden_layers, tc.num_attention_heads,
             tc.num_key_value_heads, tc.head_dim, tc.intermediate_size)
-        assert cfg.rope_theta == tc.rope_parameters["rope_theta"]
+        rope = tc.rope_parameters
+        assert cfg.rope_theta == rope.get("full_attention", rope)["rope_theta"]
+        assert cfg.layer_types == (tuple(tc.layer_types) if hf.family.startswith("gemma")
+                                   else None)
         assert cfg.tied_lm_head == tc.tie_word_embeddings
         assert cfg.sliding_window == getattr(tc, "sliding_window", None)
         layer = hf.torch_model.model.layers[0]
@@ -121,7 +139,7 @@ def test_config_read(case):
         assert cfg.attention_out_bias == (layer.self_attn.o_proj.bias is not None)
         assert cfg.mlp_bias == (layer.mlp.down_proj.bias is not None)
         assert cfg.qk_norm == hasattr(layer.self_attn, "q_norm")
-        assert (cfg.norm, cfg.gated_mlp) == ("rms", True)
+        assert (cfg.norm, cfg.gated_mlp) == ("gemma" if cfg.layer_types else "rms", True)
         return
     assert (cfg.d_model, cfg.n_layer, cfg.n_head) == (
         hf.config["n_embd"], hf.config["n_layer"], hf.config["n_head"])

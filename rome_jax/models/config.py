@@ -26,6 +26,14 @@ One forward (``transformer.py``) serves every family; the families differ only i
   (``use_parallel_residual``; else sequential), rotary in the "rotate half" layout on the first
   ``partial_rotary_factor * head_dim`` dims, a fused per-head QKV with biases, a plain MLP and an
   untied head without bias. ROME edits ``gpt_neox.layers.{l}.mlp.dense_4h_to_h``.
+* ``gemma2``, ``gemma3_text`` – Llama's projections with the token embedding scaled by
+  sqrt(d_model), RMSNorms that scale by (1 + w), a norm after attention and after the MLP as
+  well as before each (``sandwich_norm``), scores scaled by ``query_pre_attn_scalar^-1/2``,
+  a GeLU-tanh SwiGLU, per-layer attention types (``layer_types``: sliding-window or full, with
+  their own rotary bases in Gemma 3), tanh soft-capping of scores and logits where set, tied
+  head; Gemma 3 adds (1 + w) RMSNorms of q and k over head_dim. ROME edits
+  ``model.layers.{l}.mlp.down_proj``: its key is the input of ``down_proj`` and δ is added to
+  ``down_proj``'s output, before the post-feedforward norm.
 
 Qwen2 / Qwen3 with ``use_sliding_window``, per-layer attention types, rope types other than the
 default and quantized checkpoints are refused.
@@ -62,11 +70,13 @@ _TOKEN_IDS = {"bos_token_id", "eos_token_id", "pad_token_id"}
 
 # Families with Llama's layout (RMSNorm, rotate-half rotary, grouped queries, SwiGLU); each one's
 # differences are read by ``_llama_fields``.
-LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "phi3")
+LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text")
+GEMMA = ("gemma2", "gemma3_text")
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "gptj": "GPTJForCausalLM",
                  "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM",
-                 "phi3": "Phi3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
+                 "phi3": "Phi3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM",
+                 "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 
 # Attribute -> the only value we implement (an absent attribute means that value).
 _REQUIRED = {
@@ -84,6 +94,8 @@ _REQUIRED = {
     "mistral": {"quantization_config": None, "layer_types": None},
     "phi3": {"quantization_config": None, "layer_types": None},
     "gpt_neox": {"quantization_config": None},
+    "gemma2": {"quantization_config": None},
+    "gemma3_text": {"quantization_config": None},
 }
 
 
@@ -93,7 +105,7 @@ class ModelConfig:
 
     Attributes:
       model_type: ``"gpt2"``, ``"gptj"``, ``"llama"``, ``"qwen2"``, ``"qwen3"``, ``"mistral"``,
-        ``"phi3"`` or ``"gpt_neox"``.
+        ``"phi3"``, ``"gpt_neox"``, ``"gemma2"`` or ``"gemma3_text"``.
       vocab_size: rows of the token embedding (V).
       n_positions: longest sequence the model supports.
       d_model: residual width (D, HF ``n_embd`` / ``hidden_size``).
@@ -107,7 +119,8 @@ class ModelConfig:
       parallel_residual: attention and MLP both read the block's input h (GPT-J: through one
         LayerNorm; GPT-NeoX: through one each) and both outputs are added to it.
       tied_lm_head: logits use the token embedding; else a separate head (``lm_head``).
-      norm: ``"layer"`` (LayerNorm with bias) or ``"rms"`` (RMSNorm in float32, weight only).
+      norm: ``"layer"`` (LayerNorm with bias), ``"rms"`` (RMSNorm in float32, times w) or
+        ``"gemma"`` (RMSNorm in float32, times 1 + w).
       gated_mlp: the MLP key is ``act(gate(x)) * fc_in(x)`` (SwiGLU) instead of ``act(fc_in(x))``.
       rotary_layout: ``"interleaved"`` pairs (2i, 2i+1) (GPT-J) or ``"half"`` pairs
         (i, i + rotary_dim/2) (Llama's ``rotate_half``).
@@ -121,7 +134,16 @@ class ModelConfig:
       qk_norm: q and k are RMS-normed over each head's ``head_dim`` (weights
         ``attn/q_norm``, ``attn/k_norm`` [hd]) before the rotary embedding (Qwen3).
       sliding_window: a query at position i attends only to keys at positions j with
-        ``i - j < sliding_window`` (Mistral); ``None``: every earlier position.
+        ``i - j < sliding_window`` (Mistral; with ``layer_types`` only in its sliding layers);
+        ``None``: every earlier position.
+      layer_types: per layer ``"sliding_attention"`` or ``"full_attention"`` (Gemma); ``None``:
+        every layer the same.
+      rope_local_theta: the rotary base of the sliding layers (Gemma 3); ``None``: rope_theta.
+      embed_scale: token embeddings are multiplied by sqrt(d_model) (Gemma).
+      sandwich_norm: attention and MLP outputs are normed (``attn_post``, ``mlp_post``) before
+        they are added to the residual stream (Gemma).
+      query_scale: scores are q·k / sqrt(query_scale); ``None``: sqrt(head_dim).
+      attn_softcap, final_softcap: scores / logits become ``c tanh(x / c)``; ``None``: off.
       extra: the remaining HF attributes, kept so that export writes them back.
     """
 
@@ -148,6 +170,13 @@ class ModelConfig:
     mlp_bias: bool = True
     qk_norm: bool = False
     sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None
+    embed_scale: bool = False
+    sandwich_norm: bool = False
+    query_scale: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
     extra: tuple = ()
 
     def __post_init__(self):
@@ -199,7 +228,8 @@ class ModelConfig:
                 raise ValueError(f"{source}: {name}={hf[name]!r} is not supported "
                                  f"(rome_jax implements {name}={value!r})")
         try:
-            read = {"gpt2": _gpt_fields, "gptj": _gpt_fields, "gpt_neox": _neox_fields}.get(
+            read = {"gpt2": _gpt_fields, "gptj": _gpt_fields, "gpt_neox": _neox_fields,
+                    "gemma2": _gemma_fields, "gemma3_text": _gemma_fields}.get(
                 model_type, _llama_fields)
             cfg, known = read(hf, model_type, source)
         except KeyError as err:
@@ -240,6 +270,19 @@ class ModelConfig:
             if self.model_type == "llama":
                 out.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias,
                            pretraining_tp=1)
+            elif self.model_type in GEMMA:
+                del out["hidden_act"], out["rope_theta"]
+                out.update(hidden_activation=self.activation, attention_bias=self.attention_bias,
+                           query_pre_attn_scalar=self.query_scale,
+                           sliding_window=self.sliding_window,
+                           layer_types=list(self.layer_types),
+                           attn_logit_softcapping=self.attn_softcap,
+                           final_logit_softcapping=self.final_softcap)
+                if self.model_type == "gemma3_text":
+                    local = {"rope_type": "default", "rope_theta": self.rope_local_theta}
+                    out.update(rope_parameters={"full_attention": rope,
+                                                "sliding_attention": local},
+                               use_bidirectional_attention=False)
             elif self.model_type in ("qwen2", "qwen3"):
                 out.update(use_sliding_window=False,
                            layer_types=["full_attention"] * self.n_layer)
@@ -374,6 +417,78 @@ def _llama_fields(hf: Mapping[str, Any], model_type: str, source: str) -> tuple[
         mlp_bias=model_type == "llama" and _flag(hf, "mlp_bias", source, False),
         qk_norm=model_type == "qwen3", sliding_window=window,
     )
+    return cfg, known
+
+
+def _gemma_fields(hf: Mapping[str, Any], model_type: str, source: str) -> tuple[dict, set]:
+    """Gemma 2 / Gemma 3 (text) ``config.json`` -> (ModelConfig fields, attributes consumed).
+
+    Defaults and the layer types of a config without ``layer_types`` are transformers'
+    (Gemma 2: even layers sliding; Gemma 3: every ``sliding_window_pattern``-th layer full).
+    Gemma 3's rotary bases: ``rope_parameters`` per layer type (transformers 5) or
+    ``rope_theta`` / ``rope_local_base_freq``."""
+    size = functools.partial(_positive_int, hf, source)
+    d_model, n_head = size("hidden_size"), size("num_attention_heads")
+    n_layer = size("num_hidden_layers")
+    n_kv_head = size("num_key_value_heads", None) or n_head
+    head_dim = size("head_dim", 256)
+    if n_head % n_kv_head or head_dim % 2:
+        raise ValueError(f"{source}: num_attention_heads={n_head} must be a multiple of "
+                         f"num_key_value_heads={n_kv_head} and head_dim={head_dim} even")
+    activation = hf.get("hidden_activation", "gelu_pytorch_tanh")
+    if activation != "gelu_pytorch_tanh":
+        raise ValueError(f"{source}: hidden_activation={activation!r} is not supported "
+                         "(gelu_pytorch_tanh)")
+    if hf.get("use_bidirectional_attention") not in (None, False):
+        raise ValueError(f"{source}: use_bidirectional_attention="
+                         f"{hf['use_bidirectional_attention']!r} is not supported (rome_jax "
+                         "implements causal attention)")
+    gemma3 = model_type == "gemma3_text"
+    if gemma3 and hf.get("attn_logit_softcapping") is not None:
+        # Gemma 3 checkpoints have none, and transformers 5's Gemma 3 attention ignores it.
+        raise ValueError(f"{source}: attn_logit_softcapping={hf['attn_logit_softcapping']!r} is "
+                         "not supported for gemma3_text (rome_jax implements null)")
+    pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
+    types = hf.get("layer_types") or [
+        "sliding_attention" if (i + 1) % (pattern if gemma3 else 2) else "full_attention"
+        for i in range(n_layer)]
+    if (not isinstance(types, list) or len(types) != n_layer
+            or not set(types) <= {"sliding_attention", "full_attention"}):
+        raise ValueError(f"{source}: layer_types={types!r} is not supported (expected "
+                         f"{n_layer} of 'sliding_attention' / 'full_attention')")
+    rope = hf.get("rope_parameters")
+    if gemma3 and isinstance(rope, Mapping) and "full_attention" in rope:
+        theta = _rope({"rope_parameters": rope["full_attention"]}, source, 1e6)[0]
+        local = _rope({"rope_parameters": rope.get("sliding_attention") or {}}, source, 1e4)[0]
+    else:
+        theta = _rope(hf, source, 1e6 if gemma3 else 1e4)[0]
+        local = _positive_float(hf, "rope_local_base_freq", source, 1e4) if gemma3 else None
+    softcaps = {name: (None if hf.get(name, default) is None
+                       else _positive_float(hf, name, source, default))
+                for name, default in (("attn_logit_softcapping", None if gemma3 else 50.0),
+                                      ("final_logit_softcapping", None if gemma3 else 30.0))}
+    cfg = dict(
+        model_type=model_type, vocab_size=size("vocab_size"),
+        n_positions=size("max_position_embeddings", 8192), d_model=d_model, n_layer=n_layer,
+        n_head=n_head, d_mlp=size("intermediate_size"), activation=activation,
+        layer_norm_epsilon=_positive_float(hf, "rms_norm_eps", source, 1e-6),
+        rotary_dim=head_dim, tied_lm_head=_flag(hf, "tie_word_embeddings", source, True),
+        norm="gemma", gated_mlp=True, rotary_layout="half", rope_theta=theta,
+        n_kv_head=n_kv_head, head_dim=head_dim,
+        attention_bias=_flag(hf, "attention_bias", source, False), mlp_bias=False,
+        qk_norm=gemma3, sliding_window=size("sliding_window", 4096),
+        layer_types=tuple(types), rope_local_theta=local, embed_scale=True,
+        sandwich_norm=True, query_scale=size("query_pre_attn_scalar", 256),
+        attn_softcap=softcaps["attn_logit_softcapping"],
+        final_softcap=softcaps["final_logit_softcapping"],
+    )
+    known = {"vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",
+             "head_dim", "hidden_activation", "max_position_embeddings", "num_hidden_layers",
+             "intermediate_size", "rms_norm_eps", "rope_theta", "rope_scaling",
+             "rope_parameters", "rope_local_base_freq", "attention_bias", "sliding_window",
+             "layer_types", "sliding_window_pattern", "_sliding_window_pattern",
+             "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+             "use_bidirectional_attention"}
     return cfg, known
 
 

@@ -17,9 +17,11 @@ from rome_jax.models.config import ModelConfig
 from rome_jax.models.tokenizer import EOS_TOKEN, Tokenizer
 from rome_jax.models.transformer import Params, forward
 
-# model_type -> the module that maps its HF weight names (Qwen and Mistral name theirs as Llama).
+# model_type -> the module that maps its HF weight names (Qwen, Mistral and Gemma name theirs as
+# Llama).
 FAMILIES = {"gpt2": gpt2, "gptj": gptj, "llama": llama, "qwen2": llama, "qwen3": llama,
-            "mistral": llama, "phi3": phi3, "gpt_neox": gpt_neox}
+            "mistral": llama, "phi3": phi3, "gpt_neox": gpt_neox, "gemma2": llama,
+            "gemma3_text": llama}
 
 
 @functools.lru_cache(maxsize=16)
