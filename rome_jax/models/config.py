@@ -24,19 +24,20 @@ One forward (``transformer.py``) serves every family; the families differ only i
   ``partial_rotary_factor * head_dim`` dims and an optional sliding window.
 * ``gpt_neox`` – LayerNorms with bias, attention and MLP in parallel from two LayerNorms
   (``use_parallel_residual``; else sequential), rotary in the "rotate half" layout on the first
-  ``partial_rotary_factor * head_dim`` dims, a fused per-head QKV with biases, a plain MLP and an
-  untied head without bias. ROME edits ``gpt_neox.layers.{l}.mlp.dense_4h_to_h``.
+  ``partial_rotary_factor * head_dim`` dims, a fused per-head QKV with biases, a plain MLP and a
+  head without bias (untied by default). ROME edits ``gpt_neox.layers.{l}.mlp.dense_4h_to_h``.
 * ``gemma2``, ``gemma3_text`` – Llama's projections with the token embedding scaled by
   sqrt(d_model), RMSNorms that scale by (1 + w), a norm after attention and after the MLP as
   well as before each (``sandwich_norm``), scores scaled by ``query_pre_attn_scalar^-1/2``,
   a GeLU-tanh SwiGLU, per-layer attention types (``layer_types``: sliding-window or full, with
-  their own rotary bases in Gemma 3), tanh soft-capping of scores and logits where set, tied
+  their own rotary bases in Gemma 3), tanh soft-capping of scores (Gemma 2) and logits where set, tied
   head; Gemma 3 adds (1 + w) RMSNorms of q and k over head_dim. ROME edits
   ``model.layers.{l}.mlp.down_proj``: its key is the input of ``down_proj`` and δ is added to
   ``down_proj``'s output, before the post-feedforward norm.
 
-Qwen2 / Qwen3 with ``use_sliding_window``, per-layer attention types, rope types other than the
-default and quantized checkpoints are refused.
+Qwen2 / Qwen3 with ``use_sliding_window`` or sliding ``layer_types``, Gemma 3 with score
+soft-capping (transformers 5 ignores it), rope types other than the default and quantized
+checkpoints are refused.
 
 ``from_hf`` checks every attribute that changes the computation and refuses values it does not
 implement by name, instead of silently computing something else.
