@@ -93,6 +93,9 @@ def test_gemma3_legacy_rope_and_layer_pattern():
         "gemma", True, True, True, True)
     assert (cfg.query_scale, cfg.attn_softcap, cfg.final_softcap) == (256, None, None)
     assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+    assert ModelConfig.from_hf({**GEMMA3, "sliding_window": None}).sliding_window is None
+    assert ModelConfig.from_hf({k: v for k, v in GEMMA3.items()
+                                if k != "sliding_window"}).sliding_window == 4096
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoConfig.for_model(**GEMMA3)
     assert tuple(hf.layer_types) == cfg.layer_types

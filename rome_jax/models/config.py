@@ -477,7 +477,8 @@ def _gemma_fields(hf: Mapping[str, Any], model_type: str, source: str) -> tuple[
         norm="gemma", gated_mlp=True, rotary_layout="half", rope_theta=theta,
         n_kv_head=n_kv_head, head_dim=head_dim,
         attention_bias=_flag(hf, "attention_bias", source, False), mlp_bias=False,
-        qk_norm=gemma3, sliding_window=size("sliding_window", 4096),
+        qk_norm=gemma3,  # an explicit null: no window, as in transformers
+        sliding_window=size("sliding_window", None) if "sliding_window" in hf else 4096,
         layer_types=tuple(types), rope_local_theta=local, embed_scale=True,
         sandwich_norm=True, query_scale=size("query_pre_attn_scalar", 256),
         attn_softcap=softcaps["attn_logit_softcapping"],
