@@ -31,8 +31,7 @@ import numpy as np
 from rome_jax.files import atomic_file
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
-from rome_jax.models.transformer import (Params, attention, embed, make_context, mlp, norm,
-                                         unembed)
+from rome_jax.models.transformer import Params, block, embed, make_context, unembed
 from rome_jax.rome.request import subject_token_index
 
 KINDS = ("hidden", "mlp", "attn")
@@ -79,24 +78,18 @@ def embedding_std(model: Model, key: jax.Array | None = None,
     return float(jnp.std(wte[jnp.asarray(ids)].astype(jnp.float32)))
 
 
-def _block(p: Params, cfg: ModelConfig, h, ctx, patch_h, patch_a, patch_m, clean):
+def _block(p: Params, cfg: ModelConfig, h, ctx, patch_h, patch_a, patch_m, clean, layer):
     """One block with clean values patched in where patch_* [B, T] is true.
     clean = (hidden, attn, mlp), each [T, D]. Returns (h, attn_out, mlp_out)."""
     clean_h, clean_a, clean_m = clean
-    x = norm(p["ln_1"], cfg, h)
-    a = attention(p["attn"], cfg, x, ctx)
-    a = a[0] if isinstance(a, tuple) else a  # newer transformer.attention also returns (k, v)
-    a = jnp.where(patch_a[..., None], clean_a, a)
-    if cfg.parallel_residual:
-        m = mlp(p["mlp"], cfg, x)[0]
-        m = jnp.where(patch_m[..., None], clean_m, m)
-        out = h + a + m
-    else:
-        h = h + a
-        m = mlp(p["mlp"], cfg, norm(p["ln_2"], cfg, h))[0]
-        m = jnp.where(patch_m[..., None], clean_m, m)
-        out = h + m
-    return jnp.where(patch_h[..., None], clean_h, out), a, m
+    where = {"attn": (patch_a, clean_a), "mlp": (patch_m, clean_m)}
+
+    def patch(name, out):
+        at, value = where[name]
+        return jnp.where(at[..., None], value, out)
+
+    out = block(p, cfg, h, ctx, patch=patch, layer=layer)
+    return jnp.where(patch_h[..., None], clean_h, out.h), out.attn, out.mlp
 
 
 def _scan(params: Params, cfg: ModelConfig, h, ctx, rows, clean, collect: bool = False):
@@ -109,7 +102,7 @@ def _scan(params: Params, cfg: ModelConfig, h, ctx, rows, clean, collect: bool =
         p, j, c = xs
         inside = ((lo <= j) & (j < hi))[:, None] & at_pos
         patches = [inside & (kind == _KIND_CODE[k])[:, None] for k in ("hidden", "attn", "mlp")]
-        h, a, m = _block(p, cfg, h, ctx, *patches, c)
+        h, a, m = _block(p, cfg, h, ctx, *patches, c, j)
         return h, ((h, a, m) if collect else None)
 
     layers = jnp.arange(cfg.n_layer)

@@ -73,32 +73,56 @@ def randomize(model, seed: int) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight", "layernorm.weight",
-                              "model.norm.weight")):
+                              "model.norm.weight", "q_norm.weight", "k_norm.weight",
+                              "final_layer_norm.weight")):
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
             elif p.ndim == 1:  # biases (LayerNorm and dense)
                 p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-            elif name.endswith(("wte.weight", "wpe.weight", "embed_tokens.weight")):
+            elif name.endswith(("wte.weight", "wpe.weight", "embed_tokens.weight",
+                                "embed_in.weight")):
                 p.copy_(torch.randn(p.shape, generator=gen))
             else:  # dense weights; Conv1D [in, out], Linear [out, in]
                 fan_in = p.shape[0] if "c_" in name.rsplit(".", 2)[-2] else p.shape[1]
                 p.copy_(1.5 / math.sqrt(fan_in) * torch.randn(p.shape, generator=gen))
 
 
+# family -> transformers (config class, model class) of the families named as HF names them.
+HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+              "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+              "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+              "mistral": ("MistralConfig", "MistralForCausalLM"),
+              "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+              "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
+              "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+              "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM")}
+
+
 def build_hf_model(family: str, seed: int = 0, **overrides):
-    """A random tiny ``GPT2LMHeadModel`` / ``GPTJForCausalLM`` / ``LlamaForCausalLM`` (float32,
+    """A random tiny ``GPT2LMHeadModel`` / ``GPTJForCausalLM`` / a ``HF_CLASSES`` model (float32,
     eval mode)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    if family == "llama":
+    if family in HF_CLASSES:
         cfg: dict[str, Any] = dict(vocab_size=101, max_position_embeddings=32, hidden_size=32,
                                    intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, rope_theta=10000.0)
+                                   num_attention_heads=4)
+        if family in ("llama", "qwen2", "qwen3", "mistral", "phi3"):
+            cfg.update(rope_theta=10000.0)
+        if family == "mistral":
+            cfg.update(sliding_window=None)
+        if family == "phi3":  # its default ids lie past a tiny vocabulary
+            cfg.update(bos_token_id=1, eos_token_id=2, pad_token_id=2)
     else:
         cfg = dict(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=4)
     cfg.update(overrides)
-    if family == "llama":
-        config = transformers.LlamaConfig(**cfg)
-        cls = transformers.LlamaForCausalLM
+    if family in ("qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text"):
+        # their defaults are not Llama's
+        cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
+        cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
+    if family in HF_CLASSES:
+        config_class, model_class = HF_CLASSES[family]
+        config = getattr(transformers, config_class)(**cfg)
+        cls = getattr(transformers, model_class)
     elif family == "gpt2":
         config = transformers.GPT2Config(**cfg)
         cls = transformers.GPT2LMHeadModel
@@ -159,13 +183,13 @@ def hf_model(tmp_path_factory) -> Callable[..., HFModel]:
     """Factory: ``hf_model("gpt2", n_head=3, n_embd=24)`` -> cached :class:`HFModel`.
 
     Defaults: vocab 101, 32 positions, width 32, 2 layers, 4 heads (GPT-J: rotary_dim 4;
-    Llama: HF names, MLP 48 wide, untied head).
+    ``HF_CLASSES``: HF names, MLP 48 wide, untied head, head_dim 8, no sliding window).
     Pass ``vocab_size=50257`` where the tokenizer must agree with the embedding.
     """
     cache: dict[tuple, HFModel] = {}
 
     def make(family: str, seed: int = 0, **overrides) -> HFModel:
-        key = (family, seed, tuple(sorted(overrides.items())))
+        key = (family, seed, repr(sorted(overrides.items())))  # values may be dicts
         if key not in cache:
             model, cfg = build_hf_model(family, seed, **overrides)
             path = tmp_path_factory.mktemp(f"hf-{family}")

@@ -46,8 +46,8 @@ def test_intact_copy_loads(gpt2_dir, gptj_dir):
 
 
 def test_unknown_model_type(gpt2_dir):
-    _edit_config(gpt2_dir, model_type="mistral")
-    with pytest.raises(ValueError, match=r"config\.json: unknown architecture model_type='mistral'"):
+    _edit_config(gpt2_dir, model_type="mamba")
+    with pytest.raises(ValueError, match=r"config\.json: unknown architecture model_type='mamba'"):
         rome_jax.load_model(gpt2_dir)
 
 

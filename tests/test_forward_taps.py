@@ -20,12 +20,22 @@ from rome_jax.models.transformer import Dropout, drop, forward, mlp, residual_at
 torch = pytest.importorskip("torch")
 
 BATCH, SEQ, N_POS, N_LAYER = 2, 8, 3, 3
-MODELS = {  # N_LAYER layers each, odd head counts, GPT-J with partial rotary, Llama with GQA
+MODELS = {  # N_LAYER layers each, odd head counts, GPT-J with partial rotary, Llama with GQA,
+    # Qwen3 with q/k norms, Mistral with a window shorter than the sequence, GPT-NeoX with a
+    # parallel residual from two LayerNorms, Gemma 3 with norms after each branch (δ before the
+    # post-feedforward norm) and per-layer windows (Qwen2, Phi-3 and Gemma 2 run blocks tested
+    # here: see test_hf_parity.py)
     "gpt2": dict(n_embd=24, n_head=3, n_layer=N_LAYER, activation_function="gelu"),
     "gptj": dict(n_embd=40, n_head=5, rotary_dim=6, n_layer=N_LAYER, activation_function="gelu"),
     "llama": dict(hidden_size=30, num_attention_heads=3, num_key_value_heads=1, head_dim=8,
                   num_hidden_layers=N_LAYER, attention_bias=True, mlp_bias=True,
                   rope_theta=1000.0),
+    "qwen3": dict(num_key_value_heads=2, head_dim=12, num_hidden_layers=N_LAYER),
+    "mistral": dict(sliding_window=3, num_hidden_layers=N_LAYER),  # SEQ = 8 > 3
+    "gpt_neox": dict(num_hidden_layers=N_LAYER),
+    "gemma3_text": dict(num_key_value_heads=2, sliding_window=3, num_hidden_layers=N_LAYER,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                        final_logit_softcapping=5.0),
 }
 SETTINGS = settings(max_examples=3, deadline=None, derandomize=True)  # per family
 

@@ -48,6 +48,48 @@ CONFIGS = {
     "llama-5heads-mlp-bias": ("llama", dict(hidden_size=40, num_attention_heads=5, head_dim=6,
                                             intermediate_size=56, mlp_bias=True,
                                             tie_word_embeddings=True)),
+    # Qwen2: q, k, v biases, none on o
+    "qwen2-gqa2-tied": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen2-3heads-mqa": ("qwen2", dict(hidden_size=24, num_attention_heads=3,
+                                       num_key_value_heads=1, head_dim=10, rope_theta=1e5,
+                                       num_hidden_layers=3)),
+    # Qwen3: q/k RMSNorms over head_dim (12 != 32 / 4); every attention bias on in one
+    "qwen3-gqa2-head12": ("qwen3", dict(num_key_value_heads=2, head_dim=12)),
+    "qwen3-biases-tied": ("qwen3", dict(attention_bias=True, tie_word_embeddings=True,
+                                        rms_norm_eps=1e-5)),
+    # Mistral / Phi-3: sliding windows shorter than the SEQ = 12 tokens compared
+    "mistral-window4-gqa2": ("mistral", dict(sliding_window=4, num_key_value_heads=2)),
+    "mistral-3heads-window5": ("mistral", dict(hidden_size=24, num_attention_heads=3,
+                                               head_dim=10, sliding_window=5, rope_theta=500.0)),
+    "mistral-no-window": ("mistral", {}),
+    # Phi-3: fused qkv_proj (grouped queries) and gate_up_proj
+    "phi3-window4-gqa2": ("phi3", dict(sliding_window=4, num_key_value_heads=2)),
+    "phi3-partial-rotary-tied": ("phi3", dict(
+        tie_word_embeddings=True, head_dim=12,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                         "partial_rotary_factor": 0.5})),
+    # GPT-NeoX: parallel residual, rotary on 2 of 8 dims (the default 0.25), fused QKV
+    "gpt_neox-parallel": ("gpt_neox", {}),
+    "gpt_neox-sequential-tied-nobias": ("gpt_neox", dict(
+        use_parallel_residual=False, attention_bias=False, tie_word_embeddings=True,
+        hidden_act="gelu_new", layer_norm_eps=1e-3,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0,
+                         "partial_rotary_factor": 0.5})),
+    # Gemma 2: transformers' alternating layer types, soft-capping at its defaults (30, 50)
+    # and below them, query_pre_attn_scalar != head_dim
+    "gemma2-window4-gqa2": ("gemma2", dict(sliding_window=4, query_pre_attn_scalar=12,
+                                           num_key_value_heads=2)),
+    "gemma2-3layers-caps": ("gemma2", dict(num_hidden_layers=3, head_dim=12, sliding_window=5,
+                                           attn_logit_softcapping=2.0,
+                                           final_logit_softcapping=5.0)),
+    # Gemma 3: q/k norms, a rotary base per layer type, layer types given or by the pattern
+    "gemma3-window4-thetas": ("gemma3_text", dict(
+        num_hidden_layers=3, num_key_value_heads=2, sliding_window=4, query_pre_attn_scalar=12,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        final_logit_softcapping=5.0,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10.0}})),
+    "gemma3-pattern-window3": ("gemma3_text", dict(head_dim=16, sliding_window=3)),
 }
 SEQ = 12
 LENGTHS = (12, 7, 1)
@@ -72,15 +114,32 @@ def _real(mask: np.ndarray, *arrays: np.ndarray) -> list[np.ndarray]:
 def test_config_read(case):
     hf, model = case
     cfg = model.config
-    if hf.family == "llama":
-        tc = hf.torch_model.config
+    tc = hf.torch_model.config
+    if hf.family == "gpt_neox":
+        assert (cfg.d_model, cfg.n_layer, cfg.n_head, cfg.d_mlp, cfg.parallel_residual) == (
+            tc.hidden_size, tc.num_hidden_layers, tc.num_attention_heads,
+            tc.intermediate_size, tc.use_parallel_residual)
+        attention = hf.torch_model.gpt_neox.layers[0].attention
+        assert (cfg.rotary_dim, cfg.rope_theta) == (
+            attention.rotary_ndims, tc.rope_parameters["rope_theta"])
+        return
+    if hf.family != "gpt2" and hf.family != "gptj":
         assert (cfg.d_model, cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_mlp) == (
             tc.hidden_size, tc.num_hidden_layers, tc.num_attention_heads,
             tc.num_key_value_heads, tc.head_dim, tc.intermediate_size)
-        assert cfg.rope_theta == tc.rope_parameters["rope_theta"]
-        assert (cfg.tied_lm_head, cfg.attention_bias, cfg.mlp_bias) == (
-            tc.tie_word_embeddings, tc.attention_bias, tc.mlp_bias)
-        assert (cfg.rotary_dim, cfg.norm, cfg.gated_mlp) == (tc.head_dim, "rms", True)
+        rope = tc.rope_parameters
+        assert cfg.rope_theta == rope.get("full_attention", rope)["rope_theta"]
+        assert cfg.layer_types == (tuple(tc.layer_types) if hf.family.startswith("gemma")
+                                   else None)
+        assert cfg.tied_lm_head == tc.tie_word_embeddings
+        assert cfg.sliding_window == getattr(tc, "sliding_window", None)
+        layer = hf.torch_model.model.layers[0]
+        q = getattr(layer.self_attn, "q_proj", None)
+        assert cfg.attention_bias == (q is not None and q.bias is not None)
+        assert cfg.attention_out_bias == (layer.self_attn.o_proj.bias is not None)
+        assert cfg.mlp_bias == (layer.mlp.down_proj.bias is not None)
+        assert cfg.qk_norm == hasattr(layer.self_attn, "q_norm")
+        assert (cfg.norm, cfg.gated_mlp) == ("gemma" if cfg.layer_types else "rms", True)
         return
     assert (cfg.d_model, cfg.n_layer, cfg.n_head) == (
         hf.config["n_embd"], hf.config["n_layer"], hf.config["n_head"])
@@ -171,7 +230,8 @@ def test_exported_tokenizer_matches(hf_model, tmp_path):
     np.testing.assert_allclose(np.asarray(rome_jax.logits(model, ids)), ref, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gptj-partial-rotary", "llama-gqa2-tied"])
+@pytest.mark.parametrize("name", ["gpt2", "gptj-partial-rotary", "llama-gqa2-tied",
+                                  "phi3-window4-gqa2", "gpt_neox-parallel"])
 def test_sharded_safetensors(name, hf_model, tmp_path):
     family, overrides = CONFIGS[name]
     hf = hf_model(family, **overrides)

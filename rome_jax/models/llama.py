@@ -1,8 +1,10 @@
-"""Llama <-> HF ``LlamaForCausalLM`` weight names.
+"""Llama <-> HF ``LlamaForCausalLM`` weight names; also Qwen2, Qwen3, Mistral and Gemma 2 / 3,
+which name their weights as Llama does (Gemma with four norms per layer, ``_GEMMA_NORMS``).
 
 HF Llama uses ``nn.Linear`` layers stored ``[out, in]``: every dense weight is transposed on the
-way in and out. Biases exist only with ``attention_bias`` (q, k, v, o) and ``mlp_bias`` (gate,
-up, down). RMSNorms have a weight only. ``lm_head.weight`` is read and written only for an
+way in and out. Biases exist only with ``attention_bias`` (q, k, v), ``attention_out_bias`` (o)
+and ``mlp_bias`` (gate, up, down). RMSNorms have a weight only; Qwen3 adds
+``self_attn.q_norm`` / ``k_norm`` ([head_dim]). ``lm_head.weight`` is read and written only for an
 untied head; a tied checkpoint may still carry a copy of the embedding there, which is ignored.
 """
 
@@ -24,6 +26,14 @@ FLAX_LM_HEAD = "model.embed_tokens.weight"
 _ATTN = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
 _MLP = {"gate": "gate_proj", "fc_in": "up_proj", "fc_out": "down_proj"}
 _NORMS = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm"}
+# Gemma's post_attention_layernorm norms the attention output; pre_feedforward_layernorm is ln_2.
+_GEMMA_NORMS = {"ln_1": "input_layernorm", "attn_post": "post_attention_layernorm",
+                "ln_2": "pre_feedforward_layernorm", "mlp_post": "post_feedforward_layernorm"}
+_QK_NORMS = ("q_norm", "k_norm")
+
+
+def _norms(cfg: ModelConfig) -> dict[str, str]:
+    return _GEMMA_NORMS if cfg.sandwich_norm else _NORMS
 
 
 def _shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -51,13 +61,17 @@ def import_weights(read: Callable[[str, tuple], jnp.ndarray], cfg: ModelConfig) 
     params = {
         "wte": read("model.embed_tokens.weight", (V, D)),
         "blocks": {
-            **{ours: {"scale": stack(f"{hf}.weight", (D,))} for ours, hf in _NORMS.items()},
-            "attn": {ours: linear(ours, f"self_attn.{hf}", cfg.attention_bias)
-                     for ours, hf in _ATTN.items()},
+            **{ours: {"scale": stack(f"{hf}.weight", (D,))} for ours, hf in _norms(cfg).items()},
+            "attn": {ours: linear(ours, f"self_attn.{hf}", cfg.attention_out_bias if ours == "o"
+                                  else cfg.attention_bias) for ours, hf in _ATTN.items()},
             "mlp": {ours: linear(ours, f"mlp.{hf}", cfg.mlp_bias) for ours, hf in _MLP.items()},
         },
         "ln_f": {"scale": read("model.norm.weight", (D,))},
     }
+    if cfg.qk_norm:
+        for name in _QK_NORMS:
+            params["blocks"]["attn"][name] = {"scale": stack(f"self_attn.{name}.weight",
+                                                             (cfg.head_dim,))}
     if not cfg.tied_lm_head:
         params["lm_head"] = {"w": read("lm_head.weight", (V, D)).T}
     return params
@@ -71,7 +85,7 @@ def export_weights(params: Params, cfg: ModelConfig) -> dict[str, jnp.ndarray]:
         out["lm_head.weight"] = params["lm_head"]["w"].T
     for i in range(cfg.n_layer):
         pre = f"model.layers.{i}."
-        for ours, hf in _NORMS.items():
+        for ours, hf in _norms(cfg).items():
             out[pre + f"{hf}.weight"] = b[ours]["scale"][i]
         for group, prefix, names in (("attn", "self_attn", _ATTN), ("mlp", "mlp", _MLP)):
             for ours, hf in names.items():
@@ -79,4 +93,7 @@ def export_weights(params: Params, cfg: ModelConfig) -> dict[str, jnp.ndarray]:
                 out[pre + f"{prefix}.{hf}.weight"] = layer["w"][i].T
                 if "b" in layer:
                     out[pre + f"{prefix}.{hf}.bias"] = layer["b"][i]
+        if cfg.qk_norm:
+            for name in _QK_NORMS:
+                out[pre + f"self_attn.{name}.weight"] = b["attn"][name]["scale"][i]
     return out

@@ -12,12 +12,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rome_jax.models import gpt2, gptj, llama
+from rome_jax.models import gpt2, gpt_neox, gptj, llama, phi3
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.tokenizer import EOS_TOKEN, Tokenizer
 from rome_jax.models.transformer import Params, forward
 
-FAMILIES = {"gpt2": gpt2, "gptj": gptj, "llama": llama}
+# model_type -> the module that maps its HF weight names (Qwen, Mistral and Gemma name theirs as
+# Llama).
+FAMILIES = {"gpt2": gpt2, "gptj": gptj, "llama": llama, "qwen2": llama, "qwen3": llama,
+            "mistral": llama, "phi3": phi3, "gpt_neox": gpt_neox, "gemma2": llama,
+            "gemma3_text": llama}
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,5 +1,6 @@
-"""The forward pass of GPT-2, GPT-J and Llama as pure functions over a params pytree, with
-ROME's taps. One forward for all families; ``ModelConfig`` fields say where they differ.
+"""The forward pass of GPT-2, GPT-J, GPT-NeoX and Llama (with Qwen2, Qwen3, Mistral, Phi-3 and
+Gemma 2 / 3) as pure functions over a params pytree, with ROME's taps. One forward for all families;
+``ModelConfig`` fields say where they differ.
 
 Params layout (every block leaf is stacked along a leading layer axis ``[L, ...]``; dense
 weights are stored ``[in, out]`` and applied as ``x @ w + b``; a ``b`` is absent where the
@@ -8,9 +9,11 @@ layer has no bias):
     wte [V, D]           token embedding
     wpe [P, D]           learned positions (GPT-2 only)
     blocks/ln_1, ln_2    LayerNorm {scale, bias} or RMSNorm {scale} [L, D] (no ln_2 in GPT-J)
-    blocks/attn/q        {w [L, D, H*hd], b [L, H*hd]} (b: GPT-2, Llama with attention_bias)
+    blocks/attn/q        {w [L, D, H*hd], b [L, H*hd]} (b with ``attention_bias``)
     blocks/attn/k,v      {w [L, D, KV*hd], b [L, KV*hd]} (KV = H except with grouped queries)
-    blocks/attn/o        {w [L, H*hd, D], b [L, D]}
+    blocks/attn/o        {w [L, H*hd, D], b [L, D]} (b with ``attention_out_bias``)
+    blocks/attn/q_norm   {scale [L, hd]}, and k_norm (Qwen3, Gemma 3: ``qk_norm``)
+    blocks/attn_post     {scale [L, D]}, and mlp_post: norms of the branch outputs (Gemma)
     blocks/mlp/gate      {w [L, D, F], b [L, F]} (Llama only: gate_proj)
     blocks/mlp/fc_in     {w [L, D, F], b [L, F]} (Llama: up_proj, b with mlp_bias)
     blocks/mlp/fc_out    {w [L, F, D], b [L, D]}  ROME's W (as W^T) and b (see ``rome_weight``)
@@ -29,7 +32,7 @@ so lower blocks are skipped, and logits at chosen positions only.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,10 +43,13 @@ Params = dict[str, Any]
 
 
 class Context(NamedTuple):
-    """Per-batch facts every block needs. positions [B, T] int; attn_bias [B, 1, T, T]."""
+    """Per-batch facts every block needs. positions [B, T] int (the queries'); attn_bias
+    [B, 1, T, S]; key_positions [B, S] int, the keys' positions for a sliding window (``None``:
+    the keys are the queries, S = T)."""
 
     positions: jax.Array
     attn_bias: jax.Array
+    key_positions: jax.Array | None = None
 
 
 class ForwardOut(NamedTuple):
@@ -102,10 +108,19 @@ def rms_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
     return p["scale"] * normed.astype(x.dtype)
 
 
+def gemma_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
+    """Gemma's RMSNorm: x / sqrt(mean(x²) + eps) * (1 + ``scale``), all in float32, cast back."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
+    return (normed * (1.0 + p["scale"].astype(jnp.float32))).astype(x.dtype)
+
+
 def norm(p: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """The family's normalisation (``cfg.norm``) of x [..., D]."""
     if cfg.norm == "rms":
         return rms_norm(p, x, cfg.layer_norm_epsilon)
+    if cfg.norm == "gemma":
+        return gemma_norm(p, x, cfg.layer_norm_epsilon)
     return layer_norm(p, x, cfg.layer_norm_epsilon)
 
 
@@ -144,16 +159,17 @@ def activation(name: str, x: jax.Array) -> jax.Array:
     return jax.nn.relu(x)
 
 
-def rotary(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+def rotary(x: jax.Array, positions: jax.Array, cfg: ModelConfig, theta=None) -> jax.Array:
     """Rotary embedding on the first ``cfg.rotary_dim`` dims of x [B, T, heads, hd].
 
-    Pair i turns by angle ``position / rope_theta^(2i / rotary_dim)``; the pair is dims
+    Pair i turns by angle ``position / theta^(2i / rotary_dim)`` (``theta``: a scalar, maybe
+    traced; ``None``: ``cfg.rope_theta``); the pair is dims
     (2i, 2i+1) in the ``"interleaved"`` layout (GPT-J) and (i, i + rotary_dim/2) in the
     ``"half"`` layout (Llama's ``rotate_half``).
     """
     rotary_dim = cfg.rotary_dim
     exponents = jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** exponents)
+    inv_freq = 1.0 / ((cfg.rope_theta if theta is None else theta) ** exponents)
     angle = positions.astype(jnp.float32)[..., None] * inv_freq            # [B, T, rd/2]
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     if cfg.rotary_layout == "half":
@@ -169,26 +185,47 @@ def rotary(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 def attention(p: Params, cfg: ModelConfig, x: jax.Array, ctx: Context,
-              past: tuple[jax.Array, jax.Array] | None = None):
+              past: tuple[jax.Array, jax.Array] | None = None, layer=None):
     """Causal self-attention with grouped queries. x [B, T, D] -> (out [B, T, D],
     (k, v) [B, T, KV, hd]).
 
     Query head h reads key/value head ``h // G`` (G = H / KV; G = 1 is plain multi-head
     attention). ``past`` = (k, v) [B, Tp, KV, hd] of earlier positions (rotary already applied)
-    is attended before this call's own keys; ``ctx.attn_bias`` is then [B, 1, T, Tp + T].
+    is attended before this call's own keys; ``ctx.attn_bias`` is then [B, 1, T, Tp + T]. With
+    ``cfg.qk_norm`` each head of q and k is RMS-normed before the rotary embedding; with
+    ``cfg.sliding_window`` W a query at position i sees no key at a position j <= i - W.
+    With ``cfg.layer_types``, block ``layer`` (an int, maybe traced) picks its window (sliding
+    layers only) and rotary base (``rope_local_theta`` in sliding layers). Scores are
+    q·k / sqrt(``query_scale`` or hd), soft-capped to ``c tanh(s / c)`` with ``attn_softcap``.
     """
+    sliding, theta = cfg.sliding_window is not None, None
+    if cfg.layer_types is not None:
+        if layer is None:
+            raise ValueError("layer: a model with per-layer attention types needs the index")
+        sliding = jnp.asarray([t == "sliding_attention" for t in cfg.layer_types])[layer]
+        if cfg.rope_local_theta is not None:
+            theta = jnp.where(sliding, cfg.rope_local_theta, cfg.rope_theta)
     batch, seq, _ = x.shape
     n_kv, hd = cfg.n_kv_head, cfg.head_dim
     q = dense(p["q"], x).reshape(batch, seq, cfg.n_head, hd)
     k, v = (dense(p[name], x).reshape(batch, seq, n_kv, hd) for name in ("k", "v"))
+    if cfg.qk_norm:
+        q, k = norm(p["q_norm"], cfg, q), norm(p["k_norm"], cfg, k)
     if cfg.rotary_dim is not None:
-        q = rotary(q, ctx.positions, cfg)
-        k = rotary(k, ctx.positions, cfg)
+        q = rotary(q, ctx.positions, cfg, theta)
+        k = rotary(k, ctx.positions, cfg, theta)
     k_all, v_all = (k, v) if past is None else (jnp.concatenate([past[0], k], 1),
                                                 jnp.concatenate([past[1], v], 1))
     q = q.reshape(batch, seq, n_kv, cfg.n_head // n_kv, hd)              # [B, T, KV, G, hd]
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k_all) / math.sqrt(hd)
-    bias = ctx.attn_bias[:, :, None].astype(scores.dtype)                # [B, 1, 1, T, S]
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k_all) / math.sqrt(cfg.query_scale or hd)
+    if cfg.attn_softcap is not None:
+        scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
+    bias = ctx.attn_bias
+    if cfg.sliding_window is not None:
+        keys_at = ctx.positions if ctx.key_positions is None else ctx.key_positions
+        far = ctx.positions[:, :, None] - keys_at[:, None, :] >= cfg.sliding_window  # [B, T, S]
+        bias = jnp.where(far[:, None] & sliding, jnp.finfo(bias.dtype).min, bias)
+    bias = bias[:, :, None].astype(scores.dtype)                          # [B, 1, 1, T, S]
     weights = jax.nn.softmax(scores + bias, axis=-1)
     out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v_all).reshape(batch, seq, cfg.n_head * hd)
     return dense(p["o"], out), (k, v)
@@ -205,24 +242,52 @@ def mlp(p: Params, cfg: ModelConfig, x: jax.Array, delta: jax.Array | None = Non
     return (out if delta is None else out + delta), key
 
 
-def block(p: Params, cfg: ModelConfig, h: jax.Array, ctx: Context,
-          mlp_delta: jax.Array | None = None, past=None, dropout: Dropout | None = None):
-    """One transformer block. h [B, T, D] -> (h [B, T, D], key [B, T, F], (k, v)).
+class BlockOut(NamedTuple):
+    """h [B, T, D] leaving the block; key [B, T, F] (ROME's); kv (k, v) [B, T, KV, hd]; attn and
+    mlp [B, T, D]: the two branch outputs added to the residual stream."""
 
-    ``mlp_delta`` [B, T, D] is added to the MLP output; ``past`` as in ``attention``;
-    ``dropout`` drops both branch outputs.
+    h: jax.Array
+    key: jax.Array
+    kv: tuple[jax.Array, jax.Array]
+    attn: jax.Array
+    mlp: jax.Array
+
+
+def block(p: Params, cfg: ModelConfig, h: jax.Array, ctx: Context,
+          mlp_delta: jax.Array | None = None, past=None, dropout: Dropout | None = None,
+          patch: Callable[[str, jax.Array], jax.Array] | None = None, layer=None) -> BlockOut:
+    """Transformer block ``layer`` (an int, maybe traced; needed with ``cfg.layer_types``) on
+    h [B, T, D].
+
+    Sequential: ``h + a + mlp(ln_2(h + a))`` with ``a = attn(ln_1(h))``; parallel:
+    ``h + a + mlp(ln_2(h))`` (GPT-NeoX), ``h + a + mlp(ln_1(h))`` (GPT-J, no ln_2); with
+    ``cfg.sandwich_norm`` (Gemma) a is ``attn_post(attn(ln_1(h)))`` and the MLP branch
+    ``mlp_post(mlp(...))``. ``mlp_delta`` [B, T, D] is added to the MLP output (before
+    ``mlp_post``: δ goes into the down-projection's output); ``past`` as in ``attention``;
+    ``dropout`` drops both branch outputs; ``patch(name, out)`` (name ``"attn"`` or ``"mlp"``)
+    replaces a branch output before it is added (causal tracing restores clean states so).
     """
     attn_drop, mlp_drop = [None] * 2 if dropout is None else jax.random.split(dropout.key)
     rate = 0.0 if dropout is None else dropout.rate
     x = norm(p["ln_1"], cfg, h)
-    attn_out, kv = attention(p["attn"], cfg, x, ctx, past)
+    attn_out, kv = attention(p["attn"], cfg, x, ctx, past, layer)
+    if cfg.sandwich_norm:
+        attn_out = norm(p["attn_post"], cfg, attn_out)
     attn_out = drop(attn_out, attn_drop, rate)
-    if cfg.parallel_residual:
-        mlp_out, key = mlp(p["mlp"], cfg, x, mlp_delta)
-        return h + attn_out + drop(mlp_out, mlp_drop, rate), key, kv
-    h = h + attn_out
-    mlp_out, key = mlp(p["mlp"], cfg, norm(p["ln_2"], cfg, h), mlp_delta)
-    return h + drop(mlp_out, mlp_drop, rate), key, kv
+    if patch is not None:
+        attn_out = patch("attn", attn_out)
+    base = h + attn_out
+    if not cfg.parallel_residual:
+        x = norm(p["ln_2"], cfg, base)
+    elif "ln_2" in p:
+        x = norm(p["ln_2"], cfg, h)
+    mlp_out, key = mlp(p["mlp"], cfg, x, mlp_delta)
+    if cfg.sandwich_norm:
+        mlp_out = norm(p["mlp_post"], cfg, mlp_out)
+    mlp_out = drop(mlp_out, mlp_drop, rate)
+    if patch is not None:
+        mlp_out = patch("mlp", mlp_out)
+    return BlockOut(base + mlp_out, key, kv, attn_out, mlp_out)
 
 
 def run_blocks(params: Params, cfg: ModelConfig, h: jax.Array, ctx: Context,
@@ -230,31 +295,37 @@ def run_blocks(params: Params, cfg: ModelConfig, h: jax.Array, ctx: Context,
     """Blocks ``start <= l < stop`` by ``lax.scan`` (one compiled block). h [B, T, D]."""
     if stop <= start:
         return h
-    layers = jax.tree.map(lambda w: w[start:stop], params["blocks"])
+    layers = (jax.tree.map(lambda w: w[start:stop], params["blocks"]), jnp.arange(start, stop))
     if dropout is None:
-        return jax.lax.scan(lambda h, p: (block(p, cfg, h, ctx)[0], None), h, layers)[0]
+        return jax.lax.scan(lambda h, xs: (block(xs[0], cfg, h, ctx, layer=xs[1]).h, None),
+                            h, layers)[0]
 
     def step(h, xs):
-        p, key = xs
-        return block(p, cfg, h, ctx, dropout=Dropout(key, dropout.rate))[0], None
+        (p, layer), key = xs
+        return block(p, cfg, h, ctx, dropout=Dropout(key, dropout.rate), layer=layer).h, None
 
     return jax.lax.scan(step, h, (layers, jax.random.split(dropout.key, stop - start)))[0]
 
 
 def embed(params: Params, cfg: ModelConfig, input_ids: jax.Array, ctx: Context) -> jax.Array:
-    """Token (+ learned position) embedding. input_ids [B, T] -> h [B, T, D]."""
+    """Token (+ learned position) embedding, times sqrt(D) with ``cfg.embed_scale``.
+    input_ids [B, T] -> h [B, T, D]."""
     h = params["wte"][input_ids]
+    if cfg.embed_scale:
+        h = h * jnp.asarray(math.sqrt(cfg.d_model), h.dtype)
     if "wpe" in params:
         h = h + params["wpe"][ctx.positions]
     return h
 
 
 def unembed(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
-    """Final norm and LM head. h [..., D] -> logits [..., V]."""
+    """Final norm and LM head (soft-capped to ``c tanh(z / c)`` with ``cfg.final_softcap``).
+    h [..., D] -> logits [..., V]."""
     x = norm(params["ln_f"], cfg, h)
-    if cfg.tied_lm_head:
-        return x @ params["wte"].T
-    return dense(params["lm_head"], x)
+    logits = x @ params["wte"].T if cfg.tied_lm_head else dense(params["lm_head"], x)
+    if cfg.final_softcap is not None:
+        logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+    return logits
 
 
 def residual_at(params: Params, cfg: ModelConfig, input_ids: jax.Array,
@@ -323,7 +394,7 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
                 delta_full = onehot[:, :, None] * jnp.broadcast_to(
                     mlp_delta, (h.shape[0], h.shape[-1]))[:, None, :]
         p_layer = jax.tree.map(lambda w: w[layer], params["blocks"])
-        h, keys, _ = block(p_layer, cfg, h, ctx, delta_full)
+        h, keys = block(p_layer, cfg, h, ctx, delta_full, layer=layer)[:2]
         if onehot is not None:
             key = jnp.einsum("bt,btf->bf", onehot, keys)
         h = run_blocks(params, cfg, h, ctx, layer + 1, cfg.n_layer)
@@ -343,7 +414,8 @@ def mlp_key(params: Params, cfg: ModelConfig, input_ids: jax.Array,
     cfg.check_layer(layer)
     ctx = make_context(input_ids.shape, attention_mask, params["wte"].dtype)
     h = run_blocks(params, cfg, embed(params, cfg, input_ids, ctx), ctx, 0, layer)
-    keys = block(jax.tree.map(lambda w: w[layer], params["blocks"]), cfg, h, ctx)[1]
+    keys = block(jax.tree.map(lambda w: w[layer], params["blocks"]), cfg, h, ctx,
+                 layer=layer).key
     if token_index is None:
         return keys
     return jnp.take_along_axis(keys, token_index[:, None, None], axis=1)[:, 0]
@@ -356,11 +428,11 @@ def blocks_kv(params: Params, cfg: ModelConfig, h: jax.Array, ctx: Context, star
     """
     layers = jax.tree.map(lambda w: w[start:], params["blocks"])
 
-    def step(h, p):
-        h, _, kv = block(p, cfg, h, ctx)
-        return h, kv
+    def step(h, xs):
+        out = block(xs[0], cfg, h, ctx, layer=xs[1])
+        return out.h, out.kv
 
-    h, (k, v) = jax.lax.scan(step, h, layers)
+    h, (k, v) = jax.lax.scan(step, h, (layers, jnp.arange(start, cfg.n_layer)))
     return h, k, v
 
 
@@ -376,13 +448,14 @@ def forward_live(params: Params, cfg: ModelConfig, layer: int, h: jax.Array, ctx
     of ``layer``. Returns logits [B, P, V] at ``logit_positions`` [B, P] (live coordinates).
     """
     first = jax.tree.map(lambda w: w[layer], params["blocks"])
-    h = block(first, cfg, h, ctx, mlp_delta, past=(past_k[0], past_v[0]))[0]
+    h = block(first, cfg, h, ctx, mlp_delta, past=(past_k[0], past_v[0]), layer=layer).h
     rest = jax.tree.map(lambda w: w[layer + 1:], params["blocks"])
 
     def step(h, xs):
-        p, k, v = xs
-        return block(p, cfg, h, ctx, past=(k, v))[0], None
+        p, k, v, i = xs
+        return block(p, cfg, h, ctx, past=(k, v), layer=i).h, None
 
-    h = jax.lax.scan(step, h, (rest, past_k[1:], past_v[1:]))[0]
+    h = jax.lax.scan(step, h, (rest, past_k[1:], past_v[1:],
+                               jnp.arange(layer + 1, cfg.n_layer)))[0]
     h = jnp.take_along_axis(h, logit_positions[:, :, None], axis=1)
     return unembed(params, cfg, h)

@@ -31,7 +31,8 @@ def keys_from_residual(params: Params, config: ModelConfig, layer: int, residual
     """Keys at ``lookup`` [B] from the residual [B, T, D] entering block ``layer``; only the first
     ``n_rows`` rows (the context templates) enter the mean."""
     ctx = make_context(attention_mask.shape, attention_mask, residual.dtype)
-    keys = block(jax.tree.map(lambda w: w[layer], params["blocks"]), config, residual, ctx)[1]
+    keys = block(jax.tree.map(lambda w: w[layer], params["blocks"]), config, residual, ctx,
+                 layer=layer).key
     at = jnp.take_along_axis(keys, lookup[:, None, None], axis=1)[:, 0][:n_rows]
     return Keys(at[0], at.mean(0), at)
 

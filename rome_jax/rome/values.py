@@ -76,7 +76,8 @@ def live_context(params: Params, config: ModelConfig, layer: int, batch: VBatch,
         [jnp.broadcast_to(past_ok[:, None, :], (len(past_ok), width, seq)), live_ok], -1)
     bias = jnp.where(allowed, 0.0, jnp.finfo(residual.dtype).min).astype(residual.dtype)
     positions = jnp.take_along_axis(full.positions, batch.live_index, axis=1)
-    return Context(positions, bias[:, None]), past_k, past_v
+    key_positions = jnp.concatenate([full.positions, positions], -1)     # a sliding window's
+    return Context(positions, bias[:, None], key_positions), past_k, past_v
 
 
 def optimize_v(params: Params, config: ModelConfig, layer: int, batch: VBatch,
