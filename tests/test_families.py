@@ -179,3 +179,17 @@ def test_rome_edit_with_a_window_shorter_than_the_prompts(hf_model, family, extr
     changed = np.asarray(new["blocks"]["mlp"]["fc_out"]["w"] != model.params["blocks"]["mlp"][
         "fc_out"]["w"])
     assert changed[HP.layer].any() and not changed[np.arange(3) != HP.layer].any()
+
+
+def test_batch_editors_keep_to_one_layer_on_gemma():
+    """Gemma norms the MLP output before the residual stream, so MEMIT's residual spread over a
+    window is refused by name; a one-layer batch edit (EMMET's preset) is exact and allowed."""
+    from rome_jax.editors.hparams import resolve
+
+    cfg = ModelConfig.from_hf(GEMMA3)
+    with pytest.raises(ValueError, match=r"^layers: \[3, 4\]: a gemma3_text model"):
+        resolve(cfg, "memit", layers=(3, 4))
+    assert resolve(cfg, "emmet", layers=(4,)).layers == (4,)
+    assert resolve(cfg, "memit", layer=4).layers == (4,)  # the rule's window: one layer
+    assert ModelConfig.from_hf(MISTRAL).sandwich_norm is False
+    assert resolve(ModelConfig.from_hf(MISTRAL), "memit", layers=(0, 1)).layers == (0, 1)

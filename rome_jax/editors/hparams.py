@@ -68,6 +68,13 @@ class BatchHParams:
     def check(self, config: ModelConfig) -> "BatchHParams":
         for layer in self.layers:
             config.check_layer(layer)
+        if config.sandwich_norm and len(self.layers) > 1:
+            # The residual R = δ − (h_z − h_z⁰) mixes the MLP output's space (δ) with the
+            # residual stream's, which Gemma's norm after the MLP separates: only one layer,
+            # where h_z − h_z⁰ = 0, is exact.
+            raise ValueError(f"layers: {list(self.layers)}: a {config.model_type} model norms "
+                             "the MLP output before the residual stream, so a batch edit "
+                             "spread over several layers is not exact; give one layer")
         self.v.check(config)
         return self
 
@@ -112,14 +119,14 @@ _ORIGINALS = {
 
 def rule_preset(config: ModelConfig, method: str, top: int) -> BatchHParams:
     """``method``'s settings by the rule (module docstring) for a window ending at layer
-    ``top``: MEMIT's and AlphaEdit's five layers, EMMET's ``top`` alone, GPT-J's other
-    settings. MEMIT's λ is then GPT-J's per key dimension, 15000 · F / 16384 (λC weighs
+    ``top``: MEMIT's and AlphaEdit's five layers (``top`` alone on a model that norms the MLP
+    output, ``BatchHParams.check``), EMMET's ``top`` alone, GPT-J's other settings. MEMIT's λ is then GPT-J's per key dimension, 15000 · F / 16384 (λC weighs
     against KᵀK along each key direction roughly as λ · tr(C) / F does; measured on the
     default model, 20 facts: ES 0.55 at λ 15000, 0.85 at 1500, 0.95 at 150)."""
     if method not in BATCH_METHODS:
         raise ValueError(f"method: {method!r} is not one of {', '.join(BATCH_METHODS)}")
     top = config.check_layer(top)
-    layers = (top,) if method == "emmet" else _window(top)
+    layers = (top,) if method == "emmet" or config.sandwich_norm else _window(top)
     fields = dict(_ORIGINALS[(method, "gpt-j-6b")][1])
     if method == "memit":
         fields["mom2_update_weight"] = round(15000.0 * config.d_mlp / 16384)
