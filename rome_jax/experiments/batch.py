@@ -10,10 +10,11 @@ so far (``ru_maxrss``: a high-water mark of the whole run, not of the row alone)
 score the same records unedited.
 
 The v* targets depend on the request and the z settings alone, not on the method or on n, so
-the largest n's records are solved once per z setting (``hparams.v`` and the templates) and
-every (method, n) row takes its first n; a row's ``seconds_solve`` is that shared solve's time
-scaled to its n (``solves_shared``). The targets are saved in the run directory
-(``targets-HASH.npz``) every ``SAVE_EVERY`` requests, so a killed run resumes its solves. The table puts MEMIT's published GPT-J numbers (10,000
+each record is solved once per z setting (``hparams.v`` and the templates): the sizes are run
+smallest first, every method of a size sharing its targets, which the next size extends; a
+row's ``seconds_solve`` is the shared solves' time scaled to its n (``solves_shared``). The
+targets are saved in the run directory (``targets-HASH.npz``) every ``SAVE_EVERY`` requests, so
+a killed run resumes its solves. The table puts MEMIT's published GPT-J numbers (10,000
 CounterFact edits) beside.
 """
 
@@ -154,43 +155,42 @@ def run(s, args, journal, header: Mapping) -> None:
         for stale in Path(header["out"]).glob("targets-*.npz"):
             stale.unlink()
     base_ppl = None
-    for n in st["sizes"]:
-        key = f"none/{n}"
-        if key not in journal:
+    hparams = {m: batch_hparams(s.model.config, m, args, keys=st["keys"], layer=s.hparams.layer)
+               for m in st["methods"]}
+    contexts, targets = {}, {}
+    for n in st["sizes"]:  # smallest first: a run stopped early has its small sizes done
+        requests = [EditRequest.from_dict(r) for r in records[:n]]
+        if f"none/{n}" not in journal:
             base_ppl = base_ppl or perplexity(s.model, texts)
             scores = counterfact_scores(s.model, records[:n])
-            journal.append({"key": key, "method": "none", "n": n, **_mean_scores(scores),
-                            "ppl": base_ppl})
-    targets, seconds_all = {}, {}
-    for method in st["methods"]:
-        hparams = batch_hparams(s.model.config, method, args, keys=st["keys"],
-                                layer=s.hparams.layer)
-        context = None
-        for n in st["sizes"]:
-            key = f"{method}/{n}"
-            if key in journal:
+            journal.append({"key": f"none/{n}", "method": "none", "n": n,
+                            **_mean_scores(scores), "ppl": base_ppl})
+        for method in st["methods"]:
+            if f"{method}/{n}" in journal:
                 continue
-            context = context or prepare_batch(s.model, method, hparams,
-                                               jax.random.key(st.get("seed", 0)))
-            z = _targets_path(header["out"], hparams, context).name
-            if z not in targets:
-                requests = [EditRequest.from_dict(r) for r in records]
-                targets[z], seconds_all[z] = shared_targets(s.model, requests, hparams, context,
-                                                            header["out"], args.chunk)
-            requests = [EditRequest.from_dict(r) for r in records[:n]]
-            result = edit_batch(s.model, requests, method, hparams, context=context,
-                                chunk=args.chunk, targets=targets[z][:n])
+            hp = hparams[method]
+            if method not in contexts:
+                contexts[method] = prepare_batch(s.model, method, hp,
+                                                 jax.random.key(st.get("seed", 0)))
+            z = _targets_path(header["out"], hp, contexts[method]).name
+            if len(targets.get(z, ((), 0))[0]) < n:  # extend the shared targets to n requests
+                targets[z] = shared_targets(s.model, requests, hp, contexts[method],
+                                            header["out"], args.chunk)
+            solved, seconds = targets[z]
+            result = edit_batch(s.model, requests, method, hp, context=contexts[method],
+                                chunk=args.chunk, targets=solved[:n])
             params = apply_edit(s.model.params, result.edit)
             scores = counterfact_scores(s.model, records[:n], params)
             report = result.report
             journal.append({
-                "key": key, "method": method, "n": n, "layers": list(hparams.layers),
+                "key": f"{method}/{n}", "method": method, "n": n, "layers": list(hp.layers),
                 **_mean_scores(scores), "ppl": perplexity(s.model, texts, params=params),
-                "seconds_solve": seconds_all[z] * n / len(records), "solves_shared": True,
+                "seconds_solve": seconds * n / len(solved), "solves_shared": True,
                 "seconds_update": report.seconds_update,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "update": report.layers,
                 "v_loss_median": float(np.median(report.v_losses))})
+
 
 def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
     st = header["settings"]

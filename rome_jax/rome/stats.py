@@ -92,13 +92,14 @@ def _embed(params: Params, config: ModelConfig, ids, mask) -> jax.Array:
 def _layer(params: Params, config: ModelConfig, layer, h, mask):
     """Block ``layer`` (traced: one compilation serves every layer) on h [B, T, D]."""
     ctx = make_context(h.shape[:2], mask, params["wte"].dtype)
-    return block(jax.tree.map(lambda w: w[layer], params["blocks"]), config, h, ctx)
+    return block(jax.tree.map(lambda w: w[layer], params["blocks"]), config, h, ctx,
+                 layer=layer)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
 def _block(params: Params, config: ModelConfig, layer, h, mask) -> jax.Array:
     """Block ``layer`` below the asked layers: h [B, T, D] -> h [B, T, D]."""
-    return _layer(params, config, layer, h, mask)[0]
+    return _layer(params, config, layer, h, mask).h
 
 
 @functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(5,))
@@ -107,7 +108,8 @@ def _block_moment(params: Params, config: ModelConfig, layer, h, mask, sums):
     sums [N, F, F] + Σ k kᵀ of each device's B/N rows, products summed in float32 whatever
     the keys' dtype). The rows of device n are the n-th B/N, so with the batch sharded over
     N devices each sums its own rows, no communication."""
-    h, keys, _ = _layer(params, config, layer, h, mask)
+    out = _layer(params, config, layer, h, mask)
+    h, keys = out.h, out.key
     keys = (keys * mask[..., None].astype(keys.dtype)).reshape(sums.shape[0], -1,
                                                                 keys.shape[-1])
     return h, sums + jnp.einsum("ntf,ntg->nfg", keys, keys, preferred_element_type=sums.dtype)
