@@ -10,6 +10,7 @@ far below the tolerances and a wrong formula gives an O(1) error.
 
 import jax
 import numpy as np
+import pytest
 from conftest import tiny_gpt2
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -105,19 +106,23 @@ def test_the_conditioning_bounds_the_update(seed, f, d):
                                np.trace(residual.T @ np.linalg.solve(g, residual)), rtol=1e-8)
 
 
-def test_a_k2_rome_edit_writes_v_star_at_both_keys():
-    """Through the pipeline on a tiny GPT-2: the edited weights map k̄ to v̄* and k^u to v*₀
-    (optimised on the plain prompt: its own losses), and the report carries sin²θ."""
+@pytest.mark.parametrize("prompt", ["{} plays the", "Yesterday {} played the"])
+def test_a_k2_rome_edit_writes_v_star_at_both_keys(prompt):
+    """Through the pipeline on a tiny GPT-2: the edited weights map k̄ to v̄* and k^u to v*₀,
+    and the report carries sin²θ and v*₀'s losses. A subject at position 0 gets its own δ₀;
+    one later in the prompt does not, and the update is c-rome's."""
     hp = RomeHParams(layer=1, v_num_grad_steps=4, v_lr=0.1,
                      context_template_length_params=((4, 3),))
     model = tiny_gpt2(n_layer=2, d_model=32, n_head=4, seq_len=64, seed=3)
     stats = compute_key_stats(model, hp.layer, data.load_wikitext()[:50], "wiki50")
     context = prepare(model, hp, jax.random.key(0), stats=stats)
-    request = EditRequest("{} plays the", "Messi", "piano", "football")
+    request = EditRequest(prompt, "Paris", "piano", "football")
     solved = solve(model, request, hp, context=context)
     batch = build_batch(model, request, context.templates, hp.fact_token)
+    first = int(batch.lookup[0]) == 0
+    assert first == prompt.startswith("{}")
     solved = solve_plain_core(model.params, model.config, hp.layer, hp.v_num_grad_steps, batch,
-                              solved, hp.v_lr, hp.v_weight_decay, hp.kl_factor,
+                              context.factor, solved, hp.v_lr, hp.v_weight_decay, hp.kl_factor,
                               hp.clamp_norm_factor, hp.early_stop_loss)
     update, report = compute_edit(model, request, hp, "k2-rome", context=context, solved=solved)
     assert update.deltas[1].rank == 2 and report.method == "k2-rome"
@@ -128,4 +133,8 @@ def test_a_k2_rome_edit_writes_v_star_at_both_keys():
                         (solved.keys.plain, solved.plain.v_star)):
         np.testing.assert_allclose(key @ w + b, target, rtol=0,
                                    atol=1e-3 * float(np.linalg.norm(target)))
-    assert not np.allclose(solved.plain.v_star, solved.values.v_star, atol=1e-3)
+    assert (float(np.linalg.norm(solved.plain.delta)) > 0) == first
+    if not first:
+        c_rome, _ = compute_edit(model, request, hp, "c-rome", context=context, solved=solved)
+        np.testing.assert_allclose(dense(update.deltas[1]), dense(c_rome.deltas[1]), rtol=0,
+                                   atol=1e-4 * float(np.abs(dense(c_rome.deltas[1])).max()))

@@ -1,4 +1,5 @@
-"""ROME's closed form: the rank-one update in its three key conventions, as an ``Edit``.
+"""ROME's closed forms as an ``Edit``: the rank-one update in its three key conventions, and
+k2-rome's rank-2 update at two keys.
 
 With the model's orientation ``out = k @ w + b`` (w [F, D], ROME's W = wᵀ), an edit is
 ``ŵ = w + key_dir ⊗ value_delta`` (``editors.delta.rank_one``), i.e.
@@ -9,20 +10,21 @@ With the model's orientation ``out = k @ w + b`` (w [F, D], ROME's W = wᵀ), an
     c-rome   ka = k̄      kb = k̄     (= r-rome; W k̄ + b is the mean MLP output over templates)
     p-rome   ka = k^u     kb = k^u
 
-For the consistent methods ``ŵᵀ kb + b = v*`` exactly (key_dirᵀ kb = 1).
-
-``k2-rome`` (two-key ROME, ``two_key_update``) asks both at once, with one rank-2 update: c-rome's
-constraint at k̄ and a second one at the plain prompt's own key, ŵᵀ[k̄ k^u] + b = [v̄* v*₀]
-(v*₀ optimised on the plain prompt alone, ``rome.edit.solve_plain_core``). It is EMMET's
-batched closed form (``editors.emmet``) with the two keys as the batch and λ_E = 0:
-K = [k̄; k^u] [2, F], G = K C⁻¹ Kᵀ [2, 2], Δw = C⁻¹Kᵀ G⁻¹ R. Its conditioning is
-sin²θ = det G / (G₁₁ G₂₂) = 1 − (k̄ᵀC⁻¹k^u)² / (k̄ᵀC⁻¹k̄ · k^uᵀC⁻¹k^u), the squared sine of the
-keys' angle in C⁻¹'s metric; λ_min(G) ≥ sin²θ · min(G₁₁, G₂₂) / 2 and
-‖Δw‖_F ≤ ‖R‖_F / √(λ_min(C) λ_min(G)) (the C-weighted energy of Δw is tr(RᵀG⁻¹R)). Where
-sin²θ < ``MIN_SIN2`` (k^u nearly along k̄: one key, nothing to add) the second constraint is
-dropped and the update is c-rome's, so λ_min(G) never approaches 0 the way ROME's uᵀk^u does. For ``rome`` the
+For the consistent methods ``ŵᵀ kb + b = v*`` exactly (key_dirᵀ kb = 1). For ``rome`` the
 denominator uᵀk^u can approach 0 when k^u is far from k̄ (subject at the first token): that is the
 collapse mechanism.
+
+``k2-rome`` (two-key ROME, ``two_key_update``) asks both keys at once, with one rank-2 update:
+c-rome's constraint at k̄ and a second one at the plain prompt's own key,
+ŵᵀ[k̄ k^u] + b = [v̄* v*₀] (v*₀ optimised on the plain prompt alone, on top of c-rome's update:
+``rome.edit.solve_plain_core``). It is EMMET's batched closed form (``editors.emmet``) with the
+two keys as the batch and λ_E = 0: K = [k̄; k^u] [2, F], G = K C⁻¹ Kᵀ [2, 2],
+Δw = C⁻¹Kᵀ G⁻¹ R. Its conditioning is sin²θ = det G / (G₁₁ G₂₂)
+= 1 − (k̄ᵀC⁻¹k^u)² / (k̄ᵀC⁻¹k̄ · k^uᵀC⁻¹k^u), the squared sine of the keys' angle in C⁻¹'s
+metric; λ_min(G) ≥ sin²θ · min(G₁₁, G₂₂) / 2 and ‖Δw‖_F ≤ ‖R‖_F / √(λ_min(C) λ_min(G)) (the
+C-weighted energy of Δw is tr(RᵀG⁻¹R)). Where sin²θ < ``MIN_SIN2`` (k^u nearly along k̄: one
+key, nothing to add) the second constraint is dropped and the update is c-rome's, so λ_min(G)
+never approaches 0 the way ROME's uᵀk^u does.
 
 Units: the original code normalises u to unit length (``compute_u`` returns u/‖u‖) and writes
 Δ = r (u/‖u‖)ᵀ / (kbᵀu/‖u‖), so the numerator and denominator of the papers' tables ("The Fall

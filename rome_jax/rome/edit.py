@@ -263,28 +263,40 @@ def solve_core(params: Params, config: ModelConfig, layer: int, steps: int, batc
 
 
 def solve_plain_core(params: Params, config: ModelConfig, layer: int, steps: int,
-                     batch: VBatch, solved: Solved, lr, weight_decay, kl_factor,
-                     clamp_norm_factor, early_stop_loss, clamp_reference: str = "mlp_output"
-                     ) -> Solved:
-    """``solved`` with k2-rome's plain target v*₀ = v_init + δ₀ (traceable): δ₀ optimised on
-    the plain prompt alone (row 0 of ``batch`` and its KL row), v_init = W k^u + b, and the
-    clamp and decay measured against the mean norm of the prefixed rows' MLP outputs
-    mean_i ‖W k_i + b‖ (i ≥ 1), not ‖v_init‖: at position 0 of a Llama-family model v_init is
-    about ten times smaller than elsewhere and ROME's clamp would starve δ₀.
+                     batch: VBatch, factor: jax.Array, solved: Solved, lr, weight_decay,
+                     kl_factor, clamp_norm_factor, early_stop_loss,
+                     clamp_reference: str = "mlp_output") -> Solved:
+    """``solved`` with k2-rome's plain target v*₀ = v_init + δ₀ (traceable). δ₀ is optimised on
+    the plain prompt alone (row 0 of ``batch`` and its KL row) of the model that already carries
+    c-rome's update (its v̄* at k̄), from v_init = ŵ_c k^u + b, that model's output at the plain
+    key: what c-rome leaves to do at k^u, so δ₀ stays small (and k2-rome near c-rome) where
+    c-rome already makes the plain prompt work. The clamp and the decay are measured against
+    the mean norm of the prefixed rows' MLP outputs mean_i ‖W k_i + b‖ (i ≥ 1), not ‖v_init‖:
+    at position 0 of a Llama-family model v_init is about ten times smaller than elsewhere and
+    ROME's clamp would starve δ₀. Only a subject that ends at position 0 of the plain prompt
+    (a first-token subject, the case c-rome leaves unedited) gets δ₀; elsewhere v*₀ = v_init,
+    which c-rome's update already meets, so k2-rome's update is c-rome's (without this gate
+    δ₀ runs to the clamp on ordinary subjects too: 3.5x c-rome's ‖Δ‖ on the README's example).
     ``clamp_reference`` is accepted for a common signature and not used."""
     rows = jnp.asarray([0, batch.ids.shape[0] - 1])
     plain = jax.tree.map(lambda x: x[rows], batch)
     residual = residual_at(params, config, plain.ids, plain.mask, layer)
     w, b = rome_weight(params, layer)
     keys = solved.keys
-    v_init = keys.plain @ w + b
+    c_rome, _ = rank_one_update(w, b, factor, keys.plain, keys.mean, solved.values.v_star,
+                                "c-rome", layer)
+    edited = apply_edit(params, c_rome)
+    v_init = keys.plain @ rome_weight(edited, layer)[0] + b
     prefixed = keys.all[1:] if keys.all.shape[0] > 1 else keys.all
     scale = jnp.linalg.norm(prefixed @ w + b, axis=-1).mean()
     reference = v_init * (scale / jnp.linalg.norm(v_init))
-    values = optimize_v(params, config, layer, plain, residual, v_init, steps=steps, lr=lr,
+    values = optimize_v(edited, config, layer, plain, residual, v_init, steps=steps, lr=lr,
                         weight_decay=weight_decay, kl_factor=kl_factor,
                         clamp_norm_factor=clamp_norm_factor, early_stop_loss=early_stop_loss,
                         norm_reference=reference)
+    first = batch.lookup[0] == 0
+    values = values._replace(v_star=jnp.where(first, values.v_star, v_init),
+                             delta=jnp.where(first, values.delta, 0.0))
     return solved._replace(plain=values)
 
 
@@ -310,13 +322,14 @@ def edit_core(params: Params, config: ModelConfig, layer: int, method: str, step
     reported by ``compute_edit`` only."""
     solved = solve_core(params, config, layer, steps, batch, *v_settings)
     if method == "k2-rome":
-        solved = solve_plain_core(params, config, layer, steps, batch, solved, *v_settings)
+        solved = solve_plain_core(params, config, layer, steps, batch, factor, solved,
+                                  *v_settings)
     update, diagnostics, cosine = update_core(params, layer, method, factor, solved)
     return update, diagnostics, solved.values, cosine
 
 
 _solve_jit = jax.jit(solve_core, static_argnums=(1, 2, 3, 10))
-_solve_plain_jit = jax.jit(solve_plain_core, static_argnums=(1, 2, 3, 11))
+_solve_plain_jit = jax.jit(solve_plain_core, static_argnums=(1, 2, 3, 12))
 _update_jit = jax.jit(update_core, static_argnums=(1, 2))
 _edit_vmap = jax.jit(jax.vmap(edit_core, in_axes=(None,) * 5 + (0,) + (None,) * 7),
                      static_argnums=(1, 2, 3, 4, 12))
@@ -449,7 +462,8 @@ def compute_edit(model: Model, request: EditRequest | dict, hparams: RomeHParams
     if method == "k2-rome" and solved.plain is None:
         batch = build_batch(model, request, context.templates, hparams.fact_token)
         solved = _solve_plain_jit(params, model.config, hparams.layer,
-                                  hparams.v_num_grad_steps, batch, solved, *_v_settings(hparams))
+                                  hparams.v_num_grad_steps, batch, context.factor, solved,
+                                  *_v_settings(hparams))
     update, diagnostics, cosine = _update_jit(params, hparams.layer, method, context.factor,
                                               solved)
     report = _report(request, method, hparams.layer, diagnostics, solved.values, cosine,
