@@ -119,6 +119,8 @@ def evaluate_record(model: Model, record: Mapping, hparams: RomeHParams, context
                       denominator=report.denominator,
                       denominator_unit_u=report.denominator_unit_u,
                       residual_norm=report.residual_norm, key_cosine=report.key_cosine)
+        if report.key_sin2 is not None:  # k2-rome: the conditioning of its two keys
+            scores.update(key_sin2=report.key_sin2, key_condition=report.key_condition)
         row["edits"][method] = scores
     return row
 

@@ -33,11 +33,12 @@ def add_parser(sub) -> None:
     g.add_argument("--mode", choices=("sequential", "independent"), default="sequential",
                    help="with --requests: each edit on the previous result (sequential, "
                         "default) or every edit on the base model (independent)")
-    g.add_argument("--method", choices=("rome", "c-rome", "r-rome", "p-rome", "memit", "emmet",
-                                        "alphaedit"), default="c-rome",
+    g.add_argument("--method", choices=("rome", "c-rome", "r-rome", "p-rome", "k2-rome", "memit",
+                                        "emmet", "alphaedit"), default="c-rome",
                    help="update: rome (original mixed keys), c-rome / r-rome (consistent k̄, "
-                        "default), p-rome (plain keys); or a batch editor that writes all "
-                        "--requests in one update: memit, emmet, alphaedit")
+                        "default), p-rome (plain keys), k2-rome (rank 2: k̄ and the plain key "
+                        "k^u, for subjects that open the prompt); or a batch editor that writes "
+                        "all --requests in one update: memit, emmet, alphaedit")
     g = p.add_argument_group("batch editors (--method memit|emmet|alphaedit)")
     g.add_argument("--layers", type=layer_range, metavar="FIRST-LAST",
                    help="edited layers, e.g. 13-17 or 3,5,7 (default: the method's preset)")

@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
     add_record_args(p, "screen")
     p.add_argument("--threshold", type=ratio_above_one, default=10.0, metavar="X",
                    help="collapse: perplexity > X times the base model's (default 10)")
-    p.add_argument("--method", choices=("rome", "c-rome", "r-rome", "p-rome"), default="rome")
+    p.add_argument("--method", choices=("rome", "c-rome", "r-rome", "p-rome", "k2-rome"),
+                   default="rome")
     p.add_argument("--out", required=True, metavar="FILE.json", help="results (resumable)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over: replace an existing --out instead of resuming it")

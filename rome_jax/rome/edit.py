@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rome_jax.data import bucket, pad_batch
 from rome_jax.editors.delta import Edit, apply_edit
-from rome_jax.editors.rome import canonical_method, rank_one_update
+from rome_jax.editors.rome import canonical_method, rank_one_update, two_key_update
 from rome_jax.evaluation import target_probabilities
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model, check_model, check_params
@@ -233,10 +233,12 @@ def _pad_batch(batch: VBatch, pad_id: int, width: int, live_width: int,
 
 
 class Solved(NamedTuple):
-    """What an edit computes before its method is chosen: the keys (k^u, k̄) and v*."""
+    """What an edit computes before its method is chosen: the keys (k^u, k̄) and v*; ``plain``
+    is k2-rome's second target v*₀ (``solve_plain_core``), None until that method asks."""
 
     keys: Keys
     values: VResult
+    plain: VResult | None = None
 
 
 def solve_core(params: Params, config: ModelConfig, layer: int, steps: int, batch: VBatch,
@@ -260,26 +262,74 @@ def solve_core(params: Params, config: ModelConfig, layer: int, steps: int, batc
     return Solved(keys, values)
 
 
+def solve_plain_core(params: Params, config: ModelConfig, layer: int, steps: int,
+                     batch: VBatch, factor: jax.Array, solved: Solved, lr, weight_decay,
+                     kl_factor, clamp_norm_factor, early_stop_loss,
+                     clamp_reference: str = "mlp_output") -> Solved:
+    """``solved`` with k2-rome's plain target v*₀ = v_init + δ₀ (traceable). δ₀ is optimised on
+    the plain prompt alone (row 0 of ``batch`` and its KL row) of the model that already carries
+    c-rome's update (its v̄* at k̄), from v_init = ŵ_c k^u + b, that model's output at the plain
+    key: what c-rome leaves to do at k^u, so δ₀ stays small (and k2-rome near c-rome) where
+    c-rome already makes the plain prompt work. The clamp and the decay are measured against
+    the mean norm of the prefixed rows' MLP outputs mean_i ‖W k_i + b‖ (i ≥ 1), not ‖v_init‖:
+    at position 0 of a Llama-family model v_init is about ten times smaller than elsewhere and
+    ROME's clamp would starve δ₀. Only a subject that ends at position 0 of the plain prompt
+    (a first-token subject, the case c-rome leaves unedited) gets δ₀; elsewhere v*₀ = v_init,
+    which c-rome's update already meets, so k2-rome's update is c-rome's (without this gate
+    δ₀ runs to the clamp on ordinary subjects too: 3.5x c-rome's ‖Δ‖ on the README's example).
+    ``clamp_reference`` is accepted for a common signature and not used."""
+    rows = jnp.asarray([0, batch.ids.shape[0] - 1])
+    plain = jax.tree.map(lambda x: x[rows], batch)
+    residual = residual_at(params, config, plain.ids, plain.mask, layer)
+    w, b = rome_weight(params, layer)
+    keys = solved.keys
+    c_rome, _ = rank_one_update(w, b, factor, keys.plain, keys.mean, solved.values.v_star,
+                                "c-rome", layer)
+    edited = apply_edit(params, c_rome)
+    v_init = keys.plain @ rome_weight(edited, layer)[0] + b
+    prefixed = keys.all[1:] if keys.all.shape[0] > 1 else keys.all
+    scale = jnp.linalg.norm(prefixed @ w + b, axis=-1).mean()
+    reference = v_init * (scale / jnp.linalg.norm(v_init))
+    values = optimize_v(edited, config, layer, plain, residual, v_init, steps=steps, lr=lr,
+                        weight_decay=weight_decay, kl_factor=kl_factor,
+                        clamp_norm_factor=clamp_norm_factor, early_stop_loss=early_stop_loss,
+                        norm_reference=reference)
+    first = batch.lookup[0] == 0
+    values = values._replace(v_star=jnp.where(first, values.v_star, v_init),
+                             delta=jnp.where(first, values.delta, 0.0))
+    return solved._replace(plain=values)
+
+
 def update_core(params: Params, layer: int, method: str, factor: jax.Array, solved: Solved):
-    """The rank-one update of ``method`` from solved keys and v* (traceable): (Edit,
-    UpdateDiagnostics, cos(k^u, k̄))."""
+    """The update of ``method`` from solved keys and v* (traceable; k2-rome needs
+    ``solved.plain``): (Edit, UpdateDiagnostics, cos(k^u, k̄))."""
     keys = solved.keys
     w, b = rome_weight(params, layer)
-    update, diagnostics = rank_one_update(w, b, factor, keys.plain,
-                                          keys.mean, solved.values.v_star, method, layer)
+    if method == "k2-rome":
+        update, diagnostics = two_key_update(w, b, factor, keys.plain, keys.mean,
+                                             solved.values.v_star, solved.plain.v_star, layer)
+    else:
+        update, diagnostics = rank_one_update(w, b, factor, keys.plain,
+                                              keys.mean, solved.values.v_star, method, layer)
     cosine = keys.plain @ keys.mean / (jnp.linalg.norm(keys.plain) * jnp.linalg.norm(keys.mean))
     return update, diagnostics, cosine
 
 
 def edit_core(params: Params, config: ModelConfig, layer: int, method: str, steps: int,
               batch: VBatch, factor: jax.Array, *v_settings):
-    """Keys, v* and the update for one request's batch (traceable; vmap it for many)."""
+    """Keys, v* (and k2-rome's v*₀) and the update for one request's batch (traceable; vmap it
+    for many): (Edit, UpdateDiagnostics, v*'s VResult, cos(k^u, k̄)); k2-rome's v*₀ losses are
+    reported by ``compute_edit`` only."""
     solved = solve_core(params, config, layer, steps, batch, *v_settings)
+    if method == "k2-rome":
+        solved = solve_plain_core(params, config, layer, steps, batch, factor, solved,
+                                  *v_settings)
     update, diagnostics, cosine = update_core(params, layer, method, factor, solved)
     return update, diagnostics, solved.values, cosine
 
 
 _solve_jit = jax.jit(solve_core, static_argnums=(1, 2, 3, 10))
+_solve_plain_jit = jax.jit(solve_plain_core, static_argnums=(1, 2, 3, 12))
 _update_jit = jax.jit(update_core, static_argnums=(1, 2))
 _edit_vmap = jax.jit(jax.vmap(edit_core, in_axes=(None,) * 5 + (0,) + (None,) * 7),
                      static_argnums=(1, 2, 3, 4, 12))
@@ -331,13 +381,18 @@ class EditReport:
     p_new_after: float | None = None
     p_true_before: float | None = None
     p_true_after: float | None = None
+    key_sin2: float | None = None
+    key_condition: float | None = None
+    plain_v_losses: list[float] | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def _report(request, method, layer, diagnostics, values, cosine) -> EditReport:
+def _report(request, method, layer, diagnostics, values, cosine, plain=None) -> EditReport:
     f = lambda x: float(np.asarray(x))
+    f_or_none = lambda x: None if x is None else f(x)
+    finite = lambda x: [float(v) for v in np.asarray(x) if not np.isnan(v)]
     losses = np.asarray(values.losses)
     return EditReport(
         method=method, layer=layer, request=request.to_dict(),
@@ -346,7 +401,10 @@ def _report(request, method, layer, diagnostics, values, cosine) -> EditReport:
         residual_norm=f(diagnostics.residual_norm),
         denominator_unit_u=f(diagnostics.denominator_unit_u), key_cosine=f(cosine),
         v_init_norm=f(jnp.linalg.norm(values.v_init)), delta_v_norm=f(jnp.linalg.norm(values.delta)),
-        v_losses=[float(x) for x in losses[~np.isnan(losses)]], v_steps=int(values.steps))
+        v_losses=[float(x) for x in losses[~np.isnan(losses)]], v_steps=int(values.steps),
+        key_sin2=f_or_none(diagnostics.key_sin2),
+        key_condition=f_or_none(diagnostics.key_condition),
+        plain_v_losses=None if plain is None else finite(plain.losses))
 
 
 def _check_finite(update: Edit, report: EditReport) -> None:
@@ -401,9 +459,15 @@ def compute_edit(model: Model, request: EditRequest | dict, hparams: RomeHParams
     context = context or prepare(model, hparams)
     if solved is None:
         solved = solve(model, request, hparams, context=context, params=params)
+    if method == "k2-rome" and solved.plain is None:
+        batch = build_batch(model, request, context.templates, hparams.fact_token)
+        solved = _solve_plain_jit(params, model.config, hparams.layer,
+                                  hparams.v_num_grad_steps, batch, context.factor, solved,
+                                  *_v_settings(hparams))
     update, diagnostics, cosine = _update_jit(params, hparams.layer, method, context.factor,
                                               solved)
-    report = _report(request, method, hparams.layer, diagnostics, solved.values, cosine)
+    report = _report(request, method, hparams.layer, diagnostics, solved.values, cosine,
+                     solved.plain if method == "k2-rome" else None)
     _check_finite(update, report)
     return update, report
 
