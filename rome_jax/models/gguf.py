@@ -43,26 +43,69 @@ Q = GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0,
                    Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 
-# GGUF leaf name -> HF module name, per block and outside the blocks.
+# GGUF leaf name -> HF module name, per block (common to every architecture, then each
+# architecture's own) and outside the blocks.
 _BLOCK_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_norm": "input_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
+_QK_NORMS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
               "output": "lm_head"}
-_GGUF_BLOCK_NAMES = {hf: g for g, hf in _BLOCK_NAMES.items()}
-_GGUF_TOP_NAMES = {hf: g for g, hf in _TOP_NAMES.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """What one ``general.architecture`` means in HF terms.
+
+    model_type, hf_class: the HF ``config.json`` ``model_type`` and ``architectures`` entry;
+    block_names: GGUF leaf name -> HF module name inside a block; permuted_qk: llama.cpp stored
+    the q/k rows of each head interleaved (llama only; qwen2/qwen3/gemma3 keep HF's order);
+    qkv_bias: q, k, v have biases (qwen2); norm_shift: llama.cpp stored each RMSNorm weight as
+    ``1 + w`` (Gemma's ``(1 + w)`` norms), HF stores ``w``."""
+
+    model_type: str
+    hf_class: str
+    block_names: dict
+    permuted_qk: bool = False
+    qkv_bias: bool = False
+    norm_shift: float = 0.0
+
+
+ARCHITECTURES = {
+    "llama": Architecture("llama", "LlamaForCausalLM",
+                          {**_BLOCK_NAMES, "ffn_norm": "post_attention_layernorm"},
+                          permuted_qk=True),
+    "qwen2": Architecture("qwen2", "Qwen2ForCausalLM",
+                          {**_BLOCK_NAMES, "ffn_norm": "post_attention_layernorm"},
+                          qkv_bias=True),
+    "qwen3": Architecture("qwen3", "Qwen3ForCausalLM",
+                          {**_BLOCK_NAMES, **_QK_NORMS, "ffn_norm": "post_attention_layernorm"}),
+    "gemma3": Architecture("gemma3_text", "Gemma3ForCausalLM",
+                           {**_BLOCK_NAMES, **_QK_NORMS,
+                            "post_attention_norm": "post_attention_layernorm",
+                            "ffn_norm": "pre_feedforward_layernorm",
+                            "post_ffw_norm": "post_feedforward_layernorm"},
+                           norm_shift=1.0),
+}
+# llama.cpp's Gemma 3: every 6th layer global (the others sliding), the sliding layers' rotary
+# base 10000 and scores scaled by head_dim^-1/2 (llama.cpp's src/llama-model.cpp; not in the file).
+GEMMA3_PATTERN, GEMMA3_LOCAL_THETA = 6, 10000.0
+
 
 # tokenizer.ggml.pre -> the regex that splits text before BPE (None: GPT-2's, in ByteLevel).
 # transformers uses GPT-2's split for every name it has no regex for; we list the ones we know
 # are meant that way and refuse the rest, rather than tokenize differently from the model.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZER_SPLITS = {"default": None, "gpt2": None, "smollm": None,
                         "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
-                        "llama-bpe": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT}
+                        "llama-bpe": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
+                        "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
 _CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (llama.cpp's enum)
 
 
@@ -91,7 +134,8 @@ def smollm2_path() -> Path:
 
 
 def read_gguf(path: str | Path) -> GGUFModel:
-    """Read a llama GGUF file into an HF config dict, float32 HF tensors and a Tokenizer."""
+    """Read a llama, qwen2, qwen3 or gemma3 GGUF file into an HF config dict, float32 HF
+    tensors and a Tokenizer."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file")
@@ -102,12 +146,14 @@ def read_gguf(path: str | Path) -> GGUFModel:
     except Exception as err:  # gguf/numpy raise ValueError, IndexError, struct/unicode errors
         raise ValueError(f"{path}: not a readable GGUF file, truncated or corrupt "
                          f"({type(err).__name__}: {err})") from None
-    architecture = metadata.get("general.architecture")
-    if architecture != "llama":
-        raise ValueError(f"{path}: unsupported architecture general.architecture="
-                         f"{architecture!r} (only 'llama' is implemented)")
-    config = llama_config(metadata, "output.weight" in stored, path)
-    return GGUFModel(config, _read_tensors(stored, config, path), gguf_tokenizer(metadata, path))
+    name = metadata.get("general.architecture")
+    if name not in ARCHITECTURES:
+        raise ValueError(f"{path}: unsupported architecture general.architecture={name!r} "
+                         f"(implemented: {', '.join(repr(a) for a in ARCHITECTURES)})")
+    arch = ARCHITECTURES[name]
+    config = hf_config(metadata, name, "output.weight" in stored, path)
+    return GGUFModel(config, _read_tensors(stored, arch, config, path),
+                     gguf_tokenizer(metadata, path))
 
 
 def _get(metadata: dict, key: str, path: Path, default: Any = ...) -> Any:
@@ -152,73 +198,105 @@ def _token_ids(metadata: dict, path: Path) -> dict[str, int]:
     return ids
 
 
-def llama_config(metadata: dict, has_output: bool, path: Path) -> dict:
-    """The HF ``config.json`` dict transformers builds for a llama GGUF's metadata (sizes
-    checked as positive integers, epsilon and rotary base as positive numbers)."""
-    scaling = metadata.get("llama.rope.scaling.type", "none")
+def hf_config(metadata: dict, name: str, has_output: bool, path: Path) -> dict:
+    """The HF ``config.json`` dict for architecture ``name``'s metadata (``{name}.*`` keys; sizes
+    checked as positive integers, epsilon and rotary base as positive numbers), as transformers
+    builds it, except that head_dim is the file's ``attention.key_length`` or
+    ``rope.dimension_count`` where given (transformers keeps Qwen3's default 128), and Gemma 3's
+    scores are scaled by head_dim^-1/2 as llama.cpp does (``query_pre_attn_scalar = head_dim``;
+    transformers keeps the default 256: the same for Gemma 3 270M, whose head_dim is 256)."""
+    arch = ARCHITECTURES[name]
+    scaling = metadata.get(f"{name}.rope.scaling.type", "none")
     if scaling != "none":
-        raise ValueError(f"{path}: llama.rope.scaling.type={scaling!r} is not implemented")
+        raise ValueError(f"{path}: {name}.rope.scaling.type={scaling!r} is not implemented")
     count = functools.partial(_count, metadata, path)
-    n_head = count("llama.attention.head_count")
-    hidden = count("llama.embedding_length")
-    head_dim = count("llama.rope.dimension_count", max(hidden // n_head, 1))
+    n_head = count(f"{name}.attention.head_count")
+    hidden = count(f"{name}.embedding_length")
+    rotary = (count(f"{name}.rope.dimension_count") if f"{name}.rope.dimension_count" in metadata
+              else None)
+    head_dim = count(f"{name}.attention.key_length", rotary or max(hidden // n_head, 1))
+    if rotary not in (None, head_dim):
+        raise ValueError(f"{path}: {name}.rope.dimension_count={rotary} != "
+                         f"{name}.attention.key_length={head_dim} (partial rotary is not "
+                         "implemented)")
     if head_dim % 2:
         raise ValueError(f"{path}: head size {head_dim} is odd (rotary embeddings need pairs)")
-    key_length = metadata.get("llama.attention.key_length", head_dim)
-    if key_length != head_dim:
-        raise ValueError(f"{path}: llama.rope.dimension_count={head_dim} != "
-                         f"llama.attention.key_length={key_length} (partial rotary is not "
-                         "implemented)")
     tokens = metadata.get("tokenizer.ggml.tokens")
+    n_layer = count(f"{name}.block_count")
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": count("llama.vocab_size", ... if tokens is None else
+        "architectures": [arch.hf_class],
+        "model_type": arch.model_type,
+        "vocab_size": count(f"{name}.vocab_size", ... if tokens is None else
                             len(_list_of(metadata, path, "tokenizer.ggml.tokens", str))),
         "hidden_size": hidden,
-        "intermediate_size": count("llama.feed_forward_length"),
-        "num_hidden_layers": count("llama.block_count"),
+        "intermediate_size": count(f"{name}.feed_forward_length"),
+        "num_hidden_layers": n_layer,
         "num_attention_heads": n_head,
-        "num_key_value_heads": count("llama.attention.head_count_kv", n_head),
+        "num_key_value_heads": count(f"{name}.attention.head_count_kv", n_head),
         "head_dim": head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": count("llama.context_length"),
-        "rms_norm_eps": _positive(metadata, path, "llama.attention.layer_norm_rms_epsilon"),
-        "rope_theta": _positive(metadata, path, "llama.rope.freq_base", 10000.0),
-        "attention_bias": False,
-        "mlp_bias": False,
+        "max_position_embeddings": count(f"{name}.context_length"),
+        "rms_norm_eps": _positive(metadata, path, f"{name}.attention.layer_norm_rms_epsilon"),
+        "rope_theta": _positive(metadata, path, f"{name}.rope.freq_base",
+                                1e6 if name == "gemma3" else 10000.0),
         "tie_word_embeddings": not has_output,
     }
+    if name == "gemma3":
+        config.update(hidden_activation="gelu_pytorch_tanh",
+                      sliding_window=count("gemma3.attention.sliding_window"),
+                      layer_types=["sliding_attention" if (i + 1) % GEMMA3_PATTERN
+                                   else "full_attention" for i in range(n_layer)],
+                      rope_local_base_freq=GEMMA3_LOCAL_THETA, query_pre_attn_scalar=head_dim)
+    else:
+        config["hidden_act"] = "silu"
+    if name in ("llama", "qwen3"):
+        config["attention_bias"] = False
+    if name == "llama":
+        config["mlp_bias"] = False
     hf_names = {"bos": "bos", "eos": "eos", "unknown": "unk", "padding": "pad"}
     config.update({f"{hf_names[k]}_token_id": v for k, v in _token_ids(metadata, path).items()})
     return config
 
 
-def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> ``[out, in]`` shape for a llama ``config`` dict."""
+def expected_shapes(arch: Architecture, config: dict) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> ``[out, in]`` / ``[n]`` shape for ``arch`` and its ``config`` dict."""
     d, f, hd = config["hidden_size"], config["intermediate_size"], config["head_dim"]
     q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
-    block = {"input_layernorm": (d,), "post_attention_layernorm": (d,),
-             "self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d),
+    sizes = {"self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d),
              "self_attn.v_proj": (kv, d), "self_attn.o_proj": (d, q),
-             "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d), "mlp.down_proj": (d, f)}
+             "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d), "mlp.down_proj": (d, f),
+             "self_attn.q_norm": (hd,), "self_attn.k_norm": (hd,)}
+    block = {f"{m}.weight": sizes.get(m, (d,)) for m in arch.block_names.values()}
+    if arch.qkv_bias:
+        block.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+                      "self_attn.v_proj.bias": (kv,)})
     shapes = {"model.embed_tokens.weight": (config["vocab_size"], d), "model.norm.weight": (d,)}
     if not config["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (config["vocab_size"], d)
     for i in range(config["num_hidden_layers"]):
-        shapes.update({f"model.layers.{i}.{name}.weight": s for name, s in block.items()})
+        shapes.update({f"model.layers.{i}.{name}": s for name, s in block.items()})
     return shapes
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(arch: Architecture, gguf_name: str) -> str | None:
     """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; None if unknown."""
     stem, _, suffix = gguf_name.rpartition(".")
     parts = stem.split(".")
     if len(parts) == 1 and parts[0] in _TOP_NAMES:
         return f"{_TOP_NAMES[parts[0]]}.{suffix}"
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_NAMES:
-        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.{suffix}"
+    if (len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit()
+            and parts[2] in arch.block_names):
+        return f"model.layers.{parts[1]}.{arch.block_names[parts[2]]}.{suffix}"
     return None
+
+
+def gguf_name(arch: Architecture, name: str) -> str:
+    """The inverse of :func:`hf_name`."""
+    stem, _, suffix = name.rpartition(".")
+    if stem.startswith("model.layers."):
+        _, _, layer, module = stem.split(".", 3)
+        leaf = {hf: g for g, hf in arch.block_names.items()}[module]
+        return f"blk.{layer}.{leaf}.{suffix}"
+    return f"{ {hf: g for g, hf in _TOP_NAMES.items()}[stem]}.{suffix}"
 
 
 def unpermute_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
@@ -229,20 +307,20 @@ def unpermute_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
             .reshape(weight.shape))
 
 
-def _read_tensors(stored: dict, config: dict, path: Path) -> dict[str, np.ndarray]:
-    shapes = expected_shapes(config)
-    by_hf = {hf_name(name): name for name in stored}
-    unexpected = [name for name in stored if hf_name(name) not in shapes]
+def _read_tensors(stored: dict, arch: Architecture, config: dict,
+                  path: Path) -> dict[str, np.ndarray]:
+    shapes = expected_shapes(arch, config)
+    what = f"a {arch.model_type} with {config['num_hidden_layers']} layers"
+    by_hf = {hf_name(arch, name): name for name in stored}
+    unexpected = [name for name in stored if hf_name(arch, name) not in shapes]
     if unexpected:
-        raise ValueError(f"{path}: unexpected tensors {unexpected[:5]} for a llama with "
-                         f"{config['num_hidden_layers']} layers")
+        raise ValueError(f"{path}: unexpected tensors {unexpected[:5]} for {what}")
     missing = [name for name in shapes if name not in by_hf]
     if missing:
         raise ValueError(f"{path}: missing tensor {missing[0]!r} (GGUF name "
-                         f"{gguf_name(missing[0])!r}; a llama with "
-                         f"{config['num_hidden_layers']} layers needs it)")
+                         f"{gguf_name(arch, missing[0])!r}; {what} needs it)")
     heads = {"self_attn.q_proj": config["num_attention_heads"],
-             "self_attn.k_proj": config["num_key_value_heads"]}
+             "self_attn.k_proj": config["num_key_value_heads"]} if arch.permuted_qk else {}
     tensors = {}
     for name, shape in shapes.items():
         tensor = stored[by_hf[name]]
@@ -257,16 +335,12 @@ def _read_tensors(stored: dict, config: dict, path: Path) -> dict[str, np.ndarra
         # GGUFReader has already checked that the data is all there and matches the shape.
         value = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         module = name.removeprefix("model.layers.").split(".", 1)[-1].removesuffix(".weight")
-        tensors[name] = unpermute_rows(value, heads[module]) if module in heads else value
+        if module in heads:
+            value = unpermute_rows(value, heads[module])
+        if name.endswith("norm.weight") and arch.norm_shift:
+            value = value - np.float32(arch.norm_shift)
+        tensors[name] = value
     return tensors
-
-
-def gguf_name(name: str) -> str:
-    """The inverse of :func:`hf_name` for the names llama uses."""
-    if name.startswith("model.layers."):
-        _, _, layer, module = name.removesuffix(".weight").split(".", 3)
-        return f"blk.{layer}.{_GGUF_BLOCK_NAMES[module]}.weight"
-    return f"{_GGUF_TOP_NAMES[name.removesuffix('.weight')]}.weight"
 
 
 def bytes_to_unicode() -> dict[int, str]:
