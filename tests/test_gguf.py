@@ -215,7 +215,7 @@ def assert_same_config(ours: dict, hf_config, transformers) -> None:
     assert ours["rope_theta"] == hf_config.rope_parameters["rope_theta"]
 
 
-@pytest.mark.parametrize("pre", ["smollm", "llama-bpe"])
+@pytest.mark.parametrize("pre", ["smollm", "llama-bpe", "qwen2"])
 def test_tiny_tokenizer_matches_transformers(tmp_path, pre):
     transformers = pytest.importorskip("transformers")
     write_gguf(tmp_path / "tiny.gguf", hf_tensors(), metadata={
@@ -292,7 +292,7 @@ def test_truncated_file(tmp_path, good, keep):
 @pytest.mark.parametrize("key, value, message", [
     ("llama.rope.scaling.type", ("linear", V.STRING), r"llama\.rope\.scaling\.type='linear'"),
     ("llama.block_count", None, r"metadata key 'llama\.block_count' missing"),
-    ("tokenizer.ggml.model", ("llama", V.STRING), r"tokenizer\.ggml\.model='llama'"),
+    ("tokenizer.ggml.model", ("bert", V.STRING), r"tokenizer\.ggml\.model='bert'"),
     ("tokenizer.ggml.pre", ("tekken", V.STRING), r"tokenizer\.ggml\.pre='tekken'"),
     ("llama.rope.dimension_count", (15, V.UINT32), r"head size 15 is odd"),
     ("llama.attention.key_length", (8, V.UINT32),
@@ -530,11 +530,14 @@ def arch_metadata(arch: str, config) -> dict[str, tuple]:
 
 
 def write_arch_gguf(path, arch: str, config, tensors: dict[str, np.ndarray],
-                    raw: dict[str, tuple[np.ndarray, Q]] | None = None) -> None:
-    """Write HF ``tensors`` as a GGUF of ``arch`` (F32; ``raw``: HF name -> quantized bytes)."""
+                    raw: dict[str, tuple[np.ndarray, Q]] | None = None,
+                    metadata: dict[str, tuple | None] | None = None) -> None:
+    """Write HF ``tensors`` as a GGUF of ``arch`` (F32; ``raw``: HF name -> quantized bytes;
+    ``metadata`` overrides keys, None drops one)."""
     writer = GGUFWriter(str(path), arch)
-    for key, value in arch_metadata(arch, config).items():
-        writer.add_key_value(key, *value)
+    for key, value in {**arch_metadata(arch, config), **(metadata or {})}.items():
+        if value is not None:
+            writer.add_key_value(key, *value)
     for name, w in tensors.items():
         if name in (raw or {}):
             writer.add_tensor(to_gguf_name(name, arch), raw[name][0], raw_dtype=raw[name][1])
@@ -645,4 +648,72 @@ def test_unsupported_rope_scaling_per_arch(tmp_path):
     writer.close()
     with pytest.raises(ValueError, match=r"m\.gguf: qwen3\.rope\.scaling\.type='yarn' is not "
                                          r"implemented"):
+        gg.read_gguf(tmp_path / "m.gguf")
+
+
+# ---------------------------------------------------------------------------------------------
+# SentencePiece vocabularies (tokenizer.ggml.model = "llama"): tokens, scores and no merges, as
+# llama.cpp writes Llama-2 / Gemma files.
+
+SP_PIECES = ["▁", "▁t", "h", "e", "he", "▁the", "c", "a", "t", "at", "▁c", "▁cat", "i", "n",
+             "in", "▁in", "▁h", "▁hat", "s", "▁s", "is", "▁is", "o", "r", "or", "▁or", "▁o",
+             "  ", "   ", "▁Paris", "P", "ar", "ri", "is", "▁P", "▁Pa"]
+SP_TOKENS = (["<unk>", "<s>", "</s>", "<start_of_turn>"]
+             + [f"<0x{b:02X}>" for b in range(256)] + list(dict.fromkeys(SP_PIECES))
+             + ["<mask>"])
+# unknown, control, control, control, bytes (6), normal pieces, user-defined "<mask>"
+SP_TYPES = [2, 3, 3, 3] + [6] * 256 + [1] * (len(SP_TOKENS) - 261) + [4]
+SP_TEXTS = ["the cat in the hat", "  the   hat is  in Paris", "<s>the cat</s>",
+            "<start_of_turn>user\nthe cat<mask>", "héllo 2023 東京 🙂", "\tPariser", "", " "]
+
+
+def sp_metadata() -> dict[str, tuple | None]:
+    # scores not in file order, so that the merge order (scores for Llama, file positions for
+    # Gemma) differs between the two
+    scores = np.random.default_rng(0).permutation(len(SP_TOKENS)).astype(np.float32) * -0.5
+    return {"tokenizer.ggml.model": ("llama", V.STRING), "tokenizer.ggml.pre": None,
+            "tokenizer.ggml.merges": None,
+            "tokenizer.ggml.tokens": (SP_TOKENS, V.ARRAY, V.STRING),
+            "tokenizer.ggml.scores": (scores.tolist(), V.ARRAY, V.FLOAT32),
+            "tokenizer.ggml.token_type": (SP_TYPES, V.ARRAY, V.INT32),
+            "tokenizer.ggml.bos_token_id": (1, V.UINT32),
+            "tokenizer.ggml.eos_token_id": (2, V.UINT32),
+            "tokenizer.ggml.unknown_token_id": (0, V.UINT32),
+            "tokenizer.ggml.padding_token_id": None}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_sentencepiece_tokenizer_matches_transformers(tmp_path, arch):
+    transformers = pytest.importorskip("transformers")
+    if arch == "llama":
+        tensors = hf_tensors()
+        tensors["model.embed_tokens.weight"] = np.zeros((len(SP_TOKENS), 64), np.float32)
+        write_gguf(tmp_path / "sp.gguf", tensors, metadata={
+            **sp_metadata(), "llama.vocab_size": (len(SP_TOKENS), V.UINT32)})
+    else:
+        reference, tensors = tiny_hf_model("gemma3", vocab_size=len(SP_TOKENS))
+        write_arch_gguf(tmp_path / "sp.gguf", "gemma3", reference.config, tensors,
+                        metadata=sp_metadata())
+    ours = gg.read_gguf(tmp_path / "sp.gguf").tokenizer
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="sp.gguf")
+
+    def check(texts):
+        ids = ours.encode_batch(texts)
+        assert ids == [theirs.encode(t, add_special_tokens=False) for t in texts]
+        assert [ours.decode(i) for i in ids] == [theirs.decode(i) for i in ids]
+
+    check(SP_TEXTS)
+    assert ours.encode("the cat") == ([SP_TOKENS.index("▁the"), SP_TOKENS.index("▁cat")]
+                                      if arch == "llama" else
+                                      [SP_TOKENS.index(t) for t in ("t", "he", "▁cat")])
+    assert ours.encode("<s><mask>") == [1, len(SP_TOKENS) - 1]
+    assert ours.bos_token == "<s>" and ours.vocab_size == len(SP_TOKENS)
+    check(counterfact_texts(100))
+
+
+def test_sentencepiece_refuses_a_pre_tokenizer(tmp_path, good):
+    write_gguf(tmp_path / "m.gguf", good, metadata={
+        **sp_metadata(), "tokenizer.ggml.pre": ("llama-bpe", V.STRING)})
+    with pytest.raises(ValueError, match=r"m\.gguf: tokenizer\.ggml\.pre='llama-bpe' is not "
+                                         r"implemented for tokenizer\.ggml\.model='llama'"):
         gg.read_gguf(tmp_path / "m.gguf")

@@ -5,13 +5,18 @@ Reads with the ``gguf`` package and yields what transformers' own GGUF loading y
 ``AutoTokenizer.from_pretrained(..., gguf_file=...)``), so that the result feeds the same family
 ``import_weights`` as an HF directory:
 
-* config: the ``llama.*`` metadata under HF names, ``tie_word_embeddings`` when the file has no
+* architectures (``general.architecture``): ``llama``, ``qwen2``, ``qwen3`` and ``gemma3``
+  (``ARCHITECTURES``);
+* config: the ``{arch}.*`` metadata under HF names, ``tie_word_embeddings`` when the file has no
   ``output.weight`` (llama.cpp writes the head only when it is not the embedding);
-* tensors: dequantized with ``gguf.quants.dequantize`` into float32, in HF's ``[out, in]``
-  orientation (ggml's ``ne = [in, out]`` read row-major). convert_hf_to_gguf.py reorders the rows
-  of each q/k head from rotate-half ``[x_0..x_{d/2-1}, y_0..y_{d/2-1}]`` to interleaved pairs
-  ``[x_0, y_0, x_1, y_1, ...]``; that is undone here;
-* tokenizer: ``tokenizer.ggml.model == "gpt2"`` byte-level BPE from the tokens and merges, with
+* tensors: dequantized with ``gguf.quants.dequantize`` into float32 (the K-quants Q4_K, Q6_K, ...
+  included), in HF's ``[out, in]`` orientation (ggml's ``ne = [in, out]`` read row-major).
+  For llama, convert_hf_to_gguf.py reorders the rows of each q/k head from rotate-half
+  ``[x_0..x_{d/2-1}, y_0..y_{d/2-1}]`` to interleaved pairs ``[x_0, y_0, x_1, y_1, ...]``; that is
+  undone here (qwen2, qwen3 and gemma3 keep HF's order). For gemma3 it stores every RMSNorm
+  weight ``w`` as ``1 + w``; 1 is subtracted here;
+* tokenizer: ``tokenizer.ggml.model == "gpt2"`` byte-level BPE from the tokens and merges, or
+  ``"llama"`` SentencePiece BPE from the tokens and scores (Gemma's variant for gemma3), with
   control tokens (token_type 3) as special tokens and user-defined ones (4) as added tokens.
 
 Anything else (another architecture, rope scaling, a tensor type without a dequantizer here, a
@@ -30,7 +35,7 @@ import numpy as np
 import tokenizers
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from rome_jax.models.config import positive_int, positive_number
 from rome_jax.models.tokenizer import Tokenizer
@@ -153,7 +158,7 @@ def read_gguf(path: str | Path) -> GGUFModel:
     arch = ARCHITECTURES[name]
     config = hf_config(metadata, name, "output.weight" in stored, path)
     return GGUFModel(config, _read_tensors(stored, arch, config, path),
-                     gguf_tokenizer(metadata, path))
+                     gguf_tokenizer(metadata, path, sentencepiece_gemma=name == "gemma3"))
 
 
 def _get(metadata: dict, key: str, path: Path, default: Any = ...) -> Any:
@@ -351,19 +356,21 @@ def bytes_to_unicode() -> dict[int, str]:
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
-def gguf_tokenizer(metadata: dict, path: Path) -> Tokenizer:
-    """A ``tokenizers`` byte-level BPE from ``tokenizer.ggml.*``, as transformers builds it."""
+def gguf_tokenizer(metadata: dict, path: Path, sentencepiece_gemma: bool = False) -> Tokenizer:
+    """A ``tokenizers`` tokenizer from ``tokenizer.ggml.*``, as transformers builds it: byte-level
+    BPE (``gpt2``) or SentencePiece BPE (``llama``; Gemma's variant when ``sentencepiece_gemma``)."""
     kind = metadata.get("tokenizer.ggml.model")
+    if kind == "llama":
+        return _sentencepiece_tokenizer(metadata, path, sentencepiece_gemma)
     if kind != "gpt2":
         raise ValueError(f"{path}: tokenizer.ggml.model={kind!r} is not implemented (only the "
-                         "byte-level BPE 'gpt2')")
+                         "byte-level BPE 'gpt2' and the SentencePiece BPE 'llama')")
     pre = metadata.get("tokenizer.ggml.pre", "default")
     if not isinstance(pre, str) or pre not in PRE_TOKENIZER_SPLITS:
         raise ValueError(f"{path}: tokenizer.ggml.pre={pre!r} is not implemented (known: "
                          f"{', '.join(sorted(PRE_TOKENIZER_SPLITS))})")
     tokens = _list_of(metadata, path, "tokenizer.ggml.tokens", str)
     merges = _list_of(metadata, path, "tokenizer.ggml.merges", str)
-    token_types = _list_of(metadata, path, "tokenizer.ggml.token_type", int, [])
     bad = [m for m in merges if len(m.split(" ")) != 2]
     if bad:
         raise ValueError(f"{path}: metadata tokenizer.ggml.merges: {bad[0]!r} is not two "
@@ -387,10 +394,21 @@ def gguf_tokenizer(metadata: dict, path: Path) -> Tokenizer:
                                  pre_tokenizers.ByteLevel(add_prefix_space=False,
                                                           use_regex=False)]))
     backend.decoder = decoders.ByteLevel()
+    return _with_special_tokens(backend, metadata, path, tokens, set(vocab),
+                                lambda t: set(t) <= alphabet)
+
+
+def _with_special_tokens(backend: tokenizers.Tokenizer, metadata: dict, path: Path,
+                         tokens: list[str], vocab: set[str], spelled) -> Tokenizer:
+    """``backend`` with the control tokens (token_type 3; only those ``spelled`` in the model's
+    alphabet) and the bos / eos / unknown / padding tokens as special tokens and the
+    user-defined ones (4) as added tokens, wrapped as a Tokenizer (what transformers'
+    ``add_gguf_special_tokens`` and its special-token arguments add)."""
+    token_types = _list_of(metadata, path, "tokenizer.ggml.token_type", int, [])
     named_ids = _token_ids(metadata, path)
     ids = [named_ids.get(k) for k in ("bos", "eos", "unknown", "padding")]
     named = {tokens[i] for i in ids if i is not None and 0 <= i < len(tokens)}
-    special = [t for t, kind in zip(tokens, token_types) if kind == _CONTROL and set(t) <= alphabet]
+    special = [t for t, kind in zip(tokens, token_types) if kind == _CONTROL and spelled(t)]
     special += [t for t in named if t in vocab and t not in special]
     backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in special])
     backend.add_tokens([AddedToken(t, normalized=False, special=False)
@@ -400,3 +418,61 @@ def gguf_tokenizer(metadata: dict, path: Path) -> Tokenizer:
     name = lambda i: tokens[i] if i is not None and 0 <= i < len(tokens) else None
     return Tokenizer(backend, {"tokenizer.json": backend.to_str().encode()},
                      bos_token=name(bos_id), eos_token=name(eos_id))
+
+
+def implied_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """The BPE merges a SentencePiece vocabulary implies (transformers' ``generate_merges``):
+    every split of a token into two vocabulary tokens, best ``scores`` first (ties: the shorter
+    left, then the shorter right piece; within a token: by the pieces' ids)."""
+    merges = []
+    for merge, score in scores.items():
+        local = [(merge[:i], merge[i:], score) for i in range(1, len(merge))
+                 if merge[:i] in vocab and merge[i:] in vocab]
+        merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+def _sentencepiece_tokenizer(metadata: dict, path: Path, gemma: bool) -> Tokenizer:
+    """SentencePiece BPE from the file's tokens and scores (or merges), as transformers' GGUF
+    conversion builds it: LlamaTokenizer's pipeline (a "▁" prepended to the text's first piece,
+    spaces as "▁", byte fallback to ``<0xNN>`` tokens), or for Gemma GemmaTokenizer's (no
+    prepended "▁", ``<unk>`` for unknown pieces, tokens of only spaces respelled as "▁"s, merges
+    ordered by the tokens' position in the file instead of their scores)."""
+    pre = metadata.get("tokenizer.ggml.pre", "default")
+    if pre != "default":
+        raise ValueError(f"{path}: tokenizer.ggml.pre={pre!r} is not implemented for "
+                         "tokenizer.ggml.model='llama' (only 'default')")
+    tokens = _list_of(metadata, path, "tokenizer.ggml.tokens", str)
+    if gemma:
+        tokens = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if "tokenizer.ggml.merges" in metadata:
+        merges = [tuple(m.split(" ")) for m in
+                  _list_of(metadata, path, "tokenizer.ggml.merges", str)]
+    elif gemma:
+        merges = implied_merges(vocab, {t: -i for i, t in enumerate(tokens)})
+    else:
+        scores = _list_of(metadata, path, "tokenizer.ggml.scores", float)
+        if len(scores) != len(tokens):
+            raise ValueError(f"{path}: metadata tokenizer.ggml.scores has {len(scores)} values "
+                             f"for {len(tokens)} tokens")
+        merges = implied_merges(vocab, dict(zip(tokens, scores)))
+    try:
+        bpe = models.BPE(vocab, merges, fuse_unk=True, byte_fallback=True,
+                         unk_token="<unk>" if gemma else None)
+    except Exception as err:  # the tokenizers library raises plain Exception
+        raise ValueError(f"{path}: tokenizer.ggml.tokens / scores do not make a BPE "
+                         f"tokenizer ({err})") from None
+    backend = tokenizers.Tokenizer(bpe)
+    pieces = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if gemma:
+        backend.normalizer = normalizers.Replace(" ", "▁")
+        backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+        backend.decoder = decoders.Sequence(pieces)
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first",
+                                                         split=False)
+        backend.decoder = decoders.Sequence([*pieces, decoders.Strip(" ", 1, 0)])
+    return _with_special_tokens(backend, metadata, path, tokens, set(backend.get_vocab()),
+                                lambda t: True)
