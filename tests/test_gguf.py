@@ -708,6 +708,14 @@ def test_sentencepiece_tokenizer_matches_transformers(tmp_path, arch):
                                       [SP_TOKENS.index(t) for t in ("t", "he", "▁cat")])
     assert ours.encode("<s><mask>") == [1, len(SP_TOKENS) - 1]
     assert ours.bos_token == "<s>" and ours.vocab_size == len(SP_TOKENS)
+    # saved as tokenizer.json, it loads back in transformers and here with the same ids
+    (tmp_path / "saved").mkdir()
+    ours.save(tmp_path / "saved", model_max_length=128)
+    reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")
+    again = Tokenizer.from_dir(tmp_path / "saved")
+    for text in SP_TEXTS:
+        assert reloaded.encode(text, add_special_tokens=False) == ours.encode(text) \
+            == again.encode(text), text
     check(counterfact_texts(100))
 
 
