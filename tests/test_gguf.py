@@ -243,7 +243,12 @@ def good(tmp_path):
 def test_unknown_architecture(tmp_path, good):
     write_gguf(tmp_path / "m.gguf", good, arch="gpt2")
     with pytest.raises(ValueError, match=r"m\.gguf: unsupported architecture "
-                                         r"general\.architecture='gpt2'"):
+                                         r"general\.architecture='gpt2' \(implemented: 'llama', "
+                                         r"'qwen2', 'qwen3', 'gemma3'\)"):
+        gg.read_gguf(tmp_path / "m.gguf")
+    write_gguf(tmp_path / "m.gguf", good, metadata={
+        "general.architecture": (["qwen2"], V.ARRAY, V.STRING)})
+    with pytest.raises(ValueError, match=r"general\.architecture=\['qwen2'\]"):
         gg.read_gguf(tmp_path / "m.gguf")
 
 
@@ -566,6 +571,7 @@ def test_arch_matches_safetensors_directory(tmp_path, arch):
         expected = (w + np.float32(1)) - np.float32(1) if shifted else w
         np.testing.assert_array_equal(read.tensors[name], expected, err_msg=name)
     assert read.config["model_type"] == reference.config.model_type
+    assert read.architecture == arch
     # the same weights and transformers' own config.json, as a safetensors directory
     reference.save_pretrained(tmp_path / "hf")
     read.tokenizer.save(tmp_path / "hf", model_max_length=128)

@@ -117,11 +117,13 @@ _CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (llama.cpp's 
 @dataclasses.dataclass(frozen=True, eq=False)
 class GGUFModel:
     """A GGUF file read as an HF model: ``config`` (a ``config.json`` dict), ``tensors`` (HF name
-    -> float32 ``[out, in]`` / ``[n]`` array) and ``tokenizer``."""
+    -> float32 ``[out, in]`` / ``[n]`` array), ``tokenizer`` and ``architecture`` (the file's
+    ``general.architecture``, the prefix of its metadata keys)."""
 
     config: dict
     tensors: dict[str, np.ndarray]
     tokenizer: Tokenizer
+    architecture: str
 
 
 def smollm2_path() -> Path:
@@ -152,13 +154,13 @@ def read_gguf(path: str | Path) -> GGUFModel:
         raise ValueError(f"{path}: not a readable GGUF file, truncated or corrupt "
                          f"({type(err).__name__}: {err})") from None
     name = metadata.get("general.architecture")
-    if name not in ARCHITECTURES:
+    if not isinstance(name, str) or name not in ARCHITECTURES:
         raise ValueError(f"{path}: unsupported architecture general.architecture={name!r} "
                          f"(implemented: {', '.join(repr(a) for a in ARCHITECTURES)})")
     arch = ARCHITECTURES[name]
     config = hf_config(metadata, name, "output.weight" in stored, path)
     return GGUFModel(config, _read_tensors(stored, arch, config, path),
-                     gguf_tokenizer(metadata, path, sentencepiece_gemma=name == "gemma3"))
+                     gguf_tokenizer(metadata, path, sentencepiece_gemma=name == "gemma3"), name)
 
 
 def _get(metadata: dict, key: str, path: Path, default: Any = ...) -> Any:
