@@ -607,19 +607,22 @@ def test_arch_tensors_match_transformers_reader(tmp_path, arch):
 
 def k_quant_bytes(rows: int, cols: int, qtype: Q, rng) -> np.ndarray:
     """Random ``qtype`` blocks for a ``[rows, cols]`` tensor, with finite fp16 scales."""
-    size, nbytes = {Q.Q4_K: (256, 144), Q.Q6_K: (256, 210)}[qtype]
+    # bytes per 256 values, and where the block's fp16 scales are (d, and dmin where there is one)
+    nbytes, scales = {Q.Q2_K: (84, (80, 82)), Q.Q3_K: (110, (108,)), Q.Q4_K: (144, (0, 2)),
+                      Q.Q5_K: (176, (0, 2)), Q.Q6_K: (210, (208,))}[qtype]
+    size = 256
     raw = rng.integers(0, 256, (rows, cols // size, nbytes), dtype=np.uint8)
-    scales = {Q.Q4_K: (0, 2), Q.Q6_K: (208,)}[qtype]  # Q4_K: d, dmin; Q6_K: d
     for at in scales:
         raw[..., at:at + 2] = (rng.uniform(1e-4, 1e-3, (rows, cols // size, 1))
                                .astype(np.float16).view(np.uint8))
     return raw.reshape(rows, -1)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K])
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q5_K, Q.Q3_K, Q.Q2_K])
 def test_k_quants(tmp_path, qtype):
-    """Q4_K / Q6_K blocks (gguf's Python cannot quantize them: random valid blocks) read equal to
-    transformers' own torch dequantizer, an implementation independent of gguf's."""
+    """K-quant blocks (Q4_K, Q6_K: the Q4_K_M files' types; gguf's Python cannot quantize them:
+    random valid blocks) read equal to transformers' own torch dequantizer, an implementation
+    independent of gguf's, and run in the forward as in transformers'."""
     torch = pytest.importorskip("torch")
     from transformers.integrations.gguf.dequant import dequantize as torch_dequantize
 
