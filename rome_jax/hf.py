@@ -246,7 +246,8 @@ def _load_gguf(path_or_id: str | os.PathLike, dtype) -> Model:
     path = alias() if alias else Path(path_or_id).expanduser()
     read = gguf.read_gguf(path)
     config = ModelConfig.from_hf(read.config, source=str(path))
-    _check_vocab(read.tokenizer, config, f"{path} (tokenizer.ggml.tokens, llama.vocab_size)")
+    _check_vocab(read.tokenizer, config,
+                 f"{path} (tokenizer.ggml.tokens, {read.architecture}.vocab_size)")
     readers = {name: (lambda value=value: value) for name, value in read.tensors.items()}
     params, source_dtype = _import_params(config, readers, path, dtype)
     return Model(config, params, read.tokenizer, name=str(path_or_id), source_dtype=source_dtype)

@@ -55,8 +55,19 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
         .reshape(w.shape)
 
 
-def to_gguf_name(name: str) -> str:
-    for hf, short in (("model.embed_tokens", "token_embd"), ("model.norm", "output_norm"),
+# HF module -> GGUF leaf where an architecture differs from llama (llama.cpp's tensor names).
+ARCH_NAMES = {
+    "llama": (), "qwen2": (),
+    "qwen3": (("self_attn.q_norm", "attn_q_norm"), ("self_attn.k_norm", "attn_k_norm")),
+    "gemma3": (("self_attn.q_norm", "attn_q_norm"), ("self_attn.k_norm", "attn_k_norm"),
+               ("post_attention_layernorm", "post_attention_norm"),
+               ("pre_feedforward_layernorm", "ffn_norm"),
+               ("post_feedforward_layernorm", "post_ffw_norm")),
+}
+
+
+def to_gguf_name(name: str, arch: str = "llama") -> str:
+    for hf, short in (*ARCH_NAMES[arch], ("model.embed_tokens", "token_embd"), ("model.norm", "output_norm"),
                       ("lm_head", "output"), ("model.layers.", "blk."),
                       ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"),
                       ("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"),
@@ -204,7 +215,7 @@ def assert_same_config(ours: dict, hf_config, transformers) -> None:
     assert ours["rope_theta"] == hf_config.rope_parameters["rope_theta"]
 
 
-@pytest.mark.parametrize("pre", ["smollm", "llama-bpe"])
+@pytest.mark.parametrize("pre", ["smollm", "llama-bpe", "qwen2"])
 def test_tiny_tokenizer_matches_transformers(tmp_path, pre):
     transformers = pytest.importorskip("transformers")
     write_gguf(tmp_path / "tiny.gguf", hf_tensors(), metadata={
@@ -232,7 +243,12 @@ def good(tmp_path):
 def test_unknown_architecture(tmp_path, good):
     write_gguf(tmp_path / "m.gguf", good, arch="gpt2")
     with pytest.raises(ValueError, match=r"m\.gguf: unsupported architecture "
-                                         r"general\.architecture='gpt2'"):
+                                         r"general\.architecture='gpt2' \(implemented: 'llama', "
+                                         r"'qwen2', 'qwen3', 'gemma3'\)"):
+        gg.read_gguf(tmp_path / "m.gguf")
+    write_gguf(tmp_path / "m.gguf", good, metadata={
+        "general.architecture": (["qwen2"], V.ARRAY, V.STRING)})
+    with pytest.raises(ValueError, match=r"general\.architecture=\['qwen2'\]"):
         gg.read_gguf(tmp_path / "m.gguf")
 
 
@@ -281,8 +297,8 @@ def test_truncated_file(tmp_path, good, keep):
 @pytest.mark.parametrize("key, value, message", [
     ("llama.rope.scaling.type", ("linear", V.STRING), r"llama\.rope\.scaling\.type='linear'"),
     ("llama.block_count", None, r"metadata key 'llama\.block_count' missing"),
-    ("tokenizer.ggml.model", ("llama", V.STRING), r"tokenizer\.ggml\.model='llama'"),
-    ("tokenizer.ggml.pre", ("qwen2", V.STRING), r"tokenizer\.ggml\.pre='qwen2'"),
+    ("tokenizer.ggml.model", ("bert", V.STRING), r"tokenizer\.ggml\.model='bert'"),
+    ("tokenizer.ggml.pre", ("tekken", V.STRING), r"tokenizer\.ggml\.pre='tekken'"),
     ("llama.rope.dimension_count", (15, V.UINT32), r"head size 15 is odd"),
     ("llama.attention.key_length", (8, V.UINT32),
      r"llama\.rope\.dimension_count=16 != llama\.attention\.key_length=8 \(partial rotary"),
@@ -460,3 +476,261 @@ def test_load_model_smollm2_alias(llama_family, smollm2, smollm2_transformers):
     for text in ("The Eiffel Tower is in", "Egypt's capital city is",
                  "<|endoftext|>Danielle Darrieux, a native speaker of"):
         assert_same_logits(model, reference, model.tokenizer.encode(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# qwen2, qwen3 and gemma3 files: random tiny transformers models written as GGUF the way
+# convert_hf_to_gguf.py writes them (no q/k permutation; Gemma's norms stored as 1 + w), against
+# the same weights in a safetensors directory.
+
+ARCH_CONFIGS = {
+    # qwen2: q/k/v biases, an untied head; qwen3: q/k norms, head_dim != hidden / heads;
+    # gemma3: sandwich norms, q/k norms, 5 sliding layers (window 4) and a global one.
+    "qwen2": ("Qwen2Config", dict(num_hidden_layers=2, tie_word_embeddings=False)),
+    "qwen3": ("Qwen3Config", dict(num_hidden_layers=2, head_dim=32, tie_word_embeddings=True)),
+    "gemma3": ("Gemma3TextConfig", dict(num_hidden_layers=6, head_dim=16, sliding_window=4,
+                                        query_pre_attn_scalar=16)),
+}
+
+
+def tiny_hf_model(arch: str, seed: int = 0, **overrides):
+    """A float32 transformers model of ``arch`` with O(1) random weights (norms near 1 + w)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cls, shape = ARCH_CONFIGS[arch]
+    config = getattr(transformers, cls)(**{
+        "vocab_size": len(TOKENS), "hidden_size": 64, "intermediate_size": 96,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-6, **shape, **overrides})
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    rng = np.random.default_rng(seed)
+    state = {k: rng.standard_normal(v.shape).astype(np.float32) * (0.3 if v.ndim == 2 else 0.1)
+             + (1.0 if k.endswith("norm.weight") and arch != "gemma3" else 0.0)
+             for k, v in model.state_dict().items()}
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()
+                           if not (k == "lm_head.weight" and config.tie_word_embeddings)},
+                          strict=False)
+    return model, {k: v.numpy().copy() for k, v in model.state_dict().items()
+                   if not (k == "lm_head.weight" and config.tie_word_embeddings)}
+
+
+def arch_metadata(arch: str, config) -> dict[str, tuple]:
+    """convert_hf_to_gguf.py's metadata for ``config`` (and the tiny byte-level tokenizer)."""
+    theta = (config.rope_parameters["full_attention"] if arch == "gemma3"
+             else config.rope_parameters)["rope_theta"]
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    keys = {"block_count": config.num_hidden_layers, "context_length": 128,
+            "embedding_length": config.hidden_size,
+            "feed_forward_length": config.intermediate_size,
+            "attention.head_count": config.num_attention_heads,
+            "attention.head_count_kv": config.num_key_value_heads,
+            "attention.key_length": head_dim, "attention.value_length": head_dim}
+    if arch == "gemma3":
+        keys["attention.sliding_window"] = config.sliding_window
+    metadata = {f"{arch}.{k}": (v, V.UINT32) for k, v in keys.items()}
+    metadata[f"{arch}.rope.freq_base"] = (theta, V.FLOAT32)
+    metadata[f"{arch}.attention.layer_norm_rms_epsilon"] = (config.rms_norm_eps, V.FLOAT32)
+    tokenizer = {k: v for k, v in tiny_metadata().items() if k.startswith("tokenizer.")}
+    return {**metadata, **tokenizer}
+
+
+def write_arch_gguf(path, arch: str, config, tensors: dict[str, np.ndarray],
+                    raw: dict[str, tuple[np.ndarray, Q]] | None = None,
+                    metadata: dict[str, tuple | None] | None = None) -> None:
+    """Write HF ``tensors`` as a GGUF of ``arch`` (F32; ``raw``: HF name -> quantized bytes;
+    ``metadata`` overrides keys, None drops one)."""
+    writer = GGUFWriter(str(path), arch)
+    for key, value in {**arch_metadata(arch, config), **(metadata or {})}.items():
+        if value is not None:
+            writer.add_key_value(key, *value)
+    for name, w in tensors.items():
+        if name in (raw or {}):
+            writer.add_tensor(to_gguf_name(name, arch), raw[name][0], raw_dtype=raw[name][1])
+        else:
+            shift = 1.0 if arch == "gemma3" and name.endswith("norm.weight") else 0.0
+            writer.add_tensor(to_gguf_name(name, arch), w + np.float32(shift))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma3"])
+def test_arch_matches_safetensors_directory(tmp_path, arch):
+    import jax.numpy as jnp
+
+    import rome_jax
+
+    reference, tensors = tiny_hf_model(arch)
+    write_arch_gguf(tmp_path / "m.gguf", arch, reference.config, tensors)
+    read = gg.read_gguf(tmp_path / "m.gguf")
+    assert set(read.tensors) == set(tensors)
+    for name, w in tensors.items():
+        # Gemma's norms come back as float32 (1 + w) - 1, as in transformers' reader
+        shifted = arch == "gemma3" and name.endswith("norm.weight")
+        expected = (w + np.float32(1)) - np.float32(1) if shifted else w
+        np.testing.assert_array_equal(read.tensors[name], expected, err_msg=name)
+    assert read.config["model_type"] == reference.config.model_type
+    assert read.architecture == arch
+    # the same weights and transformers' own config.json, as a safetensors directory
+    reference.save_pretrained(tmp_path / "hf")
+    read.tokenizer.save(tmp_path / "hf", model_max_length=128)
+    from_gguf = rome_jax.load_model(tmp_path / "m.gguf")
+    from_dir = rome_jax.load_model(tmp_path / "hf")
+    assert from_gguf.config.n_layer == reference.config.num_hidden_layers
+    ids = from_gguf.tokenizer.encode("<|im_start|>the cat in the hat<|im_end|> hello world")
+    assert len(ids) > 8  # longer than Gemma's window of 4
+    np.testing.assert_allclose(np.asarray(rome_jax.logits(from_gguf, jnp.asarray([ids]))),
+                               np.asarray(rome_jax.logits(from_dir, jnp.asarray([ids]))),
+                               rtol=1e-5, atol=1e-5)
+    assert_same_logits(from_gguf, reference, ids)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma3"])
+def test_arch_tensors_match_transformers_reader(tmp_path, arch):
+    """transformers' GGUF reader on the same file: no q/k un-permutation for these, Gemma's
+    norms less 1."""
+    torch = pytest.importorskip("torch")
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    reference, tensors = tiny_hf_model(arch, seed=1)
+    write_arch_gguf(tmp_path / "m.gguf", arch, reference.config, tensors)
+    with torch.device("meta"):
+        skeleton = type(reference)(reference.config)
+    theirs = load_gguf_checkpoint(str(tmp_path / "m.gguf"), return_tensors=True,
+                                  model_to_load=skeleton)["tensors"]
+    ours = gg.read_gguf(tmp_path / "m.gguf").tensors
+    assert set(theirs) == set(ours)
+    for name, value in theirs.items():
+        np.testing.assert_array_equal(ours[name], value.numpy(), err_msg=name)
+
+
+def k_quant_bytes(rows: int, cols: int, qtype: Q, rng) -> np.ndarray:
+    """Random ``qtype`` blocks for a ``[rows, cols]`` tensor, with finite fp16 scales."""
+    # bytes per 256 values, and where the block's fp16 scales are (d, and dmin where there is one)
+    nbytes, scales = {Q.Q2_K: (84, (80, 82)), Q.Q3_K: (110, (108,)), Q.Q4_K: (144, (0, 2)),
+                      Q.Q5_K: (176, (0, 2)), Q.Q6_K: (210, (208,))}[qtype]
+    size = 256
+    raw = rng.integers(0, 256, (rows, cols // size, nbytes), dtype=np.uint8)
+    for at in scales:
+        raw[..., at:at + 2] = (rng.uniform(1e-4, 1e-3, (rows, cols // size, 1))
+                               .astype(np.float16).view(np.uint8))
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q5_K, Q.Q3_K, Q.Q2_K])
+def test_k_quants(tmp_path, qtype):
+    """K-quant blocks (Q4_K, Q6_K: the Q4_K_M files' types; gguf's Python cannot quantize them:
+    random valid blocks) read equal to transformers' own torch dequantizer, an implementation
+    independent of gguf's, and run in the forward as in transformers'."""
+    torch = pytest.importorskip("torch")
+    from transformers.integrations.gguf.dequant import dequantize as torch_dequantize
+
+    import rome_jax
+
+    reference, tensors = tiny_hf_model("qwen2", intermediate_size=256)
+    rng = np.random.default_rng(4)
+    names = ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    raw = {name: (k_quant_bytes(64, 256, qtype, rng), qtype) for name in names}
+    write_arch_gguf(tmp_path / "k.gguf", "qwen2", reference.config, tensors, raw)
+    read = gg.read_gguf(tmp_path / "k.gguf")
+    for name in names:
+        expected = torch_dequantize(torch.from_numpy(raw[name][0].reshape(-1)), int(qtype))
+        np.testing.assert_allclose(read.tensors[name], expected.numpy().reshape(64, 256),
+                                   rtol=1e-6, atol=1e-7, err_msg=name)
+        assert 0.005 < np.abs(read.tensors[name]).mean() < 5  # not all zero, not garbage
+    # and the dequantized weights run in the forward as transformers runs them
+    reference.load_state_dict({n: torch.as_tensor(read.tensors[n]) for n in names}, strict=False)
+    model = rome_jax.load_model(tmp_path / "k.gguf")
+    assert_same_logits(model, reference, model.tokenizer.encode("the cat in the hat"))
+
+
+def test_unsupported_rope_scaling_per_arch(tmp_path):
+    reference, tensors = tiny_hf_model("qwen3")
+    writer_metadata = arch_metadata("qwen3", reference.config)
+    writer = GGUFWriter(str(tmp_path / "m.gguf"), "qwen3")
+    for key, value in {**writer_metadata, "qwen3.rope.scaling.type": ("yarn", V.STRING)}.items():
+        writer.add_key_value(key, *value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=r"m\.gguf: qwen3\.rope\.scaling\.type='yarn' is not "
+                                         r"implemented"):
+        gg.read_gguf(tmp_path / "m.gguf")
+
+
+# ---------------------------------------------------------------------------------------------
+# SentencePiece vocabularies (tokenizer.ggml.model = "llama"): tokens, scores and no merges, as
+# llama.cpp writes Llama-2 / Gemma files.
+
+SP_PIECES = ["▁", "▁t", "h", "e", "he", "▁the", "c", "a", "t", "at", "▁c", "▁cat", "i", "n",
+             "in", "▁in", "▁h", "▁hat", "s", "▁s", "is", "▁is", "o", "r", "or", "▁or", "▁o",
+             "  ", "   ", "▁Paris", "P", "ar", "ri", "is", "▁P", "▁Pa"]
+SP_TOKENS = (["<unk>", "<s>", "</s>", "<start_of_turn>"]
+             + [f"<0x{b:02X}>" for b in range(256)] + list(dict.fromkeys(SP_PIECES))
+             + ["<mask>"])
+# unknown, control, control, control, bytes (6), normal pieces, user-defined "<mask>"
+SP_TYPES = [2, 3, 3, 3] + [6] * 256 + [1] * (len(SP_TOKENS) - 261) + [4]
+SP_TEXTS = ["the cat in the hat", "  the   hat is  in Paris", "<s>the cat</s>",
+            "<start_of_turn>user\nthe cat<mask>", "héllo 2023 東京 🙂", "\tPariser", "", " "]
+
+
+def sp_metadata() -> dict[str, tuple | None]:
+    # scores not in file order, so that the merge order (scores for Llama, file positions for
+    # Gemma) differs between the two
+    scores = np.random.default_rng(0).permutation(len(SP_TOKENS)).astype(np.float32) * -0.5
+    return {"tokenizer.ggml.model": ("llama", V.STRING), "tokenizer.ggml.pre": None,
+            "tokenizer.ggml.merges": None,
+            "tokenizer.ggml.tokens": (SP_TOKENS, V.ARRAY, V.STRING),
+            "tokenizer.ggml.scores": (scores.tolist(), V.ARRAY, V.FLOAT32),
+            "tokenizer.ggml.token_type": (SP_TYPES, V.ARRAY, V.INT32),
+            "tokenizer.ggml.bos_token_id": (1, V.UINT32),
+            "tokenizer.ggml.eos_token_id": (2, V.UINT32),
+            "tokenizer.ggml.unknown_token_id": (0, V.UINT32),
+            "tokenizer.ggml.padding_token_id": None}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_sentencepiece_tokenizer_matches_transformers(tmp_path, arch):
+    transformers = pytest.importorskip("transformers")
+    if arch == "llama":
+        tensors = hf_tensors()
+        tensors["model.embed_tokens.weight"] = np.zeros((len(SP_TOKENS), 64), np.float32)
+        write_gguf(tmp_path / "sp.gguf", tensors, metadata={
+            **sp_metadata(), "llama.vocab_size": (len(SP_TOKENS), V.UINT32)})
+    else:
+        reference, tensors = tiny_hf_model("gemma3", vocab_size=len(SP_TOKENS))
+        write_arch_gguf(tmp_path / "sp.gguf", "gemma3", reference.config, tensors,
+                        metadata=sp_metadata())
+    ours = gg.read_gguf(tmp_path / "sp.gguf").tokenizer
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="sp.gguf")
+
+    def check(texts):
+        ids = ours.encode_batch(texts)
+        assert ids == [theirs.encode(t, add_special_tokens=False) for t in texts]
+        assert [ours.decode(i) for i in ids] == [theirs.decode(i) for i in ids]
+
+    check(SP_TEXTS)
+    assert ours.encode("the cat") == ([SP_TOKENS.index("▁the"), SP_TOKENS.index("▁cat")]
+                                      if arch == "llama" else
+                                      [SP_TOKENS.index(t) for t in ("t", "he", "▁cat")])
+    assert ours.encode("<s><mask>") == [1, len(SP_TOKENS) - 1]
+    assert ours.bos_token == "<s>" and ours.vocab_size == len(SP_TOKENS)
+    # saved as tokenizer.json, it loads back in transformers and here with the same ids
+    (tmp_path / "saved").mkdir()
+    ours.save(tmp_path / "saved", model_max_length=128)
+    reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")
+    again = Tokenizer.from_dir(tmp_path / "saved")
+    for text in SP_TEXTS:
+        assert reloaded.encode(text, add_special_tokens=False) == ours.encode(text) \
+            == again.encode(text), text
+    check(counterfact_texts(100))
+
+
+def test_sentencepiece_refuses_a_pre_tokenizer(tmp_path, good):
+    write_gguf(tmp_path / "m.gguf", good, metadata={
+        **sp_metadata(), "tokenizer.ggml.pre": ("llama-bpe", V.STRING)})
+    with pytest.raises(ValueError, match=r"m\.gguf: tokenizer\.ggml\.pre='llama-bpe' is not "
+                                         r"implemented for tokenizer\.ggml\.model='llama'"):
+        gg.read_gguf(tmp_path / "m.gguf")
