@@ -46,10 +46,9 @@ def test_batch_rows_and_resume(env):
             assert layer["update.delta_norm"] > 0
         assert r["seconds_solve"] > 0 and r["seconds_update"] > 0 and r["ppl"] > 1
     # a rerun with the same settings computes nothing and keeps the rows
-    for n in (1, 3):  # the v* targets are solved once and shared by the methods and sizes
-        assert by_key[f"memit/{n}"]["v_loss_median"] == by_key[f"emmet/{n}"]["v_loss_median"]
-    assert by_key["memit/1"]["seconds_solve"] == pytest.approx(
-        by_key["memit/3"]["seconds_solve"] / 3)
+    for n in (1, 3):  # the v* targets are solved once and shared by the methods of a size
+        for field in ("v_loss_median", "seconds_solve"):
+            assert by_key[f"memit/{n}"][field] == by_key[f"emmet/{n}"][field]
     assert len(list((env / "batch").glob("targets-*.npz"))) == 1
     assert cli.main(args) == 0
     assert read_rows(env / "batch" / "rows.jsonl", "batch")[1] == rows
