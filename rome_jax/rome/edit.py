@@ -248,7 +248,7 @@ def solve_core(params: Params, config: ModelConfig, layer: int, steps: int, batc
     keys = keys_from_residual(params, config, layer, residual, batch.mask, batch.lookup,
                               n_rows=batch.ids.shape[0] - 1)
     w, b = rome_weight(params, layer)
-    v_init = keys.plain @ w + b
+    v_init = keys.plain @ w.astype(jnp.float32) + b.astype(jnp.float32)      # float32 [D]
     reference = None
     if clamp_reference == "residual":
         reference = residual_after(params, config, residual[:1], batch.mask[:1], layer,

@@ -29,10 +29,12 @@ def keys_from_residual(params: Params, config: ModelConfig, layer: int, residual
                        attention_mask: jax.Array, lookup: jax.Array,
                        n_rows: int | None = None) -> Keys:
     """Keys at ``lookup`` [B] from the residual [B, T, D] entering block ``layer``; only the first
-    ``n_rows`` rows (the context templates) enter the mean."""
+    ``n_rows`` rows (the context templates) enter the mean. The keys are computed in the params'
+    dtype and returned in float32 (the mean taken in float32), for the closed forms."""
     ctx = make_context(attention_mask.shape, attention_mask, residual.dtype)
     keys = block(jax.tree.map(lambda w: w[layer], params["blocks"]), config, residual, ctx,
                  layer=layer).key
-    at = jnp.take_along_axis(keys, lookup[:, None, None], axis=1)[:, 0][:n_rows]
+    at = jnp.take_along_axis(keys, lookup[:, None, None], axis=1)[:, 0][:n_rows].astype(
+        jnp.float32)
     return Keys(at[0], at.mean(0), at)
 

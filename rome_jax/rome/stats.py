@@ -107,7 +107,8 @@ def _block_moment(params: Params, config: ModelConfig, layer, h, mask, sums):
     sums [N, F, F] + Σ k kᵀ of each device's B/N rows, products summed in float32 whatever
     the keys' dtype). The rows of device n are the n-th B/N, so with the batch sharded over
     N devices each sums its own rows, no communication."""
-    h, keys, _ = _layer(params, config, layer, h, mask)
+    out = _layer(params, config, layer, h, mask)
+    h, keys = out.h, out.key
     keys = (keys * mask[..., None].astype(keys.dtype)).reshape(sums.shape[0], -1,
                                                                 keys.shape[-1])
     return h, sums + jnp.einsum("ntf,ntg->nfg", keys, keys, preferred_element_type=sums.dtype)

@@ -87,7 +87,13 @@ def optimize_v(params: Params, config: ModelConfig, layer: int, batch: VBatch,
     """Run ROME's δ optimisation (traceable; ``steps`` is static). residual [R, T, D] is the
     stream entering ``layer``; v_init [D] the MLP output at row 0's lookup token;
     ``norm_reference`` [D] the vector whose norm scales the clamp and the decay (default v_init,
-    ROME's; MEMIT's is the residual stream leaving ``layer`` there)."""
+    ROME's; MEMIT's is the residual stream leaving ``layer`` there).
+
+    Precision: the forward runs in the params' dtype (δ is cast to it where it is added); δ,
+    v_init, v*, the loss and Adam's state are float32 whatever that dtype."""
+    v_init = v_init.astype(jnp.float32)
+    if norm_reference is not None:
+        norm_reference = norm_reference.astype(jnp.float32)
 
     live_ctx, past_k, past_v = live_context(params, config, layer, batch, residual)
     h_live = jnp.take_along_axis(residual, batch.live_index[:, :, None], axis=1)
@@ -96,7 +102,7 @@ def optimize_v(params: Params, config: ModelConfig, layer: int, batch: VBatch,
 
     def logprobs(delta):
         logits = forward_live(params, config, layer, h_live, live_ctx, past_k, past_v,
-                              at_lookup * delta, live_targets)
+                              (at_lookup * delta).astype(h_live.dtype), live_targets)
         return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)     # [R, P, V]
 
     kl_init = jax.lax.stop_gradient(logprobs(jnp.zeros_like(v_init))[-1, 0])
