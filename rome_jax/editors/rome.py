@@ -57,12 +57,13 @@ def rank_one_update(w: jax.Array, b: jax.Array, factor: jax.Array, key_plain: ja
     """The update for w [F, D], b [D], Cholesky factor of C [F, F], keys [F], v* [D].
 
     Returns (Edit of rank one at ``layer``, UpdateDiagnostics). Pure and traceable; ``method``
-    is static. Computed in float32 whatever the weights' dtype (bfloat16 / float16 weights are
-    widened): the solve, the residual and both factors are float32.
+    is static. Computed in float32 or the widest dtype of the inputs if wider (bfloat16 /
+    float16 weights are widened): the solve, the residual and both factors.
     """
     method = canonical_method(method)
-    w, b, key_plain, key_mean, v_star = (jnp.asarray(x, jnp.float32) for x in
-                                         (w, b, key_plain, key_mean, v_star))
+    wide = jnp.result_type(jnp.float32, w, b, factor, key_plain, key_mean, v_star)
+    w, b, factor, key_plain, key_mean, v_star = (jnp.asarray(x, wide) for x in
+                                                 (w, b, factor, key_plain, key_mean, v_star))
     key_a = key_plain if method == "p-rome" else key_mean
     key_b = key_mean if method == "c-rome" else key_plain
     u = solve(factor, key_a)
