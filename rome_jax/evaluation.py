@@ -42,7 +42,8 @@ from rome_jax.rome.templates import with_test_prefix
 @functools.partial(jax.jit, static_argnums=1)
 def token_nll(params: Params, config: ModelConfig, input_ids, attention_mask):
     """NLL of each next token: [B, T-1], entry t = -log p(ids[t+1] | ids[:t+1]); 0 at padding."""
-    logp = jax.nn.log_softmax(forward(params, config, input_ids, attention_mask).logits[:, :-1])
+    logits = forward(params, config, input_ids, attention_mask).logits[:, :-1]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))  # whatever the dtype
     nll = -jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
     return nll * attention_mask[:, 1:]
 
@@ -59,7 +60,7 @@ def target_nll(params: Params, config: ModelConfig, input_ids, attention_mask, p
     at ``positions`` [B, K] (token t+1's at t); only ``valid`` [B, K] entries count, and only
     those positions reach the LM head (K·V logits a row, not T·V)."""
     logits = forward(params, config, input_ids, attention_mask, logit_positions=positions).logits
-    logp = jax.nn.log_softmax(logits)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))  # whatever the dtype
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return (nll * valid).sum(-1) / jnp.maximum(valid.sum(-1), 1)
 

@@ -338,7 +338,7 @@ def cached_profile(path: str | os.PathLike, settings: Mapping,
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _nll_sum(params, config, layer: int, ids, mask, residual):
     logits = forward(params, config, ids, mask, layer=layer, residual=residual).logits[:, :-1]
-    logp = jax.nn.log_softmax(logits)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))  # whatever the dtype
     nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
     return (nll * mask[:, 1:]).sum()
 

@@ -95,3 +95,16 @@ def test_the_cli_edits_in_bfloat16_and_refuses_a_bad_dtype(env, tiny_model, tmp_
     entry = written["edits"][0]
     assert entry["status"] == "applied" and np.isfinite(entry["denominator"])
     assert np.isfinite(written["perplexity_after"])
+
+
+def test_probabilities_and_perplexity_are_normalised_in_float32(bf16):
+    # A bfloat16 log-softmax rounds P(new) = 0.9926 to 1 (SmolLM2, README's Precision).
+    from rome_jax.evaluation import target_nll, token_nll
+
+    model = bf16[0]
+    ids = jnp.asarray([model.tokenizer.encode("The Eiffel Tower is in Paris")])
+    mask = jnp.ones_like(ids)
+    assert token_nll(model.params, model.config, ids, mask).dtype == jnp.float32
+    positions, targets = jnp.asarray([[2, 3]]), ids[:, 3:5]
+    assert target_nll(model.params, model.config, ids, mask, positions, targets,
+                      jnp.ones((1, 2))).dtype == jnp.float32
