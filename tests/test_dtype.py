@@ -41,7 +41,7 @@ def bf16():
 
 
 def test_a_bfloat16_edit_is_close_to_the_float32_one(f32, bf16):
-    # Measured (these two requests and CounterFact's France -> Rome): denominators within 6.1%,
+    # Measured (these two requests and 'The capital of {France} is' -> Rome): denominators within 6.1%,
     # ‖Δ‖_F within 4.8%, P(new) after within 0.05; the bounds leave about twice that.
     for request in REQUESTS:
         _, a = edit(f32[0], request, f32[1], context=f32[2])

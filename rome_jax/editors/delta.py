@@ -24,7 +24,7 @@ import numpy as np
 from flax import struct
 
 from rome_jax.files import write_bytes_atomic
-from rome_jax.models.transformer import Params
+from rome_jax.models.transformer import Params, widened
 
 
 @struct.dataclass
@@ -94,9 +94,8 @@ def apply_edit(params: Params, edit: Edit) -> Params:
     fc_out = params["blocks"]["mlp"]["fc_out"]
     w = fc_out["w"]
     for layer in edit.layers:
-        delta = dense(edit.deltas[layer])
-        wide = jnp.promote_types(jnp.promote_types(w.dtype, delta.dtype), jnp.float32)
-        w = w.at[layer].set((w[layer].astype(wide) + delta.astype(wide)).astype(w.dtype))
+        total = widened(w[layer]) + widened(dense(edit.deltas[layer]))
+        w = w.at[layer].set(total.astype(w.dtype))
     mlp = {**params["blocks"]["mlp"], "fc_out": {**fc_out, "w": w}}
     return {**params, "blocks": {**params["blocks"], "mlp": mlp}}
 

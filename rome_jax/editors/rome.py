@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from rome_jax.editors.delta import rank_one
+from rome_jax.models.transformer import widened
 from rome_jax.rome.stats import solve
 
 METHODS = ("rome", "c-rome", "r-rome", "p-rome")
@@ -61,9 +62,8 @@ def rank_one_update(w: jax.Array, b: jax.Array, factor: jax.Array, key_plain: ja
     float16 weights are widened): the solve, the residual and both factors.
     """
     method = canonical_method(method)
-    wide = jnp.result_type(jnp.float32, w, b, factor, key_plain, key_mean, v_star)
-    w, b, factor, key_plain, key_mean, v_star = (jnp.asarray(x, wide) for x in
-                                                 (w, b, factor, key_plain, key_mean, v_star))
+    w, b, factor, key_plain, key_mean, v_star = map(widened, (w, b, factor, key_plain,
+                                                            key_mean, v_star))
     key_a = key_plain if method == "p-rome" else key_mean
     key_b = key_mean if method == "c-rome" else key_plain
     u = solve(factor, key_a)
