@@ -35,14 +35,15 @@ from rome_jax.data import pad_batch
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.generate import generate
 from rome_jax.models.model import Model
-from rome_jax.models.transformer import Params, forward
+from rome_jax.models.transformer import Params, forward, widened
 from rome_jax.rome.templates import with_test_prefix
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def token_nll(params: Params, config: ModelConfig, input_ids, attention_mask):
     """NLL of each next token: [B, T-1], entry t = -log p(ids[t+1] | ids[:t+1]); 0 at padding."""
-    logp = jax.nn.log_softmax(forward(params, config, input_ids, attention_mask).logits[:, :-1])
+    logits = forward(params, config, input_ids, attention_mask).logits[:, :-1]
+    logp = jax.nn.log_softmax(widened(logits))
     nll = -jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
     return nll * attention_mask[:, 1:]
 
@@ -59,7 +60,7 @@ def target_nll(params: Params, config: ModelConfig, input_ids, attention_mask, p
     at ``positions`` [B, K] (token t+1's at t); only ``valid`` [B, K] entries count, and only
     those positions reach the LM head (K·V logits a row, not T·V)."""
     logits = forward(params, config, input_ids, attention_mask, logit_positions=positions).logits
-    logp = jax.nn.log_softmax(logits)
+    logp = jax.nn.log_softmax(widened(logits))
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return (nll * valid).sum(-1) / jnp.maximum(valid.sum(-1), 1)
 

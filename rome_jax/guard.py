@@ -36,7 +36,7 @@ import numpy as np
 from rome_jax import data
 from rome_jax.evaluation import perplexity_batches
 from rome_jax.files import build_once, write_json_atomic
-from rome_jax.models.transformer import forward, residual_at
+from rome_jax.models.transformer import forward, residual_at, widened
 from rome_jax.rome.edit import build_batch, compute_edit, edit_independent
 from rome_jax.rome.request import EditRequest
 from rome_jax.rome.stats import cache_path, fingerprint, resolve_corpus, shipped_cache_dir
@@ -338,7 +338,7 @@ def cached_profile(path: str | os.PathLike, settings: Mapping,
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _nll_sum(params, config, layer: int, ids, mask, residual):
     logits = forward(params, config, ids, mask, layer=layer, residual=residual).logits[:, :-1]
-    logp = jax.nn.log_softmax(logits)
+    logp = jax.nn.log_softmax(widened(logits))
     nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
     return (nll * mask[:, 1:]).sum()
 

@@ -21,6 +21,7 @@ from rome_jax.models.tokenizer import EOS_TOKEN
 EXIT_USAGE = 2
 EXIT_REFUSED = 3
 PPL_CORPUS = "ME-PPL_50"
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype
 
 
 class Parser(argparse.ArgumentParser):
@@ -220,16 +221,23 @@ def add_model_source_args(g) -> None:
                    help="prepend a start token to every sequence the model reads (prompts, "
                         "templates, key-statistics and perplexity texts); without TOKEN the "
                         f"document separator {EOS_TOKEN} the model was pretrained with")
+    g.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="the weights' and activations' dtype (default float32); the key "
+                        "statistics' sums, v*'s δ and its optimiser, the solves and the update "
+                        "stay float32 (the statistics' running sum float64), and the update is "
+                        "added in float32 and rounded once to this dtype")
 
 
 def load_cli_model(args):
-    """The model of --model, with the start token of --bos."""
+    """The model of --model in the dtype of --dtype, with the start token of --bos."""
+    import jax.numpy as jnp
+
     from rome_jax.hf import GGUF_ALIASES, load_model
 
     name = args.model or "the default model"
     gguf = str(name) in GGUF_ALIASES or str(name).endswith(".gguf")
     status(f"loading {'and dequantizing ' if gguf else ''}{name}")
-    model = load_model(args.model)
+    model = load_model(args.model, dtype=jnp.dtype(getattr(args, "dtype", "float32")))
     return model if args.bos is None else model.with_bos(args.bos)
 
 

@@ -268,7 +268,8 @@ def run(args) -> int:
             if args.mode == "sequential":
                 params, ppl = new_params, entry["perplexity_after"]
     report = {
-        "command": "edit", "model": str(args.model or s.model.name), "method": method,
+        "command": "edit", "model": str(args.model or s.model.name), "dtype": args.dtype,
+        "method": method,
         "layer": s.hparams.layer, "mode": args.mode if len(requests) > 1 else "single",
         "perplexity_corpus": PPL_CORPUS, "perplexity_before": base,
         "perplexity_after": ppl if args.mode == "sequential" and status == "applied" else None,

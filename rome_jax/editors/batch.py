@@ -47,7 +47,8 @@ from rome_jax.editors.lowrank import LowRankDiagnostics
 from rome_jax.editors.hparams import BATCH_METHODS, BatchHParams, batch_preset
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
-from rome_jax.models.transformer import Params, residual_after, residual_at, rome_weight
+from rome_jax.models.transformer import (Params, residual_after, residual_at, rome_weight,
+                                         widened)
 from rome_jax.rome.edit import (_checked, _requests, batch_mesh, build_batch,
                                 context_templates, shard_requests, solve_built,
                                 stack_batches)
@@ -162,13 +163,14 @@ def prepare_batch(model: Model, method: str, hparams: BatchHParams | None = None
 def layer_inputs(params: Params, config: ModelConfig, layer: int, z_layer: int,
                  batch: VBatch) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One request's (k^u [F], k̄ [F]) at ``layer`` and the residual stream [D] leaving
-    ``z_layer`` at the plain prompt's lookup token (traceable; vmap it over requests)."""
+    ``z_layer`` at the plain prompt's lookup token (traceable; vmap it over requests), all
+    ``widened`` (computed in the params' dtype)."""
     residual = residual_at(params, config, batch.ids, batch.mask, layer)
     keys = keys_from_residual(params, config, layer, residual, batch.mask, batch.lookup,
                               n_rows=batch.ids.shape[0] - 1)
     h_z = residual_after(params, config, residual[:1], batch.mask[:1], layer, z_layer + 1,
                          batch.lookup[:1])[0]
-    return keys.plain, keys.mean, h_z
+    return keys.plain, keys.mean, widened(h_z)
 
 
 _layer_inputs = jax.jit(jax.vmap(layer_inputs, in_axes=(None, None, None, None, 0)),
@@ -300,7 +302,7 @@ def edit_batch(model: Model, requests: Sequence[EditRequest | dict], method: str
             keys_a = jnp.asarray(k_mean)
             keys_b = jnp.asarray(k_plain) if hparams.keys == "rome" else None
             if hparams.keys == "c-rome":
-                residual = residual + (k_plain - k_mean) @ w
+                residual = residual + (k_plain - k_mean) @ widened(w)
         layer_preserved = preserved.get(layer, jnp.zeros((d_mlp, d_mlp), jnp.float32))
         left, right, diagnostics = _closed_form_jit(
             method, hparams, context.derived[layer], keys_a, keys_b, jnp.asarray(residual),

@@ -24,7 +24,7 @@ import numpy as np
 from flax import struct
 
 from rome_jax.files import write_bytes_atomic
-from rome_jax.models.transformer import Params
+from rome_jax.models.transformer import Params, widened
 
 
 @struct.dataclass
@@ -84,13 +84,18 @@ def rank_one(key_dir: jax.Array, value_delta: jax.Array, layer: int) -> Edit:
 
 
 def apply_edit(params: Params, edit: Edit) -> Params:
-    """New params with every delta of ``edit`` added; the input params are not touched."""
+    """New params with every delta of ``edit`` added; the input params are not touched.
+
+    Each layer's sum w + Δw is formed in float32 (or wider: the wider of the two dtypes) and
+    rounded once to the weights' dtype: a bfloat16 / float16 model stays in its dtype, and
+    keeps of Δw what that dtype can hold beside w."""
     if not isinstance(edit, Edit):
         raise TypeError(f"edit: expected an Edit, got {type(edit).__name__}")
     fc_out = params["blocks"]["mlp"]["fc_out"]
     w = fc_out["w"]
     for layer in edit.layers:
-        w = w.at[layer].add(dense(edit.deltas[layer]).astype(w.dtype))
+        total = widened(w[layer]) + widened(dense(edit.deltas[layer]))
+        w = w.at[layer].set(total.astype(w.dtype))
     mlp = {**params["blocks"]["mlp"], "fc_out": {**fc_out, "w": w}}
     return {**params, "blocks": {**params["blocks"], "mlp": mlp}}
 

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 
 from rome_jax.editors.delta import Edit, Factors, rank_one
 from rome_jax.editors.emmet import emmet_factors
+from rome_jax.models.transformer import widened
 from rome_jax.rome.stats import solve
 
 METHODS = ("rome", "c-rome", "r-rome", "p-rome", "k2-rome")
@@ -76,11 +77,14 @@ def rank_one_update(w: jax.Array, b: jax.Array, factor: jax.Array, key_plain: ja
     """The update for w [F, D], b [D], Cholesky factor of C [F, F], keys [F], v* [D].
 
     Returns (Edit of rank one at ``layer``, UpdateDiagnostics). Pure and traceable; ``method``
-    is static.
+    is static. Computed in float32 or the widest dtype of the inputs if wider (bfloat16 /
+    float16 weights are widened): the solve, the residual and both factors.
     """
     method = canonical_method(method)
     if method == "k2-rome":
         raise ValueError("method: k2-rome is a rank-2 update (two_key_update), not rank one")
+    w, b, factor, key_plain, key_mean, v_star = map(widened, (w, b, factor, key_plain,
+                                                            key_mean, v_star))
     key_a = key_plain if method == "p-rome" else key_mean
     key_b = key_mean if method == "c-rome" else key_plain
     u = solve(factor, key_a)
@@ -107,8 +111,11 @@ def two_key_update(w: jax.Array, b: jax.Array, factor: jax.Array, key_plain: jax
     ``denominator`` is λ_min(G) (G₁₁ = c-rome's uᵀk̄ when the second key is dropped),
     ``residual_norm`` ‖R‖_F, ``delta_norm`` ‖Δw‖_F, ``key_sin2`` sin²θ, ``key_condition`` G's
     condition number; numerator_norm = delta_norm·|denominator| and denominator_unit_u =
-    residual_norm / delta_norm keep ``UpdateDiagnostics``' identities. Pure and traceable.
+    residual_norm / delta_norm keep ``UpdateDiagnostics``' identities. Pure and traceable;
+    computed in float32 or wider, as ``rank_one_update``.
     """
+    w, b, factor, key_plain, key_mean, v_star_mean, v_star_plain = map(widened, (
+        w, b, factor, key_plain, key_mean, v_star_mean, v_star_plain))
     keys = jnp.stack([key_mean, key_plain])                          # [2, F]
     residual = jnp.stack([v_star_mean, v_star_plain]) - (keys @ w + b)  # [2, D]
     left, right, emmet = emmet_factors(keys, None, residual, factor, 0.0)

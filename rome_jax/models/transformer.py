@@ -124,6 +124,13 @@ def norm(p: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return layer_norm(p, x, cfg.layer_norm_epsilon)
 
 
+def widened(x: jax.Array) -> jax.Array:
+    """``x`` in float32, or in its own dtype when that is wider (float64): the precision of
+    everything an edit computes from the forward's outputs (keys, v*, closed forms, the update,
+    log-probabilities) whatever the weights' dtype (bfloat16 / float16)."""
+    return jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
+
+
 def rome_weight(params: Params, layer: int) -> tuple[jax.Array, jax.Array]:
     """ROME's W (as W^T, [F, D]) and b ([D]; zeros when the projection has no bias) at
     ``layer``: the MLP output projection whose input is the key."""

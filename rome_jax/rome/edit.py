@@ -27,7 +27,8 @@ from rome_jax.editors.rome import canonical_method, rank_one_update, two_key_upd
 from rome_jax.evaluation import target_probabilities
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model, check_model, check_params
-from rome_jax.models.transformer import Params, residual_after, residual_at, rome_weight
+from rome_jax.models.transformer import (Params, residual_after, residual_at, rome_weight,
+                                         widened)
 from rome_jax.rome.hparams import RomeHParams, preset_for
 from rome_jax.rome.keys import Keys, keys_from_residual
 from rome_jax.rome.request import EditRequest, subject_lookup
@@ -250,7 +251,7 @@ def solve_core(params: Params, config: ModelConfig, layer: int, steps: int, batc
     keys = keys_from_residual(params, config, layer, residual, batch.mask, batch.lookup,
                               n_rows=batch.ids.shape[0] - 1)
     w, b = rome_weight(params, layer)
-    v_init = keys.plain @ w + b
+    v_init = keys.plain @ widened(w) + widened(b)                 # float32 at least [D]
     reference = None
     if clamp_reference == "residual":
         reference = residual_after(params, config, residual[:1], batch.mask[:1], layer,

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from rome_jax.models.config import ModelConfig
-from rome_jax.models.transformer import Params, block, make_context
+from rome_jax.models.transformer import Params, block, make_context, widened
 
 
 class Keys(NamedTuple):
@@ -29,10 +29,11 @@ def keys_from_residual(params: Params, config: ModelConfig, layer: int, residual
                        attention_mask: jax.Array, lookup: jax.Array,
                        n_rows: int | None = None) -> Keys:
     """Keys at ``lookup`` [B] from the residual [B, T, D] entering block ``layer``; only the first
-    ``n_rows`` rows (the context templates) enter the mean."""
+    ``n_rows`` rows (the context templates) enter the mean. The keys are computed in the params'
+    dtype and returned ``widened`` (float32 at least; the mean taken so), for the closed forms."""
     ctx = make_context(attention_mask.shape, attention_mask, residual.dtype)
     keys = block(jax.tree.map(lambda w: w[layer], params["blocks"]), config, residual, ctx,
                  layer=layer).key
-    at = jnp.take_along_axis(keys, lookup[:, None, None], axis=1)[:, 0][:n_rows]
+    at = widened(jnp.take_along_axis(keys, lookup[:, None, None], axis=1)[:, 0][:n_rows])
     return Keys(at[0], at.mean(0), at)
 

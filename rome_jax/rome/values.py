@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import optax
 
 from rome_jax.models.config import ModelConfig
-from rome_jax.models.transformer import Context, Params, blocks_kv, forward_live, make_context
+from rome_jax.models.transformer import (Context, Params, blocks_kv, forward_live, make_context,
+                                         widened)
 
 
 class VBatch(NamedTuple):
@@ -87,7 +88,13 @@ def optimize_v(params: Params, config: ModelConfig, layer: int, batch: VBatch,
     """Run ROME's δ optimisation (traceable; ``steps`` is static). residual [R, T, D] is the
     stream entering ``layer``; v_init [D] the MLP output at row 0's lookup token;
     ``norm_reference`` [D] the vector whose norm scales the clamp and the decay (default v_init,
-    ROME's; MEMIT's is the residual stream leaving ``layer`` there)."""
+    ROME's; MEMIT's is the residual stream leaving ``layer`` there).
+
+    Precision: the forward runs in the params' dtype (δ is cast to it where it is added); δ,
+    v_init, v*, the loss and Adam's state are float32 (``widened``) whatever that dtype."""
+    v_init = widened(v_init)
+    if norm_reference is not None:
+        norm_reference = widened(norm_reference)
 
     live_ctx, past_k, past_v = live_context(params, config, layer, batch, residual)
     h_live = jnp.take_along_axis(residual, batch.live_index[:, :, None], axis=1)
@@ -96,8 +103,8 @@ def optimize_v(params: Params, config: ModelConfig, layer: int, batch: VBatch,
 
     def logprobs(delta):
         logits = forward_live(params, config, layer, h_live, live_ctx, past_k, past_v,
-                              at_lookup * delta, live_targets)
-        return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)     # [R, P, V]
+                              (at_lookup * delta).astype(h_live.dtype), live_targets)
+        return jax.nn.log_softmax(widened(logits), axis=-1)     # [R, P, V]
 
     kl_init = jax.lax.stop_gradient(logprobs(jnp.zeros_like(v_init))[-1, 0])
     v_norm_sq = jnp.sum(jnp.square(v_init if norm_reference is None else norm_reference))
