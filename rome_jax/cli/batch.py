@@ -43,9 +43,10 @@ def run_batch(args, requests: list, out: Path | None, report_file: Path | None,
     if args.test_prefix:
         raise ValueError(f"--test-prefix: not implemented for {method}")
     if args.layer is None and args.layers is not None:
-        # --layers alone: the window's top layer, where v* is solved, is the edit's layer (a
-        # model without a ROME preset then needs no --layer).
-        args = argparse.Namespace(**{**vars(args), "layer": args.layers[-1]})
+        # Setup asks a model without a ROME preset for --layer; a batch edit takes its layers
+        # from --layers alone (batch_hparams checks them against the model, naming --layers),
+        # so Setup gets layer 0, which every model has and nothing below reads.
+        args = argparse.Namespace(**{**vars(args), "layer": 0})
     s = Setup(args)
     hparams = batch_hparams(s.model.config, method, args, args.layers, args.keys, args.layer)
     for i, request in enumerate(requests):
