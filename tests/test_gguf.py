@@ -800,8 +800,18 @@ def test_gemma3_270m_matches_transformers():
     texts = counterfact_texts(100)
     assert model.tokenizer.encode_batch(texts) == \
         [reference_tokenizer.encode(t, add_special_tokens=False) for t in texts]
-    reference = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, torch_dtype=torch.float32).eval()
+    # What from_pretrained(gguf_file=...) does, without accelerate: transformers' own parse of
+    # the file's config and tensors (the skeleton only names the parameters).
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    with torch.device("meta"):
+        skeleton = transformers.Gemma3ForCausalLM(
+            transformers.Gemma3TextConfig(**gg.read_gguf(path).config))
+    parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)
+    reference = transformers.Gemma3ForCausalLM(
+        transformers.Gemma3TextConfig(**parsed["config"])).float().eval()
+    missing, unexpected = reference.load_state_dict(parsed["tensors"], strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected
     ids = model.tokenizer.encode_sequence("Danielle Darrieux, a native speaker of")
     assert ids == reference_tokenizer.encode("Danielle Darrieux, a native speaker of")
     ours = np.asarray(rome_jax.logits(model, jnp.asarray([ids])))
