@@ -44,7 +44,7 @@ def _default_model() -> Path:
 
 DEFAULT_MODEL = _default_model()
 EXPORT_FORMATS = ("safetensors", "flax")  # save_hf's format, edit's --format
-GGUF_ALIASES = {"smollm2-135m": gguf.smollm2_path}
+GGUF_ALIASES = {"smollm2-135m": gguf.smollm2_path, "gemma3-270m": gguf.gemma3_path}
 
 
 def local_source(path_or_id: str | os.PathLike | None) -> Path | None:
@@ -192,7 +192,7 @@ def _get(handle, name: str, file: Path):
 
 def load_model(path_or_id: str | os.PathLike | None = None, dtype=jnp.float32) -> Model:
     """Load an HF GPT-2 / GPT-J / Llama directory or hub id (``None``: the embedded default
-    model), or a ``*.gguf`` file / GGUF alias (``GGUF_ALIASES``: "smollm2-135m").
+    model), or a ``*.gguf`` file / GGUF alias (``GGUF_ALIASES``: "smollm2-135m", "gemma3-270m").
 
     Computation is in ``dtype``; the dtype the floating weights are stored in is kept as
     ``Model.source_dtype`` (the widest when they differ), which ``save_hf`` exports by default.

