@@ -302,3 +302,26 @@ def assert_user_error(proc: subprocess.CompletedProcess, match: str) -> None:
     assert lines[0].startswith("rome-jax: error: ")
     assert match in lines[0], lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def assert_live_forward_is_full(model, batch, layer: int) -> None:
+    """The live-position forward of v*'s optimisation (keys and values before the lookup token
+    cached, only the positions from it on recomputed) gives the full forward's logits with a
+    random δ added at the lookup token of ``batch`` (a ``VBatch``) at ``layer``."""
+    import jax
+    import jax.numpy as jnp
+
+    from rome_jax.models.transformer import forward, forward_live, residual_at
+    from rome_jax.rome.values import live_context
+
+    delta = jax.random.normal(jax.random.key(1), (model.config.d_model,))
+    residual = residual_at(model.params, model.config, batch.ids, batch.mask, layer)
+    full = forward(model.params, model.config, batch.ids, batch.mask, layer=layer,
+                   token_index=batch.lookup, mlp_delta=delta, residual=residual,
+                   logit_positions=batch.target_pos).logits
+    ctx, past_k, past_v = live_context(model.params, model.config, layer, batch, residual)
+    h_live = jnp.take_along_axis(residual, batch.live_index[:, :, None], axis=1)
+    at_lookup = (jnp.arange(batch.live_index.shape[1]) == 0)[None, :, None]
+    live = forward_live(model.params, model.config, layer, h_live, ctx, past_k, past_v,
+                        at_lookup * delta, batch.target_pos - batch.lookup[:, None])
+    np.testing.assert_allclose(live, full, atol=1e-4, rtol=1e-4)

@@ -9,19 +9,18 @@ ROME taps in test_forward_taps.py, each parametrized over the families.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_live_forward_is_full
 
 from rome_jax import data
 from rome_jax.hf import load_model
 from rome_jax.models.config import ModelConfig
-from rome_jax.models.transformer import forward, forward_live, mlp_key, residual_at, rome_weight
+from rome_jax.models.transformer import mlp_key, rome_weight
 from rome_jax.rome.edit import build_batch, edit, edit_core, prepare
 from rome_jax.rome.hparams import RomeHParams
 from rome_jax.rome.request import EditRequest
 from rome_jax.rome.stats import compute_key_stats
-from rome_jax.rome.values import live_context
 from rome_jax.editors.delta import apply_edit
 
 # Pythia-160m's shape with the attributes transformers 4 wrote (rotary_pct, rotary_emb_base).
@@ -154,17 +153,7 @@ def test_rome_edit_with_a_window_shorter_than_the_prompts(hf_model, family, extr
     batch = build_batch(model, REQUEST, context.templates, HP.fact_token)
     assert batch.ids.shape[1] > 2 * model.config.sliding_window
 
-    delta = jax.random.normal(jax.random.key(1), (model.config.d_model,))
-    residual = residual_at(model.params, model.config, batch.ids, batch.mask, HP.layer)
-    full = forward(model.params, model.config, batch.ids, batch.mask, layer=HP.layer,
-                   token_index=batch.lookup, mlp_delta=delta, residual=residual,
-                   logit_positions=batch.target_pos).logits
-    ctx, past_k, past_v = live_context(model.params, model.config, HP.layer, batch, residual)
-    h_live = jnp.take_along_axis(residual, batch.live_index[:, :, None], axis=1)
-    at_lookup = (jnp.arange(batch.live_index.shape[1]) == 0)[None, :, None]
-    live = forward_live(model.params, model.config, HP.layer, h_live, ctx, past_k, past_v,
-                        at_lookup * delta, batch.target_pos - batch.lookup[:, None])
-    np.testing.assert_allclose(live, full, atol=1e-4, rtol=1e-4)
+    assert_live_forward_is_full(model, batch, HP.layer)
 
     update, _, values, _ = edit_core(model.params, model.config, HP.layer, "c-rome",
                                      HP.v_num_grad_steps, batch, context.factor, HP.v_lr,

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import serialization, traverse_util
+from test_hf_parity import CONFIGS
 
 import rome_jax
 from rome_jax.models import flax_checkpoint
@@ -24,17 +25,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 ATOL = 1e-4
-# The same arguments as tests/test_hf_parity.py's cases, so the session shares the models.
-CASES = {
-    "gpt2-tied": ("gpt2", {}),
-    "gptj-partial-rotary": ("gptj", dict(n_embd=48, n_head=4, rotary_dim=4)),
-    "llama-gqa2-tied": ("llama", dict(num_key_value_heads=2, tie_word_embeddings=True,
-                                      rope_theta=500.0, rms_norm_eps=1e-5)),
-    "llama-3heads-mqa-biases": ("llama", dict(hidden_size=24, num_attention_heads=3,
-                                              num_key_value_heads=1, head_dim=10,
-                                              attention_bias=True, mlp_bias=True,
-                                              rope_theta=100000.0, num_hidden_layers=3)),
-}
+# tests/test_hf_parity.py's cases, so the session shares the models.
+CASES = {name: CONFIGS[name] for name in ("gpt2", "gptj-partial-rotary", "llama-gqa2-tied",
+                                          "llama-3heads-mqa-biases")}
 
 
 def hf_flax_params(torch_model, family: str) -> dict:

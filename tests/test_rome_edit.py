@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_gpt2
+from conftest import assert_live_forward_is_full, tiny_gpt2
 
 from rome_jax import data
 from rome_jax.hf import load_model
@@ -160,21 +160,8 @@ def test_test_time_prefix_only_for_first_token_subjects():
 def test_live_positions_give_the_full_forward_logits(model, context):
     """Recomputing only positions from the lookup token on (with cached keys/values before it)
     gives the logits of the full forward with δ added."""
-    from rome_jax.models.transformer import forward, forward_live, residual_at
-    from rome_jax.rome.values import live_context
-
     batch = build_batch(model, REQUEST, context.templates, HP.fact_token)
-    delta = jax.random.normal(jax.random.key(1), (model.config.d_model,))
-    residual = residual_at(model.params, model.config, batch.ids, batch.mask, HP.layer)
-    full = forward(model.params, model.config, batch.ids, batch.mask, layer=HP.layer,
-                   token_index=batch.lookup, mlp_delta=delta, residual=residual,
-                   logit_positions=batch.target_pos).logits
-    ctx, past_k, past_v = live_context(model.params, model.config, HP.layer, batch, residual)
-    h_live = jnp.take_along_axis(residual, batch.live_index[:, :, None], axis=1)
-    at_lookup = (jnp.arange(batch.live_index.shape[1]) == 0)[None, :, None]
-    live = forward_live(model.params, model.config, HP.layer, h_live, ctx, past_k, past_v,
-                        at_lookup * delta, batch.target_pos - batch.lookup[:, None])
-    np.testing.assert_allclose(live, full, atol=1e-4, rtol=1e-4)
+    assert_live_forward_is_full(model, batch, HP.layer)
     assert batch.live_index.shape[1] < batch.ids.shape[1]
 
 
