@@ -58,7 +58,7 @@ def canonical_method(method: str) -> str:
 
 class UpdateDiagnostics(NamedTuple):
     """numerator_norm = ‖r uᵀ‖_F = ‖r‖‖u‖; denominator = uᵀkb; delta_norm = ‖Δ‖_F;
-    delta_abs = ‖Δ‖_F / (F·D) (the |Δ| of "The Fall of ROME"); residual_norm = ‖r‖, the papers'
+    delta_abs = ‖Δ‖_F / (F·D) (the |Δ| of "Rebuilding ROME"); residual_norm = ‖r‖, the papers'
     numerator; denominator_unit_u = kbᵀu/‖u‖ = denominator / ‖u‖, the papers' denominator.
     ‖Δ‖_F = numerator_norm / |denominator| = residual_norm / |denominator_unit_u|."""
 
