@@ -105,6 +105,8 @@ def test_sequential_batch_folds_and_resumes(env):
             "--ppl-texts", "5", "--out", str(out), *SMALL]
     assert cli.main(args) == 0
     _, rows = read_rows(out / "rows.jsonl", "sequential-batch")
+    # batch by batch, every method in turn: a stopped run has every method equally far
+    assert [r["key"] for r in rows] == [[m, b] for b in range(3) for m in ("alphaedit", "memit")]
     for method in ("alphaedit", "memit"):
         trace = sorted((r for r in rows if r["method"] == method), key=lambda r: r["batches"])
         assert [r["batches"] for r in trace] == [0, 1, 2]

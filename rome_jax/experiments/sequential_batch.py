@@ -2,8 +2,9 @@
 each batch one MEMIT / EMMET / AlphaEdit update of the result of the previous ones.
 
 For each method of ``--methods`` the same seeded draw of CounterFact records is edited in order,
-``--batch-size`` at a time (``editors.batch.edit_batches``: C and the templates stay the base
-model's; AlphaEdit's K_pᵀK_p of the earlier batches is threaded through the fold). A row per
+``--batch-size`` at a time, batch by batch with every method in turn, so a run stopped early
+has every method equally far (the fold of ``editors.batch.edit_batches``: C and the templates
+stay the base model's; AlphaEdit's K_pᵀK_p of the earlier batches is threaded through it). A row per
 (method, batches done), the first one unedited: ME-PPL_1k perplexity, few-shot downstream
 accuracy, the efficacy ES (P(new) > P(true) on the rewrite prompt) of every fact edited so far
 and of the last batch alone, and each layer's ‖Δw‖_F of the batch's update.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -130,6 +132,7 @@ def run(s, args, journal, header: Mapping) -> None:
                                  "sample_seed": st["sample_seed"]})
     size = st["batch_size"]
     n_batches = -(-len(records) // size)
+    runs = {}  # method -> its fold's state: batches done, params, preserved, ...
     for method in st["methods"]:
         hparams = batch_hparams(s.model.config, method, args, keys=st["keys"],
                                 layer=s.hparams.layer)
@@ -139,14 +142,21 @@ def run(s, args, journal, header: Mapping) -> None:
             journal.append({"key": [method, 0], "method": method, "batches": 0, "edited": 0,
                             **evaluate(s.model.params)})
         done, params, preserved = load_state(out, method, s.model.params, hparams.layers)
-        if done < n_batches:
-            context = prepare_batch(s.model, method, hparams, jax.random.key(st.get("seed", 0)))
-        for b in tqdm(range(done + 1, n_batches + 1), initial=done, total=n_batches,
-                      desc=method, unit="batch"):
-            batch = records[(b - 1) * size:b * size]
-            result = edit_batch(s.model, [EditRequest.from_dict(r) for r in batch], method,
-                                hparams, context=context, params=params, preserved=preserved)
-            params, preserved = apply_edit(params, result.edit), result.preserved
+        context = (prepare_batch(s.model, method, hparams, jax.random.key(st.get("seed", 0)))
+                   if done < n_batches else None)
+        runs[method] = SimpleNamespace(hparams=hparams, evaluate=evaluate, done=done,
+                                       params=params, preserved=preserved, context=context)
+    first = min(r.done for r in runs.values())
+    for b in tqdm(range(first + 1, n_batches + 1), initial=first, total=n_batches,
+                  desc="batches", unit="batch"):
+        batch = records[(b - 1) * size:b * size]
+        for method, r in runs.items():
+            if r.done >= b:
+                continue
+            result = edit_batch(s.model, [EditRequest.from_dict(x) for x in batch], method,
+                                r.hparams, context=r.context, params=r.params,
+                                preserved=r.preserved)
+            params, preserved = apply_edit(r.params, result.edit), result.preserved
             if [method, b] not in journal:
                 journal.append({
                     "key": [method, b], "method": method, "batches": b,
@@ -155,8 +165,9 @@ def run(s, args, journal, header: Mapping) -> None:
                     "es_batch": _efficacy(s.model, batch, params),
                     "delta_norm": [layer["update.delta_norm"] for layer in result.report.layers],
                     "seconds_solve": result.report.seconds_solve,
-                    "seconds_update": result.report.seconds_update, **evaluate(params)})
-            save_state(out, method, b, params, hparams.layers, preserved)
+                    "seconds_update": result.report.seconds_update, **r.evaluate(params)})
+            save_state(out, method, b, params, r.hparams.layers, preserved)
+            r.done, r.params, r.preserved = b, params, preserved
 
 
 def _traces(rows: Sequence[Mapping]) -> dict[str, list[Mapping]]:
