@@ -32,8 +32,8 @@ import numpy as np
 
 from rome_jax.experiments import collapse, geometry
 from rome_jax.experiments.journal import NUMBER, require
-from rome_jax.experiments.report import (Report, grouped, markdown_table, pyplot, run_label,
-                                         save_figure, stats)
+from rome_jax.experiments.report import (Report, fmt, grouped, markdown_table, pyplot,
+                                         run_label, save_figure, stats)
 
 NAME = "second2first"
 HELP = ("Second2First: first-token records edited with position 1's embedding at position 0 "
@@ -184,12 +184,13 @@ def summarize(rows: Sequence[Mapping], threshold: float) -> dict:
     ok = [r for r in rows if "error" not in r]
     by_variant = grouped(ok, lambda r: r["variant"])
     groups: dict[str, dict] = {}
-    for name in VARIANTS:
-        vrows = by_variant.get(name, [])
-        for g, grows in {**grouped(vrows, lambda r: r["group"]), ALL: vrows}.items():
+    for g in (*collapse.GROUPS, ALL):
+        for name in VARIANTS:
+            grows = [r for r in by_variant.get(name, []) if g in (ALL, r["group"])]
             if grows:
                 groups.setdefault(g, {})[name] = variant_summary(grows, threshold)
     pairs = paired(ok)
+    factor = lambda get: stats([get(b) / get(a) for a, b in pairs])
     return {"threshold": threshold, "groups": groups,
             "skipped": sorted({r["case_id"] for r in rows if "error" in r}),
             "paired": {"n": len(pairs),
@@ -199,7 +200,10 @@ def summarize(rows: Sequence[Mapping], threshold: float) -> dict:
                            sum(b["cos_plain_mean"] > a["cos_plain_mean"] for a, b in pairs),
                        "abs_rome_denominator_larger_after_second2first":
                            sum(abs(b["denominator_rome"]) > abs(a["denominator_rome"])
-                               for a, b in pairs)}}
+                               for a, b in pairs),
+                       "rome_ratio_factor": factor(lambda r: r["rome"]["ratio"]),
+                       "abs_rome_denominator_factor":
+                           factor(lambda r: abs(r["denominator_rome"]))}}
 
 
 def paired(rows: Sequence[Mapping]) -> list[tuple[Mapping, Mapping]]:
@@ -229,9 +233,11 @@ def tables(summary: Mapping, title: str) -> str:
                           "max ratio c-rome", "efficacy rome", "efficacy c-rome"], t2)
     p = summary["paired"]
     pairs = (f"Paired over the {p['n']} records: after Second2First the rome ratio is lower for "
-             f"{p['rome_ratio_lower_after_second2first']}, cos(k^u, k̄) higher for "
+             f"{p['rome_ratio_lower_after_second2first']} (median factor "
+             f"{fmt(p['rome_ratio_factor']['median'])}), cos(k^u, k̄) higher for "
              f"{p['cos_higher_after_second2first']} and |k^uᵀC⁻¹k̄|/‖C⁻¹k̄‖ larger for "
-             f"{p['abs_rome_denominator_larger_after_second2first']}.")
+             f"{p['abs_rome_denominator_larger_after_second2first']} (median factor "
+             f"{fmt(p['abs_rome_denominator_factor']['median'])}).")
     skipped = (f"\n\nSkipped (the request does not fit the model): {summary['skipped']}"
                if summary["skipped"] else "")
     return (f"{title}\n\nTable 1: the keys' anomaly (means; u = C⁻¹k̄ with each model's own C; "
@@ -250,7 +256,8 @@ def figure(pairs: Sequence[tuple[Mapping, Mapping]], threshold: float, title: st
         for ax, get, label, log in (
                 (left, lambda r: r["cos_plain_mean"], "cos(k^u, k̄)", False),
                 (right, lambda r: r["rome"]["ratio"], "rome: ME-PPL_50 after / before", True)):
-            for g, ps in grouped(pairs, lambda p: p[0]["group"]).items():
+            by_group = grouped(pairs, lambda p: p[0]["group"])
+            for g, ps in ((g, by_group[g]) for g in collapse.GROUPS if g in by_group):
                 ax.scatter([get(a) for a, _ in ps], [get(b) for _, b in ps], s=14,
                            c=colours.get(g, "grey"), label=g)
             values = [get(r) for p in pairs for r in p]
