@@ -145,7 +145,7 @@ def run(s, args, journal, header: Mapping) -> None:
         raise ValueError(f"--baseline {collapse.baseline_dir(header, None)}: has no "
                          "first-token record")
     threshold = base_header["settings"]["threshold"]
-    group = dict((i, g) for g, i in chosen)
+    group = {i: g for g, i in chosen}
     builders = {"original": lambda: s, "second2first": lambda: second2first_variant(s)}
     for name in VARIANTS:
         todo = [i for _, i in chosen if row_key(name, i) not in journal]
