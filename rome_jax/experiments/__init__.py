@@ -21,6 +21,10 @@
                  ME-PPL_1k, downstream accuracy, efficacy of all facts so far (AlphaEdit)
 ``batch-collapse``  a collapse run's collapse cases and normal records in one update, per
                  batch editor and key convention: ME-PPL_50 ratio, efficacy, ‖Δw‖
+``second2first``  a collapse run's first-token records edited from the model and from its
+                 Second2First copy (position 1's learned embedding at position 0): keys'
+                 anomaly and ME-PPL_50 ratio of ``rome`` and ``c-rome`` (the slides of "The
+                 Fall of ROME")
 ===============  =========================================================================
 
 An experiment module has ``NAME``, ``HELP``, ``add_args(parser)`` (its own options),
@@ -34,8 +38,8 @@ ME-PPL_50 probe, built lazily.
 
 from __future__ import annotations
 
-from rome_jax.experiments import (batch, batch_collapse, bos, collapse, geometry, sequential,
-                                  sequential_batch, single, zsre)
+from rome_jax.experiments import (batch, batch_collapse, bos, collapse, geometry,
+                                  second2first, sequential, sequential_batch, single, zsre)
 
-EXPERIMENTS = {m.NAME: m for m in (collapse, bos, single, sequential, zsre, geometry, batch,
-                                   sequential_batch, batch_collapse)}
+EXPERIMENTS = {m.NAME: m for m in (collapse, bos, single, sequential, zsre, geometry,
+                                   second2first, batch, sequential_batch, batch_collapse)}
