@@ -112,8 +112,9 @@ def param_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     everything is replicated)."""
     for pattern, axes in RULES:
         if re.fullmatch(pattern, name) and len(axes) == len(shape):
-            return PartitionSpec(*(axis if axis in mesh.shape and shape[i] % mesh.shape[axis] == 0
-                                   else None for i, axis in enumerate(axes)))
+            return PartitionSpec(*(
+                axis if axis in mesh.shape and size % mesh.shape[axis] == 0 else None
+                for size, axis in zip(shape, axes)))
     return PartitionSpec()
 
 
@@ -132,12 +133,9 @@ def shard_params(params, mesh: Mesh):
 
 def mesh_of(params) -> Mesh | None:
     """The ("data", "model") mesh ``params`` are placed on, or None (not placed on one)."""
-    for leaf in jax.tree.leaves(params):
-        mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
-        if isinstance(mesh, Mesh) and tuple(mesh.axis_names) == AXES:
-            return mesh
-        return None
-    return None
+    leaves = jax.tree.leaves(params)
+    mesh = getattr(getattr(leaves[0], "sharding", None), "mesh", None) if leaves else None
+    return mesh if isinstance(mesh, Mesh) and tuple(mesh.axis_names) == AXES else None
 
 
 def keep_placement(new: jax.Array, old: jax.Array) -> jax.Array:
