@@ -88,6 +88,12 @@ def tracked(handle, name, file):  # every tensor read from a file, and how many 
     most_alive = max(most_alive, sum(r() is not None for r in live))
     return tensor
 hf._get = tracked
+place, staged = hf.shard_params, []
+def placing(params, mesh):  # the params as the family built them, before the rules place them
+    staged.extend(leaf.size // max(s.data.size for s in leaf.addressable_shards)
+                  for leaf in jax.tree.leaves(params))
+    return place(params, mesh)
+hf.shard_params = placing
 
 def rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -109,9 +115,9 @@ def run(model):
 result = {"n_devices": len(jax.devices())}
 for family in ("gptj", "llama"):
     plain = load_model(root / family)
-    most_alive, live[:] = 0, []
+    most_alive, live[:], staged[:] = 0, [], []
     sharded = load_model(root / f"{family}-shards", mesh=spec)
-    result[family] = {"reads": len(live), "most_alive": most_alive}
+    result[family] = {"reads": len(live), "most_alive": most_alive, "staged": sorted(set(staged))}
     mesh = jax.tree.leaves(sharded.params)[0].sharding.mesh
     m = mesh.shape["model"]
     placed = {}
@@ -210,6 +216,9 @@ def test_sharded_edits_equal_unsharded(models, tmp_path, n_devices, spec, m):
         # every tensor read from the 3 files once, and each dropped before the next is read
         n_tensors = len(load_file(str(models / family / "model.safetensors")))
         assert got["reads"] == n_tensors and got["most_alive"] == 1, got
+        # and each went to the devices split M ways (every size here is divisible by M): while
+        # the model was assembled, only the one tensor being read was ever whole
+        assert got["staged"] == [m], got["staged"]
         # the rules' weights split 1/M over the model axis (replicated over data); the rest whole
         split = {name for name, p in got["placed"].items() if p["split"]}
         assert split == SHARDED[family]
