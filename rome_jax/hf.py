@@ -8,6 +8,11 @@ unpickled), plus the tokenizer files. A hub id is fetched with
 ``huggingface_hub.snapshot_download``. Exports write ``config.json``, ``model.safetensors`` (or
 ``flax_model.msgpack``) and the tokenizer into a temporary directory that is renamed into place,
 so an export is never half-written.
+
+With a ``mesh`` (``rome_jax.sharding``), safetensors weights are read one tensor at a time, each
+placed on the mesh's devices as it is read (split over the model axis), and the params placed by
+the sharding rules; an export gathers and writes one tensor at a time. (GGUF, Flax msgpack and
+``pytorch_model.bin`` files are decoded whole by their readers, then placed the same way.)
 """
 
 from __future__ import annotations
@@ -15,19 +20,22 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import struct
 from pathlib import Path
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import SafetensorError, safe_open
-from safetensors.flax import save_file
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from safetensors import safe_open
 
 from rome_jax.files import atomic_directory, overlap
 from rome_jax.models import flax_checkpoint, gguf
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import FAMILIES, Model, check_model
 from rome_jax.models.tokenizer import Tokenizer
+from rome_jax.sharding import make_mesh, shard_params
 
 
 def _default_model() -> Path:
@@ -190,12 +198,16 @@ def _get(handle, name: str, file: Path):
                          f"corrupt ({type(err).__name__}: {err})") from None
 
 
-def load_model(path_or_id: str | os.PathLike | None = None, dtype=jnp.float32) -> Model:
+def load_model(path_or_id: str | os.PathLike | None = None, dtype=jnp.float32,
+               mesh: str | Mesh | dict | None = None) -> Model:
     """Load an HF GPT-2 / GPT-J / Llama directory or hub id (``None``: the embedded default
     model), or a ``*.gguf`` file / GGUF alias (``GGUF_ALIASES``: "smollm2-135m", "gemma3-270m").
 
     Computation is in ``dtype``; the dtype the floating weights are stored in is kept as
     ``Model.source_dtype`` (the widest when they differ), which ``save_hf`` exports by default.
+    ``mesh`` (``"data=D,model=M"``, a mapping or a ``sharding.make_mesh`` Mesh) places the
+    params on the devices by ``sharding.RULES`` as they are read; None (the default) leaves
+    them unplaced, as on one device (every device on the data axis).
     Raises FileNotFoundError / ValueError naming the file and tensor for a missing config or
     weights, an unknown architecture, a missing tensor, a wrong shape, a non-finite value or a
     truncated file.
@@ -203,8 +215,9 @@ def load_model(path_or_id: str | os.PathLike | None = None, dtype=jnp.float32) -
     if path_or_id is not None and not isinstance(path_or_id, (str, os.PathLike)):
         raise TypeError(f"load_model: path_or_id must be a path, hub id or GGUF alias (str or "
                         f"os.PathLike) or None, got {type(path_or_id).__name__}")
+    mesh = None if mesh is None else make_mesh(mesh)
     if str(path_or_id) in GGUF_ALIASES or Path(str(path_or_id)).suffix == ".gguf":
-        return _load_gguf(path_or_id, dtype)
+        return _load_gguf(path_or_id, dtype, mesh)
     path = resolve(path_or_id)
     config = _read_config(path)
     tokenizer = Tokenizer.from_dir(path, config.token_ids)
@@ -214,7 +227,7 @@ def load_model(path_or_id: str | os.PathLike | None = None, dtype=jnp.float32) -
     family = FAMILIES[config.model_type]
     readers, flax_keys = _tensor_readers(files, family)
     label = _flax_label(flax_keys, family) if flax_keys else None
-    params, source_dtype = _import_params(config, readers, where, dtype, label)
+    params, source_dtype = _import_params(config, readers, where, dtype, label, mesh)
     return Model(config, params, tokenizer, name=str(path_or_id or path),
                  source_dtype=source_dtype)
 
@@ -240,7 +253,7 @@ def _check_vocab(tokenizer: Tokenizer, config: ModelConfig, where: str) -> None:
                          "id past the last row would read another token's embedding")
 
 
-def _load_gguf(path_or_id: str | os.PathLike, dtype) -> Model:
+def _load_gguf(path_or_id: str | os.PathLike, dtype, mesh: Mesh | None) -> Model:
     """A GGUF file through ``models.gguf.read_gguf`` (HF config dict and HF-named tensors)."""
     alias = GGUF_ALIASES.get(str(path_or_id))
     path = alias() if alias else Path(path_or_id).expanduser()
@@ -249,18 +262,19 @@ def _load_gguf(path_or_id: str | os.PathLike, dtype) -> Model:
     _check_vocab(read.tokenizer, config,
                  f"{path} (tokenizer.ggml.tokens, {read.architecture}.vocab_size)")
     readers = {name: (lambda value=value: value) for name, value in read.tensors.items()}
-    params, source_dtype = _import_params(config, readers, path, dtype)
+    params, source_dtype = _import_params(config, readers, path, dtype, mesh=mesh)
     return Model(config, params, read.tokenizer, name=str(path_or_id), source_dtype=source_dtype)
 
 
 def _import_params(config: ModelConfig, readers: dict[str, Callable[[], np.ndarray]],
                    where: Path, dtype,
-                   label: Callable[[str, int | None], tuple[str, bool]] | None = None
-                   ) -> tuple[dict, str | None]:
+                   label: Callable[[str, int | None], tuple[str, bool]] | None = None,
+                   mesh: Mesh | None = None) -> tuple[dict, str | None]:
     """The family's params from HF-named tensor loaders (every loader must be used), and the
     widest floating dtype they were stored in. ``label(name, ndim)``: the name errors give a
     tensor (``ndim`` None for one the file holds), and whether the file holds it transposed
-    (default: the HF name, as is)."""
+    (default: the HF name, as is). With a ``mesh`` each tensor goes to the devices as it is
+    read (``_staging``) and the params are placed by the sharding rules."""
     family = FAMILIES[config.model_type]
     used: set[str] = set()
     stored: set[np.dtype] = set()
@@ -273,6 +287,8 @@ def _import_params(config: ModelConfig, readers: dict[str, Callable[[], np.ndarr
                              f"(a {config.model_type} with {config.n_layer} layers needs it)")
         raw = readers[name]()
         value = jnp.asarray(raw, dtype=dtype)
+        if mesh is not None:
+            value = jax.device_put(value, _staging(value.shape, mesh))
         if tuple(value.shape) != tuple(shape):
             got, want = tuple(value.shape), tuple(shape)
             if transposed:
@@ -287,12 +303,52 @@ def _import_params(config: ModelConfig, readers: dict[str, Callable[[], np.ndarr
         return value
 
     params = family.import_weights(read, config)
+    if mesh is not None:
+        params = shard_params(params, mesh)
     unexpected = [label(n, None)[0] for n in readers
                   if n not in used and not n.endswith(family.IGNORED_SUFFIXES)]
     if unexpected:
         raise ValueError(f"{where}: unexpected tensors {unexpected[:5]} for a "
                          f"{config.model_type} with {config.n_layer} layers")
     return params, (max(stored, key=lambda d: d.itemsize).name if stored else None)
+
+
+def _staging(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    """Where a tensor goes as it is read, before the family stacks and transposes it into its
+    leaf: split over the model axis along its first dimension that axis divides (a weight
+    replicated by the rules is gathered once it is placed), else replicated."""
+    for axis, size in enumerate(shape):
+        if size % mesh.shape["model"] == 0:
+            spec = [None] * len(shape)
+            spec[axis] = "model"
+            return NamedSharding(mesh, PartitionSpec(*spec))
+    return NamedSharding(mesh, PartitionSpec())
+
+
+# numpy dtype -> safetensors' name (the dtypes a model's weights can have)
+_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+                       "int64": "I64", "int32": "I32"}
+
+
+def write_safetensors(file: Path, tensors: dict[str, jax.Array], metadata: dict[str, str]
+                      ) -> None:
+    """``tensors`` as one safetensors file, each gathered to the host (``np.asarray``) and
+    written in turn: the host holds one tensor at a time. The header (names, dtypes, shapes,
+    offsets in name order) comes first, padded to 8 bytes as safetensors writes it."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name in sorted(tensors):
+        x = tensors[name]
+        size = int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[np.dtype(x.dtype).name],
+                        "shape": list(x.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(file, "wb") as out:
+        out.write(struct.pack("<Q", len(text)) + text)
+        for name in sorted(tensors):
+            out.write(np.ascontiguousarray(np.asarray(tensors[name])).tobytes())
 
 
 def save_hf(model: Model, out_dir: str | os.PathLike, *, overwrite: bool = False,
@@ -320,7 +376,7 @@ def save_hf(model: Model, out_dir: str | os.PathLike, *, overwrite: bool = False
     dtype = model.source_dtype if dtype is None else dtype
     family = FAMILIES[model.config.model_type]
     weights = family.export_weights(model.params, model.config)
-    weights = {k: jnp.asarray(v if dtype is None else v.astype(dtype)) for k, v in weights.items()}
+    weights = {k: v if dtype is None else v.astype(dtype) for k, v in weights.items()}
     bad = [k for k, v in weights.items() if not bool(jnp.isfinite(v).all())]
     if bad:
         raise ValueError(f"refusing to save non-finite weights: {bad[:5]}")
@@ -334,8 +390,8 @@ def save_hf(model: Model, out_dir: str | os.PathLike, *, overwrite: bool = False
                 weights, family, model.config.tied_lm_head))
         else:
             try:
-                save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            except SafetensorError as err:  # a full disk, say: safetensors' error is no OSError
+                write_safetensors(tmp / "model.safetensors", weights, {"format": "pt"})
+            except OSError as err:  # a full disk, say
                 raise OSError(f"{out_dir}: writing model.safetensors failed ({err}); nothing "
                               "was written") from None
         model.tokenizer.save(tmp, model.config.n_positions)

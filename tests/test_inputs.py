@@ -21,7 +21,6 @@ from conftest import SMALL, tiny_gpt2
 from gguf import GGUFValueType as V
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors import SafetensorError
 from test_gguf import TOKENS, hf_tensors, write_gguf
 
 import rome_jax
@@ -391,16 +390,17 @@ def test_requests_errors_name_the_request_and_its_prompt(tiny_dir, tmp_path, run
 
 def test_full_disk_during_export_is_one_oserror_and_leaves_nothing(tiny_dir, tmp_path,
                                                                     monkeypatch):
-    """17: safetensors raises SafetensorError (no OSError) when the disk is full."""
+    """17: a full disk while the weights are written is one OSError naming the export."""
+    import errno
+
     import rome_jax.hf
     from rome_jax.cli.edit import _write_outputs
 
     def full(*args, **kwargs):
-        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: '
-                              'StorageFull, message: "No space left on device" })')
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     model = rome_jax.load_model(tiny_dir)
-    monkeypatch.setattr(rome_jax.hf, "save_file", full)
+    monkeypatch.setattr(rome_jax.hf, "write_safetensors", full)
     out, report = tmp_path / "out" / "edited", tmp_path / "out" / "report.json"
     with pytest.raises(OSError, match=r"edited: writing model\.safetensors failed \(.*No space "
                                       r"left on device.*\); nothing was written"):

@@ -69,7 +69,7 @@ leaves = jax.tree.leaves(outputs[0])
 (out / "result.json").write_text(json.dumps({
     "n_devices": len(jax.devices()),
     "out_devices": [len(x.sharding.device_set) for x in leaves],
-    "out_on_batch_axis": [x.sharding.spec == jax.P("batch") for x in leaves],
+    "out_on_data_axis": [x.sharding.spec == jax.P("data") for x in leaves],
     "out_rows": [x.shape[0] for x in leaves],
     "shard_rows": [sorted({s.data.shape[0] for s in x.addressable_shards}) for x in leaves],
     "reports": [r.to_dict() for r in reports]}))
@@ -126,7 +126,7 @@ def test_sharded_edits_equal_one_device_and_single_edits(setup, tmp_path):
 
     # the program ran on 4 devices, each holding 2 of the 8 rows (6 requests + 2 copies)
     assert result["n_devices"] == 4
-    assert set(result["out_devices"]) == {4} and all(result["out_on_batch_axis"])
+    assert set(result["out_devices"]) == {4} and all(result["out_on_data_axis"])
     assert set(result["out_rows"]) == {8}
     assert result["shard_rows"] == [[2]] * len(result["out_rows"])
     np.testing.assert_array_equal(sharded["factor"], context.factor)  # the same context

@@ -82,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = os.environ.get("ROME_JAX_DEBUG", "0") not in ("", "0")
     try:
         _compilation_cache()
+        from rome_jax.sharding import initialize_distributed
+
+        initialize_distributed()  # multi-host, when JAX_COORDINATOR_ADDRESS is set
         return args.func(args) or 0
     except BrokenPipeError:  # `rome-jax ... | head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -228,10 +228,16 @@ def add_model_source_args(g) -> None:
                         "statistics' sums, v*'s δ and its optimiser, the solves and the update "
                         "stay float32 (the statistics' running sum float64), and the update is "
                         "added in float32 and rounded once to this dtype")
+    g.add_argument("--mesh", metavar="data=D,model=M",
+                   help="arrange the devices as a D x M grid: batches of requests and of "
+                        "key-statistics texts split over data, weights over model (vocabulary, "
+                        "attention heads, MLP units; rome_jax.sharding); D x M must be the "
+                        "device count (default: every device on data, weights replicated)")
 
 
 def load_cli_model(args):
-    """The model of --model in the dtype of --dtype, with the start token of --bos."""
+    """The model of --model in the dtype of --dtype, placed on the --mesh, with the start
+    token of --bos."""
     import jax.numpy as jnp
 
     from rome_jax.hf import GGUF_ALIASES, load_model
@@ -239,7 +245,8 @@ def load_cli_model(args):
     name = args.model or "the default model"
     gguf = str(name) in GGUF_ALIASES or str(name).endswith(".gguf")
     status(f"loading {'and dequantizing ' if gguf else ''}{name}")
-    model = load_model(args.model, dtype=jnp.dtype(getattr(args, "dtype", "float32")))
+    model = load_model(args.model, dtype=jnp.dtype(getattr(args, "dtype", "float32")),
+                       mesh=getattr(args, "mesh", None))
     return model if args.bos is None else model.with_bos(args.bos)
 
 

@@ -39,7 +39,6 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from rome_jax.editors import alphaedit, emmet, memit
 from rome_jax.editors.delta import Edit, apply_edit, compact
@@ -57,6 +56,7 @@ from rome_jax.rome.request import EditRequest
 from rome_jax.rome.stats import KeyStats, key_stats_layers
 from rome_jax.rome.templates import ContextTemplates
 from rome_jax.rome.values import VBatch, VResult
+from rome_jax.sharding import shard_params
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -181,8 +181,8 @@ def _all_layer_inputs(model: Model, params: Params, layer: int, z_layer: int,
                       stacked: VBatch, n: int, chunk: int, devices) -> tuple[np.ndarray, ...]:
     """``layer_inputs`` of every request, ``chunk`` at a time, each chunk sharded over the
     devices: (k^u [B, F], k̄ [B, F], h_z [B, D]) on the host."""
-    mesh = batch_mesh(devices)
-    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+    mesh = batch_mesh(devices, params)
+    params = shard_params(params, mesh)
     parts = []
     for start in range(0, n, chunk):
         piece = jax.tree.map(lambda x: x[start:start + chunk], stacked)

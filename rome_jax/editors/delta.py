@@ -25,6 +25,7 @@ from flax import struct
 
 from rome_jax.files import write_bytes_atomic
 from rome_jax.models.transformer import Params, widened
+from rome_jax.sharding import keep_placement
 
 
 @struct.dataclass
@@ -88,7 +89,7 @@ def apply_edit(params: Params, edit: Edit) -> Params:
 
     Each layer's sum w + Δw is formed in float32 (or wider: the wider of the two dtypes) and
     rounded once to the weights' dtype: a bfloat16 / float16 model stays in its dtype, and
-    keeps of Δw what that dtype can hold beside w."""
+    keeps of Δw what that dtype can hold beside w. A weight on a mesh stays placed as it was."""
     if not isinstance(edit, Edit):
         raise TypeError(f"edit: expected an Edit, got {type(edit).__name__}")
     fc_out = params["blocks"]["mlp"]["fc_out"]
@@ -96,7 +97,7 @@ def apply_edit(params: Params, edit: Edit) -> Params:
     for layer in edit.layers:
         total = widened(w[layer]) + widened(dense(edit.deltas[layer]))
         w = w.at[layer].set(total.astype(w.dtype))
-    mlp = {**params["blocks"]["mlp"], "fc_out": {**fc_out, "w": w}}
+    mlp = {**params["blocks"]["mlp"], "fc_out": {**fc_out, "w": keep_placement(w, fc_out["w"])}}
     return {**params, "blocks": {**params["blocks"], "mlp": mlp}}
 
 

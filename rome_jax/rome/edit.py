@@ -35,6 +35,7 @@ from rome_jax.rome.request import EditRequest, subject_lookup
 from rome_jax.rome.stats import KeyStats, key_stats
 from rome_jax.rome.templates import ContextTemplates, sample_context_templates
 from rome_jax.rome.values import VBatch, VResult, optimize_v
+from rome_jax.sharding import make_mesh, mesh_of, shard_params
 
 KL_PROMPT = "{} is a"
 
@@ -338,12 +339,13 @@ _solve_vmap = jax.jit(jax.vmap(solve_core, in_axes=(None,) * 4 + (0,) + (None,) 
                       static_argnums=(1, 2, 3, 10))
 
 
-def batch_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh with axis "batch" over ``devices`` (default ``jax.devices()``)."""
-    devices = jax.devices() if devices is None else list(devices)
-    if not devices:
-        raise ValueError("devices: empty; give at least one device")
-    return Mesh(np.asarray(devices), ("batch",))
+def batch_mesh(devices: Sequence[jax.Device] | None = None, params: Params | None = None
+               ) -> Mesh:
+    """The mesh whose ``data`` axis requests are split over: the one ``params`` lie on
+    (``sharding.mesh_of``) when no ``devices`` are named, else every device of ``devices``
+    (default ``jax.devices()``) on the data axis (``sharding.make_mesh``)."""
+    placed = mesh_of(params) if devices is None else None
+    return placed or make_mesh(None, devices)
 
 
 def pad_rows(tree, multiple: int):
@@ -522,30 +524,31 @@ def stack_batches(model: Model, batches: Sequence[VBatch]) -> VBatch:
 
 
 def shard_requests(stacked, mesh: Mesh):
-    """A stacked pytree's request axis padded to a multiple of the mesh size (copies of the
-    last request) and sharded over the mesh's "batch" axis."""
-    return jax.device_put(pad_rows(stacked, mesh.size), NamedSharding(mesh, PartitionSpec("batch")))
+    """A stacked pytree's request axis padded to a multiple of the mesh's data axis (copies of
+    the last request) and sharded over it."""
+    return jax.device_put(pad_rows(stacked, mesh.shape["data"]),
+                          NamedSharding(mesh, PartitionSpec("data")))
 
 
 def _sharded(model: Model, batches: Sequence[VBatch], context: EditContext,
              devices: Sequence[jax.Device] | None):
     """Requests' batches stacked (``stack_batches``), the request axis padded to a multiple of
-    the device count and sharded over a 1-D mesh of ``devices`` (default ``jax.devices()``);
-    params and the Cholesky factor replicated: (stacked batch, params, factor)."""
-    mesh = batch_mesh(devices)
+    the data axis and sharded over it (``batch_mesh``: the params' mesh, or ``devices`` on the
+    data axis); params placed by the sharding rules (replicated without a model axis), the
+    Cholesky factor replicated: (stacked batch, params, factor)."""
+    mesh = batch_mesh(devices, model.params)
     stacked = shard_requests(stack_batches(model, batches), mesh)
-    params, factor = jax.device_put((model.params, context.factor),
-                                    NamedSharding(mesh, PartitionSpec()))
-    return stacked, params, factor
+    factor = jax.device_put(context.factor, NamedSharding(mesh, PartitionSpec()))
+    return stacked, shard_params(model.params, mesh), factor
 
 
 def _solve_sharded(model: Model, batches: Sequence[VBatch], hparams: RomeHParams,
                    devices: Sequence[jax.Device] | None) -> list[Solved]:
     """The keys and v* of each built batch on ``model.params``, as one vmapped program sharded
     over ``devices``."""
-    mesh = batch_mesh(devices)
+    mesh = batch_mesh(devices, model.params)
     stacked = shard_requests(stack_batches(model, batches), mesh)
-    params = jax.device_put(model.params, NamedSharding(mesh, PartitionSpec()))
+    params = shard_params(model.params, mesh)
     out = jax.device_get(_solve_vmap(params, model.config, hparams.layer,
                                      hparams.v_num_grad_steps, stacked, *_v_settings(hparams)))
     return [jax.tree.map(lambda x: jnp.asarray(x[i]), out) for i in range(len(batches))]

@@ -38,6 +38,7 @@ from rome_jax.hf import DEFAULT_MODEL
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model, params_digest
 from rome_jax.models.transformer import Params, block, embed, key_weights, make_context
+from rome_jax.sharding import make_mesh, mesh_of, shard_params
 
 STATS_FORMAT = 2  # of the cache file; 1 was an orbax float64 directory keyed by corpus name
 # Batches between the reductions of a statistics pass (per-device float32 sums -> the host's
@@ -145,10 +146,11 @@ class Checkpoints:
                              f"{self.every!r}")
 
 
-def data_mesh(mesh: Mesh | None = None) -> Mesh:
-    """``mesh`` (it must have a ``data`` axis) or a 1-D mesh named ``data`` over all devices."""
+def data_mesh(mesh: Mesh | None = None, params: Params | None = None) -> Mesh:
+    """``mesh`` (it must have a ``data`` axis), else the mesh ``params`` lie on, else every
+    device on the data axis (``sharding.make_mesh``)."""
     if mesh is None:
-        return Mesh(np.asarray(jax.devices()), ("data",))
+        return mesh_of(params) or make_mesh()
     if "data" not in mesh.axis_names:
         raise ValueError(f"mesh: key statistics split batches over a 'data' axis; this mesh "
                          f"has {mesh.axis_names}")
@@ -249,7 +251,7 @@ def compute_layer_stats(model: Model, layers: Sequence[int], texts: list[str],
     if checkpoints is not None and checkpoints.every % reduce_every:
         raise ValueError(f"checkpoint every: {checkpoints.every} batches is not a multiple of "
                          f"the reduction interval, {reduce_every} batches")
-    mesh = data_mesh(mesh)
+    mesh = data_mesh(mesh, params)
     n_dev = mesh.shape["data"]
     batches, n_texts = _batches(model, texts, n_samples, batch_size, corpus)
     f = model.config.d_mlp
@@ -260,10 +262,8 @@ def compute_layer_stats(model: Model, layers: Sequence[int], texts: list[str],
                 "batches": len(batches), "texts": n_texts, "batch_size": batch_size,
                 "devices": n_dev, "reduce_every": reduce_every}
     manager, first, total, count = _resume(checkpoints, settings, (len(layers), f, f), log)
-    replicated = NamedSharding(mesh, PartitionSpec())
     rows = NamedSharding(mesh, PartitionSpec("data"))
-    params = jax.tree.map(lambda w: w if getattr(getattr(w, "sharding", None), "mesh", None)
-                          == mesh else jax.device_put(w, replicated), params)  # kept if placed
+    params = shard_params(params, mesh)  # by the rules: replicated without a model axis
 
     def zeros():
         return [jnp.zeros((n_dev, f, f), jnp.float32, device=rows) for _ in layers]

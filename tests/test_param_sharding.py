@@ -1,0 +1,281 @@
+"""Sharded parameters (``rome_jax.sharding``): on 4 and 8 forced CPU devices, random GPT-J- and
+Llama-shaped models loaded onto a data x model mesh give the unsharded model's logits, key
+statistics, ROME and MEMIT edits (1e-5 relative), every rule-sharded weight's shards hold 1/M
+of it, the loader reads one tensor at a time, and an export of a sharded edit loads in
+transformers with the same logits. MEMIT's v* targets are solved as one program over the
+requests, split over the data axis (8 devices: data=2).
+
+XLA_FLAGS must be set before jax is imported, so each device count is one subprocess
+(``SHARDED_RUN``). The margin of 1e-5 is thin (C's float32 rounding, ~1e-7 relative, reaches
+Δ through C⁻¹), so the models, written here by rome_jax itself, are chosen for a well
+conditioned C: dense weights of std 1/sqrt(fan-in), small biases, an MLP as wide as the
+residual (GPT-J's C at layer 1: condition number about 500; 1e5 at GPT-2's init scale with
+F = 2D, measured). v* is optimised below the top layer: at the top layer of these models
+Adam's normalised steps diverge, and there one device against four differ by O(1) even
+unsharded. MEMIT edits layers 1-2, v*'s layer the top one. Measured (``run_sharded`` on
+4 and 8 devices): the largest error 3.5e-6 (GPT-J's MEMIT Δ at layer 2), ROME's Δ ≤ 2.1e-6,
+C ≤ 1.8e-7, logits before and after the edits ≤ 4.4e-7.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import copy_tokenizer
+from safetensors.numpy import load_file, save_file
+
+from rome_jax import save_hf
+from rome_jax.models.config import ModelConfig
+from rome_jax.models.model import FAMILIES, Model
+from rome_jax.models.tokenizer import Tokenizer
+from rome_jax.sharding import (RULES, initialize_distributed, make_mesh, param_spec,
+                               parse_mesh)
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 512  # GPT-2's first 512 tokens: divisible by 4 and 8, so the vocabulary is split
+CONFIGS = {
+    "gptj": dict(model_type="gptj", vocab_size=VOCAB, n_positions=128, n_embd=64, n_layer=4,
+                 n_head=8, rotary_dim=4, n_inner=64, activation_function="gelu_new",
+                 layer_norm_epsilon=1e-5),
+    "llama": dict(model_type="llama", vocab_size=VOCAB, max_position_embeddings=128,
+                  hidden_size=64, intermediate_size=64, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=4, rms_norm_eps=1e-6,
+                  rope_theta=10000.0, tie_word_embeddings=False, hidden_act="silu"),
+}
+# Split over the model axis (every other leaf is replicated); wte and lm_head by vocabulary.
+SHARDED = {"gptj": {"wte", "lm_head/w", "lm_head/b", "blocks/attn/q/w", "blocks/attn/k/w",
+                    "blocks/attn/v/w", "blocks/attn/o/w", "blocks/mlp/fc_in/w",
+                    "blocks/mlp/fc_in/b", "blocks/mlp/fc_out/w"},
+           "llama": {"wte", "lm_head/w", "blocks/attn/q/w", "blocks/attn/k/w", "blocks/attn/v/w",
+                     "blocks/attn/o/w", "blocks/mlp/gate/w", "blocks/mlp/fc_in/w",
+                     "blocks/mlp/fc_out/w"}}
+
+# Runs in the subprocess: argv = models dir, mesh spec, output dir.
+SHARDED_RUN = r"""
+import json, sys, weakref
+from pathlib import Path
+import jax, numpy as np
+import rome_jax.hf as hf
+from rome_jax import load_model, logits, save_hf
+from rome_jax.editors.batch import edit_batch, prepare_batch
+from rome_jax.editors.delta import apply_edit
+from rome_jax.editors.hparams import BatchHParams
+from rome_jax.rome.edit import compute_edit, prepare
+from rome_jax.rome.hparams import RomeHParams
+from rome_jax.rome.request import EditRequest
+from rome_jax.rome.stats import compute_layer_stats
+from rome_jax.sharding import leaf_name
+
+root, spec, out = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+setup = json.loads((root / "setup.json").read_text())
+texts, ids = setup["texts"], np.asarray(setup["ids"])
+templates = setup["templates"]
+requests = [EditRequest(**r) for r in setup["requests"]]
+hp = RomeHParams(layer=1, v_num_grad_steps=5, v_lr=0.1, mom2_ridge=1e-3)
+bhp = BatchHParams(layers=(1, 2), v=RomeHParams(layer=2, v_num_grad_steps=5, v_lr=0.1))
+
+live, most_alive = [], 0
+read = hf._get
+def tracked(handle, name, file):  # every tensor read from a file, and how many are alive
+    global most_alive
+    tensor = read(handle, name, file)
+    live.append(weakref.ref(tensor))
+    most_alive = max(most_alive, sum(r() is not None for r in live))
+    return tensor
+hf._get = tracked
+place, staged = hf.shard_params, []
+def placing(params, mesh):  # the params as the family built them, before the rules place them
+    staged.extend(leaf.size // max(s.data.size for s in leaf.addressable_shards)
+                  for leaf in jax.tree.leaves(params))
+    return place(params, mesh)
+hf.shard_params = placing
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+def run(model):
+    stats = compute_layer_stats(model, [1, 2], texts, "t", batch_size=8)
+    context = prepare(model, hp, templates=templates, stats=stats[1])
+    rome, _ = compute_edit(model, requests[0], hp, "c-rome", context=context)
+    rome_params = apply_edit(model.params, rome)
+    bcontext = prepare_batch(model, "memit", bhp, templates=templates, stats=stats)
+    memit = edit_batch(model, requests, "memit", bhp, context=bcontext).edit
+    memit_params = apply_edit(model.params, memit)
+    return dict(logits=logits(model, ids), C1=stats[1].moment, C2=stats[2].moment,
+                rome=rome.weight_delta(1), rome_logits=logits(model.with_params(rome_params), ids),
+                memit1=memit.weight_delta(1), memit2=memit.weight_delta(2),
+                memit_logits=logits(model.with_params(memit_params), ids)), rome_params
+
+result = {"n_devices": len(jax.devices())}
+for family in ("gptj", "llama"):
+    plain = load_model(root / family)
+    most_alive, live[:], staged[:] = 0, [], []
+    sharded = load_model(root / f"{family}-shards", mesh=spec)
+    result[family] = {"reads": len(live), "most_alive": most_alive, "staged": sorted(set(staged))}
+    mesh = jax.tree.leaves(sharded.params)[0].sharding.mesh
+    m = mesh.shape["model"]
+    placed = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(sharded.params)[0]:
+        sizes = {s.data.size for s in leaf.addressable_shards}
+        placed[leaf_name(path)] = {"split": "model" in leaf.sharding.spec,
+                                   "fraction": [leaf.size // s for s in sizes],
+                                   "mesh": leaf.sharding.mesh == mesh}
+    result[family]["placed"] = placed
+    ref, _ = run(plain)
+    got, edited = run(sharded)
+    result[family]["errors"] = {k: rel(got[k], ref[k]) for k in ref}
+    result[family]["edited_split"] = [
+        "model" in leaf.sharding.spec for leaf in jax.tree.leaves(edited["blocks"]["mlp"])]
+    save_hf(sharded.with_params(edited), out / f"{family}-export")
+    np.save(out / f"{family}-rome-logits.npy", np.asarray(ref["rome_logits"]))
+(out / "result.json").write_text(json.dumps(result))
+"""
+
+WORDS = ("the river city north old stone bridge music green king paper winter light house "
+         "small market road lake song field tower school garden ship iron").split()
+
+
+def random_model(family: str, path: Path, seed: int) -> None:
+    """A random ``family`` model (see the module docstring) written as an HF directory (one
+    safetensors file) and as 3 safetensors shards with an index (``path``-shards)."""
+    cfg = ModelConfig.from_hf(CONFIGS[family])
+    rng = np.random.default_rng(seed)
+
+    def draw(name: str, shape: tuple) -> jax.Array:
+        if name.endswith("weight") and len(shape) == 1:  # a norm's scale
+            return 1.0 + 0.1 * rng.standard_normal(shape, np.float32)
+        if len(shape) == 1:  # a bias
+            return 0.02 * rng.standard_normal(shape, np.float32)
+        scale = 1.0 if name.endswith(("wte.weight", "embed_tokens.weight")) else shape[1] ** -0.5
+        return scale * rng.standard_normal(shape, np.float32)
+
+    path.mkdir()
+    copy_tokenizer(path, VOCAB)
+    params = FAMILIES[cfg.model_type].import_weights(draw, cfg)
+    save_hf(Model(cfg, params, Tokenizer.from_dir(path)), path, overwrite=True)
+    shards = path.with_name(path.name + "-shards")
+    shards.mkdir()
+    tensors = load_file(str(path / "model.safetensors"))
+    names, weight_map = sorted(tensors), {}
+    for i in range(3):
+        file = f"model-{i + 1:05d}-of-00003.safetensors"
+        part = names[i::3]
+        save_file({n: tensors[n] for n in part}, str(shards / file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+    (shards / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    for file in path.iterdir():
+        if file.suffix != ".safetensors":
+            (shards / file.name).write_bytes(file.read_bytes())
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("param-sharding")
+    for seed, family in enumerate(CONFIGS):
+        random_model(family, root / family, seed)
+    rng = np.random.default_rng(7)
+    texts = [" ".join(rng.choice(WORDS, rng.integers(8, 20))) + "." for _ in range(48)]
+    (root / "setup.json").write_text(json.dumps({
+        "texts": texts, "ids": rng.integers(0, VOCAB, (2, 10)).tolist(),
+        "templates": ["{}", "Then. {}", "A song: {}", "In winter, {}"],
+        "requests": [dict(prompt="{} is in the", subject="The old tower", target_new=" lake",
+                          target_true=" city"),
+                     dict(prompt="The song of {} is", subject="the king", target_new=" green",
+                          target_true=" small"),
+                     dict(prompt="{} sails to", subject="The iron ship", target_new=" north",
+                          target_true=" road")]}))
+    return root
+
+
+def run_sharded(root: Path, n_devices: int, spec: str, out: Path) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={n_devices}",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", SHARDED_RUN, str(root), spec, str(out)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "result.json").read_text())
+
+
+@pytest.mark.parametrize("n_devices, spec, m", [(4, "data=1,model=4", 4),
+                                                (8, "data=2,model=4", 4)])
+def test_sharded_edits_equal_unsharded(models, tmp_path, n_devices, spec, m):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    result = run_sharded(models, n_devices, spec, tmp_path)
+    assert result["n_devices"] == n_devices
+    setup = json.loads((models / "setup.json").read_text())
+    for family in CONFIGS:
+        got = result[family]
+        # every tensor read from the 3 files once, and each dropped before the next is read
+        n_tensors = len(load_file(str(models / family / "model.safetensors")))
+        assert got["reads"] == n_tensors and got["most_alive"] == 1, got
+        # and each went to the devices split M ways (every size here is divisible by M): while
+        # the model was assembled, only the one tensor being read was ever whole
+        assert got["staged"] == [m], got["staged"]
+        # the rules' weights split 1/M over the model axis (replicated over data); the rest whole
+        split = {name for name, p in got["placed"].items() if p["split"]}
+        assert split == SHARDED[family]
+        for name, placed in got["placed"].items():
+            assert placed["mesh"] and placed["fraction"] == [m if name in split else 1], name
+        # logits, C, ROME's and MEMIT's Δ and the logits after them, independent edits
+        for what, error in got["errors"].items():
+            assert error < 1e-5, f"{family} {what}: {json.dumps(got['errors'])}"
+        assert any(got["edited_split"])  # the edited weights stay split
+        # the export of the sharded ROME edit loads in transformers with the same logits
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / f"{family}-export").float().eval()
+        with torch.no_grad():
+            exported = hf(torch.as_tensor(setup["ids"])).logits.numpy()
+        want = np.load(tmp_path / f"{family}-rome-logits.npy")
+        np.testing.assert_allclose(exported, want, atol=1e-4, rtol=0)
+
+
+def test_mesh_specs_and_rules():
+    assert parse_mesh(None, 8) == {"data": 8, "model": 1}
+    assert parse_mesh("data=2,model=4", 8) == {"data": 2, "model": 4}
+    assert parse_mesh("model=4", 8) == {"data": 2, "model": 4}
+    assert parse_mesh({"data": 1}, 1) == {"data": 1, "model": 1}
+    for bad, match in (("data=3,model=4", "data=3 x model=4 is 12 devices, but there are 8"),
+                       ("data=2,model=x", "not data=D,model=M"), ("rows=8", "axes are data"),
+                       ("", "axes are data")):
+        with pytest.raises(ValueError, match=f"^mesh: .*{match}"):
+            parse_mesh(bad, 8)
+    mesh = make_mesh()
+    assert mesh.axis_names == ("data", "model") and mesh.shape["model"] == 1
+    assert make_mesh(mesh) is mesh
+    assert len(RULES) == len({pattern for pattern, _ in RULES})
+    # a dimension the model axis does not divide stays whole
+    grid = jax.sharding.Mesh(np.asarray(jax.devices() * 1).reshape(1, -1), ("data", "model"))
+    assert param_spec("blocks/mlp/fc_out/w", (2, 8, 4), grid) == jax.P(None, "model", None)
+    assert param_spec("ln_f/scale", (8,), grid) == jax.P()
+
+
+def test_distributed_only_with_a_coordinator(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    assert not initialize_distributed({})
+    assert initialize_distributed({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+                                   "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"})
+    assert calls == [(("10.0.0.1:1234",), {"num_processes": 2, "process_id": 1})]
+    with pytest.raises(ValueError, match="^JAX_PROCESS_ID: 'one'"):
+        initialize_distributed({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_PROCESS_ID": "one"})
+
+
+def test_the_cli_mesh_reaches_the_loader_and_names_itself(tmp_path, capsys):
+    from conftest import in_process_env
+
+    from rome_jax import cli as rome_cli
+
+    with in_process_env(tmp_path):
+        status = rome_cli.main(["stats", "--layer", "1", "--mesh", "data=3,model=5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    assert err[0].endswith(f"--mesh: data=3 x model=5 is 15 devices, but there are "
+                           f"{len(jax.devices())}"), err
