@@ -219,7 +219,8 @@ def choice_logprobs(params: Params, config: ModelConfig, layer: int | None, ids,
 class DownstreamProbe:
     """Accuracy on ``tasks`` for params that differ from ``model.params`` only at blocks ≥
     ``layer`` (None: no cache, the full model runs). The batches (``batch_size`` rows, sorted
-    by length) and the residual stream entering ``layer`` are computed once."""
+    by length, each padded to a bucketed length and its choices to a power of two) and the
+    residual stream entering ``layer`` are computed once."""
 
     def __init__(self, model: Model, tasks: Sequence[Task], layer: int | None,
                  batch_size: int = 16, params: Params | None = None):
@@ -238,8 +239,11 @@ class DownstreamProbe:
                                       length=min(bucket(max(map(len, rows.ids[sl]))), max_len))
                 res = None if self.layer is None else residual(params, model.config, ids,
                                                                 mask, self.layer)
-                batches.append((ids, mask, res, rows.positions[sl], rows.tokens[sl],
-                                rows.weights[sl]))
+                # logits only at the batch's longest choice, rounded up to a power of two
+                longest = int(rows.weights[sl].sum(-1).max())
+                width = min(1 << (longest - 1).bit_length(), rows.positions.shape[-1])
+                batches.append((ids, mask, res, rows.positions[sl, :, :width],
+                                rows.tokens[sl, :, :width], rows.weights[sl, :, :width]))
             self.batches[task.name] = batches
 
     def scores(self, params: Params, names: Sequence[str] | None = None

@@ -157,6 +157,19 @@ def test_cached_residual_scores_equal_a_full_forward_on_edited_params(model):
         assert not np.allclose(a[name], cached.scores(model.params)[name])
 
 
+def test_small_batches_score_as_one(model):
+    """Batches of 2 rows, each with logits at its own longest choice only, give the scores of
+    one batch padded to the task's longest choice."""
+    long = "put it in a bowl of warm water for ten minutes, then twist the lid hard"
+    task = Task("piqa", (), tuple(Example(f"Question: how to open jar {i}?\nAnswer:",
+                                          ("twist", long), i % 2) for i in range(4)))
+    small, one = DownstreamProbe(model, [task], 1, batch_size=2), DownstreamProbe(model, [task], 1)
+    widths = [b[3].shape[-1] for b in small.batches["piqa"]]
+    assert widths[:2] == [1, 1] and one.batches["piqa"][0][3].shape[-1] == max(widths) > 8
+    np.testing.assert_allclose(small.scores(model.params)["piqa"],
+                               one.scores(model.params)["piqa"], atol=2e-5)
+
+
 def test_long_prompts_lose_demonstrations_then_left_tokens(model):
     """A prompt longer than the model's positions drops demonstrations from the front, then is
     cut from the left; every row fits."""
