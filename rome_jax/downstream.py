@@ -44,7 +44,7 @@ TASKS = ("sst2", "mrpc", "cola", "rte", "piqa")
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 # Demonstrations per task by default: of 0 and 3, the count at which unedited SmolLM2-135M
 # scored higher on 100 examples per task, zero-shot where the two are within 3 points (3 shots
-# cost 3-4x the time): only RTE gains (0.51 -> 0.61); scripts/downstream_baseline.py,
+# took 3-7x the time): only RTE gains (0.51 -> 0.61); scripts/downstream_baseline.py,
 # EXPERIMENTS.md "Downstream tasks on SmolLM2, unedited".
 SHOTS = {"sst2": 0, "mrpc": 0, "cola": 0, "rte": 3, "piqa": 0}
 # Scored examples per task by default: PIQA's 95% interval about ±4 points; a GLUE sample has
