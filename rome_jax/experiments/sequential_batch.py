@@ -6,8 +6,9 @@ For each method of ``--methods`` the same seeded draw of CounterFact records is 
 model's; AlphaEdit's K_pᵀK_p of the earlier batches is threaded through the fold). A row per
 (method, batches done), the first one unedited (evaluated once, shared by the methods):
 ME-PPL_1k perplexity, downstream accuracy (``sequential.Evaluators``: after an edit, only on
-the tasks where the unedited model is above chance), the efficacy ES (P(new) > P(true) on the rewrite prompt) of every fact edited so far
-and of the last batch alone, and each layer's ‖Δw‖_F of the batch's update.
+the tasks where the unedited model is above chance), the efficacy ES (P(new) > P(true) on the
+rewrite prompt) of every fact edited so far and of the last batch alone, and each layer's
+‖Δw‖_F of the batch's update.
 
 Resumable: after every row the window's weights (the only ones that change) and AlphaEdit's
 ``preserved`` are saved atomically as ``state-METHOD.npz`` with the batch count; a rerun
