@@ -1,11 +1,13 @@
-"""Downstream ability: few-shot SST-2, MRPC, CoLA and RTE (the GLUE samples of "Rebuilding
-ROME") and PIQA, scored by comparing continuation log-probabilities.
+"""Downstream ability: zero- or few-shot SST-2, MRPC, CoLA and RTE (the GLUE samples of
+"Rebuilding ROME") and PIQA, scored by comparing continuation log-probabilities.
 
 Every example is a prompt and its choices; the prediction is the choice whose continuation
 ``" " + choice`` has the highest mean token log-probability after the prompt (for a one-token
 label word that is its log-probability; for PIQA's solutions it is length-normalised by tokens).
-Accuracy is the fraction of examples whose prediction is the label; chance is the majority-class
-rate of the scored examples (0.5 for PIQA, whose two solutions are symmetric).
+Accuracy is the fraction of examples whose prediction is the label, reported with its 95% Wilson
+interval (``wilson_interval``); chance is the majority-class rate of the scored examples (0.5 for
+PIQA, whose two solutions are symmetric), and a task is above chance (``above_chance``) when the
+whole interval is.
 
 Prompts follow "Rebuilding ROME"'s ``glue_eval`` (its few-shot version): SST-2 ``Review : ...
 \\nSentiment :`` → negative / positive; MRPC ``Are the sentences paraphrases of each other.
@@ -286,7 +288,7 @@ def wilson_interval(accuracy: float, n: int, z: float = Z95) -> tuple[float, flo
         half = z / (1 + z²/n) · √(p̂(1 − p̂)/n + z²/4n²).
 
     It lies in [0, 1], contains p̂, and is not degenerate at p̂ = 0 or 1 (unlike p̂ ± z√(p̂(1 −
-    p̂)/n)); its half-width is about z√(p̂(1 − p̂)/n) for large n: ±0.043 at p̂ = 0.5, n = 500."""
+    p̂)/n)); its half-width is about z√(p̂(1 − p̂)/n) for large n: ±0.044 at p̂ = 0.5, n = 500."""
     if n < 1 or not 0 <= accuracy <= 1:
         raise ValueError(f"n, accuracy: need n >= 1 and 0 <= accuracy <= 1, got {n}, {accuracy}")
     q = z * z / n
