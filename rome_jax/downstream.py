@@ -1,11 +1,13 @@
-"""Downstream ability: few-shot SST-2, MRPC, CoLA and RTE (the GLUE samples of "Rebuilding
-ROME") and PIQA, scored by comparing continuation log-probabilities.
+"""Downstream ability: zero- or few-shot SST-2, MRPC, CoLA and RTE (the GLUE samples of
+"Rebuilding ROME") and PIQA, scored by comparing continuation log-probabilities.
 
 Every example is a prompt and its choices; the prediction is the choice whose continuation
 ``" " + choice`` has the highest mean token log-probability after the prompt (for a one-token
 label word that is its log-probability; for PIQA's solutions it is length-normalised by tokens).
-Accuracy is the fraction of examples whose prediction is the label; chance is the majority-class
-rate of the scored examples (0.5 for PIQA, whose two solutions are symmetric).
+Accuracy is the fraction of examples whose prediction is the label, reported with its 95% Wilson
+interval (``wilson_interval``); chance is the majority-class rate of the scored examples (0.5 for
+PIQA, whose two solutions are symmetric), and a task is above chance (``above_chance``) when the
+whole interval is.
 
 Prompts follow "Rebuilding ROME"'s ``glue_eval`` (its few-shot version): SST-2 ``Review : ...
 \\nSentiment :`` → negative / positive; MRPC ``Are the sentences paraphrases of each other.
@@ -41,6 +43,15 @@ from rome_jax.models.model import Model
 from rome_jax.models.transformer import Params, forward, residual_at
 
 TASKS = ("sst2", "mrpc", "cola", "rte", "piqa")
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+# Demonstrations per task by default: of 0 and 3, the count at which unedited SmolLM2-135M
+# scored higher on 100 examples per task, zero-shot where the two are within 3 points (3 shots
+# took 3-7x the time): only RTE gains (0.51 -> 0.61); scripts/downstream_baseline.py,
+# EXPERIMENTS.md "Downstream tasks on SmolLM2, unedited".
+SHOTS = {"sst2": 0, "mrpc": 0, "cola": 0, "rte": 3, "piqa": 0}
+# Scored examples per task by default: PIQA's 95% interval about ±4 points; a GLUE sample has
+# only 200 examples, so it scores all but its demonstrations.
+DOWNSTREAM_N = 600
 GLUE_CHOICES = {"sst2": ("negative", "positive"), "mrpc": ("No", "Yes"),
                 "cola": ("No", "Yes"), "rte": ("True", "False")}
 
@@ -138,10 +149,12 @@ def make_task(name: str, examples: Sequence[Example], n: int, shots: int, seed: 
     return Task(name, tuple(examples[i] for i in demos), tuple(examples[i] for i in rest))
 
 
-def load_tasks(names: Sequence[str] = TASKS, n: int = 50, shots: int = 3, seed: int = 0
-               ) -> list[Task]:
-    """``make_task`` of each named task with the same ``n``, ``shots`` and ``seed``."""
-    return [make_task(name, load_examples(name), n, shots, seed) for name in names]
+def load_tasks(names: Sequence[str] = TASKS, n: int = 50, shots: int | Mapping[str, int] = 3,
+               seed: int = 0) -> list[Task]:
+    """``make_task`` of each named task with the same ``n`` and ``seed``, and ``shots`` (one
+    count for all, or a count per task name)."""
+    per_task = shots if isinstance(shots, Mapping) else dict.fromkeys(names, shots)
+    return [make_task(name, load_examples(name), n, per_task[name], seed) for name in names]
 
 
 class _Rows:
@@ -209,7 +222,8 @@ def choice_logprobs(params: Params, config: ModelConfig, layer: int | None, ids,
 class DownstreamProbe:
     """Accuracy on ``tasks`` for params that differ from ``model.params`` only at blocks ≥
     ``layer`` (None: no cache, the full model runs). The batches (``batch_size`` rows, sorted
-    by length) and the residual stream entering ``layer`` are computed once."""
+    by length, each padded to a bucketed length and its choices to a power of two) and the
+    residual stream entering ``layer`` are computed once."""
 
     def __init__(self, model: Model, tasks: Sequence[Task], layer: int | None,
                  batch_size: int = 16, params: Params | None = None):
@@ -228,14 +242,21 @@ class DownstreamProbe:
                                       length=min(bucket(max(map(len, rows.ids[sl]))), max_len))
                 res = None if self.layer is None else residual(params, model.config, ids,
                                                                 mask, self.layer)
-                batches.append((ids, mask, res, rows.positions[sl], rows.tokens[sl],
-                                rows.weights[sl]))
+                # logits only at the batch's longest choice, rounded up to a power of two
+                longest = int(rows.weights[sl].sum(-1).max())
+                width = min(1 << (longest - 1).bit_length(), rows.positions.shape[-1])
+                batches.append((ids, mask, res, rows.positions[sl, :, :width],
+                                rows.tokens[sl, :, :width], rows.weights[sl, :, :width]))
             self.batches[task.name] = batches
 
-    def scores(self, params: Params) -> dict[str, np.ndarray]:
-        """Per task, the mean log-probability of each example's choices: [N, C]."""
+    def scores(self, params: Params, names: Sequence[str] | None = None
+               ) -> dict[str, np.ndarray]:
+        """Per task (those ``names``, default all), the mean log-probability of each example's
+        choices: [N, C]."""
         out = {}
         for task in self.tasks:
+            if names is not None and task.name not in names:
+                continue
             rows = self.rows[task.name]
             flat = np.concatenate([np.asarray(choice_logprobs(
                 params, self.model.config, self.layer, *batch)) for batch in
@@ -245,11 +266,45 @@ class DownstreamProbe:
             out[task.name] = grid
         return out
 
-    def __call__(self, params: Params) -> dict[str, dict]:
-        """Per task: ``accuracy`` (the argmax choice is the label), ``chance``, ``n``."""
-        scores = self.scores(params)
-        return {t.name: {**accuracy(scores[t.name], [e.label for e in t.examples]),
-                         "chance": t.chance} for t in self.tasks}
+    def __call__(self, params: Params, names: Sequence[str] | None = None) -> dict[str, dict]:
+        """Per task (those ``names``, default all): ``accuracy`` (the argmax choice is the
+        label), ``n``, its 95% Wilson ``interval`` [lo, hi] and ``chance``."""
+        scores = self.scores(params, names)
+        out = {}
+        for t in self.tasks:
+            if t.name in scores:
+                result = accuracy(scores[t.name], [e.label for e in t.examples])
+                out[t.name] = {**result, "interval": list(wilson_interval(result["accuracy"],
+                                                                          result["n"])),
+                               "chance": t.chance}
+        return out
+
+
+def wilson_interval(accuracy: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval (95% with the default ``z``) of a binomial proportion
+    ``accuracy`` = k / n measured on ``n`` trials:
+
+        centre ± half, centre = (p̂ + z²/2n) / (1 + z²/n),
+        half = z / (1 + z²/n) · √(p̂(1 − p̂)/n + z²/4n²).
+
+    It lies in [0, 1], contains p̂, and is not degenerate at p̂ = 0 or 1 (unlike p̂ ± z√(p̂(1 −
+    p̂)/n)); its half-width is about z√(p̂(1 − p̂)/n) for large n: ±0.044 at p̂ = 0.5, n = 500."""
+    if n < 1 or not 0 <= accuracy <= 1:
+        raise ValueError(f"n, accuracy: need n >= 1 and 0 <= accuracy <= 1, got {n}, {accuracy}")
+    q = z * z / n
+    centre = (accuracy + q / 2) / (1 + q)
+    half = z / (1 + q) * np.sqrt(accuracy * (1 - accuracy) / n + q / (4 * n))
+    # the interval lies in [0, 1] and holds p̂ (at p̂ = 0 its lower end is 0 exactly, at p̂ = 1
+    # its upper end is 1): the clamps only undo rounding
+    return (float(max(0.0, min(accuracy, centre - half))),
+            float(min(1.0, max(accuracy, centre + half))))
+
+
+def above_chance(result: Mapping) -> bool:
+    """Whether a task's ``result`` (``accuracy``, ``n``, ``chance``) is above chance: the
+    lower end of its 95% Wilson interval exceeds the majority-class rate. Only then can a fall
+    to chance after an edit show."""
+    return wilson_interval(result["accuracy"], result["n"])[0] > result["chance"]
 
 
 def accuracy(scores: np.ndarray, labels: Sequence[int]) -> dict:

@@ -8,9 +8,12 @@ import math
 import numpy as np
 import pytest
 from conftest import tiny_gpt2
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rome_jax import downstream
-from rome_jax.downstream import DownstreamProbe, Example, Task, accuracy, make_task
+from rome_jax.downstream import (DownstreamProbe, Example, Task, above_chance, accuracy,
+                                  make_task, wilson_interval)
 from rome_jax.evaluation import continuation_nll
 
 
@@ -80,6 +83,41 @@ def test_accuracy_counts_argmax_at_the_label():
     assert accuracy(scores, [1, 0, 1, 1]) == {"accuracy": 0.5, "n": 4}
 
 
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(1, 5000), share=st.floats(0, 1))
+def test_wilson_interval_holds_the_rate_and_shrinks_with_n(n, share):
+    k = round(share * n)
+    lo, hi = wilson_interval(k / n, n)
+    assert 0 <= lo <= k / n <= hi <= 1 and lo < hi
+    lo4, hi4 = wilson_interval(k / n, 4 * n)
+    assert hi4 - lo4 < hi - lo
+
+
+@pytest.mark.parametrize("k, n", [(0, 10), (3, 10), (10, 10), (62, 100), (300, 600)])
+def test_wilson_interval_is_scipys(k, n):
+    from scipy.stats import binomtest
+
+    ci = binomtest(k, n).proportion_ci(0.95, method="wilson")
+    np.testing.assert_allclose(wilson_interval(k / n, n), (ci.low, ci.high), atol=1e-12)
+    with pytest.raises(ValueError, match="n, accuracy"):
+        wilson_interval(0.5, 0)
+
+
+def test_above_chance_needs_the_whole_interval_above_the_majority_rate():
+    assert above_chance({"accuracy": 0.6, "n": 600, "chance": 0.5})  # [0.56, 0.64]
+    assert not above_chance({"accuracy": 0.6, "n": 20, "chance": 0.5})  # [0.39, 0.78]
+    assert not above_chance({"accuracy": 0.2, "n": 600, "chance": 0.8})  # below chance
+    assert not above_chance({"accuracy": 0.5, "n": 10_000, "chance": 0.5})
+
+
+def test_load_tasks_takes_shots_per_task():
+    tasks = downstream.load_tasks(["sst2", "piqa"], n=5, shots={"sst2": 2, "piqa": 0})
+    assert [len(t.demonstrations) for t in tasks] == [2, 0]
+    assert [len(t.examples) for t in tasks] == [5, 5]
+    assert [len(t.demonstrations) for t in downstream.load_tasks(["sst2"], 5, 1)] == [1]
+    assert set(downstream.SHOTS) == set(downstream.TASKS)
+
+
 @pytest.mark.parametrize("task", ["single-token", "multi-token"])
 def test_probe_accuracy_is_the_log_prob_comparison(model, task):
     """Each choice's score is its mean token log-probability after the few-shot prompt (as
@@ -97,6 +135,8 @@ def test_probe_accuracy_is_the_log_prob_comparison(model, task):
     result = probe(model.params)[task.name]
     assert result["accuracy"] == pytest.approx(np.mean(picks))
     assert result["n"] == len(task.examples) and result["chance"] == task.chance
+    assert result["interval"] == list(wilson_interval(result["accuracy"], result["n"]))
+    assert probe(model.params, names=[]) == {}
 
 
 def test_cached_residual_scores_equal_a_full_forward_on_edited_params(model):
@@ -115,6 +155,19 @@ def test_cached_residual_scores_equal_a_full_forward_on_edited_params(model):
     for name in a:
         np.testing.assert_allclose(a[name], b[name], atol=2e-5)
         assert not np.allclose(a[name], cached.scores(model.params)[name])
+
+
+def test_small_batches_score_as_one(model):
+    """Batches of 2 rows, each with logits at its own longest choice only, give the scores of
+    one batch padded to the task's longest choice."""
+    long = "put it in a bowl of warm water for ten minutes, then twist the lid hard"
+    task = Task("piqa", (), tuple(Example(f"Question: how to open jar {i}?\nAnswer:",
+                                          ("twist", long), i % 2) for i in range(4)))
+    small, one = DownstreamProbe(model, [task], 1, batch_size=2), DownstreamProbe(model, [task], 1)
+    widths = [b[3].shape[-1] for b in small.batches["piqa"]]
+    assert widths[:2] == [1, 1] and one.batches["piqa"][0][3].shape[-1] == max(widths) > 8
+    np.testing.assert_allclose(small.scores(model.params)["piqa"],
+                               one.scores(model.params)["piqa"], atol=2e-5)
 
 
 def test_long_prompts_lose_demonstrations_then_left_tokens(model):

@@ -104,9 +104,13 @@ def test_sequential_batch_folds_and_resumes(env):
             "alphaedit,memit", "--tasks", "sst2", "--downstream-n", "4", "--shots", "1",
             "--ppl-texts", "5", "--out", str(out), *SMALL]
     assert cli.main(args) == 0
+    from rome_jax.experiments.sequential import accuracy_cell, downstream_columns
+
     _, rows = read_rows(out / "rows.jsonl", "sequential-batch")
     # batch by batch, every method in turn: a stopped run has every method equally far
     assert [r["key"] for r in rows] == [[m, b] for b in range(3) for m in ("alphaedit", "memit")]
+    first = next(r["downstream"] for r in rows if r["key"] == ["alphaedit", 0])
+    table = (out / "table.md").read_text()
     for method in ("alphaedit", "memit"):
         trace = sorted((r for r in rows if r["method"] == method), key=lambda r: r["batches"])
         assert [r["batches"] for r in trace] == [0, 1, 2]
@@ -114,8 +118,13 @@ def test_sequential_batch_folds_and_resumes(env):
         for r in trace[1:]:
             assert 0 <= r["es_so_far"] <= 1 and 0 <= r["es_batch"] <= 1
             assert len(r["delta_norm"]) == 3 and all(np.isfinite(r["delta_norm"]))
-        assert all(r["ppl1k"] > 1 and 0 <= r["downstream"]["sst2"]["accuracy"] <= 1
-                   for r in trace)
+        assert all(r["ppl1k"] > 1 for r in trace)
+        assert trace[0]["downstream"] == first  # the unedited model, evaluated once
+        assert 0 <= first["sst2"]["accuracy"] <= 1 and first["sst2"]["n"] == 4
+        kept, note = downstream_columns(first)
+        assert all(list(r["downstream"]) == kept for r in trace[1:])  # edited: tasks kept
+        assert (f"| {first['sst2']['accuracy']:.2f} [" in table) == bool(kept)
+        assert ("sst2 " + accuracy_cell(first["sst2"]) in table) == (not kept)
         state = np.load(out / f"state-{method}.npz")
         assert int(state["done"]) == 2
         preserved = [k for k in state.files if k.startswith("preserved")]

@@ -59,11 +59,15 @@ def test_rows_are_consistent(done):
         for r in trace[1:]:
             assert np.isfinite(r["delta_norm"]) and r["delta_norm"] > 0
             assert r["ppl50_ratio"] == pytest.approx(r["ppl50"] / trace[0]["ppl50"])
+        kept, _ = sequential.downstream_columns(trace[0]["downstream"])
         for r in trace:
-            if "ppl1k" in r:
-                assert r["ppl1k"] > 1 and set(r["downstream"]) == {"sst2", "piqa"}
+            if "ppl1k" in r:  # the unedited model on every task, edited ones on those kept
+                assert r["ppl1k"] > 1
+                assert set(r["downstream"]) == ({"sst2", "piqa"} if r["step"] == 0 else
+                                                set(kept))
                 for v in r["downstream"].values():
                     assert 0 <= v["accuracy"] <= 1 and v["n"] == 4 and 0.5 <= v["chance"] <= 1
+                    assert v["interval"][0] <= v["accuracy"] <= v["interval"][1]
         assert trace[0]["ppl1k"] == traces["rome"][0]["ppl1k"]  # one unedited model
     case_ids = [r["case_id"] for r in traces["rome"][1:]]
     assert case_ids == [r["case_id"] for r in traces["c-rome"][1:]]  # same records, same order
@@ -99,6 +103,42 @@ def test_report_numbers_are_the_rows(done):
         for e in v["evaluated"]:
             assert f"| {e['step']} | {e['ppl1k']:.3g} |" in table
     assert "r-rome = c-rome" in table and "| rome | sequential | 3 |" in table
+    base = next(r for r in rows if r["key"] == ["rome", 0])["downstream"]
+    kept, note = sequential.downstream_columns(base)
+    assert summary["tasks"] == kept and summary["dropped"] == note
+    for task in ("sst2", "piqa"):  # each task a column or named as dropped
+        assert (f"| {task} |" in table) == (task in kept)
+        assert (f"{task} {sequential.accuracy_cell(base[task])} against" in table) == (
+            task not in kept)
+
+
+def test_tasks_at_chance_are_dropped_by_name():
+    unedited = {"sst2": {"accuracy": 0.74, "n": 600, "chance": 0.5},
+                "mrpc": {"accuracy": 0.5, "n": 200, "chance": 0.51},
+                "piqa": {"accuracy": 0.55, "n": 20, "chance": 0.5}}
+    kept, note = sequential.downstream_columns(unedited)
+    assert kept == ["sst2"]
+    assert "mrpc 0.50 [0.43, 0.57] against a majority rate of 0.51" in note
+    assert "piqa 0.55 [0.34, 0.74]" in note and "sst2" not in note
+    assert sequential.downstream_columns({"sst2": unedited["sst2"]}) == (["sst2"], "")
+
+
+def test_evaluation_flags():
+    import argparse
+
+    from rome_jax.downstream import DOWNSTREAM_N, SHOTS
+
+    p = argparse.ArgumentParser()
+    sequential.add_evaluation_args(p)
+    st = sequential.evaluation_settings(p.parse_args(["--tasks", "piqa,sst2"]))
+    assert st["shots"] == {"piqa": SHOTS["piqa"], "sst2": SHOTS["sst2"]}
+    assert st["downstream_n"] == DOWNSTREAM_N and st["tasks"] == ["piqa", "sst2"]
+    shots = sequential.evaluation_settings(p.parse_args(["--shots", "2"]))["shots"]
+    assert shots == dict.fromkeys(SHOTS, 2)
+    with pytest.raises(ValueError, match="--shots"):
+        sequential.evaluation_settings(p.parse_args(["--shots", "-1"]))
+    assert sequential.shots_text({"sst2": 0, "piqa": 3}) == "sst2 0-shot, piqa 3-shot"
+    assert sequential.shots_text(3) == "3-shot"  # a journal from before per-task shots
 
 
 def test_resume_after_an_interruption_reaches_the_same_weights(env, done, monkeypatch):

@@ -5,12 +5,14 @@ in the same order for every method) are edited one after another, each edit on t
 previous one (C and the context templates stay the base model's, as in ROME). A row per (method,
 step): ‖Δ‖_F of that update, its denominator (this project's uᵀk and the papers' kᵀu/‖u‖) and
 ME-PPL_50 perplexity; at step 0 (unedited), every ``--every`` edits and at the last edit also
-ME-PPL_1k perplexity and few-shot downstream accuracy (``rome_jax.downstream``: SST-2, MRPC,
-CoLA, RTE, PIQA, each beside its chance level). A non-finite update ends the method's trace
-with a row saying so (the model would be destroyed: a result, not an error). After the last
-edit, a ``final`` row scores every edited record (ES EM PS PM NS NM S) on the final params,
-and ``single`` rows score each record edited alone from the base model with every method
-(``counterfact_eval.evaluate_record``), for the table beside it.
+ME-PPL_1k perplexity and downstream accuracy (``rome_jax.downstream``: SST-2, MRPC, CoLA, RTE,
+PIQA, zero- or few-shot per task, with 95% Wilson intervals beside the majority-class rate; the
+unedited model is evaluated once, and an edited one only on the tasks where the unedited one is
+above chance: a fall to chance could not show on the others, which the report names). A
+non-finite update ends the method's trace with a row saying so (the model would be destroyed: a
+result, not an error). After the last edit, a ``final`` row scores every edited record (ES EM
+PS PM NS NM S) on the final params, and ``single`` rows score each record edited alone from the
+base model with every method (``counterfact_eval.evaluate_record``), for the table beside it.
 
 Resumable: after every row the edited layer's weight (the only one that changes) is saved
 atomically as ``state-METHOD.npz`` with its step; a rerun continues from it. Rows are written
@@ -61,31 +63,67 @@ def add_evaluation_args(p) -> None:
     """The records' draw and the evaluation after the edits, shared with ``sequential-batch``:
     --sample-seed, --tasks, --downstream-n, --shots, --ppl-texts."""
     from rome_jax.arguments import positive_int
-    from rome_jax.downstream import TASKS
+    from rome_jax.downstream import DOWNSTREAM_N, SHOTS, TASKS
 
     p.add_argument("--sample-seed", type=int, default=0,
                    help="numpy seed of the drawn records and of the downstream examples "
                         "(default 0)")
     p.add_argument("--tasks", default=",".join(TASKS), metavar="T,T",
-                   help=f"downstream tasks (default {','.join(TASKS)})")
-    p.add_argument("--downstream-n", type=positive_int, default=20, metavar="N",
-                   help="scored examples per downstream task (default 20)")
-    p.add_argument("--shots", type=int, default=3, metavar="K",
-                   help="few-shot demonstrations before each downstream example (default 3)")
+                   help=f"downstream tasks (default {','.join(TASKS)}); an edited model is "
+                        "scored only on those where the unedited one is above chance")
+    p.add_argument("--downstream-n", type=positive_int, default=DOWNSTREAM_N, metavar="N",
+                   help=f"scored examples per downstream task, at most all but the "
+                        f"demonstrations (default {DOWNSTREAM_N}: PIQA's 95%% interval about "
+                        "±4 points; each GLUE sample has 200 examples, about ±7 points)")
+    p.add_argument("--shots", type=int, default=None, metavar="K",
+                   help="few-shot demonstrations before each downstream example, for every "
+                        "task (default per task: "
+                        + ", ".join(f"{t} {k}" for t, k in SHOTS.items()) + ")")
     p.add_argument("--ppl-texts", type=positive_int, default=1000, metavar="N",
                    help="ME-PPL_1k texts in the perplexity (default all 1000)")
 
 
 def evaluation_settings(args) -> dict:
-    """The settings of ``add_evaluation_args``'s flags; ValueError naming the flag."""
+    """The settings of ``add_evaluation_args``'s flags (``shots`` per task); ValueError naming
+    the flag."""
     from rome_jax.arguments import comma_list
-    from rome_jax.downstream import TASKS
+    from rome_jax.downstream import SHOTS, TASKS
 
-    if args.shots < 0:
+    if args.shots is not None and args.shots < 0:
         raise ValueError("--shots: must be 0 or more")
-    return {"sample_seed": args.sample_seed, "tasks": comma_list(args.tasks, "--tasks",
-                                                                 known=TASKS),
-            "downstream_n": args.downstream_n, "shots": args.shots, "ppl_texts": args.ppl_texts}
+    tasks = comma_list(args.tasks, "--tasks", known=TASKS)
+    return {"sample_seed": args.sample_seed, "tasks": tasks, "downstream_n": args.downstream_n,
+            "shots": {t: SHOTS[t] if args.shots is None else args.shots for t in tasks},
+            "ppl_texts": args.ppl_texts}
+
+
+def downstream_columns(unedited: Mapping[str, Mapping]) -> tuple[list[str], str]:
+    """The tasks of the unedited model's downstream ``unedited`` results that the traces show
+    (``downstream.above_chance``), and a sentence naming the others ("" when none)."""
+    from rome_jax.downstream import above_chance
+
+    kept = [t for t, r in unedited.items() if above_chance(r)]
+    dropped = [f"{t} {accuracy_cell(r)} against a majority rate of {r['chance']:.3g}"
+               for t, r in unedited.items() if t not in kept]
+    note = ("Dropped from the traces, because the unedited model's 95% interval is not above "
+            "the majority-class rate (a fall to chance could not show): "
+            + "; ".join(dropped) + "." if dropped else "")
+    return kept, note
+
+
+def accuracy_cell(result: Mapping) -> str:
+    """"0.62 [0.55, 0.68]": a downstream ``result``'s accuracy and its 95% Wilson interval."""
+    from rome_jax.downstream import wilson_interval
+
+    lo, hi = wilson_interval(result["accuracy"], result["n"])
+    return f"{result['accuracy']:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def shots_text(shots: int | Mapping[str, int]) -> str:
+    """A run's ``shots`` setting for titles (a journal before per-task shots has one count)."""
+    if isinstance(shots, int):
+        return f"{shots}-shot"
+    return ", ".join(f"{t} {k}-shot" for t, k in shots.items())
 
 
 def settings(args) -> dict:
@@ -196,14 +234,30 @@ def load_state(out: Path, method: str, params, layer: int) -> tuple[int, object]
 class Evaluators:
     """ME-PPL_1k perplexity and downstream accuracy of params that differ from the base only
     at blocks ≥ ``layer`` (default the edit layer), built on first use (a resumed run that
-    needs neither builds neither)."""
+    needs neither builds neither). The unedited model is evaluated once per run: ``unedited``
+    takes a step-0 row of ``journal`` (any method's) when there is one. An edited model is
+    scored only on the tasks where the unedited one is above chance (``downstream_columns``)."""
 
-    def __init__(self, s, st: Mapping, layer: int | None = None):
-        self.s, self.st = s, st
+    def __init__(self, s, st: Mapping, journal, layer: int | None = None):
+        self.s, self.st, self.journal = s, st, journal
         self.layer = s.hparams.layer if layer is None else layer
         self._ppl = self._downstream = None
 
+    def unedited(self) -> dict:
+        """``ppl1k`` and ``downstream`` (every task) of the base model."""
+        base = next((r for r in self.journal.rows if r["key"][1:] == [0] and "ppl1k" in r),
+                    None)
+        if base is not None:
+            return {k: base[k] for k in ("ppl1k", "downstream")}
+        return self._evaluate(self.s.model.params, self.st["tasks"])
+
     def __call__(self, params) -> dict:
+        """``ppl1k`` and ``downstream`` (the tasks where the base model is above chance) of
+        edited ``params``."""
+        kept, _ = downstream_columns(self.unedited()["downstream"])
+        return self._evaluate(params, kept)
+
+    def _evaluate(self, params, tasks: Sequence[str]) -> dict:
         from rome_jax import downstream
         from rome_jax.data import load_me_ppl
         from rome_jax.guard import PerplexityProbe
@@ -212,10 +266,9 @@ class Evaluators:
         if self._ppl is None:
             self._ppl = PerplexityProbe(s.model, load_me_ppl("ME-PPL_1k")[:st["ppl_texts"]],
                                         self.layer)
-            tasks = downstream.load_tasks(st["tasks"], st["downstream_n"], st["shots"],
-                                          st["sample_seed"])
-            self._downstream = downstream.DownstreamProbe(s.model, tasks, self.layer)
-        return {"ppl1k": self._ppl(params), "downstream": self._downstream(params)}
+            self._downstream = downstream.DownstreamProbe(s.model, downstream.load_tasks(
+                tasks, st["downstream_n"], st["shots"], st["sample_seed"]), self.layer)
+        return {"ppl1k": self._ppl(params), "downstream": self._downstream(params, tasks)}
 
 
 def _row(journal, key: list) -> dict | None:
@@ -239,11 +292,8 @@ def run_method(s, method: str, records: Sequence[Mapping], journal, out: Path, s
         return
     if _row(journal, [method, 0]) is None:
         state_path(out, method).unlink(missing_ok=True)  # an --overwrite left it behind
-        base = next((r for r in journal.rows if r["key"][1:] == [0]), None)
-        scores = ({k: base[k] for k in ("ppl1k", "downstream")} if base is not None
-                  else evaluate(s.model.params))
         journal.append({"key": [method, 0], "method": method, "step": 0,
-                        "ppl50": s.probe.base, "ppl50_ratio": 1.0, **scores})
+                        "ppl50": s.probe.base, "ppl50_ratio": 1.0, **evaluate.unedited()})
     step, params = load_state(out, method, s.model.params, layer)
     written = max(r["step"] for r in journal.rows if r["key"][0] == method
                   and r["key"][1] != "final")
@@ -297,7 +347,7 @@ def run(s, args, journal, header: Mapping) -> None:
     st = header["settings"]
     out = Path(header["out"])
     records = chosen_records(s, st)
-    evaluate = Evaluators(s, st)
+    evaluate = Evaluators(s, st, journal)
     for method in st["methods"]:
         run_method(s, method, records, journal, out, st, evaluate)
     single = EvalSettings(methods=tuple(st["methods"]))
@@ -328,7 +378,9 @@ def summarize(header: Mapping, rows: Sequence[Mapping]) -> dict:
     finals = {r["method"]: r for r in rows if r["key"][1] == "final"}
     singles = [r for r in rows if r["key"][0] == "single"]
     single = summarize_single(singles, st["methods"]) if singles else {}
-    out = {"methods": {}, "tasks": st["tasks"], "unedited": single.get("none")}
+    base = next((r["downstream"] for r in rows if r["key"][1:] == [0] and "ppl1k" in r), {})
+    tasks, dropped = downstream_columns(base)
+    out = {"methods": {}, "tasks": tasks, "dropped": dropped, "unedited": single.get("none")}
     for method, trace in traces(rows).items():
         ended = [r for r in trace if r.get("ended")]
         edits = [r for r in trace if r["step"] > 0 and not r.get("ended")]
@@ -353,12 +405,15 @@ def tables(summary: Mapping, title: str) -> str:
             continue
         chance = evaluated[0]["downstream"]
         ended = f"; ended at step {v['ended_at']} (non-finite update)" if v["ended_at"] else ""
-        parts.append(f"{label(method)}: ME-PPL_1k perplexity and downstream accuracy after "
-                     f"each evaluated step ({v['edits']} edits{ended}).\n\n" + markdown_table(
+        parts.append(f"{label(method)}: ME-PPL_1k perplexity and downstream accuracy [95% "
+                     f"interval] after each evaluated step ({v['edits']} edits{ended}).\n\n"
+                     + markdown_table(
                          ["step", "ME-PPL_1k", *tasks],
-                         [[e["step"], e["ppl1k"], *(e["downstream"][t]["accuracy"]
+                         [[e["step"], e["ppl1k"], *(accuracy_cell(e["downstream"][t])
                                                     for t in tasks)] for e in evaluated]
                          + [["chance", None, *(chance[t]["chance"] for t in tasks)]]))
+    if summary["dropped"]:
+        parts.append(summary["dropped"])
     final = []
     if summary["unedited"]:
         final.append(["unedited", "-", summary["unedited"]["n"],
@@ -377,6 +432,8 @@ def tables(summary: Mapping, title: str) -> str:
 
 def figure(summary: Mapping, title: str):
     def draw(path: Path) -> None:
+        from rome_jax.downstream import wilson_interval
+
         plt = pyplot()
 
         tasks = summary["tasks"]
@@ -393,8 +450,11 @@ def figure(summary: Mapping, title: str):
             x = [e["step"] for e in ev]
             axes[1].plot(x, [e["ppl1k"] for e in ev], marker="o", ms=3, label=label(method))
             for ax, t in zip(axes[2:], tasks):
-                ax.plot(x, [e["downstream"][t]["accuracy"] for e in ev], marker="o", ms=3,
-                        label=label(method))
+                line, = ax.plot(x, [e["downstream"][t]["accuracy"] for e in ev], marker="o",
+                                ms=3, label=label(method))
+                lo, hi = zip(*(wilson_interval(e["downstream"][t]["accuracy"],
+                                               e["downstream"][t]["n"]) for e in ev))
+                ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
         axes[0].set(yscale="log", xlabel="edit", ylabel="‖Δ‖_F", title="update norm")
         ppl = [e["ppl1k"] for v in summary["methods"].values() for e in v["evaluated"]]
         wide = bool(ppl) and max(ppl) > 10 * min(ppl)  # a log axis labels < 1 decade badly
@@ -420,7 +480,7 @@ def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
     summary = summarize(header, rows)
     title = (f"Sequential editing: {run_label(st)}; {st['n']} "
              f"CounterFact records (sample seed {st['sample_seed']}), evaluated every "
-             f"{st['every']} edits; downstream {st['downstream_n']} examples per task, "
-             f"{st['shots']}-shot; ME-PPL_1k on {st['ppl_texts']} texts.")
+             f"{st['every']} edits; downstream {st['downstream_n']} examples per task at "
+             f"most, {shots_text(st['shots'])}; ME-PPL_1k on {st['ppl_texts']} texts.")
     has_trace = any(v["delta_norm"] or v["evaluated"] for v in summary["methods"].values())
     return Report(summary, tables(summary, title), figure(summary, title) if has_trace else None)

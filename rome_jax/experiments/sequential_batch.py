@@ -4,10 +4,12 @@ each batch one MEMIT / EMMET / AlphaEdit update of the result of the previous on
 For each method of ``--methods`` the same seeded draw of CounterFact records is edited in order,
 ``--batch-size`` at a time, batch by batch with every method in turn, so a run stopped early
 has every method equally far (the fold of ``editors.batch.edit_batches``: C and the templates
-stay the base model's; AlphaEdit's K_pᵀK_p of the earlier batches is threaded through it). A row per
-(method, batches done), the first one unedited: ME-PPL_1k perplexity, few-shot downstream
-accuracy, the efficacy ES (P(new) > P(true) on the rewrite prompt) of every fact edited so far
-and of the last batch alone, and each layer's ‖Δw‖_F of the batch's update.
+stay the base model's; AlphaEdit's K_pᵀK_p of the earlier batches is threaded through it). A
+row per (method, batches done), the first one unedited (evaluated once, shared by the
+methods): ME-PPL_1k perplexity, downstream accuracy (``sequential.Evaluators``: after an edit,
+only on the tasks where the unedited model is above chance), the efficacy ES (P(new) > P(true)
+on the rewrite prompt) of every fact edited so far and of the last batch alone, and each
+layer's ‖Δw‖_F of the batch's update.
 
 Resumable: after every row the window's weights (the only ones that change) and AlphaEdit's
 ``preserved`` are saved atomically as ``state-METHOD.npz`` with the batch count; a rerun
@@ -136,11 +138,11 @@ def run(s, args, journal, header: Mapping) -> None:
     for method in st["methods"]:
         hparams = batch_hparams(s.model.config, method, args, keys=st["keys"],
                                 layer=s.hparams.layer)
-        evaluate = Evaluators(s, st, layer=hparams.layers[0])
+        evaluate = Evaluators(s, st, journal, layer=hparams.layers[0])
         if [method, 0] not in journal:
             _state_path(out, method).unlink(missing_ok=True)  # an --overwrite left it behind
             journal.append({"key": [method, 0], "method": method, "batches": 0, "edited": 0,
-                            **evaluate(s.model.params)})
+                            **evaluate.unedited()})
         done, params, preserved = load_state(out, method, s.model.params, hparams.layers)
         context = (prepare_batch(s.model, method, hparams, jax.random.key(st.get("seed", 0)))
                    if done < n_batches else None)
@@ -178,19 +180,28 @@ def _traces(rows: Sequence[Mapping]) -> dict[str, list[Mapping]]:
 
 
 def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
+    from rome_jax.experiments.sequential import accuracy_cell, downstream_columns, shots_text
+
     st = header["settings"]
     traces = _traces(rows)
+    unedited = next((t[0]["downstream"] for t in traces.values() if t[0]["batches"] == 0), {})
+    tasks, dropped = downstream_columns(unedited)
     table_rows = []
     for method, trace in traces.items():
         for r in trace:
             acc = r.get("downstream", {})
             table_rows.append([method, r["batches"], f"{r['edited']:,}", r.get("es_so_far"),
                                r.get("es_batch"), r["ppl1k"],
-                               *(acc.get(t, {}).get("accuracy") for t in st["tasks"])])
+                               *(accuracy_cell(acc[t]) if t in acc else None for t in tasks)])
     markdown = (f"# Sequential batch editing ({run_label(st)}; {st['n']} facts in batches of "
-                f"{st['batch_size']}; keys {st['keys']})\n\n"
+                f"{st['batch_size']}; keys {st['keys']}; downstream {st['downstream_n']} "
+                f"examples per task at most, {shots_text(st['shots'])}, accuracy [95% "
+                "interval])\n\n"
                 + markdown_table(["method", "batches", "edited", "ES so far", "ES last batch",
-                                  "ME-PPL_1k", *st["tasks"]], table_rows) + "\n")
+                                  "ME-PPL_1k", *tasks], table_rows)
+                + ("\n\nMajority-class rates: "
+                   + ", ".join(f"{t} {unedited[t]['chance']:.3g}" for t in tasks) if tasks
+                   else "") + (f"\n\n{dropped}" if dropped else "") + "\n")
     summary = {"settings": st, "traces": {m: [{k: v for k, v in r.items() if k != "key"}
                                                for r in t] for m, t in traces.items()}}
 
