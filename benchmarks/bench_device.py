@@ -353,7 +353,8 @@ class Bench:
         first, steady, _ = twice(lambda: compute_edit(model, request, hp, "c-rome",
                                                       context=context, solved=solved)[0])
         self.row("ROME c-rome update", first, steady)
-        self.row("device memory after phase A", memory_gb=peak_memory())
+        if peak_memory():  # None on CPU
+            self.row("device memory after phase A", memory_gb=peak_memory())
 
     def phase_b(self, budget: Budget) -> None:
         """One MEMIT batch of ``--batch`` records, if the probe says it fits."""
@@ -413,7 +414,8 @@ class Bench:
                  update_s=round(report.seconds_update, 2),
                  s_per_fact=round(wall / args.batch, 4), chunk_shapes=len(shapes),
                  estimate_s=round(estimate, 1), v_steps=hp.v.v_num_grad_steps)
-        self.row("device memory after phase B", memory_gb=peak_memory())
+        if peak_memory():  # None on CPU
+            self.row("device memory after phase B", memory_gb=peak_memory())
 
 
 def stats_selection(tok, texts: list[str], n_tokens: int) -> list[str]:
