@@ -28,8 +28,8 @@ A. statistics: ``compute_layer_stats`` at ROME's layer over the first WikiText-2
    ``keys_from_residual``, jitted), keys + v* (``rome.edit.solve``) and the c-rome update
    (``compute_edit(..., solved=...)``) on the first CounterFact record that fits, each called
    twice: first call (compilation + run) and steady run, ``block_until_ready``.
-B. MEMIT (``editors.hparams.batch_preset``; Llama-2-7B: the rule window 4-8, ROME at 5, as
-   EasyEdit's llama-7b hparams): a warm-up ``edit_batch`` of ``--chunk`` records (compiles),
+B. MEMIT (``editors.hparams.batch_preset``; Llama-2-7B: the rule window 4-8, ROME at 5, 25
+   v* steps, as EasyEdit's llama-7b hparams): a warm-up ``edit_batch`` of ``--chunk`` records (compiles),
    a steady probe of the same chunk (``solve_targets``, then ``edit_batch(targets=...)``), and
    the batch of ``--batch`` records when the probe's estimate fits the budget
    (``seconds_solve``, ``seconds_update`` of its report).
@@ -71,7 +71,9 @@ CONFIGS = {
                    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
                    "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False},
 }
-LLAMA_ROME_LAYER, LLAMA_MEMIT_TOP = 5, 8  # EasyEdit's hparams/{ROME,MEMIT}/llama-7b.yaml
+# EasyEdit's hparams/ROME/llama-7b.yaml (layer 5) and hparams/MEMIT/llama-7b.yaml (layers 4-8),
+# both with 25 v* steps; the other settings are rome_jax's defaults.
+LLAMA_ROME_LAYER, LLAMA_MEMIT_TOP, LLAMA_V_STEPS = 5, 8, 25
 MIN_LAYERS = 6  # of a scaled model: room for MEMIT's window below the top layers
 STATS_BATCH = 16  # compute_layer_stats' default batch size
 RIDGE = 1e-2  # C + RIDGE · mean(diag C) · I for the edits (see ``ridged``)
@@ -104,8 +106,9 @@ def hparams_for(name: str, cfg, full, v_steps: int | None):
     from rome_jax.rome.hparams import RomeHParams, preset_for
 
     if full.model_type == "llama":
-        rome, memit = RomeHParams(layer=LLAMA_ROME_LAYER), rule_preset(full, "memit",
-                                                                      LLAMA_MEMIT_TOP)
+        rome = RomeHParams(layer=LLAMA_ROME_LAYER, v_num_grad_steps=LLAMA_V_STEPS)
+        memit = rule_preset(full, "memit", LLAMA_MEMIT_TOP)
+        memit = memit.replace(v=memit.v.replace(v_num_grad_steps=LLAMA_V_STEPS))
     else:
         rome, memit = preset_for(full), batch_preset(full, "memit")
     to = lambda layer: min(cfg.n_layer - 1, round(layer * (cfg.n_layer - 1) / (full.n_layer - 1)))
