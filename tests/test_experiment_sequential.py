@@ -249,3 +249,116 @@ def test_a_corrupt_state_names_its_file(tmp_path, content):
     with pytest.raises(ValueError) as err:
         sequential.load_state(tmp_path, "rome", {}, 1)
     assert str(path) in str(err.value) and "allow_pickle" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- --collapse-cases
+
+NORMAL, CASES = (0, 1, 2, 3), (946, 5)  # the baseline's normal and collapse-labelled records
+SEQUENCE = ["normal", "collapse", "normal", "collapse", "normal", "normal"]  # positions 2, 4
+
+
+def test_collapse_positions_are_evenly_spaced_and_distinct():
+    assert sequential.collapse_positions(100, 25)[:4] == [5, 10, 14, 19]
+    assert sequential.collapse_positions(4, 2) == [2, 4]
+    for n in range(1, 30):
+        for c in range(30):
+            p = sequential.collapse_positions(n, c)
+            assert p == sorted(set(p)) and all(1 <= x < n + c for x in p)
+
+
+@pytest.fixture(scope="module")
+def collapse_run(env):
+    """A hand-written collapse baseline (5 normal cases, 2 collapse-labelled ones and a
+    first-token record below the threshold, left out) and a --collapse-cases run on its
+    first 4 normal cases."""
+    from rome_jax import load_model
+    from rome_jax.experiments.journal import Journal
+    from rome_jax.models.model import params_digest
+
+    baseline = env / "collapse-l1"
+    settings = {"layer": 1, "bos": None, "threshold": 10.0, "sample_seed": 0,
+                "digest": params_digest(load_model(env / "model").params)}
+    labelled = [(946, True, 100.0), (0, False, 1.0), (8, True, 1.5), (1, False, 2.0),
+                (5, False, float("inf")), (2, False, 1.0), (3, False, 1.1), (6, False, 1.0)]
+    with Journal(baseline / "rows.jsonl", "collapse", settings) as journal:
+        for case_id, first, ratio in labelled:
+            journal.append({"key": case_id, "case_id": case_id, "first_token_subject": first,
+                            "rome": {"ratio": ratio}})
+    with pytest.MonkeyPatch.context() as mp:
+        assert experiment(env, mp, env / "seqc", "--collapse-cases", "--baseline",
+                          str(baseline), "--n", "4", "--every", "3", "--tasks", "sst2") == 0
+    return env / "seqc"
+
+
+def test_collapse_sequence_rows(collapse_run):
+    header, rows = read_rows(collapse_run / "rows.jsonl", "sequential")
+    traces = sequential.traces(rows)
+    assert list(traces) == ["rome", "rome/control", "c-rome", "c-rome/control"]
+    for name, trace in traces.items():
+        method, control = name.split("/")[0], name.endswith("/control")
+        groups = ["normal"] * 4 if control else SEQUENCE
+        assert [r["step"] for r in trace] == list(range(len(groups) + 1))
+        assert all(r["method"] == method for r in trace)
+        edits = trace[1:]
+        assert [r["group"] for r in edits] == groups
+        cases, normal = iter(CASES), iter(NORMAL)
+        assert [r["case_id"] for r in edits] == [next(cases if g == "collapse" else normal)
+                                                 for g in groups]
+        assert [("ppl1k" in r) for r in trace] == [i % 3 == 0 or i == len(groups)
+                                                   for i in range(len(groups) + 1)]
+        for i, r in enumerate(edits, 1):
+            assert r["ppl50_ratio"] == pytest.approx(r["ppl50"] / trace[0]["ppl50"])
+            for g in ("normal", "collapse"):  # a share of the group's records edited so far
+                k = groups[:i].count(g)
+                es = r[f"es_{g}"]
+                assert (es is None) == (k == 0)
+                if k:
+                    assert 0 <= es <= 1 and es * k == pytest.approx(round(es * k))
+        state = np.load(sequential.state_path(collapse_run, name))
+        assert int(state["step"]) == len(groups)
+        final = next(r for r in rows if r["key"] == [name, "final"])
+        assert final["case_ids"] == [r["case_id"] for r in edits]
+    assert not (collapse_run / "state-rome").exists()  # "/" never makes a folder
+    assert sorted(r["case_id"] for r in rows if r["key"][0] == "single") == sorted(NORMAL
+                                                                                  + CASES)
+
+
+def test_collapse_report_is_the_rows(collapse_run, env, monkeypatch):
+    _, rows = read_rows(collapse_run / "rows.jsonl", "sequential")
+    summary = json.loads((collapse_run / "summary.json").read_text())
+    table = (collapse_run / "table.md").read_text()
+    assert (collapse_run / "figure.png").stat().st_size > 0
+    for name, trace in sequential.traces(rows).items():
+        c = summary["methods"][name]["collapse"]
+        edits = trace[1:]
+        assert c["positions"] == ([] if name.endswith("/control") else [2, 4])
+        assert c["ppl50_ratio"] == [r["ppl50_ratio"] for r in edits]
+        over = [r["step"] for r in edits if r["ppl50_ratio"] > 10]
+        assert c["first_x10"] == (over[0] if over else None)
+        assert c["peak"] == max(c["ppl50_ratio"]) and c["last"] == c["ppl50_ratio"][-1]
+        assert 0 < c["recovery"] <= 1
+        assert f"| {sequential.label(name)} | {len(edits)} | {len(c['positions'])} |" in table
+    assert "| r-rome = c-rome, control |" in table
+    before = (collapse_run / "rows.jsonl").read_bytes()
+    assert experiment(env, monkeypatch, collapse_run, "--collapse-cases", "--baseline",
+                      str(env / "collapse-l1"), "--n", "4", "--every", "3",
+                      "--tasks", "sst2") == 0  # a finished run: resumed, no row added
+    assert (collapse_run / "rows.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--n", "6"], "--n: "),  # the baseline has 5 normal cases
+    (["--case-ids", "ids.json"], "--case-ids: not with --collapse-cases"),
+])
+def test_collapse_cases_refuse_bad_input(env, collapse_run, monkeypatch, capsys, extra,
+                                         message):
+    (env / "ids.json").write_text("[0, 1]")
+    monkeypatch.chdir(env)
+    assert experiment(env, monkeypatch, env / "seqc-bad", "--collapse-cases",
+                      "--baseline", str(env / "collapse-l1"), *extra) != 0
+    assert message in capsys.readouterr().err
+
+
+def test_baseline_needs_collapse_cases(env, monkeypatch, capsys):
+    assert experiment(env, monkeypatch, env / "seqc-nobase", "--baseline", "x") == 2
+    assert "--baseline: only with --collapse-cases" in capsys.readouterr().err

@@ -14,6 +14,22 @@ result, not an error). After the last edit, a ``final`` row scores every edited 
 PS PM NS NM S) on the final params, and ``single`` rows score each record edited alone from the
 base model with every method (``counterfact_eval.evaluate_record``), for the table beside it.
 
+With ``--collapse-cases`` ("Rebuilding ROME" Figure 3, the Butterfly study's HardCF sequence),
+the records come from a finished ``collapse`` run (``--baseline``; by default
+``collapse-lLAYER`` beside this run): its first ``--n`` normal cases N, in the run's order, with
+its C collapse cases inserted in the run's order at the 1-based edit positions
+``collapse_positions``: p_j = ⌊(j + 1)(N + C)/(C + 1) + ½⌋, j = 0..C-1, evenly spaced over the
+N + C edits (N = 100, C = 25: 5, 10, 14, 19, ...). Each method runs that sequence (trace
+METHOD) and the normal cases alone in the same order (trace ``METHOD/control``). Every step
+row then also names its edit's ``group`` ("collapse" or "normal"; the collapse positions are
+the steps of the "collapse" rows) and the efficacy ES so far (P(new) > P(true) on the rewrite
+prompt, ``evaluation.efficacy``) over the normal and over the collapse cases edited so far
+(``es_normal``, ``es_collapse``; None before the first). The report's collapse table gives for
+each trace the first step with ME-PPL_50 perplexity above ten times the unedited model's and
+the first above 1000 (the Butterfly study's collapse criterion), its peak and last ratio
+(recovery: last / peak) and the ES so far after the last edit; its figure ME-PPL_50 ratio
+against the edit, a panel per method with its control, the collapse positions marked.
+
 Resumable: after every row the edited layer's weight (the only one that changes) is saved
 atomically as ``state-METHOD.npz`` with its step; a rerun continues from it. Rows are written
 before their state, so a run cut between the two replays that one edit (deterministic); a
@@ -24,13 +40,16 @@ method's edits are replayed from the base model, the rows already written kept.
 from __future__ import annotations
 
 import io
+import textwrap
 import zipfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from rome_jax.experiments.report import Report, markdown_table, pyplot, run_label, save_figure
+from rome_jax.experiments import collapse
+from rome_jax.experiments.report import (Report, fmt, markdown_table, pyplot, run_label,
+                                         save_figure)
 
 NAME = "sequential"
 HELP = ("sequential edits: |Δ|, ME-PPL_1k perplexity and downstream accuracy every k edits, "
@@ -38,10 +57,14 @@ HELP = ("sequential edits: |Δ|, ME-PPL_1k perplexity and downstream accuracy ev
 METHODS = ("rome", "c-rome", "p-rome")
 LABELS = {"c-rome": "r-rome = c-rome"}
 SCORES = ("ES", "EM", "PS", "PM", "NS", "NM", "S")
+CONTROL = "/control"  # a method's trace of the normal cases alone (--collapse-cases)
+BUTTERFLY_PPL = 1000.0  # "The Butterfly Effect of Model Editing": collapsed past this perplexity
 
 
-def label(method: str) -> str:
-    return LABELS.get(method, method)
+def label(trace: str) -> str:
+    """A trace's name for tables: its method's label, and ", control" for a control trace."""
+    method, control, _ = trace.partition(CONTROL)
+    return LABELS.get(method, method) + (", control" if control else "")
 
 
 def add_args(p) -> None:
@@ -57,6 +80,11 @@ def add_args(p) -> None:
     add_evaluation_args(p)
     p.add_argument("--case-ids", metavar="FILE.json",
                    help="edit these case ids, in this order, instead of a drawn sample")
+    p.add_argument("--collapse-cases", action="store_true",
+                   help="edit --n normal cases of a collapse run with its collapse cases "
+                        "inserted at evenly spaced positions, and the normal cases alone as "
+                        "each method's control (see the module docstring)")
+    collapse.add_baseline_arg(p)
 
 
 def add_evaluation_args(p) -> None:
@@ -133,8 +161,14 @@ def settings(args) -> dict:
     methods = list(dict.fromkeys(canonical_method(m) for m in comma_list(args.methods,
                                                                           "--methods")))
     case_ids = read_case_ids(args.case_ids) if args.case_ids else None
+    if args.collapse_cases and case_ids is not None:
+        raise ValueError("--case-ids: not with --collapse-cases (the records come from "
+                         "--baseline)")
+    if args.baseline and not args.collapse_cases:
+        raise ValueError("--baseline: only with --collapse-cases")
+    extra = {"collapse_cases": True, "baseline": args.baseline} if args.collapse_cases else {}
     return {"methods": methods, "n": args.n, "every": args.every, "case_ids": case_ids,
-            **evaluation_settings(args)}
+            **extra, **evaluation_settings(args)}
 
 
 def check_row(row: Mapping) -> None:
@@ -186,11 +220,58 @@ def chosen_records(s, st: Mapping) -> list[dict]:
     raise ValueError(f"--n: only {len(chosen)} CounterFact records fit the model")
 
 
+def collapse_positions(n: int, c: int) -> list[int]:
+    """The 1-based edit positions of ``c`` collapse cases among ``n`` ≥ 1 normal ones:
+    p_j = ⌊(j + 1)(n + c)/(c + 1) + ½⌋ for j = 0..c-1, distinct, increasing, in [1, n + c - 1]
+    (the spacing (n + c)/(c + 1) is at least 1)."""
+    return [(2 * (j + 1) * (n + c) + c + 1) // (2 * (c + 1)) for j in range(c)]
+
+
+def collapse_sequence(header: Mapping) -> tuple[list[dict], list[str]]:
+    """(records, group of each) for ``--collapse-cases``: the baseline collapse run's first
+    ``n`` normal cases with its collapse cases at ``collapse_positions``, in the run's order.
+    ValueError naming --n or --baseline when the baseline has too few of either."""
+    from rome_jax.data import counterfact_by_case_id, load_counterfact
+
+    st = header["settings"]
+    base_header, base_rows = collapse.baseline(header, st["bos"])
+    picked = collapse.chosen(base_header, base_rows, st["n"])
+    normal = [c for g, c, _ in picked if g == "normal"]
+    cases = [c for g, c, _ in picked if g == "collapse"]
+    where = collapse.baseline_dir(header, st["bos"])
+    if len(normal) < st["n"]:
+        raise ValueError(f"--n: {where} has {len(normal)} normal cases, --n asks for {st['n']}")
+    if not cases:
+        raise ValueError(f"--baseline: {where} has no collapse case")
+    positions = set(collapse_positions(len(normal), len(cases)))
+    normal_left, cases_left = iter(normal), iter(cases)
+    groups = ["collapse" if p in positions else "normal"
+              for p in range(1, len(normal) + len(cases) + 1)]
+    ids = [next(cases_left if g == "collapse" else normal_left) for g in groups]
+    try:
+        return counterfact_by_case_id(load_counterfact(), ids), groups
+    except ValueError as err:
+        raise ValueError(f"--baseline: {where}: {err}") from None
+
+
+def efficacy_so_far(model, records: Sequence[Mapping], groups: Sequence[str], params) -> dict:
+    """``es_normal`` and ``es_collapse``: the efficacy on ``params`` of the ``records`` of each
+    group (None for a group without any)."""
+    from rome_jax.evaluation import efficacy, request_probabilities
+    from rome_jax.rome.request import EditRequest
+
+    p_new, p_true = request_probabilities(model, [EditRequest.from_dict(r) for r in records],
+                                          params)
+    g = np.asarray(groups)
+    return {f"es_{k}": efficacy(p_new[g == k], p_true[g == k]) if (g == k).any() else None
+            for k in ("normal", "collapse")}
+
+
 # ----------------------------------------------------------------------------- state
 
 
-def state_path(out: Path, method: str) -> Path:
-    return Path(out) / f"state-{method}.npz"
+def state_path(out: Path, trace: str) -> Path:
+    return Path(out) / f"state-{trace.replace('/', '-')}.npz"
 
 
 def save_state(out: Path, method: str, step: int, params, layer: int) -> None:
@@ -276,8 +357,11 @@ def _row(journal, key: list) -> dict | None:
 
 
 def run_method(s, method: str, records: Sequence[Mapping], journal, out: Path, st: Mapping,
-               evaluate: Evaluators) -> None:
-    """One method's trace from its saved state, then its ``final`` row."""
+               evaluate: Evaluators, groups: Sequence[str] | None = None,
+               trace: str | None = None) -> None:
+    """One method's trace (named ``trace``, default ``method``: the rows' key) from its saved
+    state, then its ``final`` row; with ``groups`` (one per record), each step row names its
+    edit's group and the efficacy so far per group (``efficacy_so_far``)."""
     from tqdm import tqdm
 
     from rome_jax.arguments import PROG, log
@@ -287,28 +371,29 @@ def run_method(s, method: str, records: Sequence[Mapping], journal, out: Path, s
     from rome_jax.rome.request import EditRequest
     from rome_jax.editors.delta import apply_edit
 
-    layer, n = s.hparams.layer, len(records)
-    if _row(journal, [method, "final"]) is not None:
+    layer, n, trace = s.hparams.layer, len(records), trace or method
+    if _row(journal, [trace, "final"]) is not None:
         return
-    if _row(journal, [method, 0]) is None:
-        state_path(out, method).unlink(missing_ok=True)  # an --overwrite left it behind
-        journal.append({"key": [method, 0], "method": method, "step": 0,
+    if _row(journal, [trace, 0]) is None:
+        state_path(out, trace).unlink(missing_ok=True)  # an --overwrite left it behind
+        journal.append({"key": [trace, 0], "method": method, "step": 0,
                         "ppl50": s.probe.base, "ppl50_ratio": 1.0, **evaluate.unedited()})
-    step, params = load_state(out, method, s.model.params, layer)
-    written = max(r["step"] for r in journal.rows if r["key"][0] == method
+    step, params = load_state(out, trace, s.model.params, layer)
+    written = max(r["step"] for r in journal.rows if r["key"][0] == trace
                   and r["key"][1] != "final")
     if step > written:  # the journal is behind its state: replay from the base model
-        log(f"{PROG}: {state_path(out, method)}: at step {step}, but {journal.path} ends at "
-            f"step {written}; replaying {label(method)}'s edits from the base model")
+        log(f"{PROG}: {state_path(out, trace)}: at step {step}, but {journal.path} ends at "
+            f"step {written}; replaying {label(trace)}'s edits from the base model")
         step, params = 0, s.model.params
-    for i in tqdm(range(step + 1, n + 1), initial=step, total=n, desc=label(method),
+    for i in tqdm(range(step + 1, n + 1), initial=step, total=n, desc=label(trace),
                   unit="edit"):
-        done = _row(journal, [method, i])
+        done = _row(journal, [trace, i])
         if done is not None and done.get("ended"):
             break
         record = records[i - 1]
-        head = {"key": [method, i], "method": method, "step": i,
-                "case_id": int(record["case_id"])}
+        head = {"key": [trace, i], "method": method, "step": i,
+                "case_id": int(record["case_id"]),
+                **({"group": groups[i - 1]} if groups is not None else {})}
         try:
             update, report = compute_edit(s.model, EditRequest.from_dict(record), s.hparams,
                                           method, context=s.context, params=params)
@@ -325,15 +410,17 @@ def run_method(s, method: str, records: Sequence[Mapping], journal, out: Path, s
                    "denominator_unit_u": report.denominator_unit_u,
                    "residual_norm": report.residual_norm, "key_cosine": report.key_cosine,
                    "ppl50": ppl50, "ppl50_ratio": ppl50 / s.probe.base}
+            if groups is not None:
+                row.update(efficacy_so_far(s.model, records[:i], groups[:i], params))
             if i % st["every"] == 0 or i == n:
                 row.update(evaluate(params))
             journal.append(row)
-        save_state(out, method, i, params, layer)
+        save_state(out, trace, i, params, layer)
         step = i
     per_record = [counterfact_metrics(counterfact_nll(s.model, r, params))
-                  for r in tqdm(records[:step], desc=f"{label(method)}: final scores",
+                  for r in tqdm(records[:step], desc=f"{label(trace)}: final scores",
                                 unit="record", leave=False)]
-    journal.append({"key": [method, "final"], "method": method, "step": step,
+    journal.append({"key": [trace, "final"], "method": method, "step": step,
                     "case_ids": [int(r["case_id"]) for r in records[:step]],
                     "records": per_record, "summary": summarize_counterfact(per_record)})
 
@@ -346,10 +433,18 @@ def run(s, args, journal, header: Mapping) -> None:
 
     st = header["settings"]
     out = Path(header["out"])
-    records = chosen_records(s, st)
     evaluate = Evaluators(s, st, journal)
-    for method in st["methods"]:
-        run_method(s, method, records, journal, out, st, evaluate)
+    if st.get("collapse_cases"):
+        records, groups = collapse_sequence(header)
+        normal = [r for r, g in zip(records, groups) if g == "normal"]
+        for method in st["methods"]:
+            run_method(s, method, records, journal, out, st, evaluate, groups)
+            run_method(s, method, normal, journal, out, st, evaluate, ["normal"] * len(normal),
+                       trace=method + CONTROL)
+    else:
+        records = chosen_records(s, st)
+        for method in st["methods"]:
+            run_method(s, method, records, journal, out, st, evaluate)
     single = EvalSettings(methods=tuple(st["methods"]))
     todo = [r for r in records if ["single", int(r["case_id"])] not in journal]
     for record, solved in tqdm(with_solved(s, todo, args.batch), total=len(todo),
@@ -363,11 +458,12 @@ def run(s, args, journal, header: Mapping) -> None:
 
 
 def traces(rows: Sequence[Mapping]) -> dict[str, list[dict]]:
-    """Each method's step rows (edits and the one that ended the trace), by step."""
+    """Each trace's step rows (edits and the one that ended the trace), by step; a trace is
+    a method, or with ``--collapse-cases`` also a method's control."""
     out: dict[str, list[dict]] = {}
     for r in rows:
         if isinstance(r.get("step"), int) and r["key"][1] != "final":
-            out.setdefault(r["method"], []).append(r)
+            out.setdefault(r["key"][0], []).append(r)
     return {m: sorted(rs, key=lambda r: r["step"]) for m, rs in out.items()}
 
 
@@ -375,7 +471,7 @@ def summarize(header: Mapping, rows: Sequence[Mapping]) -> dict:
     from rome_jax.counterfact_eval import summarize as summarize_single
 
     st = header["settings"]
-    finals = {r["method"]: r for r in rows if r["key"][1] == "final"}
+    finals = {r["key"][0]: r for r in rows if r["key"][1] == "final"}
     singles = [r for r in rows if r["key"][0] == "single"]
     single = summarize_single(singles, st["methods"]) if singles else {}
     base = next((r["downstream"] for r in rows if r["key"][1:] == [0] and "ppl1k" in r), {})
@@ -393,7 +489,93 @@ def summarize(header: Mapping, rows: Sequence[Mapping]) -> dict:
                            "downstream": r["downstream"]} for r in trace if "ppl1k" in r],
             "sequential": finals[method]["summary"] if method in finals else None,
             "single": single.get(method)}
+        if st.get("collapse_cases"):
+            out["methods"][method]["collapse"] = collapse_trace(trace)
     return out
+
+
+def collapse_trace(trace: Sequence[Mapping]) -> dict:
+    """What the collapse table and figure show of one trace's step rows (``--collapse-cases``):
+    per edit its ``group``, ME-PPL_50 perplexity and ratio and ES so far; the collapse
+    ``positions``; the first step past ten times the unedited perplexity (``first_x10``) and
+    past ``BUTTERFLY_PPL`` (``first_1000``), None if never; the ``peak`` ratio and its step, the
+    ``last`` ratio and ``recovery`` = last / peak."""
+    edits = [r for r in trace if r["step"] > 0 and not r.get("ended")]
+    ratio = [r["ppl50_ratio"] for r in edits]
+    out = {"steps": [r["step"] for r in edits], "group": [r["group"] for r in edits],
+           "ppl50": [r["ppl50"] for r in edits], "ppl50_ratio": ratio,
+           "es_normal": [r["es_normal"] for r in edits],
+           "es_collapse": [r["es_collapse"] for r in edits],
+           "positions": [r["step"] for r in edits if r["group"] == "collapse"],
+           "first_x10": next((r["step"] for r in edits if not r["ppl50_ratio"] <= 10), None),
+           "first_1000": next((r["step"] for r in edits if not r["ppl50"] <= BUTTERFLY_PPL),
+                              None)}
+    if edits:
+        peak = int(np.nanargmax(ratio)) if not np.isnan(ratio).all() else 0
+        out.update(peak=ratio[peak], peak_step=edits[peak]["step"], last=ratio[-1],
+                   recovery=ratio[-1] / ratio[peak])
+    return out
+
+
+def collapse_table(summary: Mapping) -> str:
+    """Each trace of a ``--collapse-cases`` run: where ME-PPL_50 first crossed ×10 and 1000,
+    its peak and last ratio, and the ES so far of each group after the last edit."""
+    rows, unedited = [], None
+    for trace, v in summary["methods"].items():
+        c = v.get("collapse")
+        if not c or not c["steps"]:
+            continue
+        unedited = c["ppl50"][0] / c["ppl50_ratio"][0]
+        rows.append([label(trace), len(c["steps"]), len(c["positions"]), c["first_x10"],
+                     c["first_1000"], c["peak"], c["peak_step"], c["last"], c["recovery"],
+                     c["es_normal"][-1], c["es_collapse"][-1]])
+    return ("Sequential editing through collapse cases: the first edit after which ME-PPL_50 "
+            "perplexity is above ten times the unedited model's and above "
+            f"{BUTTERFLY_PPL:g} (the Butterfly study's collapse criterion; - never; the "
+            f"unedited model's is {fmt(unedited)}), its "
+            "peak and last ratio to the unedited model's (recovery = last / peak) and the "
+            "efficacy ES so far of the normal and of the collapse cases edited, after the "
+            "last edit.\n\n"
+            + markdown_table(["trace", "edits", "collapse cases", "first ×10",
+                              f"first > {BUTTERFLY_PPL:g}", "peak ratio", "at edit",
+                              "last ratio", "last / peak", "ES normal", "ES collapse"], rows))
+
+
+def collapse_figure(summary: Mapping, title: str):
+    """A column per method, with its control: ME-PPL_50 ratio (log) against the edit, the
+    collapse positions marked (top), and the ES so far of each group (bottom)."""
+    def draw(path: Path) -> None:
+        plt = pyplot()
+
+        methods = [m for m in summary["methods"] if CONTROL not in m]
+        width = 4.6 * len(methods)
+        fig, axes = plt.subplots(2, len(methods), figsize=(width, 6.4), squeeze=False,
+                                 sharex="col")
+        for (top, bottom), method in zip(axes.T, methods):
+            for trace, style in ((method, "-"), (method + CONTROL, "--")):
+                c = summary["methods"].get(trace, {}).get("collapse")
+                if not c or not c["steps"]:
+                    continue
+                line, = top.plot([0, *c["steps"]], [1.0, *c["ppl50_ratio"]], style, lw=1,
+                                 label=label(trace))
+                for group, marker in (("normal", None), ("collapse", "x")):
+                    es = [np.nan if e is None else e for e in c[f"es_{group}"]]
+                    if not np.isnan(es).all():
+                        bottom.plot(c["steps"], es, style, lw=1, marker=marker, ms=3,
+                                    color=line.get_color(),
+                                    label=f"{label(trace)}: {group} cases")
+            c = summary["methods"][method].get("collapse") or {"positions": []}
+            for ax in (top, bottom):
+                for i, p in enumerate(c["positions"]):
+                    ax.axvline(p, color="tab:red", lw=0.6, alpha=0.4,
+                               label="collapse case" if i == 0 and ax is top else None)
+            top.axhline(10, color="grey", lw=0.8, ls=":", label="×10")
+            top.set(yscale="log", ylabel="ME-PPL_50 / unedited", title=label(method))
+            bottom.set(xlabel="edit", ylabel="ES so far", ylim=(-0.02, 1.02))
+            top.legend(fontsize=7)
+            bottom.legend(fontsize=6)
+        save_figure(fig, path, textwrap.fill(title, int(15 * width)), fontsize=9)
+    return draw
 
 
 def tables(summary: Mapping, title: str) -> str:
@@ -414,6 +596,8 @@ def tables(summary: Mapping, title: str) -> str:
                          + [["chance", None, *(chance[t]["chance"] for t in tasks)]]))
     if summary["dropped"]:
         parts.append(summary["dropped"])
+    if any("collapse" in v for v in summary["methods"].values()):
+        parts.append(collapse_table(summary))
     final = []
     if summary["unedited"]:
         final.append(["unedited", "-", summary["unedited"]["n"],
@@ -478,9 +662,13 @@ def figure(summary: Mapping, title: str):
 def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
     st = header["settings"]
     summary = summarize(header, rows)
-    title = (f"Sequential editing: {run_label(st)}; {st['n']} "
-             f"CounterFact records (sample seed {st['sample_seed']}), evaluated every "
+    records = (f"{st['n']} normal cases of the baseline collapse run, its collapse cases "
+               "inserted at evenly spaced positions, and the normal cases alone (control)"
+               if st.get("collapse_cases") else
+               f"{st['n']} CounterFact records (sample seed {st['sample_seed']})")
+    title = (f"Sequential editing: {run_label(st)}; {records}, evaluated every "
              f"{st['every']} edits; downstream {st['downstream_n']} examples per task at "
              f"most, {shots_text(st['shots'])}; ME-PPL_1k on {st['ppl_texts']} texts.")
     has_trace = any(v["delta_norm"] or v["evaluated"] for v in summary["methods"].values())
-    return Report(summary, tables(summary, title), figure(summary, title) if has_trace else None)
+    draw = collapse_figure if st.get("collapse_cases") else figure
+    return Report(summary, tables(summary, title), draw(summary, title) if has_trace else None)
