@@ -27,8 +27,9 @@ prompt, ``evaluation.efficacy``) over the normal and over the collapse cases edi
 (``es_normal``, ``es_collapse``; None before the first). The report's collapse table gives for
 each trace the first step with ME-PPL_50 perplexity above ten times the unedited model's and
 the first above 1000 (the Butterfly study's collapse criterion), its peak and last ratio
-(recovery: last / peak) and the ES so far after the last edit; its figure ME-PPL_50 ratio
-against the edit, a panel per method with its control, the collapse positions marked.
+(recovery: last / peak) and the ES so far after the last edit; its figure a column per method
+with its control: ME-PPL_50 ratio against the edit, the collapse positions marked, and the ES
+so far of each group below.
 
 Resumable: after every row the edited layer's weight (the only one that changes) is saved
 atomically as ``state-METHOD.npz`` with its step; a rerun continues from it. Rows are written
