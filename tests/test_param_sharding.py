@@ -1,9 +1,9 @@
-"""Sharded parameters (``rome_jax.sharding``): on 4 and 8 forced CPU devices, random GPT-J- and
-Llama-shaped models loaded onto a data x model mesh give the unsharded model's logits, key
-statistics, ROME and MEMIT edits (1e-5 relative), every rule-sharded weight's shards hold 1/M
-of it, the loader reads one tensor at a time, and an export of a sharded edit loads in
-transformers with the same logits. MEMIT's v* targets are solved as one program over the
-requests, split over the data axis (8 devices: data=2).
+"""Sharded parameters (``rome_jax.sharding``): on 4 and 8 forced CPU devices, random GPT-J-
+(4 devices) and Llama-shaped (8 devices) models loaded onto a data x model mesh give the
+unsharded model's logits, key statistics, ROME and MEMIT edits (1e-5 relative), every
+rule-sharded weight's shards hold 1/M of it, the loader reads one tensor at a time, and an
+export of a sharded edit loads in transformers with the same logits. MEMIT's v* targets are
+solved as one program over the requests, split over the data axis (8 devices: data=2).
 
 XLA_FLAGS must be set before jax is imported, so each device count is one subprocess
 (``SHARDED_RUN``). The margin of 1e-5 is thin (C's float32 rounding, ~1e-7 relative, reaches
@@ -55,7 +55,7 @@ SHARDED = {"gptj": {"wte", "lm_head/w", "lm_head/b", "blocks/attn/q/w", "blocks/
                      "blocks/attn/o/w", "blocks/mlp/gate/w", "blocks/mlp/fc_in/w",
                      "blocks/mlp/fc_out/w"}}
 
-# Runs in the subprocess: argv = models dir, mesh spec, output dir.
+# Runs in the subprocess: argv = models dir, mesh spec, output dir, families.
 SHARDED_RUN = r"""
 import json, sys, weakref
 from pathlib import Path
@@ -71,7 +71,7 @@ from rome_jax.rome.request import EditRequest
 from rome_jax.rome.stats import compute_layer_stats
 from rome_jax.sharding import leaf_name
 
-root, spec, out = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+root, spec, out, families = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4:]
 setup = json.loads((root / "setup.json").read_text())
 texts, ids = setup["texts"], np.asarray(setup["ids"])
 templates = setup["templates"]
@@ -113,7 +113,7 @@ def run(model):
                 memit_logits=logits(model.with_params(memit_params), ids)), rome_params
 
 result = {"n_devices": len(jax.devices())}
-for family in ("gptj", "llama"):
+for family in families:
     plain = load_model(root / family)
     most_alive, live[:], staged[:] = 0, [], []
     sharded = load_model(root / f"{family}-shards", mesh=spec)
@@ -193,48 +193,48 @@ def models(tmp_path_factory):
     return root
 
 
-def run_sharded(root: Path, n_devices: int, spec: str, out: Path) -> dict:
+def run_sharded(root: Path, n_devices: int, spec: str, out: Path, families) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={n_devices}",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", SHARDED_RUN, str(root), spec, str(out)],
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-c", SHARDED_RUN, str(root), spec, str(out),
+                           *families], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "result.json").read_text())
 
 
-@pytest.mark.parametrize("n_devices, spec, m", [(4, "data=1,model=4", 4),
-                                                (8, "data=2,model=4", 4)])
-def test_sharded_edits_equal_unsharded(models, tmp_path, n_devices, spec, m):
+# one family per device count (each subprocess run costs about a minute of the suite's time)
+@pytest.mark.parametrize("n_devices, spec, m, family", [(4, "data=1,model=4", 4, "gptj"),
+                                                        (8, "data=2,model=4", 4, "llama")])
+def test_sharded_edits_equal_unsharded(models, tmp_path, n_devices, spec, m, family):
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
-    result = run_sharded(models, n_devices, spec, tmp_path)
+    result = run_sharded(models, n_devices, spec, tmp_path, [family])
     assert result["n_devices"] == n_devices
     setup = json.loads((models / "setup.json").read_text())
-    for family in CONFIGS:
-        got = result[family]
-        # every tensor read from the 3 files once, and each dropped before the next is read
-        n_tensors = len(load_file(str(models / family / "model.safetensors")))
-        assert got["reads"] == n_tensors and got["most_alive"] == 1, got
-        # and each went to the devices split M ways (every size here is divisible by M): while
-        # the model was assembled, only the one tensor being read was ever whole
-        assert got["staged"] == [m], got["staged"]
-        # the rules' weights split 1/M over the model axis (replicated over data); the rest whole
-        split = {name for name, p in got["placed"].items() if p["split"]}
-        assert split == SHARDED[family]
-        for name, placed in got["placed"].items():
-            assert placed["mesh"] and placed["fraction"] == [m if name in split else 1], name
-        # logits, C, ROME's and MEMIT's Δ and the logits after them, independent edits
-        for what, error in got["errors"].items():
-            assert error < 1e-5, f"{family} {what}: {json.dumps(got['errors'])}"
-        assert any(got["edited_split"])  # the edited weights stay split
-        # the export of the sharded ROME edit loads in transformers with the same logits
-        hf = transformers.AutoModelForCausalLM.from_pretrained(
-            tmp_path / f"{family}-export").float().eval()
-        with torch.no_grad():
-            exported = hf(torch.as_tensor(setup["ids"])).logits.numpy()
-        want = np.load(tmp_path / f"{family}-rome-logits.npy")
-        np.testing.assert_allclose(exported, want, atol=1e-4, rtol=0)
+    got = result[family]
+    # every tensor read from the 3 files once, and each dropped before the next is read
+    n_tensors = len(load_file(str(models / family / "model.safetensors")))
+    assert got["reads"] == n_tensors and got["most_alive"] == 1, got
+    # and each went to the devices split M ways (every size here is divisible by M): while
+    # the model was assembled, only the one tensor being read was ever whole
+    assert got["staged"] == [m], got["staged"]
+    # the rules' weights split 1/M over the model axis (replicated over data); the rest whole
+    split = {name for name, p in got["placed"].items() if p["split"]}
+    assert split == SHARDED[family]
+    for name, placed in got["placed"].items():
+        assert placed["mesh"] and placed["fraction"] == [m if name in split else 1], name
+    # logits, C, ROME's and MEMIT's Δ and the logits after them, independent edits
+    for what, error in got["errors"].items():
+        assert error < 1e-5, f"{family} {what}: {json.dumps(got['errors'])}"
+    assert any(got["edited_split"])  # the edited weights stay split
+    # the export of the sharded ROME edit loads in transformers with the same logits
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / f"{family}-export").float().eval()
+    with torch.no_grad():
+        exported = hf(torch.as_tensor(setup["ids"])).logits.numpy()
+    want = np.load(tmp_path / f"{family}-rome-logits.npy")
+    np.testing.assert_allclose(exported, want, atol=1e-4, rtol=0)
 
 
 def test_mesh_specs_and_rules():
