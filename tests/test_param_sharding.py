@@ -203,7 +203,8 @@ def run_sharded(root: Path, n_devices: int, spec: str, out: Path, families) -> d
     return json.loads((out / "result.json").read_text())
 
 
-# one family per device count (each subprocess run costs about a minute of the suite's time)
+# one family per device count; slow (about 1.5 min each): `pytest -m slow`
+@pytest.mark.slow
 @pytest.mark.parametrize("n_devices, spec, m, family", [(4, "data=1,model=4", 4, "gptj"),
                                                         (8, "data=2,model=4", 4, "llama")])
 def test_sharded_edits_equal_unsharded(models, tmp_path, n_devices, spec, m, family):
