@@ -152,12 +152,12 @@ def run(s, args, journal, header: Mapping) -> None:
     for b in tqdm(range(first + 1, n_batches + 1), initial=first, total=n_batches,
                   desc="batches", unit="batch"):
         batch = records[(b - 1) * size:b * size]
+        requests = [EditRequest.from_dict(x) for x in batch]  # one parse, every method
         for method, r in runs.items():
             if r.done >= b:
                 continue
-            result = edit_batch(s.model, [EditRequest.from_dict(x) for x in batch], method,
-                                r.hparams, context=r.context, params=r.params,
-                                preserved=r.preserved)
+            result = edit_batch(s.model, requests, method, r.hparams, context=r.context,
+                                params=r.params, preserved=r.preserved)
             params, preserved = apply_edit(r.params, result.edit), result.preserved
             if [method, b] not in journal:
                 journal.append({
