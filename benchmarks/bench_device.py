@@ -200,14 +200,14 @@ def per_token_flops(cfg) -> int:
 
 def stats_flops(model, texts: list[str], layers: list[int]) -> float:
     """FLOPs of one statistics pass as ``compute_layer_stats`` batches the texts (its own
-    ``_batches``; one device): every padded token through blocks 0..max(layers) (dense +
+    ``token_batches``; one device): every padded token through blocks 0..max(layers) (dense +
     attention 4·T·H·hd) and Σ k kᵀ (2·F²) at each asked layer."""
     from rome_jax.data import bucket
-    from rome_jax.rome.stats import _batches
+    from rome_jax.rome.stats import token_batches
 
     cfg = model.config
     qo = cfg.n_head * cfg.head_dim
-    batches, _ = _batches(model, texts, None, STATS_BATCH, "wikitext")
+    batches, _ = token_batches(model, texts, None, STATS_BATCH, "wikitext")
     total = 0.0
     for chunk in batches:
         t = min(bucket(max(map(len, chunk)), 32), cfg.n_positions)

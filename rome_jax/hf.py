@@ -3,16 +3,18 @@
 Reads ``config.json`` and weights from ``model.safetensors``, sharded safetensors with
 ``model.safetensors.index.json``, a Flax ``flax_model.msgpack`` (or its shards with
 ``flax_model.msgpack.index.json``; ``models/flax_checkpoint.py``), or ``pytorch_model.bin``
-(only through ``torch.load(weights_only=True)``, only when torch is installed; nothing else is
-unpickled), plus the tokenizer files. A hub id is fetched with
+(only through ``torch.load(weights_only=True, mmap=True)``, only when torch is installed;
+nothing else is unpickled), plus the tokenizer files. A hub id is fetched with
 ``huggingface_hub.snapshot_download``. Exports write ``config.json``, ``model.safetensors`` (or
 ``flax_model.msgpack``) and the tokenizer into a temporary directory that is renamed into place,
 so an export is never half-written.
 
-With a ``mesh`` (``rome_jax.sharding``), safetensors weights are read one tensor at a time, each
-placed on the mesh's devices as it is read (split over the model axis), and the params placed by
-the sharding rules; an export gathers and writes one tensor at a time. (GGUF, Flax msgpack and
-``pytorch_model.bin`` files are decoded whole by their readers, then placed the same way.)
+With a ``mesh`` (``rome_jax.sharding``), safetensors, GGUF and ``pytorch_model.bin`` weights
+are read one tensor at a time (a GGUF tensor dequantized as it is read; a ``.bin`` older than
+torch's zip format read whole first), each placed on the mesh's devices as it is read (split over
+the model axis), and the params placed by the sharding rules; an export gathers and writes one
+tensor at a time. (A Flax msgpack file is decoded whole by its reader, then placed the same
+way.)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import os
 import pickle
 import struct
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -137,7 +140,8 @@ def _shards(index: Path) -> list[Path]:
 def _tensor_readers(files: list[Path], family) -> tuple[dict[str, Callable[[], np.ndarray]],
                                                         dict[str, str]]:
     """HF name (``transformer.`` prefix stripped) -> loader, lazy per tensor except in a Flax
-    msgpack (decoded whole); and HF name -> Flax key of the tensors read from msgpack files."""
+    msgpack or a pre-zip ``pytorch_model.bin`` (decoded whole); and HF name -> Flax key of the
+    tensors read from msgpack files."""
     readers: dict[str, Callable[[], np.ndarray]] = {}
     flax_keys: dict[str, str] = {}
     for file in files:
@@ -155,7 +159,11 @@ def _tensor_readers(files: list[Path], family) -> tuple[dict[str, Callable[[], n
                 raise ValueError(f"{file}: pytorch_model.bin needs torch installed "
                                  "(or convert the model to safetensors)") from None
             try:
-                state = torch.load(file, map_location="cpu", weights_only=True)
+                # mmap: the file is mapped, each tensor's bytes paged in when its reader
+                # converts it. torch maps only the zip format (torch.save's since torch 1.6);
+                # an older file is read whole.
+                state = torch.load(file, map_location="cpu", weights_only=True,
+                                   mmap=zipfile.is_zipfile(file))
             except pickle.UnpicklingError:
                 state = None
             except Exception as err:
@@ -254,15 +262,15 @@ def _check_vocab(tokenizer: Tokenizer, config: ModelConfig, where: str) -> None:
 
 
 def _load_gguf(path_or_id: str | os.PathLike, dtype, mesh: Mesh | None) -> Model:
-    """A GGUF file through ``models.gguf.read_gguf`` (HF config dict and HF-named tensors)."""
+    """A GGUF file through ``models.gguf.read_gguf`` (HF config dict and HF-named tensors,
+    each dequantized when ``_import_params`` reads it)."""
     alias = GGUF_ALIASES.get(str(path_or_id))
     path = alias() if alias else Path(path_or_id).expanduser()
     read = gguf.read_gguf(path)
     config = ModelConfig.from_hf(read.config, source=str(path))
     _check_vocab(read.tokenizer, config,
                  f"{path} (tokenizer.ggml.tokens, {read.architecture}.vocab_size)")
-    readers = {name: (lambda value=value: value) for name, value in read.tensors.items()}
-    params, source_dtype = _import_params(config, readers, path, dtype, mesh=mesh)
+    params, source_dtype = _import_params(config, read.tensors.readers, path, dtype, mesh=mesh)
     return Model(config, params, read.tokenizer, name=str(path_or_id), source_dtype=source_dtype)
 
 

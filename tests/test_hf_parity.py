@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -248,17 +249,55 @@ def test_sharded_safetensors(name, hf_model, tmp_path):
                                atol=ATOL, rtol=0)
 
 
+def _bin_dir(hf, tmp_path, **save_args) -> Path:
+    """``hf``'s weights as a ``pytorch_model.bin`` directory (``save_args`` to torch.save)."""
+    d = tmp_path / "bin"
+    d.mkdir()
+    # transformers 5 no longer writes pytorch_model.bin (no safe_serialization=False).
+    torch.save(hf.torch_model.state_dict(), d / "pytorch_model.bin", **save_args)
+    for f in ("config.json", "vocab.json", "merges.txt"):
+        shutil.copyfile(hf.path / f, d / f)
+    return d
+
+
 @pytest.mark.parametrize("name", ["gpt2", "gptj-partial-rotary", "llama-gqa2-tied"])
 def test_pytorch_model_bin(name, hf_model, tmp_path):
     family, overrides = CONFIGS[name]
     hf = hf_model(family, **overrides)
-    d = tmp_path / "bin"
-    d.mkdir()
-    # transformers 5 no longer writes pytorch_model.bin (no safe_serialization=False).
-    torch.save(hf.torch_model.state_dict(), d / "pytorch_model.bin")
-    for f in ("config.json", "vocab.json", "merges.txt"):
-        shutil.copyfile(hf.path / f, d / f)
+    model = rome_jax.load_model(_bin_dir(hf, tmp_path))
+    ids = _ids(model.config.vocab_size, seed=5)
+    np.testing.assert_allclose(np.asarray(rome_jax.logits(model, ids)), hf.logits(ids),
+                               atol=ATOL, rtol=0)
+
+
+def _mapped(file: Path) -> list[tuple[int, int]]:
+    """The address ranges at which ``/proc/self/maps`` shows ``file`` mapped."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(file.resolve()):
+            lo, hi = fields[0].split("-")
+            ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_pytorch_model_bin_is_mapped_not_read_whole(zipped, hf_model, tmp_path, monkeypatch):
+    """A ``.bin`` in torch's zip format (torch.save's default) is memory-mapped: every tensor
+    torch.load hands over lies in the file's mapping, its bytes read only when its reader
+    converts it. An older (pre-zip) file cannot be mapped: it is read whole, and loads."""
+    if not Path("/proc/self/maps").is_file():
+        pytest.skip("needs /proc/self/maps (Linux) to see the file's mapping")
+    hf = hf_model("gpt2")
+    d = _bin_dir(hf, tmp_path, _use_new_zipfile_serialization=zipped)
+    states, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kw: states.append(load(*args, **kw))
+                        or states[-1])
     model = rome_jax.load_model(d)
+    ranges = _mapped(d / "pytorch_model.bin")
+    assert len(states) == 1 and bool(ranges) == zipped
+    assert [any(lo <= t.data_ptr() < hi for lo, hi in ranges) for t in states[0].values()] \
+        == [zipped] * len(states[0])
     ids = _ids(model.config.vocab_size, seed=5)
     np.testing.assert_allclose(np.asarray(rome_jax.logits(model, ids)), hf.logits(ids),
                                atol=ATOL, rtol=0)

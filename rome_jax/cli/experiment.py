@@ -32,8 +32,8 @@ def add_parser(sub) -> None:
                        help="compute nothing: rewrite summary, table and figure from the rows")
         q.add_argument("--batch", type=positive_int, metavar="B",
                        help="records whose keys and v* are solved together, as one program "
-                            "sharded over all devices (default: the device count; rows agree "
-                            "to float32 rounding whatever B)")
+                            "split over the --mesh's data axis (default: its size, the device "
+                            "count without --mesh; rows agree to float32 rounding whatever B)")
         add_model_args(q)
         q.set_defaults(func=run, experiment_module=module)
     p.set_defaults(experiment_parsers=names.choices)
@@ -53,6 +53,7 @@ def default_out(args, s: Setup) -> Path:
 def run(args) -> int:
     from rome_jax.experiments.journal import Journal
     from rome_jax.experiments.report import write_report
+    from rome_jax.sharding import parse_mesh
 
     import jax
 
@@ -62,7 +63,7 @@ def run(args) -> int:
         raise ValueError("--report-only: cannot be combined with --overwrite")
     if args.out:
         check_outputs(Path(args.out), args)
-    args.batch = args.batch or len(jax.devices())
+    args.batch = args.batch or parse_mesh(args.mesh, len(jax.devices()))["data"]
     s = Setup(args)
     out = Path(args.out) if args.out else check_outputs(default_out(args, s), args)
     settings = s.result_settings(seed=getattr(args, "seed", 0), **module.settings(args))

@@ -10,7 +10,9 @@ Reads with the ``gguf`` package and yields what transformers' own GGUF loading y
 * config: the ``{arch}.*`` metadata under HF names, ``tie_word_embeddings`` when the file has no
   ``output.weight`` (llama.cpp writes the head only when it is not the embedding);
 * tensors: dequantized with ``gguf.quants.dequantize`` into float32 (the K-quants Q4_K, Q6_K, ...
-  included), in HF's ``[out, in]`` orientation (ggml's ``ne = [in, out]`` read row-major).
+  included), in HF's ``[out, in]`` orientation (ggml's ``ne = [in, out]`` read row-major), one
+  tensor at a time when it is looked up (``TensorReaders``: ``GGUFReader`` memory-maps the file,
+  so nothing is decoded, or read beyond the metadata and tensor table, before that).
   For llama, convert_hf_to_gguf.py reorders the rows of each q/k head from rotate-half
   ``[x_0..x_{d/2-1}, y_0..y_{d/2-1}]`` to interleaved pairs ``[x_0, y_0, x_1, y_1, ...]``; that is
   undone here (qwen2, qwen3 and gemma3 keep HF's order). For gemma3 it stores every RMSNorm
@@ -31,11 +33,12 @@ import importlib
 import importlib.metadata
 import importlib.util
 from pathlib import Path
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import tokenizers
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
@@ -120,14 +123,36 @@ PRE_TOKENIZER_SPLITS = {"default": None, "gpt2": None, "smollm": None,
 _CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (llama.cpp's enum)
 
 
+class TensorReaders(Mapping):
+    """HF name -> float32 ``[out, in]`` / ``[n]`` array, decoded from the memory-mapped file
+    when it is looked up and not kept: ``readers[name]()`` is ``self[name]``, one tensor's
+    dequantization (so look each name up once, and leave the file unchanged meanwhile).
+    Every tensor's presence, type and shape were checked when the file was read."""
+
+    def __init__(self, readers: dict[str, Callable[[], np.ndarray]]):
+        self.readers = readers
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.readers[name]()
+
+    def __contains__(self, name: object) -> bool:  # without decoding (Mapping's would)
+        return name in self.readers
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.readers)
+
+    def __len__(self) -> int:
+        return len(self.readers)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class GGUFModel:
     """A GGUF file read as an HF model: ``config`` (a ``config.json`` dict), ``tensors`` (HF name
-    -> float32 ``[out, in]`` / ``[n]`` array), ``tokenizer`` and ``architecture`` (the file's
-    ``general.architecture``, the prefix of its metadata keys)."""
+    -> float32 ``[out, in]`` / ``[n]`` array, each decoded when looked up), ``tokenizer`` and
+    ``architecture`` (the file's ``general.architecture``, the prefix of its metadata keys)."""
 
     config: dict
-    tensors: dict[str, np.ndarray]
+    tensors: TensorReaders
     tokenizer: Tokenizer
     architecture: str
 
@@ -174,7 +199,7 @@ def gemma3_path() -> Path:
 
 def read_gguf(path: str | Path) -> GGUFModel:
     """Read a llama, qwen2, qwen3 or gemma3 GGUF file into an HF config dict, float32 HF
-    tensors and a Tokenizer."""
+    tensors (checked now, each decoded when looked up) and a Tokenizer."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file")
@@ -191,7 +216,7 @@ def read_gguf(path: str | Path) -> GGUFModel:
                          f"(implemented: {', '.join(repr(a) for a in ARCHITECTURES)})")
     arch = ARCHITECTURES[name]
     config = hf_config(metadata, name, "output.weight" in stored, path)
-    return GGUFModel(config, _read_tensors(stored, arch, config, path),
+    return GGUFModel(config, _tensor_readers(stored, arch, config, path),
                      gguf_tokenizer(metadata, path, sentencepiece_gemma=name == "gemma3"), name)
 
 
@@ -346,8 +371,10 @@ def unpermute_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
             .reshape(weight.shape))
 
 
-def _read_tensors(stored: dict, arch: Architecture, config: dict,
-                  path: Path) -> dict[str, np.ndarray]:
+def _tensor_readers(stored: dict[str, ReaderTensor], arch: Architecture, config: dict,
+                    path: Path) -> TensorReaders:
+    """The readers of the HF tensors of ``arch`` in the ``stored`` GGUF tensors, once each is
+    checked present, expected, of a supported type and of its shape (nothing is decoded)."""
     shapes = expected_shapes(arch, config)
     what = f"a {arch.model_type} with {config['num_hidden_layers']} layers"
     by_hf = {hf_name(arch, name): name for name in stored}
@@ -360,7 +387,7 @@ def _read_tensors(stored: dict, arch: Architecture, config: dict,
                          f"{gguf_name(arch, missing[0])!r}; {what} needs it)")
     heads = {"self_attn.q_proj": config["num_attention_heads"],
              "self_attn.k_proj": config["num_key_value_heads"]} if arch.permuted_qk else {}
-    tensors = {}
+    readers = {}
     for name, shape in shapes.items():
         tensor = stored[by_hf[name]]
         where = f"{path}: tensor {tensor.name!r}"
@@ -371,15 +398,22 @@ def _read_tensors(stored: dict, arch: Architecture, config: dict,
         if stored_shape != shape:
             raise ValueError(f"{where} has shape {stored_shape} (HF order), expected {shape} "
                              "from the metadata")
-        # GGUFReader has already checked that the data is all there and matches the shape.
-        value = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         module = name.removeprefix("model.layers.").split(".", 1)[-1].removesuffix(".weight")
-        if module in heads:
-            value = unpermute_rows(value, heads[module])
-        if name.endswith("norm.weight") and arch.norm_shift:
-            value = value - np.float32(arch.norm_shift)
-        tensors[name] = value
-    return tensors
+        shift = arch.norm_shift if name.endswith("norm.weight") else 0.0
+        readers[name] = functools.partial(_decode, tensor, heads.get(module), shift)
+    return TensorReaders(readers)
+
+
+def _decode(tensor: ReaderTensor, n_head: int | None, shift: float) -> np.ndarray:
+    """One stored tensor as a fresh float32 HF array: dequantized, its q/k rows un-permuted
+    over ``n_head`` heads (llama's q/k; None: as stored), less ``shift`` (Gemma's norms)."""
+    # GGUFReader has already checked that the data is all there and matches the shape.
+    value = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+    if n_head is not None:
+        value = unpermute_rows(value, n_head)
+    if shift:
+        value -= np.float32(shift)
+    return value
 
 
 def bytes_to_unicode() -> dict[int, str]:

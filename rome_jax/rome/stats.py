@@ -157,12 +157,16 @@ def data_mesh(mesh: Mesh | None = None, params: Params | None = None) -> Mesh:
     return mesh
 
 
-def _batches(model: Model, texts: list[str], n_samples: int | None, batch_size: int,
-             corpus: str) -> tuple[list[list[np.ndarray]], int]:
-    """The texts' tokens (int32 arrays) in batches, as every build of them makes them: each
-    text read after the start token (if any) and cut to the model's context, the first
-    ``n_samples``, sorted by length (similar lengths share a batch: little padding, few
-    shapes). Encoded 1,024 texts at a time, so long documents are never all held whole."""
+def token_batches(model: Model, texts: list[str], n_samples: int | None, batch_size: int,
+                  corpus: str) -> tuple[list[list[np.ndarray]], int]:
+    """The batches ``compute_layer_stats`` reads ``texts`` in, and how many texts they hold.
+
+    Each batch is a list of up to ``batch_size`` int32 token arrays ``[T_i]`` (unpadded): each
+    text read after the start token (if any; a text of the start token alone is dropped) and
+    cut to the model's context (``T_i <= n_positions``), the first ``n_samples`` (None: all),
+    sorted by length (similar lengths share a batch: little padding, few shapes). Encoded
+    1,024 texts at a time, so long documents are never all held whole. ValueError naming
+    ``corpus`` when no text is left."""
     n_start = len(model.tokenizer.start_ids)  # a text of the start token alone is no sample
     seqs: list[np.ndarray] = []
     for start in range(0, len(texts), 1024):
@@ -224,9 +228,9 @@ def compute_layer_stats(model: Model, layers: Sequence[int], texts: list[str],
                         log=None) -> dict[int, KeyStats]:
     """C at each of ``layers`` in one pass over ``texts``: {layer: KeyStats}.
 
-    Each batch (``batch_size`` texts, see ``_batches``) goes once through the blocks up to the
-    top layer; at each asked layer l the keys' Σ k kᵀ [F, F] over real tokens is added, in
-    float32 on the device, to per-device sums [N, F, F], the batch's rows split over the N
+    Each batch (``batch_size`` texts, see ``token_batches``) goes once through the blocks up
+    to the top layer; at each asked layer l the keys' Σ k kᵀ [F, F] over real tokens is added,
+    in float32 on the device, to per-device sums [N, F, F], the batch's rows split over the N
     devices of ``mesh``'s ``data`` axis (default: all devices). Every ``reduce_every`` batches
     (and at the end) one reduction adds the per-device sums over the devices (float32) and
     those to the host's running sums (float64); ``checkpoints`` (if given; its interval a
@@ -253,7 +257,7 @@ def compute_layer_stats(model: Model, layers: Sequence[int], texts: list[str],
                          f"the reduction interval, {reduce_every} batches")
     mesh = data_mesh(mesh, params)
     n_dev = mesh.shape["data"]
-    batches, n_texts = _batches(model, texts, n_samples, batch_size, corpus)
+    batches, n_texts = token_batches(model, texts, n_samples, batch_size, corpus)
     f = model.config.d_mlp
     digest = hashlib.sha256()
     for seq in (seq for chunk in batches for seq in chunk):
