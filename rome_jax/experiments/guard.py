@@ -204,9 +204,7 @@ def score_edits(es: Sequence[Mapping], profile) -> dict:
             y = [collapsed(es[i], label) for i in pick]
             ref = [refused[i] for i in pick]
             default = {
-                "tp": sum(r and c for r, c in zip(ref, y)), "positives": sum(y),
-                "fp": sum(r and not c for r, c in zip(ref, y)), "negatives": len(y) - sum(y),
-                **{f"refused_by_{k}": sum(reasons[i][k] for i in pick)
+                **confusion(ref, y), **{f"refused_by_{k}": sum(reasons[i][k] for i in pick)
                    for k in ("denominator", "delta_abs")}}
             rules = {}
             for rule in RULES:
@@ -222,7 +220,17 @@ def score_edits(es: Sequence[Mapping], profile) -> dict:
     return out
 
 
+def confusion(refused: Sequence[bool], labels: Sequence[bool]) -> dict:
+    """``tp`` (refused positives) of ``positives``, ``fp`` (refused negatives) of
+    ``negatives``."""
+    pairs = list(zip(map(bool, refused), map(bool, labels), strict=True))
+    return {"tp": sum(r and c for r, c in pairs), "positives": sum(c for _, c in pairs),
+            "fp": sum(r and not c for r, c in pairs),
+            "negatives": sum(not c for _, c in pairs)}
+
+
 def rate(k: int, n: int) -> str:
+    """``k/n = k÷n`` (``k/0`` when there is nothing to count)."""
     return f"{k}/{n} = {k / n:.3f}" if n else f"{k}/0"
 
 
