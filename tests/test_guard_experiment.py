@@ -91,6 +91,10 @@ def test_scores_at_the_defaults_and_along_the_roc():
     assert rome2["lambda_meeting_target"] == pytest.approx([1.1 / CEILING, 1.15 / CEILING])
     # at ratio > 10, case 4 (ratio 3, denominator 10) is a normal edit refused before case 3
     assert scores["rome, ratio > 10"]["lambda_meeting_target"] is None
+    # k = 8: the ceiling exp(0.8) passes case 2's |Δ| 2, still refused by its denominator
+    assert rome2["by_mad_k"]["2.0"] == {k: rome2["default"][k]
+                                        for k in ("tp", "positives", "fp", "negatives")}
+    assert rome2["by_mad_k"]["8.0"]["tp"] == 3
     wrong = experiment.wrong(experiment.edits(ROWS), PROFILE)
     assert [(w["case_id"], w["method"], w["guard"]) for w in wrong] == [
         (3, "rome", "passed"), (4, "rome", "refused"), (7, "c-rome", "refused")]

@@ -37,6 +37,7 @@ TARGET_TPR, TARGET_FPR = 0.95, 0.02
 MAX_PPL_RATIO = 10.0      # the profile keeps normal edits below this ratio (the guard's default)
 POPULATIONS = {"rome and c-rome": collapse.METHODS, "rome": ("rome",)}
 RULES = ("guard (λ)", "denominator", "‖Δ‖")
+K_GRID = (2.0, 3.0, 4.0, 5.0, 6.0, 8.0)  # the |Δ| ceiling's k, the denominator floor kept
 
 
 def add_args(p) -> None:
@@ -193,7 +194,11 @@ def score_edits(es: Sequence[Mapping], profile) -> dict:
     meeting the target (for the guard's rule as λ = exp(threshold))."""
     from rome_jax.guard import evaluate
 
-    refused = [not evaluate({**e, "request": {}}, profile).ok for e in es]
+    def verdicts(p):
+        return [not evaluate({**e, "request": {}}, p).ok for e in es]
+
+    refused = verdicts(profile)
+    by_k = {k: verdicts(profile.with_thresholds(mad_k=k)) for k in K_GRID}
     reasons = [{"denominator": not (e["denominator"] >= profile.denominator_floor),
                 "delta_abs": not (e["delta_abs"] <= profile.delta_abs_ceiling)} for e in es]
     scores = [rule_scores(e, profile) for e in es]
@@ -213,9 +218,10 @@ def score_edits(es: Sequence[Mapping], profile) -> dict:
                 rules[rule] = {"auc": curve["auc"], "best": best_at(curve, TARGET_FPR),
                                "meets_target": interval, "curve": {
                                    k: curve[k] for k in ("fpr", "tpr")}}
+            grid = {str(k): confusion([r[i] for i in pick], y) for k, r in by_k.items()}
             lam = rules["guard (λ)"]["meets_target"]
             out[f"{name}, ratio > {label:g}"] = {
-                "methods": list(methods), "label": label, "default": default, "rules": rules,
+                "methods": list(methods), "label": label, "default": default, "rules": rules, "by_mad_k": grid,
                 "lambda_meeting_target": None if lam is None else [math.exp(x) for x in lam]}
     return out
 
@@ -258,10 +264,15 @@ def tables(summary: Mapping, title: str) -> str:
           "none" if v["lambda_meeting_target"] is None else
           f"[{fmt(v['lambda_meeting_target'][0])}, {fmt(v['lambda_meeting_target'][1])})"]
          for name, v in summary["scores"].items()])
+    ks = markdown_table(
+        ["edits", "collapse", *(f"k = {k:g}: TPR, FPR" for k in K_GRID)],
+        [[name.split(", ")[0], name.split(", ")[1],
+          *(f"{c['tp']}/{c['positives']}, {c['fp']}/{c['negatives']}"
+            for c in v["by_mad_k"].values())] for name, v in summary["scores"].items()])
     t4 = markdown_table(["case", "method", "first-token", "guard", "ME-PPL_50 ratio",
                          "denominator / floor", "abs Δ / ceiling"],
-                        [list(w.values()) for w in summary["wrong"]]) if summary["wrong"] \
-        else "(none)"
+                        [[str(w["case_id"]), *list(w.values())[1:]] for w in summary["wrong"]]
+                        ) if summary["wrong"] else "(none)"
     return (f"{title}\n\nProfile: {p['n']} normal rome edits (none of the scored records), "
             f"denominator floor {fmt(p['denominator_floor'])} (5% quantile "
             f"{fmt(p['denominator_quantile'])} / margin {fmt(p['margin'])}), abs Δ ceiling "
@@ -270,7 +281,9 @@ def tables(summary: Mapping, title: str) -> str:
             f"thresholds.\n\n{t1}\n\nTable 2: ROC of each rule (guard: both thresholds moved "
             f"by λ; denominator: refuse below a cut; ‖Δ‖: refuse above a cut).\n\n{t2}\n\n"
             f"Table 3: the guard's scale λ (floor / λ, ceiling · λ) at which it meets the "
-            f"target.\n\n{lam}\n\nEdits judged wrongly at the defaults (collapse: ratio > "
+            f"target.\n\n{lam}\n\nTable 4: the guard with another |Δ| ceiling k (the denominator "
+            f"floor as the profile's), collapses and other edits refused.\n\n{ks}\n\n"
+            f"Edits judged wrongly at the defaults (collapse: ratio > "
             f"{LABELS[0]:g}).\n\n{t4}")
 
 
@@ -298,17 +311,19 @@ def figure(summary: Mapping, title: str):
         fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.8), squeeze=False)
         for ax, name in zip(axes[0], names):
             v = summary["scores"][name]
-            for rule, colour in zip(RULES, ("tab:red", "tab:blue", "tab:green")):
+            for rule, colour, style in zip(RULES, ("tab:red", "tab:blue", "tab:green"),
+                                           ("-", "--", ":")):
                 r = v["rules"][rule]
-                ax.plot(r["curve"]["fpr"], r["curve"]["tpr"], color=colour, lw=1.3,
-                        drawstyle="steps-post", label=f"{rule} (AUC {fmt(r['auc'])})")
+                ax.plot(r["curve"]["fpr"], r["curve"]["tpr"], color=colour, ls=style, lw=1.6,
+                        label=f"{rule} (AUC {fmt(r['auc'])})")
             d = v["default"]
             if d["positives"] and d["negatives"]:
                 ax.plot(d["fp"] / d["negatives"], d["tp"] / d["positives"], "k*", ms=9,
                         label="guard, default")
             ax.axvspan(0, TARGET_FPR, ymin=TARGET_TPR, color="gold", alpha=0.4)
-            ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title=name,
-                   xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+            ax.set_xscale("symlog", linthresh=TARGET_FPR)  # linear below 2 %, log above
+            ax.set(xlabel="false-positive rate (linear below 0.02)",
+                   ylabel="true-positive rate", title=name, xlim=(0, 1), ylim=(-0.02, 1.02))
             ax.title.set_fontsize(9)
             ax.legend(fontsize=7, loc="lower right")
         save_figure(fig, path, title)
