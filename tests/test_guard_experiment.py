@@ -107,9 +107,18 @@ def test_same_hparams_fills_missing_fields_with_defaults():
 
 def test_command_scores_a_collapse_run_with_a_profile_that_leaves_it_out(tiny_model, tmp_path,
                                                                         capsys):
+    from rome_jax.data import load_counterfact, tokenizer_dir
+    from rome_jax.guard import normal_requests
+    from rome_jax.models.tokenizer import Tokenizer
+
     with in_process_env(tmp_path, default_model=False):
-        assert cli.main(["experiment", "collapse", "--model", str(tiny_model), *SMALL, "--n",
-                         "2", "--max-first", "0", "--out", str(tmp_path / "run")]) == 0
+        # the scored run edits the records an unexcluded profile would take first
+        first = [r.case_id for r in normal_requests(
+            load_counterfact(), Tokenizer.from_dir(tokenizer_dir()), 2)]
+        (tmp_path / "ids.json").write_text(json.dumps(first))
+        assert cli.main(["experiment", "collapse", "--model", str(tiny_model), *SMALL,
+                         "--case-ids", str(tmp_path / "ids.json"), "--out",
+                         str(tmp_path / "run")]) == 0
         ids = [json.loads(line)["case_id"]
                for line in (tmp_path / "run" / "rows.jsonl").read_text().splitlines()[1:]]
         args = ["experiment", "guard", "--model", str(tiny_model), *SMALL, "--guard-samples",
@@ -121,6 +130,7 @@ def test_command_scores_a_collapse_run_with_a_profile_that_leaves_it_out(tiny_mo
         assert (tmp_path / "g" / "figure.png").stat().st_size > 0
         row = json.loads((tmp_path / "g" / "rows.jsonl").read_text().splitlines()[1])
         profile = GuardProfile.from_dict(row["profile"])
+        assert sorted(ids) == sorted(first)
         assert profile.n == 2 and not set(profile.case_ids) & set(ids)
         assert profile.settings["excluded_case_ids"] == sorted(ids)
         capsys.readouterr()
