@@ -139,3 +139,13 @@ def test_command_scores_a_collapse_run_with_a_profile_that_leaves_it_out(tiny_mo
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "--baseline" in err[0] and "another layer" in err[0]
         assert not (tmp_path / "g0").exists()
+
+
+def test_a_scored_row_without_a_denominator_is_named():
+    row = {**edit_row(1, True, (1.0, 1.0, 1.0)), "subject": "x", "base_perplexity": 1.0}
+    for m in ("rome", "c-rome"):
+        row[m].update(residual_norm=1.0, denominator_unit_u=1.0, perplexity=1.0, success=True)
+    experiment.check_source_row(row)
+    del row["c-rome"]["denominator"]
+    with pytest.raises(ValueError, match="c-rome.denominator: missing"):
+        experiment.check_source_row(row)

@@ -14,7 +14,10 @@ refused), with counts, at the profile's default thresholds, for both methods poo
 the guard's pre-apply rule swept along its one scale λ (both thresholds moved by λ:
 ``guard.score`` > log λ), the denominator alone (refuse below a cut) and ‖Δ‖ alone (refuse
 above a cut), each with the largest true-positive rate at a false-positive rate ≤ 2 % (the
-issue's target: ≥ 95 % of collapses refused there) and the λ range that meets the target.
+issue's target: ≥ 95 % of collapses refused there) and the λ range that meets the target; the
+rates with other |Δ| ceilings k (``K_GRID``); and the edits the default guard judges wrongly.
+With ``--bos`` the run scored is a ``bos`` run and the profile is built with the start token,
+as the guard of an edit made with ``--bos`` would be.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from rome_jax.experiments import collapse
-from rome_jax.experiments.journal import require
+from rome_jax.experiments.journal import NUMBER, require
 from rome_jax.experiments.report import (Report, fmt, markdown_table, pyplot, run_label,
                                          save_figure)
 
@@ -79,7 +82,7 @@ def source(header: Mapping) -> tuple[dict, list[dict]]:
     if not path.exists():
         raise FileNotFoundError(f"--baseline: {path} does not exist; run `rome-jax experiment "
                                 "collapse` (or bos) with the same model and layer first")
-    base_header, rows = read_rows(path, None, collapse.check_row)
+    base_header, rows = read_rows(path, None, check_source_row)
     if base_header["experiment"] not in ("collapse", "bos"):
         raise ValueError(f"--baseline {path.parent}: a {base_header['experiment']} run, not a "
                          "collapse or bos run")
@@ -91,6 +94,15 @@ def source(header: Mapping) -> tuple[dict, list[dict]]:
                          + ", ".join(differ) + "; it must be a run of this model, layer, "
                          "ROME settings and start token")
     return base_header, rows
+
+
+def check_source_row(row: Mapping) -> None:
+    """ValueError naming the first field a scored row lacks: a collapse row whose edits carry
+    their denominator and |Δ|."""
+    collapse.check_row(row)
+    if "error" not in row:
+        require(row, {m: {"denominator": NUMBER, "delta_abs": NUMBER}
+                      for m in collapse.METHODS})
 
 
 def same_hparams(a: Mapping, b: Mapping) -> bool:
