@@ -84,6 +84,7 @@ def test_scores_at_the_defaults_and_along_the_roc():
     # the denominator alone ranks every rome collapse (ratio > 2) above every other edit
     assert rome2["rules"]["denominator"]["auc"] == 1.0
     assert rome2["rules"]["denominator"]["best"]["tp"] == 4
+    assert rome2["rules"]["denominator"]["meets_target"]
     # ‖Δ‖ alone: case 4's 1000 ties cases 5 and 7 and loses to 6's 1100: (3 + 3 + 3 + 1) / 12
     assert rome2["rules"]["‖Δ‖"]["auc"] == pytest.approx(10 / 12)
     # λ: case 3 (|Δ| 1.15) is refused once the ceiling is below 1.15, case 6 (1.1) passes

@@ -223,17 +223,18 @@ def score_edits(es: Sequence[Mapping], profile) -> dict:
             default = {
                 **confusion(ref, y), **{f"refused_by_{k}": sum(reasons[i][k] for i in pick)
                    for k in ("denominator", "delta_abs")}}
-            rules = {}
+            rules, lam = {}, None
             for rule in RULES:
                 curve = roc([scores[i][rule] for i in pick], y)
                 interval = meeting(curve, TARGET_TPR, TARGET_FPR)
+                lam = interval if rule == "guard (λ)" else lam
                 rules[rule] = {"auc": curve["auc"], "best": best_at(curve, TARGET_FPR),
-                               "meets_target": interval, "curve": {
+                               "meets_target": interval is not None, "curve": {
                                    k: curve[k] for k in ("fpr", "tpr")}}
             grid = {str(k): confusion([r[i] for i in pick], y) for k, r in by_k.items()}
-            lam = rules["guard (λ)"]["meets_target"]
             out[f"{name}, ratio > {label:g}"] = {
-                "methods": list(methods), "label": label, "default": default, "rules": rules, "by_mad_k": grid,
+                "methods": list(methods), "label": label, "default": default, "rules": rules,
+                "by_mad_k": grid,
                 "lambda_meeting_target": None if lam is None else [math.exp(x) for x in lam]}
     return out
 
@@ -268,7 +269,7 @@ def tables(summary: Mapping, title: str) -> str:
         [[name.split(", ")[0], name.split(", ")[1], rule, r["auc"],
           rate(r["best"]["tp"], v["default"]["positives"]),
           rate(r["best"]["fp"], v["default"]["negatives"]),
-          "no" if r["meets_target"] is None else "yes"]
+          "yes" if r["meets_target"] else "no"]
          for name, v in summary["scores"].items() for rule, r in v["rules"].items()])
     lam = markdown_table(
         ["edits", "collapse", "λ meeting the target (default 1)"],
