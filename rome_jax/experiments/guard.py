@@ -355,4 +355,6 @@ def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
     es = edits(base_rows)
     summary = {"baseline": str(source_dir(header)), "profile": profile.summary(),
                "scores": score_edits(es, profile), "wrong": wrong(es, profile)}
-    return Report(summary, tables(summary, title + "."), figure(summary, title))
+    curves = any(v["default"]["positives"] for v in summary["scores"].values())
+    return Report(summary, tables(summary, title + "."),
+                  figure(summary, title) if curves else None)  # no collapse: no ROC curve
