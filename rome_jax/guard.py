@@ -27,7 +27,7 @@ import math
 import numbers
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -244,6 +244,24 @@ def evaluate(report: Any, profile: GuardProfile) -> Verdict:
                                            _subject_first(report)))
 
 
+def score(report: Any, profile: GuardProfile) -> float:
+    """How far an edit lies past the guard's pre-apply thresholds, in log units (pure):
+
+        max(log(floor / denominator), log(|Δ| / ceiling))
+
+    (+inf for a denominator ≤ 0 or a non-finite value; the first term is -inf when the floor is
+    not positive). :func:`evaluate` refuses an edit before applying it exactly when the score
+    is > 0; moving both thresholds by one factor λ (floor / λ, ceiling · λ) refuses it exactly
+    when the score is > log λ, the one parameter along which the guard's ROC curve is swept.
+    ``report``: as for :func:`evaluate` (its perplexities are not used)."""
+    den, dabs = float(_field(report, "denominator")), float(_field(report, "delta_abs"))
+    if not (math.isfinite(den) and math.isfinite(dabs)) or den <= 0:
+        return math.inf
+    floor = profile.denominator_floor
+    below = math.log(floor / den) if floor > 0 else -math.inf
+    return max(below, math.log(dabs / profile.delta_abs_ceiling) if dabs > 0 else -math.inf)
+
+
 def suggest(method: str, subject_first: bool, finite: bool = True) -> str:
     """What to do instead of a refused edit of ``method`` (never the method it already is);
     ``finite`` False: the update itself was non-finite, which ``--force`` cannot apply."""
@@ -393,12 +411,17 @@ def normal_requests(records: Sequence[Mapping], tokenizer, n: int, seed: int = 0
 def build_profile(model, hparams, context, n_samples: int = 48, *, method: str = "rome",
                   probe: PerplexityProbe | None = None, max_ppl_ratio: float = 10.0,
                   records: Sequence[Mapping] | None = None, seed: int = 0, chunk: int = 16,
-                  progress=None, **thresholds) -> GuardProfile:
+                  progress=None, exclude: Collection[int] = (), **thresholds) -> GuardProfile:
     """Edit ``n_samples`` CounterFact records whose subject is not the first token with
     ``method`` (independent edits of the base model, vmapped by ``chunk``), keep those that are
-    finite and (with ``probe``) leave perplexity within ``max_ppl_ratio``, and profile them."""
+    finite and (with ``probe``) leave perplexity within ``max_ppl_ratio``, and profile them.
+    ``exclude``: case ids never used (the records the guard is then scored on); they are
+    stored in the profile's settings as ``excluded_case_ids`` (so such a profile is never
+    loaded for the default's settings)."""
     records = data.load_counterfact() if records is None else records
-    candidates = normal_requests(records, model.tokenizer, 4 * n_samples + 16, seed)
+    excluded = frozenset(int(i) for i in exclude)
+    candidates = normal_requests(records, model.tokenizer, 4 * n_samples + 16, seed,
+                                 exclude=lambda r: int(r["case_id"]) in excluded)
     usable = []
     for request in candidates:
         try:
@@ -448,5 +471,6 @@ def build_profile(model, hparams, context, n_samples: int = 48, *, method: str =
         case_ids=tuple(-1 if i is None else int(i) for i in ids), method=method,
         max_ppl_ratio=max_ppl_ratio, base_perplexity=None if probe is None else probe.base,
         fingerprint=fingerprint(model.params, hparams.layer),
-        settings=profile_settings(hparams, n_samples, method),
+        settings={**profile_settings(hparams, n_samples, method),
+                  **({"excluded_case_ids": sorted(excluded)} if excluded else {})},
         **{k: v for k, v in thresholds.items() if v is not None})

@@ -8,7 +8,8 @@ are also re-judged offline (``guard.evaluate``, pure) under a grid of thresholds
 "Positive" = the guard refused the edit. Rates are given against three references: the
 perplexity verdict at several ratios (a small model's collapse may raise ME-PPL_50 perplexity
 less than 10x), and ‖Δ‖ outliers (log ‖Δ‖_F above median + 3·1.4826·MAD over the screened edits).
-Also splits by first-token subjects.
+Also splits by first-token subjects. A collapse run's edits are scored (ROC curves, the
+guard's profile built without them) by ``rome-jax experiment guard``; the rates here are its.
 """
 
 import json
@@ -16,13 +17,12 @@ import sys
 
 import numpy as np
 
+from rome_jax.experiments.guard import confusion, rate
+
 
 def rates(refused: np.ndarray, actual: np.ndarray) -> str:
-    tp, fp = int((refused & actual).sum()), int((refused & ~actual).sum())
-    pos, neg = int(actual.sum()), int((~actual).sum())
-    tpr = f"{tp}/{pos} = {tp / pos:.2f}" if pos else "n/a (no positives)"
-    fpr = f"{fp}/{neg} = {fp / neg:.2f}" if neg else "n/a"
-    return f"TPR {tpr}, FPR {fpr}"
+    c = confusion(refused, actual)
+    return f"TPR {rate(c['tp'], c['positives'])}, FPR {rate(c['fp'], c['negatives'])}"
 
 
 def main(path: str, profile_path: str | None = None) -> None:

@@ -25,6 +25,8 @@
                  Second2First copy (position 1's learned embedding at position 0): keys'
                  anomaly and ME-PPL_50 ratio of ``rome`` and ``c-rome`` (the slides of "The
                  Fall of ROME")
+``guard``        the collapse guard, calibrated without a collapse run's records, scored
+                 on its edits: true/false positives at the default thresholds, ROC curves
 ===============  =========================================================================
 
 An experiment module has ``NAME``, ``HELP``, ``add_args(parser)`` (its own options),
@@ -38,8 +40,9 @@ ME-PPL_50 probe, built lazily.
 
 from __future__ import annotations
 
-from rome_jax.experiments import (batch, batch_collapse, bos, collapse, geometry,
+from rome_jax.experiments import (batch, batch_collapse, bos, collapse, geometry, guard,
                                   second2first, sequential, sequential_batch, single, zsre)
 
 EXPERIMENTS = {m.NAME: m for m in (collapse, bos, single, sequential, zsre, geometry,
-                                   second2first, batch, sequential_batch, batch_collapse)}
+                                   second2first, batch, sequential_batch, batch_collapse,
+                                   guard)}
