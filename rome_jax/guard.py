@@ -44,7 +44,7 @@ from rome_jax.editors.delta import apply_edit
 
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 MIN_LOG_SCALE = 0.1    # floor of the robust log-|Δ| scale (few or identical samples)
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: the default mad_k is 5; a version-1 profile is rebuilt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,10 +78,12 @@ class GuardProfile:
     method: str = "rome"
     quantile: float = 0.05
     margin: float = 3.0
-    # 2: on the default model, 400 screened rome edits (scripts/guard_report.py) put every
-    # ‖Δ‖ outlier and 63% of first-token subjects above the ceiling at 1% false positives;
-    # k = 5 caught 8% of the outliers.
-    mad_k: float = 2.0
+    # 5 (version 2; 2 before): scored on real collapses (EXPERIMENTS.md 9b, `experiment
+    # guard`: SmolLM2 layers 12 and 4, the default model), k = 5 refuses every collapse that
+    # k = 2 refuses (ME-PPL_50 ratio > 10 and > 2) and fewer other edits at every layer
+    # (layer 12: 4/233 against 15/233). k = 2 had been chosen on ‖Δ‖ outliers of a model that
+    # never collapses (it refused 53/53 of them, k = 5 31/53).
+    mad_k: float = 5.0
     max_ppl_ratio: float = 10.0
     base_perplexity: float | None = None
     fingerprint: str = ""
@@ -175,7 +177,7 @@ class GuardProfile:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "GuardProfile":
         if not isinstance(raw, Mapping) or raw.get("version") != PROFILE_VERSION:
-            raise ValueError("guard profile: not a version-1 profile")
+            raise ValueError(f"guard profile: not a version-{PROFILE_VERSION} profile")
         names = {f.name for f in dataclasses.fields(cls)}
         try:
             kwargs = {k: v for k, v in raw.items() if k in names}

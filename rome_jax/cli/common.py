@@ -295,7 +295,7 @@ def add_guard_args(p: argparse.ArgumentParser, force: bool = True) -> None:
                    help="refuse denominators below the normal 5%% quantile / M (default 3)")
     g.add_argument("--guard-k", type=positive_float, metavar="K",
                    help="refuse |Δ| above median·exp(K·1.4826·MAD) of normal log|Δ| "
-                        "(default 2)")
+                        "(default 5)")
     g.add_argument("--max-ppl-ratio", type=ratio_above_one, default=10.0, metavar="X",
                    help=f"roll back an edit that multiplies {PPL_CORPUS} perplexity by more "
                         "than X (default 10)")
