@@ -14,8 +14,9 @@ from rome_jax import cli
 from rome_jax.experiments import guard as experiment
 from rome_jax.guard import GuardProfile, evaluate, score
 
-# floor = 100 / 3 (5% quantile of equal samples / margin 3); |Δ| ceiling = exp(2 · 0.1)
-PROFILE = GuardProfile(layer=1, denominators=(100.0,) * 20, delta_abs=(1.0,) * 20)
+# floor = 100 / 3 (5% quantile of equal samples / margin 3); |Δ| ceiling = exp(2 · 0.1) (k = 2
+# set here, not the default, so that the hand-written cases sit on either side of it)
+PROFILE = GuardProfile(layer=1, denominators=(100.0,) * 20, delta_abs=(1.0,) * 20, mad_k=2.0)
 CEILING = math.exp(0.2)
 
 
@@ -49,7 +50,8 @@ def test_roc_with_infinite_scores_and_without_positives():
 @pytest.mark.parametrize("lam", [1.0, 0.9, 4.0])  # mad_k must stay > 0
 def test_score_is_the_guard_moved_by_lambda(den, dabs, lam):
     """score > log λ exactly when the guard with floor / λ and ceiling · λ refuses."""
-    moved = PROFILE.with_thresholds(margin=3 * lam, mad_k=2 + math.log(lam) / 0.1)
+    moved = PROFILE.with_thresholds(margin=PROFILE.margin * lam,
+                                    mad_k=PROFILE.mad_k + math.log(lam) / 0.1)
     edit = {"denominator": den, "delta_abs": dabs, "method": "rome", "request": {}}
     assert (score(edit, PROFILE) > math.log(lam)) == (not evaluate(edit, moved).ok)
 
@@ -88,7 +90,7 @@ def test_scores_at_the_defaults_and_along_the_roc():
     # ‖Δ‖ alone: case 4's 1000 ties cases 5 and 7 and loses to 6's 1100: (3 + 3 + 3 + 1) / 12
     assert rome2["rules"]["‖Δ‖"]["auc"] == pytest.approx(10 / 12)
     # λ: case 3 (|Δ| 1.15) is refused once the ceiling is below 1.15, case 6 (1.1) passes
-    # while it is above 1.1; λ = 1 (the default) lies above the range
+    # while it is above 1.1; λ = 1 (the profile's own thresholds) lies above the range
     assert rome2["lambda_meeting_target"] == pytest.approx([1.1 / CEILING, 1.15 / CEILING])
     # at ratio > 10, case 4 (ratio 3, denominator 10) is a normal edit refused before case 3
     assert scores["rome, ratio > 10"]["lambda_meeting_target"] is None
