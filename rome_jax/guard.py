@@ -50,11 +50,14 @@ PROFILE_VERSION = 2  # 2: the default mad_k is 5; a version-1 profile is rebuilt
 @dataclasses.dataclass(frozen=True)
 class Verdict:
     """``ok`` False: the edit is predicted to collapse (or did); ``reasons`` say why and
-    ``suggestion`` what to do instead."""
+    ``suggestion`` what to do instead; ``failed`` names the check behind each reason
+    (``"denominator"``, ``"delta_abs"``, ``"perplexity"``; empty for a reason from elsewhere,
+    such as a non-finite update)."""
 
     ok: bool
     reasons: list[str]
     suggestion: str
+    failed: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -212,7 +215,7 @@ def evaluate(report: Any, profile: GuardProfile) -> Verdict:
     ``request`` (its ``prompt``); when it also has ``perplexity_before`` and
     ``perplexity_after`` (the edit was applied), the perplexity ratio is checked too.
     """
-    reasons = []
+    reasons, failed = [], []
     den = _field(report, "denominator")
     dabs = _field(report, "delta_abs")
     if den is None or dabs is None:
@@ -221,17 +224,20 @@ def evaluate(report: Any, profile: GuardProfile) -> Verdict:
     if not math.isfinite(den) or den <= 0:
         reasons.append(f"denominator {den:.3g} is not positive: the update is undefined or "
                        "points the wrong way")
+        failed.append("denominator")
     elif den < profile.denominator_floor:
         reasons.append(
             f"denominator {den:.3g} is below {profile.denominator_floor:.3g} (the "
             f"{profile.quantile:.0%} quantile {profile.denominator_quantile:.3g} of "
             f"{profile.n} normal edits / {profile.margin:g})")
+        failed.append("denominator")
     if not math.isfinite(dabs) or dabs > profile.delta_abs_ceiling:
         median = math.exp(profile.log_delta_median)
         reasons.append(
             f"|Δ| {dabs:.3g} is above {profile.delta_abs_ceiling:.3g} ({dabs / median:.3g}x the "
             f"median {median:.3g} of {profile.n} normal edits; limit median·exp("
             f"{profile.mad_k:g}·{profile.log_delta_scale:.2f}))")
+        failed.append("delta_abs")
     before = _field(report, "perplexity_before")
     after = _field(report, "perplexity_after")
     if profile.max_ppl_ratio is not None and before is not None and after is not None:
@@ -240,10 +246,11 @@ def evaluate(report: Any, profile: GuardProfile) -> Verdict:
             reasons.append(f"ME-PPL perplexity rose from {float(before):.4g} to "
                            f"{float(after):.4g} ({ratio:.3g}x > {profile.max_ppl_ratio:g}x): "
                            "the edit collapsed the model")
+            failed.append("perplexity")
     if not reasons:
         return Verdict(True, [], "")
     return Verdict(False, reasons, suggest(_field(report, "method", "rome"),
-                                           _subject_first(report)))
+                                           _subject_first(report)), tuple(failed))
 
 
 def score(report: Any, profile: GuardProfile) -> float:
@@ -288,7 +295,7 @@ def check_perplexity(before: float, after: float, max_ratio: float, method: str,
         return Verdict(True, [], "")
     return Verdict(False, [f"ME-PPL perplexity rose from {before:.4g} to {after:.4g} "
                            f"({ratio:.3g}x > {max_ratio:g}x): the edit collapsed the model"],
-                   "roll back; " + suggest(method, subject_first))
+                   "roll back; " + suggest(method, subject_first), ("perplexity",))
 
 
 # ----------------------------------------------------------------------------- cache

@@ -45,6 +45,7 @@ def test_small_denominator_is_refused_with_explanation(profile):
     verdict = evaluate(report(0.5, 1.0e-4), profile)
     assert not verdict.ok
     assert len(verdict.reasons) == 1 and "denominator 0.5" in verdict.reasons[0]
+    assert verdict.failed == ("denominator",)
     assert "quantile" in verdict.reasons[0] and "10 normal edits" in verdict.reasons[0]
     assert "c-rome" in verdict.suggestion and "--force" in verdict.suggestion
 
@@ -59,11 +60,13 @@ def test_large_delta_is_refused(profile):
     verdict = evaluate(report(10.0, 5e-3), profile)
     assert not verdict.ok
     assert len(verdict.reasons) == 1 and verdict.reasons[0].startswith("|Δ| 0.005")
+    assert verdict.failed == ("delta_abs",)
 
 
 def test_collapse_signature_gives_both_reasons(profile):
     verdict = evaluate(report(1e-3, 1.0), profile)
     assert not verdict.ok and len(verdict.reasons) == 2
+    assert verdict.failed == ("denominator", "delta_abs")
 
 
 def test_suggestion_names_the_test_prefix_only_for_subject_first_prompts(profile):
@@ -84,7 +87,7 @@ def test_perplexity_rollback(profile):
     inf = evaluate(report(10.0, 1e-4, perplexity_before=50.0, perplexity_after=math.inf),
                    profile)
     assert ok.ok
-    assert not bad.ok and "100x > 10x" in bad.reasons[0]
+    assert not bad.ok and "100x > 10x" in bad.reasons[0] and bad.failed == ("perplexity",)
     assert not inf.ok
     off = dataclasses.replace(profile, max_ppl_ratio=None)
     assert evaluate(report(10.0, 1e-4, perplexity_before=50.0, perplexity_after=5000.0),

@@ -72,10 +72,11 @@ ROWS = [edit_row(1, True, (-1.0, 9.0, 500.0)),       # collapse, refused (both r
         edit_row(5, False, (100.0, 1.0, 1.0)),
         edit_row(6, False, (100.0, 1.1, 1.0)),
         edit_row(7, False, (120.0, 1.0, 1.0), c_rome=(20.0, 1.0, 1.0))]  # c-rome refused
+ES = experiment.edits(ROWS)
 
 
 def test_scores_at_the_defaults_and_along_the_roc():
-    scores = experiment.score_edits(experiment.edits(ROWS), PROFILE)
+    scores = experiment.score_edits(ES, PROFILE, experiment.verdicts(ES, PROFILE))
     assert scores["rome, ratio > 10"]["default"] == {
         "tp": 2, "positives": 3, "fp": 1, "negatives": 4, "refused_by_denominator": 3,
         "refused_by_delta_abs": 2}
@@ -98,7 +99,7 @@ def test_scores_at_the_defaults_and_along_the_roc():
     assert rome2["by_mad_k"]["2.0"] == {k: rome2["default"][k]
                                         for k in ("tp", "positives", "fp", "negatives")}
     assert rome2["by_mad_k"]["8.0"]["tp"] == 3
-    wrong = experiment.wrong(experiment.edits(ROWS), PROFILE)
+    wrong = experiment.wrong(ES, PROFILE, experiment.verdicts(ES, PROFILE))
     assert [(w["case_id"], w["method"], w["guard"]) for w in wrong] == [
         (3, "rome", "passed"), (4, "rome", "refused"), (7, "c-rome", "refused")]
 

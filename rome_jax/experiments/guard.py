@@ -200,19 +200,22 @@ def meeting(curve: Mapping, min_tpr: float, max_fpr: float) -> tuple[float, floa
     return curve["cuts"][ok[-1]], curve["cuts"][ok[0] - 1] if ok[0] else math.inf
 
 
-def score_edits(es: Sequence[Mapping], profile) -> dict:
-    """For each population (``POPULATIONS``) and label (``LABELS``): the default verdicts'
-    counts, and per rule the ROC curve, the best point at ``TARGET_FPR`` and the thresholds
-    meeting the target (for the guard's rule as λ = exp(threshold))."""
+def verdicts(es: Sequence[Mapping], profile) -> list:
+    """``guard.evaluate``'s pre-apply ``Verdict`` on each edit (no perplexities)."""
     from rome_jax.guard import evaluate
 
-    def verdicts(p):
-        return [not evaluate({**e, "request": {}}, p).ok for e in es]
+    return [evaluate({**e, "request": {}}, profile) for e in es]
 
-    refused = verdicts(profile)
-    by_k = {k: verdicts(profile.with_thresholds(mad_k=k)) for k in K_GRID}
-    reasons = [{"denominator": not (e["denominator"] >= profile.denominator_floor),
-                "delta_abs": not (e["delta_abs"] <= profile.delta_abs_ceiling)} for e in es]
+
+def score_edits(es: Sequence[Mapping], profile, judged: Sequence) -> dict:
+    """For each population (``POPULATIONS``) and label (``LABELS``): the default verdicts'
+    (``judged``: :func:`verdicts` of ``es``) counts, and per rule the ROC curve, the best point
+    at ``TARGET_FPR`` and the thresholds meeting the target (for the guard's rule as
+    λ = exp(threshold))."""
+    refused = [not v.ok for v in judged]
+    by_k = {k: [not v.ok for v in verdicts(es, profile.with_thresholds(mad_k=k))]
+            for k in K_GRID}
+    reasons = [{k: k in v.failed for k in ("denominator", "delta_abs")} for v in judged]
     scores = [rule_scores(e, profile) for e in es]
     out = {}
     for name, methods in POPULATIONS.items():
@@ -300,18 +303,16 @@ def tables(summary: Mapping, title: str) -> str:
             f"{LABELS[0]:g}).\n\n{t4}")
 
 
-def wrong(es: Sequence[Mapping], profile) -> list[dict]:
-    """The edits the default guard judges wrongly for the first label: collapses it passes and
-    other edits it refuses, with their denominator / floor and abs Δ / ceiling."""
-    from rome_jax.guard import evaluate
-
+def wrong(es: Sequence[Mapping], profile, judged: Sequence) -> list[dict]:
+    """The edits the default guard (``judged``: :func:`verdicts` of ``es``) judges wrongly for
+    the first label: collapses it passes and other edits it refuses, with their denominator /
+    floor and abs Δ / ceiling."""
     out = []
-    for e in es:
-        refused = not evaluate({**e, "request": {}}, profile).ok
-        if refused != collapsed(e, LABELS[0]):
+    for e, v in zip(es, judged, strict=True):
+        if v.ok == collapsed(e, LABELS[0]):
             out.append({"case_id": e["case_id"], "method": e["method"],
                         "first_token_subject": e["first_token_subject"],
-                        "guard": "refused" if refused else "passed", "ratio": e["ratio"],
+                        "guard": "passed" if v.ok else "refused", "ratio": e["ratio"],
                         "denominator_over_floor": e["denominator"] / profile.denominator_floor,
                         "delta_abs_over_ceiling": e["delta_abs"] / profile.delta_abs_ceiling})
     return out
@@ -353,8 +354,9 @@ def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
         return Report({"baseline": str(source_dir(header))}, f"{title}: no profile yet.")
     profile = GuardProfile.from_dict(rows[0]["profile"])
     es = edits(base_rows)
+    judged = verdicts(es, profile)
     summary = {"baseline": str(source_dir(header)), "profile": profile.summary(),
-               "scores": score_edits(es, profile), "wrong": wrong(es, profile)}
+               "scores": score_edits(es, profile, judged), "wrong": wrong(es, profile, judged)}
     curves = any(v["default"]["positives"] for v in summary["scores"].values())
     return Report(summary, tables(summary, title + "."),
                   figure(summary, title) if curves else None)  # no collapse: no ROC curve
