@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -66,8 +67,10 @@ class TraceResult:
 
 def embedding_std(model: Model, key: jax.Array | None = None,
                   subjects: Sequence[str] | None = None, n_tokens: int = 1000) -> float:
-    """Standard deviation of token embeddings: over the tokens of ``subjects`` (ROME uses the
-    subjects of its known facts), or else over ``n_tokens`` token ids drawn with ``key``."""
+    """Standard deviation of the token embeddings the first block reads (``wte`` rows, times
+    sqrt(D) where the config scales them, as Gemma does; the noise is added there): over the
+    tokens of ``subjects`` (ROME uses the subjects of its known facts), or else over
+    ``n_tokens`` token ids drawn with ``key``."""
     wte = model.params["wte"]
     if subjects:
         ids = sorted({i for s in subjects for i in model.tokenizer.encode(s)})
@@ -75,7 +78,8 @@ def embedding_std(model: Model, key: jax.Array | None = None,
         if key is None:
             raise ValueError("embedding_std: needs subjects or a jax.random key")
         ids = jax.random.randint(key, (n_tokens,), 0, model.config.vocab_size)
-    return float(jnp.std(wte[jnp.asarray(ids)].astype(jnp.float32)))
+    scale = math.sqrt(model.config.d_model) if model.config.embed_scale else 1.0
+    return scale * float(jnp.std(wte[jnp.asarray(ids)].astype(jnp.float32)))
 
 
 def _block(p: Params, cfg: ModelConfig, h, ctx, patch_h, patch_a, patch_m, clean, layer):

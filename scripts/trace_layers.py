@@ -8,6 +8,10 @@ last subject token and at the last prompt token, is plotted per layer. ROME edit
 where the MLP's effect at the last subject token peaks.
 
     python scripts/trace_layers.py --model smollm2-135m --n 20 --out docs/trace_smollm2.png
+    python scripts/trace_layers.py --model gemma3-270m --bos "<bos>" --out docs/trace_gemma3.png
+
+``--bos TOKEN`` prepends a start token to every sequence, as the CLI's ``--bos`` (Gemma needs its
+``<bos>``: without it the model is broken).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from rome_jax import load_model
 from rome_jax.data import load_counterfact
 from rome_jax.files import atomic_file, write_json_atomic
 from rome_jax.models.model import logits
+from rome_jax.models.tokenizer import EOS_TOKEN
 from rome_jax.rome.request import EditRequest
 from rome_jax.trace import trace
 
@@ -50,9 +55,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20)
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bos", nargs="?", const=EOS_TOKEN, default=None, metavar="TOKEN")
     parser.add_argument("--out", default="docs/trace_smollm2.png")
     args = parser.parse_args()
     model = load_model(args.model)
+    model = model if args.bos is None else model.with_bos(args.bos)
     records = known_records(model, load_counterfact(), args.n)
     subjects = [r["requested_rewrite"]["subject"] for r in load_counterfact()[:500]]
     rows = []
@@ -72,7 +79,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out.with_suffix(".json"), {
-        "model": args.model, "n": len(rows), "samples": args.samples, "seed": args.seed,
+        "model": args.model, "bos": args.bos, "n": len(rows), "samples": args.samples,
+        "seed": args.seed,
         "mean_effect": {k: v.tolist() for k, v in mean.items()},
         "peak_layer_last_subject_token": peak, "records": rows})
 

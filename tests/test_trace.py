@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import jax
@@ -82,6 +83,23 @@ def test_one_restoration_against_a_hand_written_loop(tiny, result):
     for layer, token in [(0, 4), (1, 2), (2, 6)]:
         got = run(corrupted, (layer, token, clean_states))[1]
         assert got == pytest.approx(result.scores["hidden"][token, layer], rel=1e-5)
+
+
+def test_embedding_std_is_that_of_the_embeddings_the_model_adds(tiny):
+    """Gemma multiplies its token embeddings by sqrt(D) before the first block, where the noise
+    goes: the std is measured there, so the corruption is 3 std of what the model reads."""
+    import dataclasses
+
+    from rome_jax.models.transformer import embed, make_context
+
+    scaled = dataclasses.replace(tiny, config=dataclasses.replace(tiny.config, embed_scale=True))
+    key = jax.random.key(5)
+    ids = jax.random.randint(key, (1000,), 0, tiny.config.vocab_size)
+    rows = embed(scaled.params, scaled.config, ids[:, None], make_context((1000, 1), None))
+    rows = rows[:, 0] - tiny.params["wpe"][0]  # each token alone at position 0, its wpe off
+    assert embedding_std(scaled, key) == pytest.approx(float(jnp.std(rows)), rel=1e-5)
+    assert embedding_std(scaled, key) == pytest.approx(
+        math.sqrt(tiny.config.d_model) * embedding_std(tiny, key), rel=1e-6)
 
 
 def test_same_key_same_trace_and_greedy_target(tiny, result):
