@@ -222,9 +222,7 @@ def _ndarray(buf, ext: _Head, key: str, file: Path) -> _Array:
     shape, at = [], dims.start
     for _ in range(dims.size):
         dim = _head(buf, at, end)
-        if dim.kind != "int" or dim.value < 0:
-            raise _Corrupt(f"{key!r}: its shape holds a {dim.kind} {dim.value}, not a size")
-        shape.append(dim.value)
+        shape.append(_size(dim, key))
         at = dim.start
     name = _head(buf, at, end)
     if name.kind not in ("str", "bytes"):
@@ -237,6 +235,14 @@ def _ndarray(buf, ext: _Head, key: str, file: Path) -> _Array:
         raise _Corrupt(f"{key!r}: {data.size if data.kind == 'bytes' else 'no'} bytes for shape "
                        f"{tuple(shape)} {dtype}")
     return _Array(tuple(shape), dtype, ((data.start, count),))
+
+
+def _size(dim: _Head, key: str) -> int:
+    """The size a dimension of ``key``'s shape holds."""
+    if dim.kind != "int" or dim.value < 0:
+        raise _Corrupt(f"{key!r}: its shape holds "
+                       f"{dim.value if dim.kind == 'int' else 'a ' + dim.kind}, not a size")
+    return dim.value
 
 
 def _dtype(name: str, key: str, file: Path) -> np.dtype:
@@ -255,11 +261,7 @@ def _chunked(buf, fields: dict, key: str, file: Path) -> _Array:
     if set(fields) != {_CHUNKED, "shape", "chunks"}:
         raise _Corrupt(f"{key!r}: a chunked array has the keys {sorted(map(str, fields))}, not "
                        f"{sorted([_CHUNKED, 'shape', 'chunks'])}")
-    shape = []
-    for dim in (_head(buf, at, len(buf)) for at in _numbered(buf, fields["shape"], key)):
-        if dim.kind != "int" or dim.value < 0:
-            raise _Corrupt(f"{key!r}: its shape holds a {dim.kind} {dim.value}, not a size")
-        shape.append(dim.value)
+    shape = [_size(_head(buf, at, len(buf)), key) for at in _numbered(buf, fields["shape"], key)]
     chunks = []
     for at in _numbered(buf, fields["chunks"], key):
         head = _head(buf, at, len(buf))
