@@ -288,12 +288,17 @@ def _numbered(buf, at: int, key: str) -> list[int]:
 
 
 def _decode(buf, array: _Array) -> np.ndarray:
-    """``array``'s elements copied out of ``buf`` (the mapped file) into a new array."""
+    """``array``'s elements copied out of ``buf`` (the mapped file) into a new array. The pages
+    copied are then let go of (``MADV_DONTNEED``; the kernel's page cache may keep them), so
+    the process does not hold the file's pages as it goes through them."""
     out = np.empty(sum(count for _, count in array.spans), array.dtype)
     at = 0
     for offset, count in array.spans:
         out[at:at + count] = np.frombuffer(buf, array.dtype, count, offset)
         at += count
+        if hasattr(mmap, "MADV_DONTNEED"):  # not on Windows
+            start = offset - offset % mmap.PAGESIZE
+            buf.madvise(mmap.MADV_DONTNEED, start, offset + count * array.dtype.itemsize - start)
     return out.reshape(array.shape)
 
 
