@@ -29,9 +29,10 @@ array over flax's ``MAX_CHUNK_SIZE`` (2**30 bytes) is instead the map
 "1": ext, ...}}`` whose 1-D ndarray chunks, joined, are the array's flat C-order elements. ``read``
 memory-maps the file and walks its headers only, recording each leaf's key path, shape, dtype and
 the byte span of its elements (of each chunk); an array is copied out of the map when its loader
-is called, so the host holds one decoded tensor at a time. Numbers, strings, lists, other ext types
-(flax's 2, a complex, and 3, a numpy scalar) and non-numeric dtypes are refused naming the key;
-nothing is unpickled.
+is called (and the mapped pages let go of), so the host holds one decoded tensor at a time.
+Numbers, strings, lists, other ext types (flax's 2, a complex, and 3, a numpy scalar) and
+non-numeric dtypes are refused naming the key; nothing is unpickled. ``to_bytes`` writes with
+``flax.serialization.msgpack_serialize``, which chunks large arrays itself.
 """
 
 from __future__ import annotations
@@ -296,7 +297,7 @@ def _decode(buf, array: _Array) -> np.ndarray:
     for offset, count in array.spans:
         out[at:at + count] = np.frombuffer(buf, array.dtype, count, offset)
         at += count
-        if hasattr(mmap, "MADV_DONTNEED"):  # not on Windows
+        if count and hasattr(mmap, "MADV_DONTNEED"):  # not on Windows
             start = offset - offset % mmap.PAGESIZE
             buf.madvise(mmap.MADV_DONTNEED, start, offset + count * array.dtype.itemsize - start)
     return out.reshape(array.shape)
