@@ -451,11 +451,32 @@ def test_leaf_that_is_no_numeric_array_is_refused_naming_the_key(leaf, hf_model,
     tree = hf_flax_params(hf.torch_model, "gpt2")
     value, message = NOT_AN_ARRAY[leaf]
     tree["transformer"]["ln_f"]["scale"] = value
-    d = tmp_path / leaf
-    flax_dir(hf, {}, d)
+    d = flax_dir(hf, {}, tmp_path / leaf)
     file = d / flax_checkpoint.FILE
-    file.write_bytes(msgpack.packb(tree, default=lambda a: msgpack.ExtType(
-        1, msgpack.packb((a.shape, a.dtype.name, a.tobytes()), use_bin_type=True)),
-        use_bin_type=True))
+    file.write_bytes(_pack(tree))
     with pytest.raises(ValueError, match=rf"^{file}: {message}$"):
+        rome_jax.load_model(d)
+
+
+def _pack(tree: dict) -> bytes:
+    """``tree`` packed by msgpack itself, arrays as flax's ndarray ext, any leaf allowed."""
+    return msgpack.packb(tree, use_bin_type=True, default=lambda a: msgpack.ExtType(
+        1, msgpack.packb((a.shape, a.dtype.name, a.tobytes()), use_bin_type=True)))
+
+
+@pytest.mark.parametrize("key", ["number", "map"])
+def test_key_that_is_no_string_is_refused(key, hf_model, tmp_path):
+    hf = hf_model("gpt2")
+    tree = hf_flax_params(hf.torch_model, "gpt2")
+    tree["transformer"]["h"][7] = tree["transformer"]["h"].pop("1")
+    raw = _pack(tree)
+    if key == "map":  # msgpack allows any key; Python cannot pack a dict as one
+        assert raw.count(msgpack.packb("wte")) == 1
+        raw = raw.replace(msgpack.packb("wte"), msgpack.packb({}))
+    d = flax_dir(hf, {}, tmp_path / key)
+    file = d / flax_checkpoint.FILE
+    file.write_bytes(raw)
+    shown = "transformer/<dict>" if key == "map" else "transformer/h/7"
+    with pytest.raises(ValueError, match=rf"^{file}: key '{shown}' is not a name \(a Flax params "
+                                         r"tree is a map of non-empty strings\)$"):
         rome_jax.load_model(d)

@@ -86,6 +86,9 @@ class _Head:
     code: int = 0
     value: object = None
 
+    def __str__(self) -> str:  # a map key that is no string or number, in errors
+        return f"<{self.kind}>"
+
 
 @dataclasses.dataclass(frozen=True)
 class _Array:
@@ -171,15 +174,14 @@ def _text(buf, head: _Head) -> str:
 
 def _entries(buf, at: int, end: int) -> tuple[list[tuple[object, int]], int]:
     """(key, byte where its value starts) of each entry of the map at byte ``at``, and the byte
-    after the map. A key that is no string is its value (numbers) or ``<kind>``."""
+    after the map. A key that is no string is its value (a number) or its _Head."""
     head = _head(buf, at, end)
     entries, at = [], head.start
     for _ in range(head.size):
         key = _head(buf, at, end)
         value = _skip(buf, at, end)
         entries.append((_text(buf, key) if key.kind == "str" else key.value
-                        if key.kind in ("int", "float", "bool", "NoneType") else f"<{key.kind}>",
-                        value))
+                        if key.kind in ("int", "float", "bool", "NoneType") else key, value))
         at = _skip(buf, value, end)
     return entries, at
 
@@ -283,8 +285,8 @@ def _numbered(buf, at: int, key: str) -> list[int]:
         raise _Corrupt(f"{key!r}: a chunked array's shape and chunks must be maps")
     entries = dict(_entries(buf, at, len(buf))[0])
     if set(entries) != {str(i) for i in range(len(entries))}:
-        raise _Corrupt(f"{key!r}: a chunked array's map has the keys {sorted(entries)}, not "
-                       "0, 1, ...")
+        raise _Corrupt(f"{key!r}: a chunked array's map has the keys "
+                       f"{sorted(entries, key=str)}, not 0, 1, ...")
     return [entries[str(i)] for i in range(len(entries))]
 
 
