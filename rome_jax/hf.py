@@ -9,12 +9,11 @@ nothing else is unpickled), plus the tokenizer files. A hub id is fetched with
 ``flax_model.msgpack``) and the tokenizer into a temporary directory that is renamed into place,
 so an export is never half-written.
 
-With a ``mesh`` (``rome_jax.sharding``), safetensors, GGUF and ``pytorch_model.bin`` weights
-are read one tensor at a time (a GGUF tensor dequantized as it is read; a ``.bin`` older than
-torch's zip format read whole first), each placed on the mesh's devices as it is read (split over
-the model axis), and the params placed by the sharding rules; an export gathers and writes one
-tensor at a time. (A Flax msgpack file is decoded whole by its reader, then placed the same
-way.)
+With a ``mesh`` (``rome_jax.sharding``), safetensors, GGUF, Flax msgpack and
+``pytorch_model.bin`` weights are read one tensor at a time (a GGUF tensor dequantized as it is
+read; a ``.bin`` older than torch's zip format read whole first), each placed on the mesh's
+devices as it is read (split over the model axis), and the params placed by the sharding rules;
+an export gathers and writes one tensor at a time.
 """
 
 from __future__ import annotations
@@ -139,17 +138,17 @@ def _shards(index: Path) -> list[Path]:
 
 def _tensor_readers(files: list[Path], family) -> tuple[dict[str, Callable[[], np.ndarray]],
                                                         dict[str, str]]:
-    """HF name (``transformer.`` prefix stripped) -> loader, lazy per tensor except in a Flax
-    msgpack or a pre-zip ``pytorch_model.bin`` (decoded whole); and HF name -> Flax key of the
-    tensors read from msgpack files."""
+    """HF name (``transformer.`` prefix stripped) -> loader, lazy per tensor except in a pre-zip
+    ``pytorch_model.bin`` (decoded whole); and HF name -> Flax key of the tensors read from
+    msgpack files."""
     readers: dict[str, Callable[[], np.ndarray]] = {}
     flax_keys: dict[str, str] = {}
     for file in files:
         if not file.is_file():
             raise FileNotFoundError(f"{file}: weight file missing")
         if file.suffix == ".msgpack":
-            for name, (key, value) in flax_checkpoint.read(file, family).items():
-                readers[name.removeprefix("transformer.")] = lambda v=value: v
+            for name, (key, load) in flax_checkpoint.read(file, family).items():
+                readers[name.removeprefix("transformer.")] = load
                 flax_keys[name.removeprefix("transformer.")] = key
             continue
         if file.suffix == ".bin":
