@@ -179,7 +179,8 @@ def main() -> None:
     print("c.", edits, f"case {request.case_id}", flush=True)
 
     print("\n" + header + "\n")
-    print(table(Path(model.name).name, rate, rome, hparams.layer, window, together, apart, edits))
+    print(table(Path(model.name).name, rate, rome, hparams.layer, window, together, apart,
+                edits))
     print(json.dumps({"header": header, "matmul_gflops": rate, "args": vars(args),
                       "case_id": request.case_id, "statistics": {
                           k: v for k, v in rome.items() if k != "stats"},
