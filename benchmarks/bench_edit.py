@@ -17,6 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from bench_device import matmul_rate
 from rome_jax import data, load_model
 from rome_jax.models.transformer import residual_at, rome_weight
 from rome_jax.rome.edit import build_batch, edit_core, prepare
@@ -39,12 +40,6 @@ def timed(fn, *args, repeats: int):
         out = jax.block_until_ready(compiled(*args))
         runs.append(time.perf_counter() - start)
     return compile_s, statistics.median(runs), out
-
-
-def matmul_rate(n: int = 1024, repeats: int = 10) -> float:
-    a = jnp.ones((n, n), jnp.float32)
-    _, seconds, _ = timed(lambda x: x @ x, a, repeats=repeats)
-    return 2 * n**3 / seconds
 
 
 def main() -> None:
@@ -103,7 +98,7 @@ def main() -> None:
     flops_step = 3 * (R * W * (L - layer) * (per_token + 4 * (T + W) * qo) + 2 * R * P * D * V)
     flops_v = flops_cache + steps * flops_step
     flops_update = 2 * F * F + 4 * F * D
-    rate = matmul_rate()
+    rate = matmul_rate(1024, jnp.float32, repeats=10) * 1e9  # FLOP/s
     result = {
         "device": str(jax.devices()[0]), "cpu": platform.processor() or platform.machine(),
         "model": model.name, "method": args.method, "case_id": args.case,
