@@ -326,6 +326,26 @@ def assert_user_error(proc: subprocess.CompletedProcess, match: str) -> None:
     assert "Traceback" not in proc.stderr
 
 
+def tracked_decodes(monkeypatch, module, label: Callable) -> tuple[list, list[int]]:
+    """Wrap ``module._decode`` (a lazy loader's one decoding function) so that each call records
+    ``label(*args)`` (which tensor it decoded) and how many of the decoded arrays are alive once
+    it returns (itself included); (labels, alive), filled as the test runs."""
+    import weakref
+
+    labels, alive, live = [], [], []
+    decode = module._decode
+
+    def tracked(*args):
+        value = decode(*args)
+        live.append(weakref.ref(value))
+        labels.append(label(*args))
+        alive.append(sum(ref() is not None for ref in live))
+        return value
+
+    monkeypatch.setattr(module, "_decode", tracked)
+    return labels, alive
+
+
 def assert_live_forward_is_full(model, batch, layer: int) -> None:
     """The live-position forward of v*'s optimisation (keys and values before the lookup token
     cached, only the positions from it on recomputed) gives the full forward's logits with a

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import weakref
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ import msgpack
 import numpy as np
 import pytest
 from flax import serialization, traverse_util
+from conftest import tracked_decodes
 from test_hf_parity import CONFIGS
 
 import rome_jax
@@ -300,23 +300,6 @@ def test_chunked_msgpack_loads_as_the_safetensors(hf_model, tmp_path, monkeypatc
                  rome_jax.load_model(hf.path).params)
 
 
-def tracked_decodes(monkeypatch) -> tuple[list, list[int]]:
-    """Record each array ``flax_checkpoint._decode`` copies out of a file (by its byte spans),
-    and how many of the decoded arrays are alive once it is (itself included)."""
-    spans, alive, live = [], [], []
-    decode = flax_checkpoint._decode
-
-    def tracked(buf, array):
-        value = decode(buf, array)
-        live.append(weakref.ref(value))
-        spans.append(array.spans)
-        alive.append(sum(ref() is not None for ref in live))
-        return value
-
-    monkeypatch.setattr(flax_checkpoint, "_decode", tracked)
-    return spans, alive
-
-
 @pytest.mark.parametrize("mesh", [None, "data=1,model=1"])
 def test_msgpack_decodes_nothing_before_lookup_then_each_tensor_once_at_a_time(
         mesh, hf_model, tmp_path, monkeypatch):
@@ -328,7 +311,7 @@ def test_msgpack_decodes_nothing_before_lookup_then_each_tensor_once_at_a_time(
     hf = hf_model("gpt2")
     d = flax_dir(hf, hf_flax_params(hf.torch_model, "gpt2"), tmp_path / "lazy")
     file = d / flax_checkpoint.FILE
-    spans, alive = tracked_decodes(monkeypatch)
+    spans, alive = tracked_decodes(monkeypatch, flax_checkpoint, lambda buf, array: array.spans)
     read = flax_checkpoint.read(file, gpt2)
     assert spans == [] and len(read) == len(flat(file))
     read["transformer.h.1.mlp.c_fc.weight"][1]()

@@ -7,7 +7,6 @@ import importlib
 import importlib.metadata
 import importlib.util
 import types
-import weakref
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from gguf import GGUFValueType as V
 from gguf import GGUFWriter
 from gguf.quants import dequantize, quantize
 
+from conftest import tracked_decodes
 from rome_jax import data
 from rome_jax.models import gguf as gg
 from rome_jax.models.tokenizer import Tokenizer
@@ -825,27 +825,11 @@ def test_gemma3_270m_matches_transformers():
 # Lazy reading: read_gguf checks every tensor but decodes none; load_model decodes each once,
 # as the family asks for it, and drops it once placed.
 
-def tracked_decodes(monkeypatch) -> tuple[list[str], list[int]]:
-    """Record each tensor ``gg._decode`` decodes (its GGUF name), and how many of the decoded
-    arrays are alive once it is (itself included)."""
-    names, alive, live = [], [], []
-    decode = gg._decode
-
-    def tracked(tensor, *args):
-        value = decode(tensor, *args)
-        live.append(weakref.ref(value))
-        names.append(tensor.name)
-        alive.append(sum(ref() is not None for ref in live))
-        return value
-
-    monkeypatch.setattr(gg, "_decode", tracked)
-    return names, alive
-
 
 def test_read_gguf_decodes_nothing_until_looked_up(tmp_path, monkeypatch):
     tensors = hf_tensors(6)
     write_gguf(tmp_path / "m.gguf", tensors, types=mixed_types(tensors))
-    names, _ = tracked_decodes(monkeypatch)
+    names, _ = tracked_decodes(monkeypatch, gg, lambda tensor, *_: tensor.name)
     read = gg.read_gguf(tmp_path / "m.gguf")
     assert names == [] and len(read.tensors) == len(tensors)
     assert "model.norm.weight" in read.tensors and "lm_head.weight" not in read.tensors
@@ -870,7 +854,7 @@ def test_load_model_decodes_each_tensor_once_and_one_at_a_time(llama_family, tmp
 
     tensors = {k: v * (0.4 if v.ndim == 2 else 1.0) for k, v in hf_tensors(7).items()}
     write_gguf(tmp_path / "m.gguf", tensors, types=mixed_types(tensors))
-    names, alive = tracked_decodes(monkeypatch)
+    names, alive = tracked_decodes(monkeypatch, gg, lambda tensor, *_: tensor.name)
     model = rome_jax.load_model(tmp_path / "m.gguf", dtype=jnp.bfloat16, mesh=mesh)
     monkeypatch.undo()
     assert sorted(names) == sorted(to_gguf_name(n) for n in tensors)
