@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -32,7 +31,8 @@ import numpy as np
 from rome_jax.files import atomic_file
 from rome_jax.models.config import ModelConfig
 from rome_jax.models.model import Model
-from rome_jax.models.transformer import Params, block, embed, make_context, unembed
+from rome_jax.models.transformer import (Params, block, embed, make_context, token_embeddings,
+                                         unembed)
 from rome_jax.rome.request import subject_token_index
 
 KINDS = ("hidden", "mlp", "attn")
@@ -67,19 +67,18 @@ class TraceResult:
 
 def embedding_std(model: Model, key: jax.Array | None = None,
                   subjects: Sequence[str] | None = None, n_tokens: int = 1000) -> float:
-    """Standard deviation of the token embeddings the first block reads (``wte`` rows, times
-    sqrt(D) where the config scales them, as Gemma does; the noise is added there): over the
-    tokens of ``subjects`` (ROME uses the subjects of its known facts), or else over
-    ``n_tokens`` token ids drawn with ``key``."""
-    wte = model.params["wte"]
+    """Standard deviation of the token embeddings the first block reads
+    (``transformer.token_embeddings``: times sqrt(D) where the config scales them, as Gemma
+    does; the noise is added there): over the tokens of ``subjects`` (ROME uses the subjects of
+    its known facts), or else over ``n_tokens`` token ids drawn with ``key``."""
     if subjects:
         ids = sorted({i for s in subjects for i in model.tokenizer.encode(s)})
     else:
         if key is None:
             raise ValueError("embedding_std: needs subjects or a jax.random key")
         ids = jax.random.randint(key, (n_tokens,), 0, model.config.vocab_size)
-    scale = math.sqrt(model.config.d_model) if model.config.embed_scale else 1.0
-    return scale * float(jnp.std(wte[jnp.asarray(ids)].astype(jnp.float32)))
+    rows = token_embeddings(model.params, model.config, jnp.asarray(ids))
+    return float(jnp.std(rows.astype(jnp.float32)))
 
 
 def _block(p: Params, cfg: ModelConfig, h, ctx, patch_h, patch_a, patch_m, clean, layer):

@@ -314,12 +314,19 @@ def run_blocks(params: Params, cfg: ModelConfig, h: jax.Array, ctx: Context,
     return jax.lax.scan(step, h, (layers, jax.random.split(dropout.key, stop - start)))[0]
 
 
-def embed(params: Params, cfg: ModelConfig, input_ids: jax.Array, ctx: Context) -> jax.Array:
-    """Token (+ learned position) embedding, times sqrt(D) with ``cfg.embed_scale``.
-    input_ids [B, T] -> h [B, T, D]."""
+def token_embeddings(params: Params, cfg: ModelConfig, input_ids: jax.Array) -> jax.Array:
+    """The tokens' ``wte`` rows, times sqrt(D) with ``cfg.embed_scale`` (Gemma).
+    input_ids [...] -> [..., D]."""
     h = params["wte"][input_ids]
     if cfg.embed_scale:
         h = h * jnp.asarray(math.sqrt(cfg.d_model), h.dtype)
+    return h
+
+
+def embed(params: Params, cfg: ModelConfig, input_ids: jax.Array, ctx: Context) -> jax.Array:
+    """Token embeddings (:func:`token_embeddings`) + learned position embeddings.
+    input_ids [B, T] -> h [B, T, D]."""
+    h = token_embeddings(params, cfg, input_ids)
     if "wpe" in params:
         h = h + params["wpe"][ctx.positions]
     return h
