@@ -7,7 +7,9 @@ For each case id this solves the record's keys, v̄* and k2-rome's v*₀ (``rome
 the two in C⁻¹'s metric. Then it scores (CounterFact ES, PS, NS, EM on the plain prompts,
 ME-PPL_50 ratio, ‖Δw‖_F, the system's condition number) k2-rome as shipped and two ways to keep
 the first tokens of other texts unchanged: a third equality constraint Δwᵀk₀ = 0 (EMMET's closed
-form with the keys [k̄, k^u, k₀]), and C + μ·E[k₀k₀ᵀ] as the update's metric (``--mu``).
+form with the keys [k̄, k^u, k₀]), C + μ·E[k₀k₀ᵀ] as the update's metric (``--mu``), and
+C + μ·E_t[k₀(t)k₀(t)ᵀ] with the expectation over every vocabulary token t alone at position 0
+(a first token's key depends on that token only, so this is the set of all first-token keys).
 
     python scripts/position0_probe.py --model smollm2-135m --layer 12 --case-ids 946
 """
@@ -31,10 +33,30 @@ from rome_jax.rome.request import EditRequest
 from rome_jax.rome.stats import solve as c_solve
 
 
+def first_token_moment(model, layer: int, chunk: int = 2048):
+    """E_t[k₀(t)k₀(t)ᵀ] [F, F]: the key at ``layer`` of every vocabulary token t as a one-token
+    text (the last chunk is shorter and compiles once more)."""
+
+    @jax.jit
+    def moment(ids):                                  # ids [n, 1]
+        mask = jnp.ones(ids.shape, bool)
+        residual = residual_at(model.params, model.config, ids, mask, layer)
+        keys = block(jax.tree.map(lambda x: x[layer], model.params["blocks"]), model.config,
+                     residual, make_context(mask.shape, mask, residual.dtype))[1][:, 0]
+        return keys.T @ keys
+
+    vocab = model.config.vocab_size
+    total = sum(moment(jnp.arange(start, min(start + chunk, vocab))[:, None])
+                for start in range(0, vocab, chunk))
+    return total / vocab
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--case-ids", required=True, help="comma-separated CounterFact case ids")
     p.add_argument("--mu", default="100,1000", help="weights μ of E[k₀k₀ᵀ] added to C")
+    p.add_argument("--vocab-mu", default="1,10,100",
+                   help="weights μ of the vocabulary's E_t[k₀(t)k₀(t)ᵀ] added to C")
     add_model_args(p)
     args = p.parse_args()
     s = Setup(args)
@@ -43,6 +65,7 @@ def main() -> None:
     records = counterfact_by_case_id(load_counterfact(), case_ids)
     w, b = rome_weight(model.params, layer)
     moment = ctx.factor @ ctx.factor.T
+    vocab_moment = first_token_moment(model, layer)
     for case_id, record in zip(case_ids, records):
         request = EditRequest.from_dict(record)
         batch = build_batch(model, request, ctx.templates, hp.fact_token)
@@ -62,7 +85,9 @@ def main() -> None:
               f"{float(sin2):.4f}")
         targets = (solved.values.v_star, solved.plain.v_star)
         variants = {"k2-rome": None, "k0 constraint": "k0",
-                    **{f"C + {mu}·E[k0k0ᵀ]": float(mu) for mu in args.mu.split(",")}}
+                    **{f"C + {mu}·E[k0k0ᵀ]": float(mu) for mu in args.mu.split(",")},
+                    **{f"C + {mu}·E_t[k0(t)k0(t)ᵀ]": ("vocab", float(mu))
+                       for mu in args.vocab_mu.split(",")}}
         for name, how in variants.items():
             if how == "k0":
                 keys = jnp.stack([kbar, ku, k0])
@@ -71,8 +96,12 @@ def main() -> None:
                 update, norm, condition = Edit({layer: Factors(left, right)}), \
                     d.update.delta_norm, d.denominator_condition
             else:
-                factor = ctx.factor if how is None else jnp.linalg.cholesky(
-                    moment + how * first.T @ first / first.shape[0])
+                if how is None:
+                    factor = ctx.factor
+                elif isinstance(how, tuple):
+                    factor = jnp.linalg.cholesky(moment + how[1] * vocab_moment)
+                else:
+                    factor = jnp.linalg.cholesky(moment + how * first.T @ first / first.shape[0])
                 update, d = two_key_update(w, b, factor, ku, kbar, *targets, layer)
                 norm, condition = d.delta_norm, d.key_condition
             params = apply_edit(model.params, update)
