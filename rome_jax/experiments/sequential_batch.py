@@ -12,18 +12,16 @@ on the rewrite prompt) of every fact edited so far and of the last batch alone, 
 layer's ‖Δw‖_F of the batch's update.
 
 Resumable: after every row the window's weights (the only ones that change) and AlphaEdit's
-``preserved`` are saved atomically as ``state-METHOD.npz`` with the batch count; a rerun
-continues from it.
+``preserved`` are saved as ``state-METHOD.npz`` with the batch count (``experiments.state``, the
+format ``sequential`` shares); a rerun continues from it, and replays a method whose state is
+ahead of its rows from the base model.
 """
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Mapping, Sequence
-
-import numpy as np
 
 from rome_jax.experiments.report import Report, markdown_table, pyplot, run_label, save_figure
 
@@ -55,49 +53,6 @@ def settings(args) -> dict:
             "batch_size": args.batch_size, "keys": args.keys, **evaluation_settings(args)}
 
 
-def _state_path(out: Path, method: str) -> Path:
-    return Path(out) / f"state-{method}.npz"
-
-
-def save_state(out: Path, method: str, done: int, params, layers, preserved: Mapping) -> None:
-    """The window's weights and AlphaEdit's ``preserved`` after ``done`` batches, atomically."""
-    from rome_jax.files import write_bytes_atomic
-    from rome_jax.models.transformer import rome_weight
-
-    arrays = {f"weight{layer}": np.asarray(rome_weight(params, layer)[0]) for layer in layers}
-    arrays.update({f"preserved{layer}": np.asarray(p) for layer, p in preserved.items()})
-    buffer = io.BytesIO()
-    np.savez(buffer, done=done, **arrays)
-    write_bytes_atomic(_state_path(out, method), buffer.getvalue())
-
-
-def load_state(out: Path, method: str, params, layers) -> tuple[int, object, dict]:
-    """(batches done, params with the saved weights, preserved), or (0, params, {})."""
-    import jax.numpy as jnp
-
-    path = _state_path(out, method)
-    if not path.exists():
-        return 0, params, {}
-    try:
-        with np.load(path, allow_pickle=False) as saved:
-            done = int(saved["done"])
-            weights = {layer: saved[f"weight{layer}"] for layer in layers}
-            preserved = {int(k.removeprefix("preserved")): jnp.asarray(saved[k])
-                         for k in saved.files if k.startswith("preserved")}
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{path}: unreadable state ({' '.join(str(err).split())}); use "
-                         "--overwrite to start over") from None
-    fc_out = params["blocks"]["mlp"]["fc_out"]
-    w = fc_out["w"]
-    for layer, weight in weights.items():
-        if weight.shape != w.shape[1:]:
-            raise ValueError(f"{path}: a weight of shape {weight.shape} at layer {layer}, the "
-                             f"model has {w.shape[1:]}; use --overwrite to start over")
-        w = w.at[layer].set(jnp.asarray(weight, w.dtype))
-    mlp = {**params["blocks"]["mlp"], "fc_out": {**fc_out, "w": w}}
-    return done, {**params, "blocks": {**params["blocks"], "mlp": mlp}}, preserved
-
-
 def _efficacy(model, records: Sequence[Mapping], params) -> float:
     """Share of ``records`` whose rewrite prompt gives P(new) > P(true) on ``params``."""
     from rome_jax.evaluation import efficacy, request_probabilities
@@ -124,6 +79,7 @@ def run(s, args, journal, header: Mapping) -> None:
     from rome_jax.editors.delta import apply_edit
     from rome_jax.arguments import batch_hparams
     from rome_jax.experiments.sequential import Evaluators, chosen_records
+    from rome_jax.experiments.state import resume, save_state, state_path
     from rome_jax.rome.request import EditRequest
 
     import jax
@@ -140,10 +96,12 @@ def run(s, args, journal, header: Mapping) -> None:
                                 layer=s.hparams.layer)
         evaluate = Evaluators(s, st, journal, layer=hparams.layers[0])
         if [method, 0] not in journal:
-            _state_path(out, method).unlink(missing_ok=True)  # an --overwrite left it behind
+            state_path(out, method).unlink(missing_ok=True)  # an --overwrite left it behind
             journal.append({"key": [method, 0], "method": method, "batches": 0, "edited": 0,
                             **evaluate.unedited()})
-        done, params, preserved = load_state(out, method, s.model.params, hparams.layers)
+        written = max(r["batches"] for r in journal.rows if r["method"] == method)
+        done, params, preserved = resume(out, method, s.model.params, hparams.layers, written,
+                                         journal.path)
         context = (prepare_batch(s.model, method, hparams, jax.random.key(st.get("seed", 0)))
                    if done < n_batches else None)
         runs[method] = SimpleNamespace(hparams=hparams, evaluate=evaluate, done=done,

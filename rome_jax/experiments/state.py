@@ -1,0 +1,97 @@
+"""The resumable state of a sequential experiment's trace (``sequential``, ``sequential-batch``):
+after ``done`` updates, the weights of every layer the updates change and AlphaEdit's K_pᵀK_p,
+as ``state-TRACE.npz`` beside the journal ("/" in a trace's name becomes "-").
+
+The file holds ``done`` (an integer), ``weight{layer}`` (the MLP output weight, as
+``rome_weight``'s W [F, D], of each changed layer: ROME's one layer, or a batch editor's window)
+and ``preserved{layer}`` ([F, F], AlphaEdit's only). It is written atomically (a cut run leaves
+the old state or the new one, never half of one) and read without unpickling: a file that is not
+such a state is a ValueError naming it.
+
+A trace's rows are journaled before its state, so a run cut between the two replays that one
+update (deterministic); a state ahead of the journal (a rows.jsonl restored from an older copy)
+is not trusted: ``resume`` starts the trace over from the base model, the rows already written
+kept.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+def state_path(out: Path, trace: str) -> Path:
+    return Path(out) / f"state-{trace.replace('/', '-')}.npz"
+
+
+def save_state(out: Path, trace: str, done: int, params, layers: Sequence[int],
+               preserved: Mapping | None = None) -> None:
+    """The weights at ``layers`` of ``params`` and ``preserved`` ({layer: [F, F]}) after
+    ``done`` updates, atomically."""
+    from rome_jax.files import write_bytes_atomic
+    from rome_jax.models.transformer import rome_weight
+
+    arrays = {f"weight{layer}": np.asarray(rome_weight(params, layer)[0]) for layer in layers}
+    arrays.update({f"preserved{layer}": np.asarray(p) for layer, p in (preserved or {}).items()})
+    buffer = io.BytesIO()
+    np.savez(buffer, done=done, **arrays)
+    write_bytes_atomic(state_path(out, trace), buffer.getvalue())
+
+
+def load_state(out: Path, trace: str, params, layers: Sequence[int]
+               ) -> tuple[int, object, dict]:
+    """(updates done, ``params`` with the saved weights at ``layers``, preserved), or
+    (0, ``params``, {}) without a state. ValueError naming the file for one that is not a state
+    of this model at these layers (never unpickled)."""
+    import jax.numpy as jnp
+
+    path = state_path(out, trace)
+    if not path.exists():
+        return 0, params, {}
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            done = saved["done"]
+            weights = {layer: saved[f"weight{layer}"] for layer in layers}
+            preserved = {int(k.removeprefix("preserved")): saved[k]
+                         for k in saved.files if k.startswith("preserved")}
+        if (done.shape or done.dtype.kind not in "iu"
+                or any(a.dtype.kind != "f" for a in (*weights.values(), *preserved.values()))):
+            raise ValueError("done, weight or preserved of another type")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        message = " ".join(str(err).split())
+        reason = "pickled data" if "pickle" in message else message or type(err).__name__
+        raise ValueError(f"{path}: not a saved state ({reason}); delete it, or use "
+                         "--overwrite to start over") from None
+    fc_out = params["blocks"]["mlp"]["fc_out"]
+    w = fc_out["w"]
+    for layer, weight in weights.items():
+        if weight.shape != w.shape[1:]:
+            raise ValueError(f"{path}: a weight of shape {weight.shape} at layer {layer}, the "
+                             f"model has {w.shape[1:]}; use --overwrite to start over")
+        w = w.at[layer].set(jnp.asarray(weight, w.dtype))
+    for layer, p in preserved.items():
+        if p.shape != (w.shape[1],) * 2:
+            raise ValueError(f"{path}: preserved{layer} of shape {p.shape}, the model needs "
+                             f"{(w.shape[1],) * 2}; use --overwrite to start over")
+    mlp = {**params["blocks"]["mlp"], "fc_out": {**fc_out, "w": w}}
+    return (int(done), {**params, "blocks": {**params["blocks"], "mlp": mlp}},
+            {layer: jnp.asarray(p) for layer, p in preserved.items()})
+
+
+def resume(out: Path, trace: str, params, layers: Sequence[int], written: int,
+           journal_path: Path) -> tuple[int, object, dict]:
+    """``load_state``, unless the state is ahead of the journal, whose rows of ``trace`` end
+    at ``written`` updates: then (0, ``params``, {}), said on stderr, so that the trace is
+    replayed from the base model."""
+    from rome_jax.arguments import PROG, log
+
+    done, edited, preserved = load_state(out, trace, params, layers)
+    if done <= written:
+        return done, edited, preserved
+    log(f"{PROG}: {state_path(out, trace)}: at {done} updates, but {journal_path} ends at "
+        f"{written}; replaying {trace} from the base model")
+    return 0, params, {}
