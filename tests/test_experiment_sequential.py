@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import tiny_gpt2
 
-from rome_jax.experiments import sequential
+from rome_jax.experiments import sequential, state
 from rome_jax.experiments.journal import read_rows
 
 SMALL = ["--layer", "1", "--mom2-n-samples", "40", "--v-steps", "4", "--template-lengths",
@@ -80,8 +80,9 @@ def test_rows_are_consistent(done):
     assert sorted(r["case_id"] for r in singles) == sorted(case_ids)
     assert all(set(r["edits"]) == {"rome", "c-rome"} for r in singles)
     for method in ("rome", "c-rome"):
-        state = np.load(done / f"state-{method}.npz")
-        assert int(state["step"]) == 3 and state["weight"].shape == (256, 64)
+        saved = np.load(done / f"state-{method}.npz")
+        assert int(saved["done"]) == 3 and saved["weight1"].shape == (256, 64)
+        assert sorted(saved.files) == ["done", "weight1"]  # the one layer ROME changes
 
 
 def test_report_numbers_are_the_rows(done):
@@ -149,17 +150,17 @@ def test_resume_after_an_interruption_reaches_the_same_weights(env, done, monkey
     save = sequential.save_state
     calls = []
 
-    def cut(out_dir, method, step, params, layer):
+    def cut(out_dir, method, step, *rest):
         calls.append(step)
         if (method, step) == ("rome", 2):
             raise KeyboardInterrupt
-        save(out_dir, method, step, params, layer)
+        save(out_dir, method, step, *rest)
 
     monkeypatch.setattr(sequential, "save_state", cut)
     assert experiment(env, monkeypatch, out) != 0
     _, rows = read_rows(out / "rows.jsonl")
     assert [r["key"] for r in rows] == [["rome", 0], ["rome", 1], ["rome", 2]]
-    assert int(np.load(out / "state-rome.npz")["step"]) == 1
+    assert int(np.load(out / "state-rome.npz")["done"]) == 1
     monkeypatch.setattr(sequential, "save_state", save)
     assert experiment(env, monkeypatch, out) == 0
     _, whole = read_rows(done / "rows.jsonl")
@@ -167,8 +168,8 @@ def test_resume_after_an_interruption_reaches_the_same_weights(env, done, monkey
     assert [r["key"] for r in resumed] == [r["key"] for r in whole]
     assert [r.get("delta_norm") for r in resumed] == [r.get("delta_norm") for r in whole]
     for method in ("rome", "c-rome"):
-        np.testing.assert_array_equal(np.load(out / f"state-{method}.npz")["weight"],
-                                      np.load(done / f"state-{method}.npz")["weight"])
+        np.testing.assert_array_equal(np.load(out / f"state-{method}.npz")["weight1"],
+                                      np.load(done / f"state-{method}.npz")["weight1"])
 
 
 def test_a_rerun_with_other_settings_is_refused(env, done, monkeypatch, capsys):
@@ -203,7 +204,7 @@ def test_a_non_finite_update_ends_the_trace(env, monkeypatch):
     assert "non-finite" in trace[-1]["error"]
     final = next(r for r in rows if r["key"] == ["rome", "final"])
     assert final["step"] == 1 and len(final["records"]) == 1
-    assert int(np.load(out / "state-rome.npz")["step"]) == 1
+    assert int(np.load(out / "state-rome.npz")["done"]) == 1
     summary = sequential.report(header | {"out": str(out)}, rows).summary
     assert summary["methods"]["rome"]["ended_at"] == 2
     assert summary["methods"]["rome"]["edits"] == 1
@@ -219,35 +220,34 @@ def test_a_journal_behind_its_state_is_replayed(env, done, monkeypatch, capsys):
     shutil.copytree(done, out)
     lines = (out / "rows.jsonl").read_text().splitlines(keepends=True)
     (out / "rows.jsonl").write_text("".join(lines[:3]))  # header, rome 0, rome 1
-    assert int(np.load(out / "state-rome.npz")["step"]) == 3
+    assert int(np.load(out / "state-rome.npz")["done"]) == 3
     assert experiment(env, monkeypatch, out) == 0
     assert "replaying" in capsys.readouterr().err
     _, whole = read_rows(done / "rows.jsonl")
     _, resumed = read_rows(out / "rows.jsonl")
     assert [r["key"] for r in resumed] == [r["key"] for r in whole]
     assert [r.get("delta_norm") for r in resumed] == [r.get("delta_norm") for r in whole]
-    np.testing.assert_array_equal(np.load(out / "state-rome.npz")["weight"],
-                                  np.load(done / "state-rome.npz")["weight"])
+    np.testing.assert_array_equal(np.load(out / "state-rome.npz")["weight1"],
+                                  np.load(done / "state-rome.npz")["weight1"])
 
 
-@pytest.mark.parametrize("content", [b"garbage", "pickled", "no step"])
+@pytest.mark.parametrize("content", [b"garbage", "pickled", "no step", "no weight"])
 def test_a_corrupt_state_names_its_file(tmp_path, content):
     """Issue 23 (26): a state-*.npz that is not one: ValueError naming the file, never numpy's
     advice to unpickle it."""
     import io
 
-    path = sequential.state_path(tmp_path, "rome")
-    if content == "pickled":
+    path = state.state_path(tmp_path, "rome")
+    arrays = {"pickled": {"done": np.array([{"a": 1}], dtype=object), "weight1": np.zeros(2)},
+              "no step": {"weight1": np.zeros(2)},
+              "no weight": {"done": 3, "weight0": np.zeros(2)}}.get(content)
+    if arrays is not None:
         buffer = io.BytesIO()
-        np.savez(buffer, step=np.array([{"a": 1}], dtype=object), weight=np.zeros(2))
-        content = buffer.getvalue()
-    elif content == "no step":
-        buffer = io.BytesIO()
-        np.savez(buffer, weight=np.zeros(2))
+        np.savez(buffer, **arrays)
         content = buffer.getvalue()
     path.write_bytes(content)
     with pytest.raises(ValueError) as err:
-        sequential.load_state(tmp_path, "rome", {}, 1)
+        state.load_state(tmp_path, "rome", {}, [1])
     assert str(path) in str(err.value) and "allow_pickle" not in str(err.value)
 
 
@@ -267,10 +267,9 @@ def test_collapse_positions_are_evenly_spaced_and_distinct():
 
 
 @pytest.fixture(scope="module")
-def collapse_run(env):
-    """A hand-written collapse baseline (5 normal cases, 2 collapse-labelled ones and a
-    first-token record below the threshold, left out) and a --collapse-cases run on its
-    first 4 normal cases."""
+def baseline(env):
+    """A hand-written collapse baseline: 5 normal cases, 2 collapse-labelled ones and a
+    first-token record below the threshold, left out."""
     from rome_jax import load_model
     from rome_jax.experiments.journal import Journal
     from rome_jax.models.model import params_digest
@@ -284,6 +283,12 @@ def collapse_run(env):
         for case_id, first, ratio in labelled:
             journal.append({"key": case_id, "case_id": case_id, "first_token_subject": first,
                             "rome": {"ratio": ratio}})
+    return baseline
+
+
+@pytest.fixture(scope="module")
+def collapse_run(env, baseline):
+    """A --collapse-cases run on the baseline's first 4 normal cases."""
     with pytest.MonkeyPatch.context() as mp:
         assert experiment(env, mp, env / "seqc", "--collapse-cases", "--baseline",
                           str(baseline), "--n", "4", "--every", "3", "--tasks", "sst2") == 0
@@ -314,8 +319,8 @@ def test_collapse_sequence_rows(collapse_run):
                 assert (es is None) == (k == 0)
                 if k:
                     assert 0 <= es <= 1 and es * k == pytest.approx(round(es * k))
-        state = np.load(sequential.state_path(collapse_run, name))
-        assert int(state["step"]) == len(groups)
+        saved = np.load(state.state_path(collapse_run, name))
+        assert int(saved["done"]) == len(groups)
         final = next(r for r in rows if r["key"] == [name, "final"])
         assert final["case_ids"] == [r["case_id"] for r in edits]
     assert not (collapse_run / "state-rome").exists()  # "/" never makes a folder
@@ -362,3 +367,153 @@ def test_collapse_cases_refuse_bad_input(env, collapse_run, monkeypatch, capsys,
 def test_baseline_needs_collapse_cases(env, monkeypatch, capsys):
     assert experiment(env, monkeypatch, env / "seqc-nobase", "--baseline", "x") == 2
     assert "--baseline: only with --collapse-cases" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- batch editors
+
+BATCH = ["--collapse-cases", "--n", "2", "--every", "2", "--tasks", "sst2", "--methods",
+         "alphaedit,rome,memit"]  # the sequence 946, 0, 5, 1 (collapse positions 1, 3)
+
+
+def batch_experiment(env, baseline, monkeypatch, out) -> int:
+    return experiment(env, monkeypatch, out, *BATCH, "--baseline", str(baseline))
+
+
+@pytest.fixture(scope="module")
+def batch_run(env, baseline):
+    """MEMIT and AlphaEdit one fact per update (window 0-1 on the 2-layer model, --layer 1)
+    beside rome, through the collapse cases, uninterrupted."""
+    with pytest.MonkeyPatch.context() as mp:
+        assert batch_experiment(env, baseline, mp, env / "seqb") == 0
+    return env / "seqb"
+
+
+def test_batch_methods_edit_one_fact_at_a_time(batch_run):
+    header, rows = read_rows(batch_run / "rows.jsonl", "sequential")
+    assert header["settings"]["methods"] == ["alphaedit", "rome", "memit"]
+    traces = sequential.traces(rows)
+    assert list(traces) == ["alphaedit", "alphaedit/control", "rome", "rome/control", "memit",
+                            "memit/control"]
+    for name, trace in traces.items():
+        method = name.split("/")[0]
+        layers = [1] if method == "rome" else [0, 1]
+        assert trace[0]["layers"] == layers
+        assert [r["case_id"] for r in trace[1:]] == ([0, 1] if "/" in name else [946, 0, 5, 1])
+        for r in trace[1:]:
+            assert not r.get("ended") and r["delta_norm"] > 0 and r["residual_norm"] > 0
+            assert r["ppl50_ratio"] == pytest.approx(r["ppl50"] / trace[0]["ppl50"])
+            if method != "rome":
+                assert len(r["delta_norms"]) == 2 and r["delta_norm"] == max(r["delta_norms"])
+                assert "denominator" not in r and "key_cosine" not in r
+        saved = np.load(state.state_path(batch_run, name))
+        assert int(saved["done"]) == len(trace) - 1
+        preserved = [f"preserved{x}" for x in layers] if method == "alphaedit" else []
+        assert sorted(saved.files) == sorted(["done", *(f"weight{x}" for x in layers),
+                                              *preserved])
+        for k in preserved:  # K_pᵀK_p of the facts edited: symmetric, nonzero
+            assert np.abs(saved[k]).max() > 0
+            np.testing.assert_allclose(saved[k], saved[k].T, rtol=1e-5, atol=1e-5)
+    singles = [r for r in rows if r["key"][0] == "single"]
+    assert sorted(r["case_id"] for r in singles) == [0, 1, 5, 946]
+    for r in singles:
+        assert list(r["edits"]) == ["alphaedit", "rome", "memit"]
+        for scores in r["edits"].values():
+            assert 0 <= scores["ES"] <= 1 and scores["ppl_ratio"] > 0
+    table = (batch_run / "table.md").read_text()
+    for method in ("memit", "alphaedit"):
+        assert f"| {method} | 4 | 2 |" in table and f"| {method}, control | 2 | 0 |" in table
+        assert f"| {method} | single | 4 |" in table and f"| {method} | sequential | 4 |" in table
+
+
+def test_batch_ppl50_is_the_edited_models_perplexity(env, batch_run):
+    """A batch method changes layer 0 of the window 0-1: its ME-PPL_50 (and ME-PPL_1k) are those
+    of the edited params computed from the embeddings up, which a probe at the edit layer 1
+    would miss."""
+    from rome_jax import load_model
+    from rome_jax.data import load_me_ppl
+    from rome_jax.guard import PerplexityProbe
+
+    model = load_model(env / "model")
+    _, rows = read_rows(batch_run / "rows.jsonl", "sequential")
+    texts = load_me_ppl("ME-PPL_50")
+    for trace in ("memit", "alphaedit"):
+        last = sequential.traces(rows)[trace][-1]
+        _, params, _ = state.load_state(batch_run, trace, model.params, [0, 1])
+        assert last["ppl50"] == pytest.approx(PerplexityProbe(model, texts, 0)(params),
+                                              rel=1e-5)
+        assert last["ppl50"] != pytest.approx(PerplexityProbe(model, texts, 1)(params),
+                                              rel=1e-5)
+        assert last["ppl1k"] == pytest.approx(PerplexityProbe(
+            model, load_me_ppl("ME-PPL_1k")[:12], 0)(params), rel=1e-5)
+
+
+def test_batch_resume_restores_the_window_and_preserved(env, baseline, batch_run,
+                                                        monkeypatch):
+    """Cut after the row of AlphaEdit's edit 2 but before its state: the rerun restores the
+    window's weights and K_pᵀK_p of edit 1, replays edit 2 and ends with the uninterrupted
+    run's rows and states."""
+    out = env / "seqb-cut"
+    save, resume = sequential.save_state, sequential.resume
+    saved, restored = {}, {}
+
+    def cut(out_dir, trace, step, params, layers, preserved):
+        saved[trace, step] = preserved
+        if (trace, step) == ("alphaedit", 2):
+            raise KeyboardInterrupt
+        save(out_dir, trace, step, params, layers, preserved)
+
+    def resumed(out_dir, trace, *rest):
+        step, params, preserved = resume(out_dir, trace, *rest)
+        restored[trace, step] = preserved
+        return step, params, preserved
+
+    monkeypatch.setattr(sequential, "save_state", cut)
+    assert batch_experiment(env, baseline, monkeypatch, out) != 0
+    monkeypatch.setattr(sequential, "save_state", save)
+    monkeypatch.setattr(sequential, "resume", resumed)
+    assert batch_experiment(env, baseline, monkeypatch, out) == 0
+    assert set(restored[("alphaedit", 1)]) == {0, 1}
+    for layer, p in restored[("alphaedit", 1)].items():
+        np.testing.assert_array_equal(p, saved[("alphaedit", 1)][layer])
+    _, whole = read_rows(batch_run / "rows.jsonl")
+    _, again = read_rows(out / "rows.jsonl")
+    assert [r["key"] for r in again] == [r["key"] for r in whole]
+    for field in ("delta_norm", "delta_norms", "ppl50", "ppl1k", "es_normal"):
+        assert [r.get(field) for r in again] == [r.get(field) for r in whole]
+    for trace in sequential.traces(whole):
+        a, b = np.load(state.state_path(out, trace)), np.load(state.state_path(batch_run, trace))
+        assert a.files == b.files
+        for k in a.files:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_a_non_finite_batch_update_ends_the_trace(env, monkeypatch):
+    import rome_jax.editors.batch as batch_module
+
+    real, calls = batch_module.edit_batch, []
+
+    def edit_batch(*args, **kw):
+        calls.append(len(calls) + 1)
+        if len(calls) == 2:
+            raise ValueError("non-finite update refused (memit, layers [0, 1]: ‖Δw‖ [nan])")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(batch_module, "edit_batch", edit_batch)
+    out = env / "ended-memit"
+    assert experiment(env, monkeypatch, out, "--methods", "memit", "--n", "2", "--every", "1",
+                      "--tasks", "sst2") == 0
+    header, rows = read_rows(out / "rows.jsonl")
+    trace = sequential.traces(rows)["memit"]
+    assert [r["step"] for r in trace] == [0, 1, 2] and trace[-1]["ended"]
+    assert "non-finite" in trace[-1]["error"]
+    assert next(r for r in rows if r["key"] == ["memit", "final"])["step"] == 1
+    assert int(np.load(out / "state-memit.npz")["done"]) == 1
+    singles = [r for r in rows if r["key"][0] == "single"]  # edited alone: calls 3 and 4
+    assert len(singles) == 2 and all("ES" in r["edits"]["memit"] for r in singles)
+    summary = sequential.report(header | {"out": str(out)}, rows).summary
+    assert summary["methods"]["memit"]["ended_at"] == 2
+
+
+def test_unknown_methods_are_refused_by_flag(env, monkeypatch, capsys):
+    assert experiment(env, monkeypatch, env / "seq-bad", "--methods", "memit,bogus") == 2
+    assert "--methods: bogus not one of" in capsys.readouterr().err

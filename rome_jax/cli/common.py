@@ -343,6 +343,7 @@ class Setup:
 
         self.args = args
         self.model = load_cli_model(args)
+        self._probes = {}  # layer -> PerplexityProbe (probe_at)
         config = self.model.config
         if args.layer is None:
             hparams = preset_for(config)
@@ -381,13 +382,23 @@ class Setup:
         return prepare(self.model, self.hparams, jax.random.key(getattr(self.args, "seed", 0)),
                        log=status)
 
-    @functools.cached_property
+    @property
     def probe(self):
+        """The ME-PPL_50 probe of edits at the edit layer (``probe_at(hparams.layer)``)."""
+        return self.probe_at(self.hparams.layer)
+
+    def probe_at(self, layer: int):
+        """The ME-PPL_50 probe that caches the residual stream entering ``layer``: exact for
+        params that differ from the base only at blocks >= ``layer`` (a batch editor's window
+        starts below the edit layer). Built on first use, once per layer."""
         from rome_jax.data import load_me_ppl
         from rome_jax.guard import PerplexityProbe
 
-        status(f"measuring the unedited model's {PPL_CORPUS} perplexity")
-        return PerplexityProbe(self.model, load_me_ppl(PPL_CORPUS), self.hparams.layer)
+        if layer not in self._probes:
+            status(f"measuring the unedited model's {PPL_CORPUS} perplexity (from layer "
+                   f"{layer})")
+            self._probes[layer] = PerplexityProbe(self.model, load_me_ppl(PPL_CORPUS), layer)
+        return self._probes[layer]
 
     def profile(self, build: bool = True):
         """The guard profile (loaded, or built and cached), with the threshold arguments."""

@@ -6,8 +6,9 @@
                  ``c-rome`` (Table 2)
 ``bos``          the same with a start token before every sequence, beside the run without
                  ("The Fall of ROME" §3.3)
-``sequential``   sequential edits per method: ‖Δ‖, ME-PPL_1k and downstream accuracy every k
-                 edits, final CounterFact scores beside single edits ("Rebuilding ROME")
+``sequential``   sequential edits per method (the ROME family or a batch editor, one fact per
+                 update): ‖Δ‖, ME-PPL_1k and downstream accuracy every k edits, final
+                 CounterFact scores beside single edits ("Rebuilding ROME")
 ``zsre``         ROME's zsRE token accuracies (efficacy, paraphrase, specificity) per method
 ``geometry``     PCA / t-SNE maps of k^u, k̄, C⁻¹k̄ and first-token keys, forward passes only
                  ("The Fall of ROME" Figures 1-2)

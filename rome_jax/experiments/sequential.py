@@ -14,6 +14,20 @@ result, not an error). After the last edit, a ``final`` row scores every edited 
 PS PM NS NM S) on the final params, and ``single`` rows score each record edited alone from the
 base model with every method (``counterfact_eval.evaluate_record``), for the table beside it.
 
+``--methods`` takes the ROME family (``rome``, ``c-rome`` = ``r-rome``, ``p-rome``, ``k2-rome``)
+and the batch editors ``memit``, ``emmet`` and ``alphaedit`` (``editors.batch.edit_batch``),
+mixed at will: a batch editor also edits one fact per update (the Butterfly study's setting),
+with its preset for a window that ends at the edit layer (``--layer``; by the presets' rule
+MEMIT's and AlphaEdit's five layers ending there, EMMET's that layer alone) and keys ``rome`` (MEMIT's own); its context
+(templates, C per layer) is prepared once, and AlphaEdit's K_pᵀK_p is threaded through its
+trace. Its row's ‖Δ‖_F is the largest layer's (each layer's in ``delta_norms``), with ‖δ‖ of
+its v* as the residual norm and EMMET's ``denominator_min`` / ``denominator_condition``; the
+ROME fields (denominators, key cosine) are absent. Its updates change blocks from the window's
+first layer up, so its ME-PPL_50 probe and its ME-PPL_1k and downstream probes cache the
+residual stream entering that layer (a probe at the edit layer would miss the lower layers'
+changes). Its single edits are its one-request update of the base model, scored as
+``evaluate_record`` scores (plain prompts, ME-PPL_50 ratio).
+
 With ``--collapse-cases`` ("Rebuilding ROME" Figure 3, the Butterfly study's HardCF sequence),
 the records come from a finished ``collapse`` run (``--baseline``; by default
 ``collapse-lLAYER`` beside this run): its first ``--n`` normal cases N, in the run's order, with
@@ -31,24 +45,26 @@ the first above 1000 (the Butterfly study's collapse criterion), its peak and la
 with its control: ME-PPL_50 ratio against the edit, the collapse positions marked, and the ES
 so far of each group below.
 
-Resumable: after every row the edited layer's weight (the only one that changes) is saved
-atomically as ``state-METHOD.npz`` with its step; a rerun continues from it. Rows are written
-before their state, so a run cut between the two replays that one edit (deterministic); a
-state ahead of the journal (a rows.jsonl restored from an older copy) is not trusted: the
-method's edits are replayed from the base model, the rows already written kept.
+Resumable: after every row the weights of the layers the method changes (ROME's layer, a batch
+editor's window) and AlphaEdit's K_pᵀK_p are saved atomically as ``state-TRACE.npz`` with the
+step (``experiments.state``, the format ``sequential-batch`` shares); a rerun continues from
+it. Rows are written before their state, so a run cut between the two replays that one edit
+(deterministic); a state ahead of the journal (a rows.jsonl restored from an older copy) is
+not trusted: the method's edits are replayed from the base model, the rows already written
+kept.
 """
 
 from __future__ import annotations
 
-import io
+import functools
 import textwrap
-import zipfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from rome_jax.experiments import collapse
+from rome_jax.experiments.state import resume, save_state, state_path
 from rome_jax.experiments.report import (Report, fmt, markdown_table, pyplot, run_label,
                                          save_figure)
 
@@ -73,7 +89,8 @@ def add_args(p) -> None:
 
     p.add_argument("--methods", default=",".join(METHODS), metavar="M,M",
                    help=f"methods, comma-separated (default {','.join(METHODS)}; r-rome is "
-                        "c-rome)")
+                        "c-rome; also k2-rome and the batch editors memit, emmet, alphaedit, "
+                        "one fact per update over their window ending at --layer)")
     p.add_argument("--n", type=positive_int, default=100, help="edits per method (default 100)")
     p.add_argument("--every", type=positive_int, default=10, metavar="K",
                    help="ME-PPL_1k perplexity and downstream accuracy every K edits (and at "
@@ -157,10 +174,12 @@ def shots_text(shots: int | Mapping[str, int]) -> str:
 
 def settings(args) -> dict:
     from rome_jax.arguments import comma_list, read_case_ids
-    from rome_jax.editors.rome import canonical_method
+    from rome_jax.editors.hparams import BATCH_METHODS
+    from rome_jax.editors.rome import METHODS as ROME_METHODS, canonical_method
 
-    methods = list(dict.fromkeys(canonical_method(m) for m in comma_list(args.methods,
-                                                                          "--methods")))
+    known = (*ROME_METHODS, *BATCH_METHODS)
+    methods = list(dict.fromkeys(m if m in BATCH_METHODS else canonical_method(m)
+                                 for m in comma_list(args.methods, "--methods", known=known)))
     case_ids = read_case_ids(args.case_ids) if args.case_ids else None
     if args.collapse_cases and case_ids is not None:
         raise ValueError("--case-ids: not with --collapse-cases (the records come from "
@@ -268,48 +287,6 @@ def efficacy_so_far(model, records: Sequence[Mapping], groups: Sequence[str], pa
             for k in ("normal", "collapse")}
 
 
-# ----------------------------------------------------------------------------- state
-
-
-def state_path(out: Path, trace: str) -> Path:
-    return Path(out) / f"state-{trace.replace('/', '-')}.npz"
-
-
-def save_state(out: Path, method: str, step: int, params, layer: int) -> None:
-    """The edited layer's weight after ``step`` edits, atomically."""
-    from rome_jax.files import write_bytes_atomic
-    from rome_jax.models.transformer import rome_weight
-
-    buffer = io.BytesIO()
-    np.savez(buffer, step=step, weight=np.asarray(rome_weight(params, layer)[0]))
-    write_bytes_atomic(state_path(out, method), buffer.getvalue())
-
-
-def load_state(out: Path, method: str, params, layer: int) -> tuple[int, object]:
-    """(step, params with the saved weight at ``layer``), or (0, ``params``) without a state.
-    ValueError naming the file for one that is not a state (never unpickled)."""
-    path = state_path(out, method)
-    if not path.exists():
-        return 0, params
-    try:
-        with np.load(path, allow_pickle=False) as saved:
-            step, weight = saved["step"], saved["weight"]
-        if step.shape or step.dtype.kind not in "iu" or weight.dtype.kind != "f":
-            raise ValueError("step or weight of another type")
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        reason = "pickled data" if "pickle" in str(err) else type(err).__name__
-        raise ValueError(f"{path}: not a saved sequential state ({reason}); delete it, or use "
-                         "--overwrite to start over") from None
-    step = int(step)
-    fc_out = params["blocks"]["mlp"]["fc_out"]
-    if weight.shape != fc_out["w"].shape[1:]:
-        raise ValueError(f"{path}: a weight of shape {weight.shape}, layer {layer} has "
-                         f"{fc_out['w'].shape[1:]}; use --overwrite to start over")
-    w = fc_out["w"].at[layer].set(weight.astype(fc_out["w"].dtype))
-    mlp = {**params["blocks"]["mlp"], "fc_out": {**fc_out, "w": w}}
-    return step, {**params, "blocks": {**params["blocks"], "mlp": mlp}}
-
-
 # ----------------------------------------------------------------------------- run
 
 
@@ -357,35 +334,110 @@ def _row(journal, key: list) -> dict | None:
     return next((r for r in journal.rows if r["key"] == key), None) if key in journal else None
 
 
-def run_method(s, method: str, records: Sequence[Mapping], journal, out: Path, st: Mapping,
-               evaluate: Evaluators, groups: Sequence[str] | None = None,
-               trace: str | None = None) -> None:
-    """One method's trace (named ``trace``, default ``method``: the rows' key) from its saved
+class Editor:
+    """One method's edit of one record on the params so far, and what measures it: ``layers``,
+    the layers its updates change (ROME's layer, or a batch method's window ending there), and
+    ``probe`` (ME-PPL_50) and ``evaluate`` (ME-PPL_1k, downstream; shared by the methods whose
+    window starts at the same layer), exact for params changed at blocks >= ``layers[0]``. A
+    batch method's context (templates, C of each window layer) is prepared once, on first use,
+    for all its edits: its trace, its control and its single edits."""
+
+    def __init__(self, s, method: str, hparams, evaluate: Evaluators, seed: int):
+        from rome_jax.editors.hparams import BATCH_METHODS
+
+        self.s, self.method, self.hparams, self.evaluate = s, method, hparams, evaluate
+        self.batch = method in BATCH_METHODS
+        self.layers = list(hparams.layers) if self.batch else [hparams.layer]
+        self.seed = seed
+
+    @property
+    def probe(self):
+        return self.s.probe_at(self.layers[0])
+
+    @functools.cached_property
+    def context(self):
+        import jax
+
+        from rome_jax.editors.batch import prepare_batch
+
+        if not self.batch:
+            return self.s.context
+        return prepare_batch(self.s.model, self.method, self.hparams, jax.random.key(self.seed))
+
+    def edit(self, record: Mapping, params, preserved: Mapping) -> tuple[object, dict, dict]:
+        """(the update of ``params`` that writes ``record``, the step row's fields, AlphaEdit's
+        ``preserved`` after it). ROME's fields: ‖Δ‖_F, |Δ|, its denominators, residual norm and
+        key cosine; a batch method's: the largest layer's ‖Δw‖_F and |Δ| (``delta_norm``,
+        ``delta_abs``), each layer's ‖Δw‖_F (``delta_norms``), ‖δ‖ of its v* (the residual the
+        window writes: ``residual_norm``) and EMMET's ``denominator_min`` and
+        ``denominator_condition`` per layer. ValueError saying "non-finite" for a refused
+        update."""
+        from rome_jax.editors.batch import edit_batch
+        from rome_jax.rome.edit import compute_edit
+        from rome_jax.rome.request import EditRequest
+
+        request = EditRequest.from_dict(record)
+        if not self.batch:
+            update, r = compute_edit(self.s.model, request, self.hparams, self.method,
+                                     context=self.context, params=params)
+            return update, {"delta_norm": r.delta_norm, "delta_abs": r.delta_abs,
+                            "denominator": r.denominator,
+                            "denominator_unit_u": r.denominator_unit_u,
+                            "residual_norm": r.residual_norm, "key_cosine": r.key_cosine
+                            }, preserved
+        result = edit_batch(self.s.model, [request], self.method, self.hparams,
+                            context=self.context, params=params, preserved=preserved)
+        layers = result.report.layers
+        norms = [x["update.delta_norm"] for x in layers]
+        fields = {"delta_norm": max(norms), "delta_abs": max(x["delta_abs"] for x in layers),
+                  "delta_norms": norms, "residual_norm": result.report.v_delta_norms[0]}
+        if self.method == "emmet":
+            fields.update({k: [x[k] for x in layers]
+                           for k in ("denominator_min", "denominator_condition")})
+        return result.edit, fields, result.preserved
+
+
+def editors(s, args, st: Mapping, journal) -> dict[str, Editor]:
+    """An ``Editor`` per method of the run: a batch method's settings are its preset for a
+    window that ends at the edit layer, keys ``rome`` (MEMIT's own)."""
+    from rome_jax.arguments import batch_hparams
+    from rome_jax.editors.hparams import BATCH_METHODS
+
+    evaluators, out = {}, {}
+    for method in st["methods"]:
+        hparams = (batch_hparams(s.model.config, method, args, keys="rome",
+                                 layer=s.hparams.layer)
+                   if method in BATCH_METHODS else s.hparams)
+        first = hparams.layers[0] if method in BATCH_METHODS else hparams.layer
+        if first not in evaluators:
+            evaluators[first] = Evaluators(s, st, journal, layer=first)
+        out[method] = Editor(s, method, hparams, evaluators[first], st.get("seed", 0))
+    return out
+
+
+def run_method(s, editor: Editor, records: Sequence[Mapping], journal, out: Path, st: Mapping,
+               groups: Sequence[str] | None = None, trace: str | None = None) -> None:
+    """One method's trace (named ``trace``, default the method: the rows' key) from its saved
     state, then its ``final`` row; with ``groups`` (one per record), each step row names its
     edit's group and the efficacy so far per group (``efficacy_so_far``)."""
     from tqdm import tqdm
 
-    from rome_jax.arguments import PROG, log
     from rome_jax.counterfact_eval import summarize_counterfact
-    from rome_jax.evaluation import counterfact_metrics, counterfact_nll
-    from rome_jax.rome.edit import compute_edit
-    from rome_jax.rome.request import EditRequest
     from rome_jax.editors.delta import apply_edit
+    from rome_jax.evaluation import counterfact_metrics, counterfact_nll
 
-    layer, n, trace = s.hparams.layer, len(records), trace or method
+    method, n, layers = editor.method, len(records), editor.layers
+    trace = trace or method
     if _row(journal, [trace, "final"]) is not None:
         return
     if _row(journal, [trace, 0]) is None:
         state_path(out, trace).unlink(missing_ok=True)  # an --overwrite left it behind
-        journal.append({"key": [trace, 0], "method": method, "step": 0,
-                        "ppl50": s.probe.base, "ppl50_ratio": 1.0, **evaluate.unedited()})
-    step, params = load_state(out, trace, s.model.params, layer)
+        journal.append({"key": [trace, 0], "method": method, "step": 0, "layers": layers,
+                        "ppl50": editor.probe.base, "ppl50_ratio": 1.0,
+                        **editor.evaluate.unedited()})
     written = max(r["step"] for r in journal.rows if r["key"][0] == trace
                   and r["key"][1] != "final")
-    if step > written:  # the journal is behind its state: replay from the base model
-        log(f"{PROG}: {state_path(out, trace)}: at step {step}, but {journal.path} ends at "
-            f"step {written}; replaying {label(trace)}'s edits from the base model")
-        step, params = 0, s.model.params
+    step, params, preserved = resume(out, trace, s.model.params, layers, written, journal.path)
     for i in tqdm(range(step + 1, n + 1), initial=step, total=n, desc=label(trace),
                   unit="edit"):
         done = _row(journal, [trace, i])
@@ -396,8 +448,7 @@ def run_method(s, method: str, records: Sequence[Mapping], journal, out: Path, s
                 "case_id": int(record["case_id"]),
                 **({"group": groups[i - 1]} if groups is not None else {})}
         try:
-            update, report = compute_edit(s.model, EditRequest.from_dict(record), s.hparams,
-                                          method, context=s.context, params=params)
+            update, fields, preserved = editor.edit(record, params, preserved)
         except ValueError as err:
             if "non-finite" not in str(err):
                 raise
@@ -405,18 +456,14 @@ def run_method(s, method: str, records: Sequence[Mapping], journal, out: Path, s
             break
         params = apply_edit(params, update)
         if done is None:
-            ppl50 = s.probe(params)
-            row = {**head, "delta_norm": report.delta_norm, "delta_abs": report.delta_abs,
-                   "denominator": report.denominator,
-                   "denominator_unit_u": report.denominator_unit_u,
-                   "residual_norm": report.residual_norm, "key_cosine": report.key_cosine,
-                   "ppl50": ppl50, "ppl50_ratio": ppl50 / s.probe.base}
+            ppl50 = editor.probe(params)
+            row = {**head, **fields, "ppl50": ppl50, "ppl50_ratio": ppl50 / editor.probe.base}
             if groups is not None:
                 row.update(efficacy_so_far(s.model, records[:i], groups[:i], params))
             if i % st["every"] == 0 or i == n:
-                row.update(evaluate(params))
+                row.update(editor.evaluate(params))
             journal.append(row)
-        save_state(out, trace, i, params, layer)
+        save_state(out, trace, i, params, layers, preserved)
         step = i
     per_record = [counterfact_metrics(counterfact_nll(s.model, r, params))
                   for r in tqdm(records[:step], desc=f"{label(trace)}: final scores",
@@ -426,33 +473,67 @@ def run_method(s, method: str, records: Sequence[Mapping], journal, out: Path, s
                     "records": per_record, "summary": summarize_counterfact(per_record)})
 
 
+def single_row(s, record: Mapping, solved, edit_by: Mapping[str, Editor]) -> dict:
+    """The ``single`` row of ``record``: its scores before editing and edited alone from the
+    base model by each method. The ROME methods' from ``counterfact_eval.evaluate_record``
+    (``solved``: their shared keys and v*); a batch method's from its one-request update
+    (``Editor.edit``), scored as evaluate_record scores (``evaluation.counterfact_metrics`` of
+    the plain prompts, ME-PPL_50 perplexity and ratio) with its ``Editor.edit`` fields, or
+    {"error"} for a non-finite update."""
+    from rome_jax.counterfact_eval import EvalSettings, evaluate_record
+    from rome_jax.editors.delta import apply_edit
+    from rome_jax.evaluation import counterfact_metrics, counterfact_nll
+
+    def scores(params, probe) -> dict:
+        ppl = probe(params)
+        return {**counterfact_metrics(counterfact_nll(s.model, record, params)),
+                "perplexity": ppl, "ppl_ratio": ppl / probe.base}
+
+    rome = tuple(m for m, e in edit_by.items() if not e.batch)
+    row = (evaluate_record(s.model, record, s.hparams, s.context, s.probe,
+                           EvalSettings(methods=rome), solved=solved) if rome else
+           {"case_id": int(record["case_id"]), "before": scores(s.model.params, s.probe),
+            "edits": {}})
+    for method, editor in edit_by.items():
+        if editor.batch:
+            try:
+                update, fields, _ = editor.edit(record, s.model.params, {})
+            except ValueError as err:
+                if "non-finite" not in str(err):
+                    raise
+                row["edits"][method] = {"error": " ".join(str(err).split())}
+                continue
+            row["edits"][method] = {**scores(apply_edit(s.model.params, update), editor.probe),
+                                    **fields}
+    return {"key": ["single", int(record["case_id"])], **row,
+            "edits": {m: row["edits"][m] for m in edit_by}}
+
+
 def run(s, args, journal, header: Mapping) -> None:
     from tqdm import tqdm
 
-    from rome_jax.counterfact_eval import EvalSettings, evaluate_record
     from rome_jax.experiments.records import with_solved
 
     st = header["settings"]
     out = Path(header["out"])
-    evaluate = Evaluators(s, st, journal)
+    edit_by = editors(s, args, st, journal)
     if st.get("collapse_cases"):
         records, groups = collapse_sequence(header)
         normal = [r for r, g in zip(records, groups) if g == "normal"]
-        for method in st["methods"]:
-            run_method(s, method, records, journal, out, st, evaluate, groups)
-            run_method(s, method, normal, journal, out, st, evaluate, ["normal"] * len(normal),
+        for method, editor in edit_by.items():
+            run_method(s, editor, records, journal, out, st, groups)
+            run_method(s, editor, normal, journal, out, st, ["normal"] * len(normal),
                        trace=method + CONTROL)
     else:
         records = chosen_records(s, st)
-        for method in st["methods"]:
-            run_method(s, method, records, journal, out, st, evaluate)
-    single = EvalSettings(methods=tuple(st["methods"]))
+        for editor in edit_by.values():
+            run_method(s, editor, records, journal, out, st)
     todo = [r for r in records if ["single", int(r["case_id"])] not in journal]
-    for record, solved in tqdm(with_solved(s, todo, args.batch), total=len(todo),
-                               desc="single edits", unit="record"):
-        journal.append({"key": ["single", int(record["case_id"])],
-                        **evaluate_record(s.model, record, s.hparams, s.context, s.probe,
-                                          single, solved=solved)})
+    solved = (with_solved(s, todo, args.batch) if any(not e.batch for e in edit_by.values())
+              else ((r, None) for r in todo))
+    for record, solved_record in tqdm(solved, total=len(todo), desc="single edits",
+                                      unit="record"):
+        journal.append(single_row(s, record, solved_record, edit_by))
 
 
 # ----------------------------------------------------------------------------- report
@@ -640,7 +721,8 @@ def figure(summary: Mapping, title: str):
                 lo, hi = zip(*(wilson_interval(e["downstream"][t]["accuracy"],
                                                e["downstream"][t]["n"]) for e in ev))
                 ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
-        axes[0].set(yscale="log", xlabel="edit", ylabel="‖Δ‖_F", title="update norm")
+        axes[0].set(yscale="log", xlabel="edit", ylabel="‖Δ‖_F (a batch editor's largest layer)",
+                    title="update norm")
         ppl = [e["ppl1k"] for v in summary["methods"].values() for e in v["evaluated"]]
         wide = bool(ppl) and max(ppl) > 10 * min(ppl)  # a log axis labels < 1 decade badly
         axes[1].set(yscale="log" if wide else "linear", xlabel="edits", ylabel="perplexity",
