@@ -514,6 +514,20 @@ def test_a_non_finite_batch_update_ends_the_trace(env, monkeypatch):
     assert summary["methods"]["memit"]["ended_at"] == 2
 
 
+def test_emmet_rows_keep_its_denominators(env, monkeypatch):
+    """EMMET edits the edit layer alone: one layer's weight saved, its probes those of the
+    edit layer, and its B×B system's smallest eigenvalue and condition in the row."""
+    out = env / "seq-emmet"
+    assert experiment(env, monkeypatch, out, "--methods", "emmet", "--n", "1", "--tasks",
+                      "sst2") == 0
+    _, rows = read_rows(out / "rows.jsonl")
+    start, edit = sequential.traces(rows)["emmet"]
+    assert start["layers"] == [1] and len(edit["delta_norms"]) == 1
+    assert len(edit["denominator_min"]) == len(edit["denominator_condition"]) == 1
+    assert edit["denominator_min"][0] > 0 and edit["denominator_condition"][0] >= 1
+    assert sorted(np.load(out / "state-emmet.npz").files) == ["done", "weight1"]
+
+
 def test_unknown_methods_are_refused_by_flag(env, monkeypatch, capsys):
     assert experiment(env, monkeypatch, env / "seq-bad", "--methods", "memit,bogus") == 2
     assert "--methods: bogus not one of" in capsys.readouterr().err
