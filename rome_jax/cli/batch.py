@@ -30,11 +30,9 @@ def run_batch(args, requests: list, out: Path | None, report_file: Path | None,
     import jax
     from tqdm import tqdm
 
-    from rome_jax.data import load_me_ppl
     from rome_jax.editors.batch import edit_batch, prepare_batch
     from rome_jax.editors.delta import apply_edit
     from rome_jax.evaluation import efficacy, request_probabilities
-    from rome_jax.guard import PerplexityProbe
 
     method = args.method
     if args.mode == "independent":
@@ -57,7 +55,7 @@ def run_batch(args, requests: list, out: Path | None, report_file: Path | None,
     log(f"{PROG}: {method} on {len(requests)} requests at layers {list(hparams.layers)} "
         f"(keys {hparams.keys}); guard: not calibrated for batch editors, not applied")
     context = prepare_batch(s.model, method, hparams, jax.random.key(args.seed), log=log)
-    probe = PerplexityProbe(s.model, load_me_ppl(PPL_CORPUS), hparams.layers[0])
+    probe = s.probe_at(hparams.layers[0])
     p_new0, p_true0 = request_probabilities(s.model, requests)
     with tqdm(total=len(requests), desc=f"{method} v*", unit="request") as bar:
         def progress(items):
