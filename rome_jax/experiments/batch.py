@@ -232,6 +232,10 @@ def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
             axes[0].plot(ns, [p["ES"] for p in points], "o-", label=method)
             axes[1].plot(ns, [p["S"] for p in points], "o-", label=method)
             axes[2].plot(ns, [p["ppl"] for p in points], "o-", label=method)
+        paper = {k: v / 100 for k, v in MEMIT_GPTJ_10K.items()}
+        paper_s = 3 / sum(1 / v for v in paper.values())  # S as evaluation.summarize_counterfact
+        for ax, value in zip(axes[:2], (paper["ES"], paper_s)):
+            ax.plot([10_000], [value], "k*", markersize=9, label="MEMIT, GPT-J (paper)")
         for ax, title in zip(axes, ("ES (efficacy)", "S (harmonic mean of ES PS NS)",
                                     "ME-PPL_1k perplexity")):
             ax.set_xscale("log")
