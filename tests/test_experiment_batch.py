@@ -133,6 +133,47 @@ def test_sequential_batch_folds_and_resumes(env):
             np.testing.assert_allclose(state[k], state[k].T, rtol=1e-5, atol=1e-5)
     assert cli.main(args) == 0
     assert read_rows(out / "rows.jsonl", "sequential-batch")[1] == rows
+    assert sorted(p.name for p in (out / "vstar").iterdir()) == [
+        f"{m}-{b:05d}.npz" for m in ("alphaedit", "memit") for b in (1, 2)]
+
+
+def test_sequential_batch_replays_from_its_vstar_journal(env, monkeypatch, capsys):
+    """A fresh checkout has the rows and the v* journal but no state (the state is not
+    committed): the rerun replays both batches from the journal, solving nothing and evaluating
+    nothing, to the same weights and AlphaEdit state bit for bit; a journal entry of other
+    records is refused, naming its file."""
+    import shutil
+
+    from rome_jax.editors import batch as editors_batch
+    from rome_jax.experiments import sequential_batch
+
+    out = env / "seq"
+    if not (out / "state-alphaedit.npz").exists():
+        pytest.skip("needs test_sequential_batch_folds_and_resumes's run")
+    fresh = env / "seq-fresh"
+    shutil.copytree(out, fresh, ignore=shutil.ignore_patterns("state-*.npz"))
+
+    def refused(*a, **k):
+        raise AssertionError("a replay solved v* or evaluated")
+
+    monkeypatch.setattr(editors_batch, "solve_targets", refused)
+    monkeypatch.setattr(sequential_batch, "_efficacy", refused)
+    args = ["experiment", "sequential-batch", "--n", "4", "--batch-size", "2", "--methods",
+            "alphaedit,memit", "--tasks", "sst2", "--downstream-n", "4", "--shots", "1",
+            "--ppl-texts", "5", *SMALL]
+    assert cli.main([*args, "--out", str(fresh)]) == 0
+    for method in ("alphaedit", "memit"):
+        whole, replayed = (np.load(d / f"state-{method}.npz") for d in (out, fresh))
+        assert sorted(whole.files) == sorted(replayed.files)
+        for name in whole.files:
+            np.testing.assert_array_equal(whole[name], replayed[name])
+    other = fresh / "vstar" / "memit-00002.npz"
+    saved = dict(np.load(other))
+    np.savez(other, **{**saved, "case_ids": saved["case_ids"] + 1})
+    for path in fresh.glob("state-*.npz"):
+        path.unlink()
+    assert cli.main([*args, "--out", str(fresh)]) != 0
+    assert f"{other}: the v* targets of other records" in capsys.readouterr().err
 
 
 def test_batch_collapse_rows(env):

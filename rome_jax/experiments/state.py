@@ -12,6 +12,12 @@ A trace's rows are journaled before its state, so a run cut between the two repl
 update (deterministic); a state ahead of the journal (a rows.jsonl restored from an older copy)
 is not trusted: ``resume`` starts the trace over from the base model, the rows already written
 kept.
+
+The state is a cache of this machine (ignored by git: megabytes per trace, rewritten after
+every update). What a fresh checkout needs to go on is the v* journal: each update's v* targets
+(``save_targets``: δ [B, D] and the solves' losses, ``vstar/TRACE-UPDATE.npz`` beside the
+journal, kilobytes, written once and committed with the rows). Replaying a trace from it costs
+the keys and closed forms alone, not the v* optimisation that dominates an update.
 """
 
 from __future__ import annotations
@@ -95,3 +101,61 @@ def resume(out: Path, trace: str, params, layers: Sequence[int], written: int,
     log(f"{PROG}: {state_path(out, trace)}: at {done} updates, but {journal_path} ends at "
         f"{written}; replaying {trace} from the base model")
     return 0, params, {}
+
+
+VSTAR_FIELDS = ("delta", "losses", "steps", "nll", "kl", "decay")  # what a replay reads
+
+
+def targets_path(out: Path, trace: str, update: int) -> Path:
+    return Path(out) / "vstar" / f"{trace.replace('/', '-')}-{update:05d}.npz"
+
+
+def save_targets(out: Path, trace: str, update: int, case_ids: Sequence[int], targets,
+                 seconds: float) -> None:
+    """Update ``update``'s v* targets (``VResult`` per request, in ``case_ids``' order) and the
+    ``seconds`` their solves took, atomically. ``v_star`` and ``v_init`` are not kept: the
+    closed forms read δ alone."""
+    from rome_jax.files import write_bytes_atomic
+
+    buffer = io.BytesIO()
+    np.savez(buffer, case_ids=np.asarray(case_ids, np.int64), seconds=seconds,
+             **{name: np.stack([np.asarray(getattr(t, name)) for t in targets])
+                for name in VSTAR_FIELDS})
+    path = targets_path(out, trace, update)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def load_targets(out: Path, trace: str, update: int, case_ids: Sequence[int]
+                 ) -> tuple[list, float] | None:
+    """(the ``VResult`` per request, seconds) saved by ``save_targets``, ``v_star`` and
+    ``v_init`` NaN; None without a file. ValueError naming the file for one that is not such a
+    journal entry, or whose records are not ``case_ids`` (another draw or batch size)."""
+    from rome_jax.rome.values import VResult
+
+    path = targets_path(out, trace, update)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            fields = {name: saved[name] for name in VSTAR_FIELDS}
+            saved_ids, seconds = saved["case_ids"], float(saved["seconds"])
+        if fields["delta"].ndim != 2 or any(len(v) != len(saved_ids) for v in fields.values()):
+            raise ValueError("fields of unequal lengths")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(f"{path}: not a v* journal entry ({message}); delete it, or use "
+                         "--overwrite to start over") from None
+    if saved_ids.tolist() != [int(c) for c in case_ids]:
+        raise ValueError(f"{path}: the v* targets of other records (case ids "
+                         f"{saved_ids[:3].tolist()}…, this update edits "
+                         f"{[int(c) for c in case_ids][:3]}…); use --overwrite to start over")
+    nan = np.full(fields["delta"].shape[1], np.nan, np.float32)
+    return [VResult(v_star=nan, v_init=nan, **{k: v[i] for k, v in fields.items()})
+            for i in range(len(saved_ids))], seconds
+
+
+def drop_targets(out: Path, trace: str) -> None:
+    """Delete ``trace``'s v* journal (a trace started over)."""
+    for path in (Path(out) / "vstar").glob(f"{trace.replace('/', '-')}-{'[0-9]' * 5}.npz"):
+        path.unlink()
