@@ -347,7 +347,7 @@ class Editor:
 
         self.s, self.method, self.hparams, self.evaluate = s, method, hparams, evaluate
         self.batch = method in BATCH_METHODS
-        self.layers = list(hparams.layers) if self.batch else [hparams.layer]
+        self.layers = edit_layers(method, hparams)
         self.seed = seed
 
     @property
@@ -397,6 +397,13 @@ class Editor:
         return result.edit, fields, result.preserved
 
 
+def edit_layers(method: str, hparams) -> list[int]:
+    """The layers ``method``'s updates change: a batch editor's window, ROME's one layer."""
+    from rome_jax.editors.hparams import BATCH_METHODS
+
+    return list(hparams.layers) if method in BATCH_METHODS else [hparams.layer]
+
+
 def editors(s, args, st: Mapping, journal) -> dict[str, Editor]:
     """An ``Editor`` per method of the run: a batch method's settings are its preset for a
     window that ends at the edit layer, keys ``rome`` (MEMIT's own)."""
@@ -408,7 +415,7 @@ def editors(s, args, st: Mapping, journal) -> dict[str, Editor]:
         hparams = (batch_hparams(s.model.config, method, args, keys="rome",
                                  layer=s.hparams.layer)
                    if method in BATCH_METHODS else s.hparams)
-        first = hparams.layers[0] if method in BATCH_METHODS else hparams.layer
+        first = edit_layers(method, hparams)[0]
         if first not in evaluators:
             evaluators[first] = Evaluators(s, st, journal, layer=first)
         out[method] = Editor(s, method, hparams, evaluators[first], st.get("seed", 0))
