@@ -214,6 +214,8 @@ def test_edit_batches_is_the_fold_of_edit_batch(model, stats, context):
         params = start
         for layer in LAYERS:
             keys = batch_keys(model, requests, context.templates, params, layer)
+            np.testing.assert_allclose(result.keys[layer], keys, rtol=0,  # what it reports
+                                       atol=1e-5 * np.abs(keys).max())
             expected = keys.T @ keys + (0 if earlier is None
                                         else np.asarray(earlier.preserved[layer], np.float64))
             got = np.asarray(result.preserved[layer], np.float64)

@@ -425,6 +425,51 @@ def test_batch_methods_edit_one_fact_at_a_time(batch_run):
         assert f"| {method} | single | 4 |" in table and f"| {method} | sequential | 4 |" in table
 
 
+def test_a_checkout_without_states_replays_the_update_journal(env, baseline, batch_run,
+                                                               monkeypatch):
+    """The states are not committed; the update journal is. A copy of the run without its
+    states and final rows (traces cut short) replays every step from updates/ with no edit
+    computed and nothing evaluated, to the uninterrupted run's weights and AlphaEdit K_pᵀK_p
+    bit for bit, and the same final rows."""
+    import shutil
+
+    out = env / "fresh"
+    shutil.copytree(batch_run, out, ignore=shutil.ignore_patterns("state-*.npz"))
+    header, *lines = (out / "rows.jsonl").read_text().splitlines(keepends=True)
+    (out / "rows.jsonl").write_text(header + "".join(
+        x for x in lines if json.loads(x)["key"][1] != "final"))
+    names = sorted(p.name for p in (out / "updates").iterdir())
+    assert "alphaedit-control-00002.npz" in names and "memit-00004.npz" in names
+
+    def refused(*a, **k):
+        raise AssertionError("a replay computed an edit or a row")
+
+    monkeypatch.setattr(sequential.Editor, "edit", refused)
+    monkeypatch.setattr(sequential.Editor, "probe", property(refused))
+    assert batch_experiment(env, baseline, monkeypatch, out) == 0
+    _, whole = read_rows(batch_run / "rows.jsonl")
+    _, replayed = read_rows(out / "rows.jsonl")
+    final = {json.dumps(r["key"]): r for r in whole if r["key"][1] == "final"}
+    assert {json.dumps(r["key"]): r for r in replayed if r["key"][1] == "final"} == final
+    for trace in sequential.traces(whole):
+        a, b = (np.load(state.state_path(d, trace)) for d in (batch_run, out))
+        assert sorted(a.files) == sorted(b.files)
+        for name in a.files:
+            np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_an_update_journal_entry_of_another_record_names_its_file(tmp_path):
+    from rome_jax.editors.delta import rank_one
+
+    edit = rank_one(np.ones(4, np.float32), np.ones(3, np.float32), 1)
+    state.save_update(tmp_path, "a/control", 2, 17, edit, {})
+    loaded, keys = state.load_update(tmp_path, "a/control", 2, 17)
+    np.testing.assert_array_equal(loaded.weight_delta(1), edit.weight_delta(1))
+    assert keys == {} and state.load_update(tmp_path, "a/control", 3, 17) is None
+    with pytest.raises(ValueError, match="a-control-00002.npz: the update of record 17"):
+        state.load_update(tmp_path, "a/control", 2, 18)
+
+
 def test_batch_ppl50_is_the_edited_models_perplexity(env, batch_run):
     """A batch method changes layer 0 of the window 0-1: its ME-PPL_50 (and ME-PPL_1k) are those
     of the edited params computed from the embeddings up, which a probe at the edit layer 1

@@ -74,12 +74,14 @@ class BatchContext:
 
 
 class BatchResult(NamedTuple):
-    """The edit, its report, and AlphaEdit's updated ``preserved`` ({layer: K_pᵀK_p [F, F]};
-    unchanged for the other methods)."""
+    """The edit, its report, AlphaEdit's updated ``preserved`` ({layer: K_pᵀK_p [F, F]};
+    unchanged for the other methods) and the keys each layer's closed form wrote ({layer: K
+    [B, F]}; AlphaEdit's ``preserved`` grew by KᵀK)."""
 
     edit: Edit
     report: "BatchReport"
     preserved: dict
+    keys: dict
 
 
 @dataclasses.dataclass
@@ -252,8 +254,8 @@ def edit_batch(model: Model, requests: Sequence[EditRequest | dict], method: str
                progress: Callable[[Iterable], Iterable] | None = None,
                targets: Sequence[VResult] | None = None) -> BatchResult:
     """One ``method`` update of ``params`` (default ``model.params``) that writes every request
-    at once; returns ``BatchResult(edit, report, preserved)``, the edit not applied. Pure: the
-    same inputs give the same edit. ``preserved``: AlphaEdit's K_pᵀK_p of earlier batches
+    at once; returns ``BatchResult(edit, report, preserved, keys)``, the edit not applied.
+    Pure: the same inputs give the same edit. ``preserved``: AlphaEdit's K_pᵀK_p of earlier batches
     ({layer: [F, F]}, default zeros). ``progress`` wraps the v* solves (a tqdm, say).
     ``targets``: the requests' v* targets on ``params`` with ``hparams.v`` and the context's
     templates (``solve_targets``), to share them between methods or key conventions with the
@@ -289,7 +291,7 @@ def edit_batch(model: Model, requests: Sequence[EditRequest | dict], method: str
     chunk = min(chunk, n)
     preserved = dict(preserved or {})
     d_mlp = model.config.d_mlp
-    out, reports, h_z0 = {}, [], None
+    out, written, reports, h_z0 = {}, {}, [], None
     for j, layer in enumerate(layers):
         k_plain, k_mean, h_z = _all_layer_inputs(model, params, layer, z_layer, stacked, n,
                                                  chunk, devices)
@@ -311,7 +313,7 @@ def edit_batch(model: Model, requests: Sequence[EditRequest | dict], method: str
         params = apply_edit(params, Edit({layer: delta}))
         if method == "alphaedit":
             preserved[layer] = alphaedit.accumulate_preserved(layer_preserved, keys_a)
-        out[layer] = delta
+        out[layer], written[layer] = delta, keys_a
         numbers = _diagnostics_dict(diagnostics, "update." if isinstance(
             diagnostics, LowRankDiagnostics) else "")
         numbers["delta_abs"] = numbers["update.delta_norm"] / (w.shape[0] * w.shape[1])
@@ -326,7 +328,7 @@ def edit_batch(model: Model, requests: Sequence[EditRequest | dict], method: str
         norms = [r["update.delta_norm"] for r in reports]
         raise ValueError(f"non-finite update refused ({method}, layers {list(layers)}: ‖Δw‖ "
                          f"{norms}); the model is unchanged")
-    return BatchResult(edit, report, preserved)
+    return BatchResult(edit, report, preserved, written)
 
 
 def edit_batches(model: Model, batches: Iterable[Sequence[EditRequest | dict]],

@@ -116,9 +116,8 @@ def combine(first: Edit, second: Edit) -> Edit:
     return Edit(deltas)
 
 
-def save_edit(edit: Edit, path: str | os.PathLike) -> None:
-    """Write ``edit`` as one .npz of arrays named ``layer<L>.left/right`` or ``layer<L>.dense``
-    (atomically: a temporary sibling renamed into place)."""
+def edit_arrays(edit: Edit) -> dict[str, np.ndarray]:
+    """``edit`` as plain arrays named ``layer<L>.left/right`` or ``layer<L>.dense``."""
     arrays = {}
     for layer, delta in edit.deltas.items():
         if isinstance(delta, Factors):
@@ -126,16 +125,20 @@ def save_edit(edit: Edit, path: str | os.PathLike) -> None:
             arrays[f"layer{layer}.right"] = np.asarray(delta.right)
         else:
             arrays[f"layer{layer}.dense"] = np.asarray(delta)
+    return arrays
+
+
+def save_edit(edit: Edit, path: str | os.PathLike) -> None:
+    """Write ``edit`` as one .npz of its ``edit_arrays`` (atomically: a temporary sibling
+    renamed into place)."""
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, **edit_arrays(edit))
     write_bytes_atomic(path, buffer.getvalue())
 
 
 def load_edit(path: str | os.PathLike) -> Edit:
     """Read an edit written by ``save_edit``; ValueError naming the file when it is not one (not
-    an .npz, pickled objects, an array name other than ``layer<L>.left/right/dense``, a factor
-    without its partner, or shapes that do not multiply: left [..., F, r] @ right [..., r, D],
-    dense [..., F, D]; the leading axes are those of stacked edits, as ``edit_independent``'s)."""
+    an .npz, pickled objects, or not ``edit_from_arrays``' arrays)."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -147,6 +150,14 @@ def load_edit(path: str | os.PathLike) -> Edit:
     except TypeError:  # np.load returned a plain array (an .npy), not a context manager
         raise ValueError(f"{path}: not an edit file (a single array, not an .npz archive)"
                          ) from None
+    return edit_from_arrays(arrays, path)
+
+
+def edit_from_arrays(arrays: dict[str, np.ndarray], path: str | os.PathLike) -> Edit:
+    """The edit of ``edit_arrays``' form; ValueError naming ``path`` for an array name other
+    than ``layer<L>.left/right/dense``, a factor without its partner, or shapes that do not
+    multiply: left [..., F, r] @ right [..., r, D], dense [..., F, D] (the leading axes are those
+    of stacked edits, as ``edit_independent``'s)."""
     parts: dict[int, dict[str, np.ndarray]] = {}
     for name, array in arrays.items():
         match = re.fullmatch(r"layer(\d+)\.(left|right|dense)", name)

@@ -51,7 +51,9 @@ step (``experiments.state``, the format ``sequential-batch`` shares); a rerun co
 it. Rows are written before their state, so a run cut between the two replays that one edit
 (deterministic); a state ahead of the journal (a rows.jsonl restored from an older copy) is
 not trusted: the method's edits are replayed from the base model, the rows already written
-kept.
+kept. Each step's update is journaled before its row (``updates/TRACE-STEP.npz``, committed
+with the rows), so a fresh checkout without the state replays the steps done by adding them,
+with no edit computed and nothing evaluated.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from rome_jax.experiments import collapse
-from rome_jax.experiments.state import resume, save_state, state_path
+from rome_jax.experiments.state import (drop_journal, load_update, resume, save_state,
+                                        save_update, state_path)
 from rome_jax.experiments.report import (Report, fmt, markdown_table, pyplot, run_label,
                                          save_figure)
 
@@ -364,9 +367,11 @@ class Editor:
             return self.s.context
         return prepare_batch(self.s.model, self.method, self.hparams, jax.random.key(self.seed))
 
-    def edit(self, record: Mapping, params, preserved: Mapping) -> tuple[object, dict, dict]:
+    def edit(self, record: Mapping, params, preserved: Mapping
+             ) -> tuple[object, dict, dict, dict]:
         """(the update of ``params`` that writes ``record``, the step row's fields, AlphaEdit's
-        ``preserved`` after it). ROME's fields: ‖Δ‖_F, |Δ|, its denominators, residual norm and
+        ``preserved`` after it, and the keys it grew by: {layer: K [1, F]}, empty for the other
+        methods). ROME's fields: ‖Δ‖_F, |Δ|, its denominators, residual norm and
         key cosine; a batch method's: the largest layer's ‖Δw‖_F and |Δ| (``delta_norm``,
         ``delta_abs``), each layer's ‖Δw‖_F (``delta_norms``), ‖δ‖ of its v* (the residual the
         window writes: ``residual_norm``) and EMMET's ``denominator_min`` and
@@ -384,7 +389,7 @@ class Editor:
                             "denominator": r.denominator,
                             "denominator_unit_u": r.denominator_unit_u,
                             "residual_norm": r.residual_norm, "key_cosine": r.key_cosine
-                            }, preserved
+                            }, preserved, {}
         result = edit_batch(self.s.model, [request], self.method, self.hparams,
                             context=self.context, params=params, preserved=preserved)
         layers = result.report.layers
@@ -394,7 +399,8 @@ class Editor:
         if self.method == "emmet":
             fields.update({k: [x[k] for x in layers]
                            for k in ("denominator_min", "denominator_condition")})
-        return result.edit, fields, result.preserved
+        return (result.edit, fields, result.preserved,
+                result.keys if self.method == "alphaedit" else {})
 
 
 def edit_layers(method: str, hparams) -> list[int]:
@@ -429,7 +435,10 @@ def run_method(s, editor: Editor, records: Sequence[Mapping], journal, out: Path
     edit's group and the efficacy so far per group (``efficacy_so_far``)."""
     from tqdm import tqdm
 
+    import jax.numpy as jnp
+
     from rome_jax.counterfact_eval import summarize_counterfact
+    from rome_jax.editors.alphaedit import accumulate_preserved
     from rome_jax.editors.delta import apply_edit
     from rome_jax.evaluation import counterfact_metrics, counterfact_nll
 
@@ -438,7 +447,8 @@ def run_method(s, editor: Editor, records: Sequence[Mapping], journal, out: Path
     if _row(journal, [trace, "final"]) is not None:
         return
     if _row(journal, [trace, 0]) is None:
-        state_path(out, trace).unlink(missing_ok=True)  # an --overwrite left it behind
+        state_path(out, trace).unlink(missing_ok=True)  # an --overwrite left them behind
+        drop_journal(out, trace)
         journal.append({"key": [trace, 0], "method": method, "step": 0, "layers": layers,
                         "ppl50": editor.probe.base, "ppl50_ratio": 1.0,
                         **editor.evaluate.unedited()})
@@ -451,16 +461,24 @@ def run_method(s, editor: Editor, records: Sequence[Mapping], journal, out: Path
         if done is not None and done.get("ended"):
             break
         record = records[i - 1]
-        head = {"key": [trace, i], "method": method, "step": i,
-                "case_id": int(record["case_id"]),
+        case_id = int(record["case_id"])
+        head = {"key": [trace, i], "method": method, "step": i, "case_id": case_id,
                 **({"group": groups[i - 1]} if groups is not None else {})}
-        try:
-            update, fields, preserved = editor.edit(record, params, preserved)
-        except ValueError as err:
-            if "non-finite" not in str(err):
-                raise
-            journal.append({**head, "ended": True, "error": " ".join(str(err).split())})
-            break
+        journaled = load_update(out, trace, i, case_id) if done is not None else None
+        if journaled is not None:  # a checkout without the state: replay the step
+            update, keys = journaled
+            preserved = {**preserved, **{layer: accumulate_preserved(preserved.get(
+                layer, jnp.zeros((k.shape[-1],) * 2, jnp.float32)), jnp.asarray(k))
+                for layer, k in keys.items()}}
+        else:
+            try:
+                update, fields, preserved, keys = editor.edit(record, params, preserved)
+            except ValueError as err:
+                if "non-finite" not in str(err):
+                    raise
+                journal.append({**head, "ended": True, "error": " ".join(str(err).split())})
+                break
+            save_update(out, trace, i, case_id, update, keys)
         params = apply_edit(params, update)
         if done is None:
             ppl50 = editor.probe(params)
@@ -504,7 +522,7 @@ def single_row(s, record: Mapping, solved, edit_by: Mapping[str, Editor]) -> dic
     for method, editor in edit_by.items():
         if editor.batch:
             try:
-                update, fields, _ = editor.edit(record, s.model.params, {})
+                update, fields, *_ = editor.edit(record, s.model.params, {})
             except ValueError as err:
                 if "non-finite" not in str(err):
                     raise

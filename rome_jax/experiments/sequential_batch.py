@@ -82,7 +82,7 @@ def run(s, args, journal, header: Mapping) -> None:
     from rome_jax.editors.delta import apply_edit
     from rome_jax.arguments import batch_hparams
     from rome_jax.experiments.sequential import Evaluators, chosen_records
-    from rome_jax.experiments.state import (drop_targets, load_targets, resume, save_state,
+    from rome_jax.experiments.state import (drop_journal, load_targets, resume, save_state,
                                             save_targets, state_path)
     from rome_jax.rome.request import EditRequest
 
@@ -101,7 +101,7 @@ def run(s, args, journal, header: Mapping) -> None:
         evaluate = Evaluators(s, st, journal, layer=hparams.layers[0])
         if [method, 0] not in journal:
             state_path(out, method).unlink(missing_ok=True)  # an --overwrite left them behind
-            drop_targets(out, method)
+            drop_journal(out, method)
             journal.append({"key": [method, 0], "method": method, "batches": 0, "edited": 0,
                             **evaluate.unedited()})
         written = max(r["batches"] for r in journal.rows if r["method"] == method)

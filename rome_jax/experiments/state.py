@@ -14,10 +14,16 @@ is not trusted: ``resume`` starts the trace over from the base model, the rows a
 kept.
 
 The state is a cache of this machine (ignored by git: megabytes per trace, rewritten after
-every update). What a fresh checkout needs to go on is the v* journal: each update's v* targets
-(``save_targets``: δ [B, D] and the solves' losses, ``vstar/TRACE-UPDATE.npz`` beside the
-journal, kilobytes, written once and committed with the rows). Replaying a trace from it costs
-the keys and closed forms alone, not the v* optimisation that dominates an update.
+every update). What a fresh checkout needs to go on is a replay journal beside the rows, each
+entry written once and committed with them, in the smaller of two forms:
+
+* ``sequential-batch``'s v* targets (``save_targets``: δ [B, D] and the solves' losses,
+  ``vstar/TRACE-UPDATE.npz``, 0.1-0.2 MB a batch of 100; the update's factors would be rank
+  100 per layer). Replaying costs the keys and closed forms, not the v* optimisation that
+  dominates an update.
+* ``sequential``'s updates themselves (``save_update``: one fact's rank-one factors per layer
+  and, for AlphaEdit, the keys its K_pᵀK_p grew by, ``updates/TRACE-STEP.npz``, kilobytes).
+  Replaying costs an ``apply_edit`` per step.
 """
 
 from __future__ import annotations
@@ -155,7 +161,52 @@ def load_targets(out: Path, trace: str, update: int, case_ids: Sequence[int]
             for i in range(len(saved_ids))], seconds
 
 
-def drop_targets(out: Path, trace: str) -> None:
-    """Delete ``trace``'s v* journal (a trace started over)."""
-    for path in (Path(out) / "vstar").glob(f"{trace.replace('/', '-')}-{'[0-9]' * 5}.npz"):
-        path.unlink()
+def update_path(out: Path, trace: str, step: int) -> Path:
+    return Path(out) / "updates" / f"{trace.replace('/', '-')}-{step:05d}.npz"
+
+
+def save_update(out: Path, trace: str, step: int, case_id: int, edit, keys: Mapping) -> None:
+    """Update ``step`` of ``trace`` (the ``Edit`` that wrote record ``case_id``, as
+    ``edit_arrays``) and ``keys`` ({layer: K [B, F]}, AlphaEdit's: what its K_pᵀK_p grew by;
+    empty for the other methods), atomically."""
+    from rome_jax.editors.delta import edit_arrays
+    from rome_jax.files import write_bytes_atomic
+
+    buffer = io.BytesIO()
+    np.savez(buffer, case_id=np.int64(case_id), **edit_arrays(edit),
+             **{f"keys{layer}": np.asarray(k) for layer, k in keys.items()})
+    path = update_path(out, trace, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def load_update(out: Path, trace: str, step: int, case_id: int) -> tuple[object, dict] | None:
+    """(the ``Edit``, keys) saved by ``save_update``, or None without a file. ValueError naming
+    the file for one that is not such an entry or that wrote another record."""
+    from rome_jax.editors.delta import edit_from_arrays
+
+    path = update_path(out, trace, step)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            arrays = {name: saved[name] for name in saved.files}
+        saved_id = arrays.pop("case_id")
+        keys = {int(name.removeprefix("keys")): arrays.pop(name)
+                for name in list(arrays) if name.startswith("keys")}
+        edit = edit_from_arrays(arrays, path)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(f"{path}: not an update journal entry ({message}); delete it, or use "
+                         "--overwrite to start over") from None
+    if saved_id.shape or int(saved_id) != int(case_id):
+        raise ValueError(f"{path}: the update of record {saved_id.tolist()}, this step edits "
+                         f"{int(case_id)}; use --overwrite to start over")
+    return edit, keys
+
+
+def drop_journal(out: Path, trace: str) -> None:
+    """Delete ``trace``'s replay journal, either form (a trace started over)."""
+    for folder in ("vstar", "updates"):
+        for path in (Path(out) / folder).glob(f"{trace.replace('/', '-')}-{'[0-9]' * 5}.npz"):
+            path.unlink()
