@@ -1,6 +1,6 @@
 """Markdown table of ``rome-jax screen`` files: per file and subject group (one-token subject at
 the start of the prompt, or not), the ME-PPL_50 perplexity-ratio distribution, the update's
-denominators and norms (medians) and the efficacy (share of edits with P(new) > P(true)
+denominators and norms and the cosine of k^u with k̄ (medians) and the efficacy (share of edits with P(new) > P(true)
 on the rewrite prompt, before and after the edit).
 
     python scripts/screen_table.py runs/smollm2_l12_rome.json runs/smollm2_l12_crome.json ...
@@ -16,7 +16,8 @@ import numpy as np
 
 COLUMNS = ("file", "method", "layer", "bos", "subjects", "n", "ratio median", "ratio p90",
            "ratio max", "> 2x", "> 10x", "\\|kᵀu/‖u‖\\| (median)",
-           "\\|(C⁻¹kₐ)ᵀk_b\\| (median)", "negative", "‖Δ‖ (median)", "efficacy before", "efficacy")
+           "\\|(C⁻¹kₐ)ᵀk_b\\| (median)", "negative", "‖Δ‖ (median)", "cos(k^u, k̄) (median)",
+           "efficacy before", "efficacy")
 
 
 def group_row(rows: list[dict]) -> list[str]:
@@ -24,6 +25,7 @@ def group_row(rows: list[dict]) -> list[str]:
     rows = [r for r in rows if not r.get("error")]
     if not rows:
         return ["0"] + ["-"] * (len(COLUMNS) - 6)
+    cosines = [r["key_cosine"] for r in rows if "key_cosine" in r]
     ratio = np.array([r["ratio"] for r in rows], float)
     finite = [r for r in rows if "denominator" in r]   # a non-finite update has no diagnostics
     med = lambda key, f=float: f"{np.median([f(r[key]) for r in finite]):.3g}" if finite else "-"
@@ -34,6 +36,7 @@ def group_row(rows: list[dict]) -> list[str]:
             f"{ratio.max():.3g}", str(int((ratio > 2).sum())), str(int((ratio > 10).sum())),
             med("denominator_unit_u", abs), med("denominator", abs),
             str(sum(r["denominator"] < 0 for r in finite)), med("delta_norm"),
+            f"{np.median(cosines):.3g}" if cosines else "-",
             f"{np.mean(before):.2f}" if before else "-",
             f"{np.mean(success):.2f}" if success else "-"]
 
