@@ -284,12 +284,15 @@ def test_alphaedit_update_spares_the_preserved_subspace(dtype_name, seed, f, d, 
 @given(seed=st.integers(0, 2**31 - 1), f=st.sampled_from([1, 5]),
        sizes=st.lists(st.sampled_from([1, 3]), min_size=1, max_size=4))
 def test_accumulate_preserved_folds_the_batches(seed, f, sizes):
-    """A fold of accumulate_preserved from zeros is Σ_batches KᵀK = K_allᵀ K_all."""
+    """A fold of accumulate_preserved from zeros is Σ_batches KᵀK = K_allᵀ K_all, and a fold
+    from None (no earlier batch) is the same bit for bit."""
     rng = np.random.default_rng(seed)
     batches = [rng.normal(size=(n, f)).astype(np.float32) for n in sizes]
-    preserved = jnp.zeros((f, f), jnp.float32)
+    preserved, from_none = jnp.zeros((f, f), jnp.float32), None
     for keys in batches:
         preserved = accumulate_preserved(preserved, jnp.asarray(keys))
+        from_none = accumulate_preserved(from_none, jnp.asarray(keys))
+    np.testing.assert_array_equal(np.asarray(from_none), np.asarray(preserved))
     everything = np.concatenate(batches).astype(np.float64)
     np.testing.assert_allclose(as64(preserved), everything.T @ everything,
                                atol=bound(np.float32, sum(sizes), 1.0)

@@ -46,9 +46,11 @@ def null_space_projector(moment: jax.Array, threshold, relative: bool = False) -
     return kept @ vectors.T
 
 
-def accumulate_preserved(preserved: jax.Array, keys: jax.Array) -> jax.Array:
-    """preserved [F, F] + Kᵀ K for a batch's keys [B, F]: one step of a sequential fold."""
-    return preserved + keys.T @ keys
+def accumulate_preserved(preserved: jax.Array | None, keys: jax.Array) -> jax.Array:
+    """preserved [F, F] + Kᵀ K for a batch's keys [B, F]: one step of a sequential fold
+    (``preserved`` None: the fold's first step, Kᵀ K)."""
+    grown = keys.T @ keys
+    return grown if preserved is None else preserved + grown
 
 
 class AlphaEditDiagnostics(NamedTuple):

@@ -467,9 +467,8 @@ def run_method(s, editor: Editor, records: Sequence[Mapping], journal, out: Path
         journaled = load_update(out, trace, i, case_id) if done is not None else None
         if journaled is not None:  # a checkout without the state: replay the step
             update, keys = journaled
-            preserved = {**preserved, **{layer: accumulate_preserved(preserved.get(
-                layer, jnp.zeros((k.shape[-1],) * 2, jnp.float32)), jnp.asarray(k))
-                for layer, k in keys.items()}}
+            preserved = {**preserved, **{layer: accumulate_preserved(
+                preserved.get(layer), jnp.asarray(k)) for layer, k in keys.items()}}
         else:
             try:
                 update, fields, preserved, keys = editor.edit(record, params, preserved)

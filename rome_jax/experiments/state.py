@@ -36,22 +36,49 @@ from typing import Mapping, Sequence
 import numpy as np
 
 
+def _name(trace: str) -> str:
+    """A trace's name in a file name ("/" becomes "-")."""
+    return trace.replace("/", "-")
+
+
+def _write_npz(path: Path, **arrays) -> None:
+    """``arrays`` as an .npz at ``path`` (its folder made), atomically."""
+    from rome_jax.files import write_bytes_atomic
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def _read_npz(path: Path, what: str, parse):
+    """``parse`` of the arrays of the .npz at ``path`` (a dict, never unpickled). A file that
+    cannot be read, or that ``parse`` refuses (ValueError, KeyError), is a ValueError
+    "PATH: not WHAT (reason); delete it, or use --overwrite to start over"."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            arrays = {name: saved[name] for name in saved.files}
+        return parse(arrays)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        message = " ".join(str(err).split())
+        reason = "pickled data" if "pickle" in message else message or type(err).__name__
+        raise ValueError(f"{path}: not {what} ({reason}); delete it, or use --overwrite to "
+                         "start over") from None
+
+
 def state_path(out: Path, trace: str) -> Path:
-    return Path(out) / f"state-{trace.replace('/', '-')}.npz"
+    return Path(out) / f"state-{_name(trace)}.npz"
 
 
 def save_state(out: Path, trace: str, done: int, params, layers: Sequence[int],
                preserved: Mapping | None = None) -> None:
     """The weights at ``layers`` of ``params`` and ``preserved`` ({layer: [F, F]}) after
     ``done`` updates, atomically."""
-    from rome_jax.files import write_bytes_atomic
     from rome_jax.models.transformer import rome_weight
 
     arrays = {f"weight{layer}": np.asarray(rome_weight(params, layer)[0]) for layer in layers}
     arrays.update({f"preserved{layer}": np.asarray(p) for layer, p in (preserved or {}).items()})
-    buffer = io.BytesIO()
-    np.savez(buffer, done=done, **arrays)
-    write_bytes_atomic(state_path(out, trace), buffer.getvalue())
+    _write_npz(state_path(out, trace), done=done, **arrays)
 
 
 def load_state(out: Path, trace: str, params, layers: Sequence[int]
@@ -64,20 +91,18 @@ def load_state(out: Path, trace: str, params, layers: Sequence[int]
     path = state_path(out, trace)
     if not path.exists():
         return 0, params, {}
-    try:
-        with np.load(path, allow_pickle=False) as saved:
-            done = saved["done"]
-            weights = {layer: saved[f"weight{layer}"] for layer in layers}
-            preserved = {int(k.removeprefix("preserved")): saved[k]
-                         for k in saved.files if k.startswith("preserved")}
+
+    def parse(saved):
+        done = saved["done"]
+        weights = {layer: saved[f"weight{layer}"] for layer in layers}
+        preserved = {int(k.removeprefix("preserved")): v
+                     for k, v in saved.items() if k.startswith("preserved")}
         if (done.shape or done.dtype.kind not in "iu"
                 or any(a.dtype.kind != "f" for a in (*weights.values(), *preserved.values()))):
             raise ValueError("done, weight or preserved of another type")
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        message = " ".join(str(err).split())
-        reason = "pickled data" if "pickle" in message else message or type(err).__name__
-        raise ValueError(f"{path}: not a saved state ({reason}); delete it, or use "
-                         "--overwrite to start over") from None
+        return done, weights, preserved
+
+    done, weights, preserved = _read_npz(path, "a saved state", parse)
     fc_out = params["blocks"]["mlp"]["fc_out"]
     w = fc_out["w"]
     for layer, weight in weights.items():
@@ -113,7 +138,7 @@ VSTAR_FIELDS = ("delta", "losses", "steps", "nll", "kl", "decay")  # what a repl
 
 
 def targets_path(out: Path, trace: str, update: int) -> Path:
-    return Path(out) / "vstar" / f"{trace.replace('/', '-')}-{update:05d}.npz"
+    return Path(out) / "vstar" / f"{_name(trace)}-{update:05d}.npz"
 
 
 def save_targets(out: Path, trace: str, update: int, case_ids: Sequence[int], targets,
@@ -121,15 +146,9 @@ def save_targets(out: Path, trace: str, update: int, case_ids: Sequence[int], ta
     """Update ``update``'s v* targets (``VResult`` per request, in ``case_ids``' order) and the
     ``seconds`` their solves took, atomically. ``v_star`` and ``v_init`` are not kept: the
     closed forms read δ alone."""
-    from rome_jax.files import write_bytes_atomic
-
-    buffer = io.BytesIO()
-    np.savez(buffer, case_ids=np.asarray(case_ids, np.int64), seconds=seconds,
-             **{name: np.stack([np.asarray(getattr(t, name)) for t in targets])
-                for name in VSTAR_FIELDS})
-    path = targets_path(out, trace, update)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(path, buffer.getvalue())
+    _write_npz(targets_path(out, trace, update), case_ids=np.asarray(case_ids, np.int64),
+               seconds=seconds, **{name: np.stack([np.asarray(getattr(t, name)) for t in targets])
+                                   for name in VSTAR_FIELDS})
 
 
 def load_targets(out: Path, trace: str, update: int, case_ids: Sequence[int]
@@ -142,16 +161,15 @@ def load_targets(out: Path, trace: str, update: int, case_ids: Sequence[int]
     path = targets_path(out, trace, update)
     if not path.exists():
         return None
-    try:
-        with np.load(path, allow_pickle=False) as saved:
-            fields = {name: saved[name] for name in VSTAR_FIELDS}
-            saved_ids, seconds = saved["case_ids"], float(saved["seconds"])
+
+    def parse(saved):
+        fields = {name: saved[name] for name in VSTAR_FIELDS}
+        saved_ids, seconds = saved["case_ids"], float(saved["seconds"])
         if fields["delta"].ndim != 2 or any(len(v) != len(saved_ids) for v in fields.values()):
             raise ValueError("fields of unequal lengths")
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        raise ValueError(f"{path}: not a v* journal entry ({message}); delete it, or use "
-                         "--overwrite to start over") from None
+        return fields, saved_ids, seconds
+
+    fields, saved_ids, seconds = _read_npz(path, "a v* journal entry", parse)
     if saved_ids.tolist() != [int(c) for c in case_ids]:
         raise ValueError(f"{path}: the v* targets of other records (case ids "
                          f"{saved_ids[:3].tolist()}…, this update edits "
@@ -162,7 +180,7 @@ def load_targets(out: Path, trace: str, update: int, case_ids: Sequence[int]
 
 
 def update_path(out: Path, trace: str, step: int) -> Path:
-    return Path(out) / "updates" / f"{trace.replace('/', '-')}-{step:05d}.npz"
+    return Path(out) / "updates" / f"{_name(trace)}-{step:05d}.npz"
 
 
 def save_update(out: Path, trace: str, step: int, case_id: int, edit, keys: Mapping) -> None:
@@ -170,14 +188,9 @@ def save_update(out: Path, trace: str, step: int, case_id: int, edit, keys: Mapp
     ``edit_arrays``) and ``keys`` ({layer: K [B, F]}, AlphaEdit's: what its K_pᵀK_p grew by;
     empty for the other methods), atomically."""
     from rome_jax.editors.delta import edit_arrays
-    from rome_jax.files import write_bytes_atomic
 
-    buffer = io.BytesIO()
-    np.savez(buffer, case_id=np.int64(case_id), **edit_arrays(edit),
-             **{f"keys{layer}": np.asarray(k) for layer, k in keys.items()})
-    path = update_path(out, trace, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(path, buffer.getvalue())
+    _write_npz(update_path(out, trace, step), case_id=np.int64(case_id), **edit_arrays(edit),
+               **{f"keys{layer}": np.asarray(k) for layer, k in keys.items()})
 
 
 def load_update(out: Path, trace: str, step: int, case_id: int) -> tuple[object, dict] | None:
@@ -188,17 +201,14 @@ def load_update(out: Path, trace: str, step: int, case_id: int) -> tuple[object,
     path = update_path(out, trace, step)
     if not path.exists():
         return None
-    try:
-        with np.load(path, allow_pickle=False) as saved:
-            arrays = {name: saved[name] for name in saved.files}
+
+    def parse(arrays):
         saved_id = arrays.pop("case_id")
         keys = {int(name.removeprefix("keys")): arrays.pop(name)
                 for name in list(arrays) if name.startswith("keys")}
-        edit = edit_from_arrays(arrays, path)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        raise ValueError(f"{path}: not an update journal entry ({message}); delete it, or use "
-                         "--overwrite to start over") from None
+        return saved_id, edit_from_arrays(arrays, path), keys
+
+    saved_id, edit, keys = _read_npz(path, "an update journal entry", parse)
     if saved_id.shape or int(saved_id) != int(case_id):
         raise ValueError(f"{path}: the update of record {saved_id.tolist()}, this step edits "
                          f"{int(case_id)}; use --overwrite to start over")
@@ -208,5 +218,5 @@ def load_update(out: Path, trace: str, step: int, case_id: int) -> tuple[object,
 def drop_journal(out: Path, trace: str) -> None:
     """Delete ``trace``'s replay journal, either form (a trace started over)."""
     for folder in ("vstar", "updates"):
-        for path in (Path(out) / folder).glob(f"{trace.replace('/', '-')}-{'[0-9]' * 5}.npz"):
+        for path in (Path(out) / folder).glob(f"{_name(trace)}-{'[0-9]' * 5}.npz"):
             path.unlink()
