@@ -308,7 +308,8 @@ def add_record_args(p: argparse.ArgumentParser, verb: str) -> None:
                    help="skip the first K CounterFact records (sorted by case id)")
     p.add_argument("--case-ids", metavar="FILE.json",
                    help=f"{verb} only these case ids (a JSON list, e.g. the default model's "
-                        "training_case_ids.json); --start and --n then count within them")
+                        "training_case_ids.json); --start and --n then count within them, "
+                        "sorted by case id whatever the file's order")
 
 
 # ----------------------------------------------------------------------------- shared setup
