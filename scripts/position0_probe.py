@@ -54,9 +54,10 @@ def first_token_moment(model, layer: int, chunk: int = 2048):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--case-ids", required=True, help="comma-separated CounterFact case ids")
-    p.add_argument("--mu", default="100,1000", help="weights μ of E[k₀k₀ᵀ] added to C")
+    p.add_argument("--mu", default="100,1000",
+                   help="weights μ of E[k₀k₀ᵀ] added to C ('' for none)")
     p.add_argument("--vocab-mu", default="1,10,100",
-                   help="weights μ of the vocabulary's E_t[k₀(t)k₀(t)ᵀ] added to C")
+                   help="weights μ of the vocabulary's E_t[k₀(t)k₀(t)ᵀ] added to C ('' for none)")
     add_model_args(p)
     args = p.parse_args()
     s = Setup(args)
@@ -64,8 +65,9 @@ def main() -> None:
     case_ids = [int(x) for x in args.case_ids.split(",")]
     records = counterfact_by_case_id(load_counterfact(), case_ids)
     w, b = rome_weight(model.params, layer)
+    mus, vocab_mus = ([float(x) for x in text.split(",") if x] for text in (args.mu, args.vocab_mu))
     moment = ctx.factor @ ctx.factor.T
-    vocab_moment = first_token_moment(model, layer)
+    vocab_moment = first_token_moment(model, layer) if vocab_mus else None
     for case_id, record in zip(case_ids, records):
         request = EditRequest.from_dict(record)
         batch = build_batch(model, request, ctx.templates, hp.fact_token)
@@ -85,9 +87,8 @@ def main() -> None:
               f"{float(sin2):.4f}")
         targets = (solved.values.v_star, solved.plain.v_star)
         variants = {"k2-rome": None, "k0 constraint": "k0",
-                    **{f"C + {mu}·E[k0k0ᵀ]": float(mu) for mu in args.mu.split(",")},
-                    **{f"C + {mu}·E_t[k0(t)k0(t)ᵀ]": ("vocab", float(mu))
-                       for mu in args.vocab_mu.split(",")}}
+                    **{f"C + {mu:g}·E[k0k0ᵀ]": mu for mu in mus},
+                    **{f"C + {mu:g}·E_t[k0(t)k0(t)ᵀ]": ("vocab", mu) for mu in vocab_mus}}
         for name, how in variants.items():
             if how == "k0":
                 keys = jnp.stack([kbar, ku, k0])
