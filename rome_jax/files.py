@@ -1,4 +1,5 @@
-"""Atomic file and directory writes, and a lock for cache builders: the one home for both.
+"""Atomic file and directory writes, a lock for cache builders, and the .npz reader that never
+unpickles: the one home for all three.
 
 Every write goes to a fresh, uniquely named sibling (``.<name>.tmp-XXXX``) that is renamed into
 place, so a reader never sees a half-written file, concurrent writers never share a temporary
@@ -11,12 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
+
+import numpy as np
 
 T = TypeVar("T")
 
@@ -67,6 +72,30 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     """JSON (indent 1, one trailing newline) to ``path``, atomically."""
     return write_bytes_atomic(path, (json.dumps(data, indent=1, allow_nan=True) + "\n").encode())
+
+
+def write_npz_atomic(path: str | os.PathLike, **arrays) -> Path:
+    """``arrays`` as one uncompressed .npz at ``path``, atomically."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of the .npz at ``path``, read without unpickling. A file that is not an .npz
+    of plain arrays (unreadable, not a zip, a single .npy array, pickled objects) is a ValueError
+    whose message is the reason in one line, without the path: the caller names the file and
+    what it should have been."""
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an .npz archive")
+        with data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        message = " ".join(str(err).split())
+        raise ValueError("pickled data" if "pickle" in message
+                         else message or type(err).__name__) from None
 
 
 def atomic_directory(out_dir: str | os.PathLike, overwrite: bool,

@@ -1,15 +1,17 @@
 """Atomic writes: results replace the target in one step, leave no temporary behind, and get
-the permissions a plain open / mkdir gives under the umask (not mkstemp's 0600)."""
+the permissions a plain open / mkdir gives under the umask (not mkstemp's 0600); the .npz
+reader that never unpickles."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import numpy as np
 import pytest
 
-from rome_jax.files import (atomic_directory, atomic_file, write_bytes_atomic,
-                            write_json_atomic)
+from rome_jax.files import (atomic_directory, atomic_file, read_npz, write_bytes_atomic,
+                            write_json_atomic, write_npz_atomic)
 
 
 @pytest.fixture
@@ -56,3 +58,28 @@ def test_atomic_directory_permissions_and_refusal(tmp_path, umask):
     atomic_directory(out, True, lambda tmp: (tmp / "g.txt").write_text("newer"))
     assert [p.name for p in out.iterdir()] == ["g.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_write_npz_atomic_and_read_npz_round_trip_and_refuse(tmp_path):
+    """read_npz returns what write_npz_atomic wrote; a single .npy, pickled objects, garbage
+    and an empty file are ValueErrors with a one-line reason and never numpy's advice to
+    unpickle."""
+    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.int64(7)}
+    path = write_npz_atomic(tmp_path / "deep" / "x.npz", **arrays)
+    back = read_npz(path)
+    assert sorted(back) == ["a", "b"]
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(back[name], array)
+        assert back[name].dtype == np.asarray(array).dtype
+    np.save(tmp_path / "single.npy", np.zeros(3))
+    np.savez(tmp_path / "objects.npz", a=np.array([{"x": 1}], dtype=object))
+    (tmp_path / "garbage.npz").write_bytes(b"not an archive\x00\x01")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    for name, reason in [("single.npy", "a single array, not an .npz archive"),
+                         ("objects.npz", "pickled data"), ("garbage.npz", None),
+                         ("empty.npz", None)]:
+        with pytest.raises(ValueError) as err:
+            read_npz(tmp_path / name)
+        message = str(err.value)
+        assert message and "\n" not in message and "allow_pickle" not in message
+        assert reason is None or message == reason

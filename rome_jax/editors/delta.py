@@ -12,10 +12,8 @@ saved by ``save_edit`` (one .npz of plain arrays; ``load_edit`` never unpickles)
 
 from __future__ import annotations
 
-import io
 import os
 import re
-import zipfile
 from pathlib import Path
 
 import jax
@@ -23,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from rome_jax.files import write_bytes_atomic
+from rome_jax.files import read_npz, write_npz_atomic
 from rome_jax.models.transformer import Params, widened
 from rome_jax.sharding import keep_placement
 
@@ -131,9 +129,7 @@ def edit_arrays(edit: Edit) -> dict[str, np.ndarray]:
 def save_edit(edit: Edit, path: str | os.PathLike) -> None:
     """Write ``edit`` as one .npz of its ``edit_arrays`` (atomically: a temporary sibling
     renamed into place)."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **edit_arrays(edit))
-    write_bytes_atomic(path, buffer.getvalue())
+    write_npz_atomic(path, **edit_arrays(edit))
 
 
 def load_edit(path: str | os.PathLike) -> Edit:
@@ -141,15 +137,9 @@ def load_edit(path: str | os.PathLike) -> Edit:
     an .npz, pickled objects, or not ``edit_from_arrays``' arrays)."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise ValueError("a single array, not an .npz archive")
-            arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        arrays = read_npz(path)
+    except ValueError as err:
         raise ValueError(f"{path}: not an edit file ({err})") from None
-    except TypeError:  # np.load returned a plain array (an .npy), not a context manager
-        raise ValueError(f"{path}: not an edit file (a single array, not an .npz archive)"
-                         ) from None
     return edit_from_arrays(arrays, path)
 
 

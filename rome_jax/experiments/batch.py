@@ -21,7 +21,6 @@ CounterFact edits) beside.
 from __future__ import annotations
 
 import hashlib
-import io
 import resource
 import time
 from pathlib import Path
@@ -85,17 +84,17 @@ def shared_targets(model, requests: Sequence, hparams, context, out: Path, chunk
     from tqdm import tqdm
 
     from rome_jax.editors.batch import solve_targets
-    from rome_jax.files import write_bytes_atomic
+    from rome_jax.files import read_npz, write_npz_atomic
     from rome_jax.rome.values import VResult
 
     path = _targets_path(out, hparams, context)
     fields, seconds = {name: [] for name in VResult._fields}, 0.0
     if path.exists():
         try:
-            with np.load(path, allow_pickle=False) as saved:
-                fields = {name: list(saved[name]) for name in VResult._fields}
-                seconds = float(saved["seconds"])
-        except (OSError, ValueError, KeyError) as err:
+            saved = read_npz(path)
+            fields = {name: list(saved[name]) for name in VResult._fields}
+            seconds = float(saved["seconds"])
+        except (ValueError, KeyError) as err:
             raise ValueError(f"{path}: unreadable v* targets ({' '.join(str(err).split())}); "
                              "use --overwrite to start over") from None
     done = len(fields["delta"])
@@ -110,9 +109,8 @@ def shared_targets(model, requests: Sequence, hparams, context, out: Path, chunk
             for t in solved:
                 for name in VResult._fields:
                     fields[name].append(np.asarray(getattr(t, name)))
-            buffer = io.BytesIO()
-            np.savez(buffer, seconds=seconds, **{k: np.stack(v) for k, v in fields.items()})
-            write_bytes_atomic(path, buffer.getvalue())
+            write_npz_atomic(path, seconds=seconds,
+                             **{k: np.stack(v) for k, v in fields.items()})
             bar.update(len(piece))
     targets = [VResult(*(fields[name][i] for name in VResult._fields))
                for i in range(len(requests))]

@@ -15,7 +15,6 @@ Mahalanobis norms √(kᵀC⁻¹k)); the vectors go to ``keys.npz`` beside ``row
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -115,11 +114,9 @@ class VectorStore:
         return self.direction(unit, field) * self.arrays[f"{unit}/{field}.norm"][..., None]
 
     def _write(self) -> None:
-        from rome_jax.files import write_bytes_atomic
+        from rome_jax.files import write_npz_atomic
 
-        buffer = io.BytesIO()
-        np.savez(buffer, **self.arrays)
-        write_bytes_atomic(self.path, buffer.getvalue())
+        write_npz_atomic(self.path, **self.arrays)
 
 
 def store_path(header: Mapping) -> Path:

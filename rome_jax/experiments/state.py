@@ -28,8 +28,6 @@ entry written once and committed with them, in the smaller of two forms:
 
 from __future__ import annotations
 
-import io
-import zipfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -41,27 +39,17 @@ def _name(trace: str) -> str:
     return trace.replace("/", "-")
 
 
-def _write_npz(path: Path, **arrays) -> None:
-    """``arrays`` as an .npz at ``path`` (its folder made), atomically."""
-    from rome_jax.files import write_bytes_atomic
-
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(path, buffer.getvalue())
-
-
 def _read_npz(path: Path, what: str, parse):
-    """``parse`` of the arrays of the .npz at ``path`` (a dict, never unpickled). A file that
-    cannot be read, or that ``parse`` refuses (ValueError, KeyError), is a ValueError
-    "PATH: not WHAT (reason); delete it, or use --overwrite to start over"."""
+    """``parse`` of the arrays of the .npz at ``path`` (``files.read_npz``: a dict, never
+    unpickled). A file that is not such an .npz, or that ``parse`` refuses (ValueError,
+    KeyError), is a ValueError "PATH: not WHAT (reason); delete it, or use --overwrite to start
+    over"."""
+    from rome_jax.files import read_npz
+
     try:
-        with np.load(path, allow_pickle=False) as saved:
-            arrays = {name: saved[name] for name in saved.files}
-        return parse(arrays)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        message = " ".join(str(err).split())
-        reason = "pickled data" if "pickle" in message else message or type(err).__name__
+        return parse(read_npz(path))
+    except (ValueError, KeyError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
         raise ValueError(f"{path}: not {what} ({reason}); delete it, or use --overwrite to "
                          "start over") from None
 
@@ -74,11 +62,12 @@ def save_state(out: Path, trace: str, done: int, params, layers: Sequence[int],
                preserved: Mapping | None = None) -> None:
     """The weights at ``layers`` of ``params`` and ``preserved`` ({layer: [F, F]}) after
     ``done`` updates, atomically."""
+    from rome_jax.files import write_npz_atomic
     from rome_jax.models.transformer import rome_weight
 
     arrays = {f"weight{layer}": np.asarray(rome_weight(params, layer)[0]) for layer in layers}
     arrays.update({f"preserved{layer}": np.asarray(p) for layer, p in (preserved or {}).items()})
-    _write_npz(state_path(out, trace), done=done, **arrays)
+    write_npz_atomic(state_path(out, trace), done=done, **arrays)
 
 
 def load_state(out: Path, trace: str, params, layers: Sequence[int]
@@ -146,9 +135,12 @@ def save_targets(out: Path, trace: str, update: int, case_ids: Sequence[int], ta
     """Update ``update``'s v* targets (``VResult`` per request, in ``case_ids``' order) and the
     ``seconds`` their solves took, atomically. ``v_star`` and ``v_init`` are not kept: the
     closed forms read δ alone."""
-    _write_npz(targets_path(out, trace, update), case_ids=np.asarray(case_ids, np.int64),
-               seconds=seconds, **{name: np.stack([np.asarray(getattr(t, name)) for t in targets])
-                                   for name in VSTAR_FIELDS})
+    from rome_jax.files import write_npz_atomic
+
+    write_npz_atomic(targets_path(out, trace, update), case_ids=np.asarray(case_ids, np.int64),
+                     seconds=seconds, **{name: np.stack([np.asarray(getattr(t, name))
+                                                         for t in targets])
+                                         for name in VSTAR_FIELDS})
 
 
 def load_targets(out: Path, trace: str, update: int, case_ids: Sequence[int]
@@ -188,9 +180,11 @@ def save_update(out: Path, trace: str, step: int, case_id: int, edit, keys: Mapp
     ``edit_arrays``) and ``keys`` ({layer: K [B, F]}, AlphaEdit's: what its K_pᵀK_p grew by;
     empty for the other methods), atomically."""
     from rome_jax.editors.delta import edit_arrays
+    from rome_jax.files import write_npz_atomic
 
-    _write_npz(update_path(out, trace, step), case_id=np.int64(case_id), **edit_arrays(edit),
-               **{f"keys{layer}": np.asarray(k) for layer, k in keys.items()})
+    write_npz_atomic(update_path(out, trace, step), case_id=np.int64(case_id),
+                     **edit_arrays(edit),
+                     **{f"keys{layer}": np.asarray(k) for layer, k in keys.items()})
 
 
 def load_update(out: Path, trace: str, step: int, case_id: int) -> tuple[object, dict] | None:
