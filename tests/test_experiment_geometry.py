@@ -277,3 +277,13 @@ def test_baseline_of_other_weights_is_refused(setup, tmp_path, capsys):
     assert run("--baseline", tmp_path / "base", *TEXT, "--out", tmp_path / "out") == 2
     assert "digest" in capsys.readouterr().err
     assert run("--baseline", tmp_path / "nowhere", "--out", tmp_path / "out2") == 2
+
+
+def test_a_corrupt_store_is_refused_in_one_line_naming_it(tmp_path):
+    path = tmp_path / "keys.npz"
+    path.write_bytes(b"not a zip")
+    with pytest.raises(ValueError) as err:
+        geometry.VectorStore(path)
+    assert str(err.value).startswith(f"{path}: not a vector store (")
+    assert "\n" not in str(err.value)
+    assert path.read_bytes() == b"not a zip"  # nothing is lost

@@ -83,8 +83,13 @@ class VectorStore:
         self.path = Path(path)
         self.arrays: dict[str, np.ndarray] = {}
         if self.path.exists():
-            with np.load(self.path) as data:
-                self.arrays = {name: data[name] for name in data.files}
+            from rome_jax.files import read_npz
+
+            try:
+                self.arrays = read_npz(self.path)
+            except ValueError as err:
+                raise ValueError(f"{self.path}: not a vector store ({err}); delete it, or use "
+                                 "--overwrite") from None
 
     def units(self) -> set[str]:
         return {name.split("/")[0] for name in self.arrays}
