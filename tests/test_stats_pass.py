@@ -5,6 +5,7 @@ stopped), split over devices, and the corpora (a user's text file, Hugging Face 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -236,8 +237,16 @@ def test_hugging_face_corpora_are_streamed_through_datasets(model, tmp_path, mon
         resolve_corpus("hf:@train")
 
 
-def test_a_local_dataset_read_by_the_datasets_library(model, tmp_path):
+def test_a_local_dataset_read_by_the_datasets_library(model, tmp_path, monkeypatch):
+    """The real ``datasets`` library (the ``test`` extra) streams a local folder, offline: a
+    name look-up or connection (a download, a hub query) fails the test."""
     pytest.importorskip("datasets")
+
+    def offline(*args, **kwargs):
+        raise AssertionError("datasets went online (a name look-up or a connection)")
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
+    monkeypatch.setattr(socket.socket, "connect", offline)
     folder = tmp_path / "corpus"
     folder.mkdir()
     (folder / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
