@@ -339,9 +339,13 @@ _SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bf
 
 def write_safetensors(file: Path, tensors: dict[str, jax.Array], metadata: dict[str, str]
                       ) -> None:
-    """``tensors`` as one safetensors file, each gathered to the host (``np.asarray``) and
-    written in turn: the host holds one tensor at a time. The header (names, dtypes, shapes,
-    offsets in name order) comes first, padded to 8 bytes as safetensors writes it."""
+    """``tensors`` as one safetensors file, each gathered to the host and written in turn:
+    the host holds one tensor at a time. A gather is ``np.asarray`` of a device copy (sharded
+    as the tensor), dropped after its write: ``np.asarray`` of a sharded ``jax.Array`` keeps
+    the host copy cached on the array, so gathering the tensors themselves would leave every
+    sharded one on the host (the whole model, and the embedding for as long as the model
+    lives). The header (names, dtypes, shapes, offsets in name order) comes first, padded to
+    8 bytes as safetensors writes it."""
     header: dict = {"__metadata__": metadata}
     offset = 0
     for name in sorted(tensors):
@@ -355,7 +359,7 @@ def write_safetensors(file: Path, tensors: dict[str, jax.Array], metadata: dict[
     with open(file, "wb") as out:
         out.write(struct.pack("<Q", len(text)) + text)
         for name in sorted(tensors):
-            out.write(np.ascontiguousarray(np.asarray(tensors[name])).tobytes())
+            out.write(np.ascontiguousarray(np.asarray(jnp.array(tensors[name]))).tobytes())
 
 
 def save_hf(model: Model, out_dir: str | os.PathLike, *, overwrite: bool = False,

@@ -2,9 +2,9 @@
 and Llama-shaped models loaded onto a data x model mesh give the unsharded model's logits, key
 statistics and edits by every editor (c-rome, k2-rome, MEMIT, EMMET, AlphaEdit; 1e-5 relative
 on Δ and on the logits after it), every rule-sharded weight's shards hold 1/M of it, the
-loader reads one tensor at a time, and an export of a sharded edit loads in transformers with
-the same logits. The batch editors' v* targets are solved as one program over the requests,
-split over the data axis (Llama: data=2).
+loader reads one tensor at a time, ``save_hf`` gathers one tensor at a time, and an export of a
+sharded edit loads in transformers with the same logits. The batch editors' v* targets are
+solved as one program over the requests, split over the data axis (Llama: data=2).
 
 XLA_FLAGS must be set before jax is imported, so each device count is one subprocess
 (``SHARDED_RUN``, both families in it). The margin of 1e-5 is thin (C's float32 rounding,
@@ -78,6 +78,7 @@ from rome_jax.rome.request import EditRequest
 from rome_jax.rome.stats import compute_layer_stats
 from rome_jax.sharding import leaf_name
 
+ArrayImpl = type(jax.numpy.zeros(0))  # np.asarray(a jax.Array) calls its __array__
 root, out, meshes = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
 setup = json.loads((root / "setup.json").read_text())
 texts, ids = setup["texts"], np.asarray(setup["ids"])
@@ -104,6 +105,14 @@ def placing(params, mesh):  # the params as the family built them, before the ru
                   for leaf in jax.tree.leaves(params))
     return place(params, mesh)
 hf.shard_params = placing
+gathered, most_gathered = [], 0
+to_host = ArrayImpl.__array__
+def gathering(array, *args, **kwargs):  # every device-to-host copy, and how many are alive
+    global most_gathered
+    host = to_host(array, *args, **kwargs)
+    gathered.append(weakref.ref(host))
+    most_gathered = max(most_gathered, sum(r() is not None for r in gathered))
+    return host
 
 def rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -149,7 +158,11 @@ for family, spec in meshes.items():
     result[family]["k2_beyond_c_rome"] = rel(ref["k2-rome Δ1"], ref["c-rome Δ1"])
     result[family]["edited_split"] = [
         "model" in leaf.sharding.spec for leaf in jax.tree.leaves(edited["blocks"]["mlp"])]
+    gathered[:], most_gathered = [], 0
+    ArrayImpl.__array__ = gathering
     save_hf(sharded.with_params(edited), out / f"{family}-export")
+    ArrayImpl.__array__ = to_host
+    result[family].update(gathers=len(gathered), most_gathered=most_gathered)
     np.save(out / f"{family}-rome-logits.npy", np.asarray(ref["c-rome logits"]))
 (out / "result.json").write_text(json.dumps(result))
 """
@@ -263,6 +276,8 @@ def test_sharded_edits_equal_unsharded(models, tmp_path, n_devices, meshes):
         # k2-rome's second key did something: its Δ is not c-rome's at the same solve
         assert got["k2_beyond_c_rome"] > 0.1, (family, got["k2_beyond_c_rome"])
         assert any(got["edited_split"])  # the edited weights stay split
+        # save_hf gathered each tensor to the host once, and dropped it before the next
+        assert got["gathers"] == n_tensors and got["most_gathered"] == 1, (family, got)
         # the export of the sharded ROME edit loads in transformers with the same logits
         hf = transformers.AutoModelForCausalLM.from_pretrained(
             tmp_path / f"{family}-export").float().eval()
