@@ -4,6 +4,7 @@ stopped), split over devices, and the corpora (a user's text file, Hugging Face 
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -271,6 +272,9 @@ def test_the_stats_command_builds_a_window_in_one_pass(tiny_model, tmp_path, cap
         out, err = capsys.readouterr()
         first = json.loads(out)["layers"]
         assert "computing key statistics at layers 0, 1" in err
+        # the progress bar: the window, tokens/s and the time left ("<" then the estimate)
+        bar = err[err.index("key stats layers 0,1"):]
+        assert re.search(r"tok/s", bar) and re.search(r"<\d\d:\d\d", bar), bar[-500:]
         assert rome_cli.main(args) == 0
         again = json.loads(capsys.readouterr().out)["layers"]
         with pytest.raises(SystemExit):
