@@ -50,14 +50,15 @@ CANDIDATES = ("c-rome", "consistent values", "prefixed clamp")
 @partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def solve_candidate(params, config, layer, steps, candidate, batch, keys, lr, weight_decay,
                     kl_factor, clamp_norm_factor, early_stop_loss):
-    """v*'s VResult for ``candidate`` (static) from the solved keys of ``batch``."""
+    """v*'s VResult for ``candidate`` (static: "consistent values" or "prefixed clamp"; c-rome's
+    own is ``solve``'s) from the solved keys of ``batch``."""
     residual = residual_at(params, config, batch.ids, batch.mask, layer)
     w, b = rome_weight(params, layer)
     plain, mean = keys.plain @ w + b, keys.mean @ w + b
     v_init, reference = plain, None
     if candidate == "consistent values":
         v_init = mean
-    elif candidate == "prefixed clamp":
+    else:
         scale = jnp.linalg.norm(keys.all[1:] @ w + b, axis=-1).mean()
         reference = plain * (scale / jnp.linalg.norm(plain))
     return optimize_v(params, config, layer, batch, residual, v_init, steps=steps, lr=lr,
@@ -84,11 +85,13 @@ def main() -> None:
     for case_id, record in zip(case_ids, records):
         request = EditRequest.from_dict(record)
         batch = build_batch(model, request, ctx.templates, hp.fact_token)
-        keys = solve(model, request, hp, context=ctx).keys
+        solved = solve(model, request, hp, context=ctx)  # c-rome's keys and v*, as shipped
+        keys = solved.keys
         for candidate in CANDIDATES:
-            values = solve_candidate(model.params, model.config, layer, hp.v_num_grad_steps,
-                                     candidate, batch, keys, hp.v_lr, hp.v_weight_decay,
-                                     hp.kl_factor, hp.clamp_norm_factor, hp.early_stop_loss)
+            values = solved.values if candidate == "c-rome" else solve_candidate(
+                model.params, model.config, layer, hp.v_num_grad_steps, candidate, batch, keys,
+                hp.v_lr, hp.v_weight_decay, hp.kl_factor, hp.clamp_norm_factor,
+                hp.early_stop_loss)
             update, d = rank_one_update(w, b, ctx.factor, keys.plain, keys.mean,
                                         values.v_star, "c-rome", layer)
             params = apply_edit(model.params, update)
