@@ -364,6 +364,28 @@ def test_collapse_cases_refuse_bad_input(env, collapse_run, monkeypatch, capsys,
     assert message in capsys.readouterr().err
 
 
+def test_collapse_cases_of_another_layer_are_edited_at_this_one(env, baseline):
+    """Issue 20: the collapse cases found at one layer (the baseline's, 1 here), edited at
+    another (0); only the weights and the start token must match, and only here: an
+    experiment that compares with the baseline's rows still refuses another layer."""
+    from rome_jax.experiments import collapse
+
+    base = json.loads((baseline / "rows.jsonl").read_text().splitlines()[0])["settings"]
+    header = {"out": str(env / "seqc-l0"), "settings": {
+        "layer": 0, "bos": None, "n": 4, "baseline": str(baseline), "digest": base["digest"]}}
+    records, groups = sequential.collapse_sequence(header)
+    assert groups == SEQUENCE
+    cases, normal = iter(CASES), iter(NORMAL)
+    assert [int(r["case_id"]) for r in records] == [next(cases if g == "collapse" else normal)
+                                                    for g in groups]
+    with pytest.raises(ValueError, match=r"made with another layer \(1, not 0\); it must be "
+                                         r"the collapse run of this model and layer"):
+        collapse.baseline(header, None)
+    other = {**header, "settings": {**header["settings"], "digest": "other"}}
+    with pytest.raises(ValueError, match=r"made with another digest .*of this model$"):
+        sequential.collapse_sequence(other)
+
+
 def test_baseline_needs_collapse_cases(env, monkeypatch, capsys):
     assert experiment(env, monkeypatch, env / "seqc-nobase", "--baseline", "x") == 2
     assert "--baseline: only with --collapse-cases" in capsys.readouterr().err

@@ -142,11 +142,13 @@ def run(s, args, journal, header: Mapping) -> None:
 # ----------------------------------------------------------------------------- as a baseline
 
 
-def add_baseline_arg(p, default_bos: str = "[-bos]") -> None:
-    """--baseline: the finished collapse run that another experiment starts from."""
+def add_baseline_arg(p, default_bos: str = "[-bos]", any_layer: bool = False) -> None:
+    """--baseline: the finished collapse run that another experiment starts from (of the
+    same layer unless ``any_layer``)."""
     p.add_argument("--baseline", metavar="DIR",
-                   help="the finished collapse run of the same model and layer (default "
-                        f"experiments/MODEL/collapse-lLAYER{default_bos})")
+                   help="the finished collapse run of the same model"
+                        + (", any layer" if any_layer else " and layer")
+                        + f" (default experiments/MODEL/collapse-lLAYER{default_bos})")
 
 
 def baseline_dir(header: Mapping, bos: int | None) -> Path:
@@ -157,11 +159,13 @@ def baseline_dir(header: Mapping, bos: int | None) -> Path:
             / f"collapse-l{st['layer']}{'' if bos is None else '-bos'}")
 
 
-def baseline(header: Mapping, bos: int | None, full: bool = False
+def baseline(header: Mapping, bos: int | None, full: bool = False, any_layer: bool = False
              ) -> tuple[dict, list[dict]]:
     """(header, rows) of that collapse run; it must have been made with the weights and layer
-    of ``header``'s run and with start token ``bos`` (None: without one). Its rows must have
-    what grouping needs, or (``full``) every field of a collapse row."""
+    of ``header``'s run (any layer with ``any_layer``: for an experiment that takes only the
+    records' groups, which are properties of the records at the baseline's layer) and with
+    start token ``bos`` (None: without one). Its rows must have what grouping needs, or
+    (``full``) every field of a collapse row."""
     from rome_jax.experiments.journal import read_rows
 
     path = baseline_dir(header, bos) / "rows.jsonl"
@@ -175,12 +179,13 @@ def baseline(header: Mapping, bos: int | None, full: bool = False
         require(base, {"threshold": NUMBER, "sample_seed": int})
     except ValueError as err:
         raise ValueError(f"--baseline {path}: settings.{err}") from None
-    want = {"digest": st["digest"], "layer": st["layer"], "bos": bos}
+    want = {"digest": st["digest"], "bos": bos, **({} if any_layer else {"layer": st["layer"]})}
     differ = [k for k, v in want.items() if base.get(k) != v]
     if differ:
         raise ValueError(f"--baseline {path.parent}: made with another "
                          + ", ".join(f"{k} ({base.get(k)}, not {want[k]})" for k in differ)
-                         + "; it must be the collapse run of this model and layer")
+                         + "; it must be the collapse run of this model"
+                         + ("" if any_layer else " and layer"))
     return base_header, rows
 
 

@@ -30,7 +30,9 @@ changes). Its single edits are its one-request update of the base model, scored 
 
 With ``--collapse-cases`` ("Rebuilding ROME" Figure 3, the Butterfly study's HardCF sequence),
 the records come from a finished ``collapse`` run (``--baseline``; by default
-``collapse-lLAYER`` beside this run): its first ``--n`` normal cases N, in the run's order, with
+``collapse-lLAYER`` beside this run; an explicit one may be of another layer of the same
+weights, whose collapse cases are then edited at ``--layer``: issue 20's first-token subjects,
+found at SmolLM2's layer 12, edited at layer 1): its first ``--n`` normal cases N, in the run's order, with
 its C collapse cases inserted in the run's order at the 1-based edit positions
 ``collapse_positions``: p_j = ⌊(j + 1)(N + C)/(C + 1) + ½⌋, j = 0..C-1, evenly spaced over the
 N + C edits (N = 100, C = 25: 5, 10, 14, 19, ...). Each method runs that sequence (trace
@@ -105,7 +107,7 @@ def add_args(p) -> None:
                    help="edit --n normal cases of a collapse run with its collapse cases "
                         "inserted at evenly spaced positions, and the normal cases alone as "
                         "each method's control (see the module docstring)")
-    collapse.add_baseline_arg(p)
+    collapse.add_baseline_arg(p, any_layer=True)
 
 
 def add_evaluation_args(p) -> None:
@@ -257,7 +259,7 @@ def collapse_sequence(header: Mapping) -> tuple[list[dict], list[str]]:
     from rome_jax.data import counterfact_by_case_id, load_counterfact
 
     st = header["settings"]
-    base_header, base_rows = collapse.baseline(header, st["bos"])
+    base_header, base_rows = collapse.baseline(header, st["bos"], any_layer=True)
     picked = collapse.chosen(base_header, base_rows, st["n"])
     normal = [c for g, c, _ in picked if g == "normal"]
     cases = [c for g, c, _ in picked if g == "collapse"]
@@ -769,7 +771,8 @@ def figure(summary: Mapping, title: str):
 def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
     st = header["settings"]
     summary = summarize(header, rows)
-    records = (f"{st['n']} normal cases of the baseline collapse run, its collapse cases "
+    base = Path(st["baseline"]).name if st.get("baseline") else f"collapse-l{st['layer']}"
+    records = (f"{st['n']} normal cases of the collapse run {base}, its collapse cases "
                "inserted at evenly spaced positions, and the normal cases alone (control)"
                if st.get("collapse_cases") else
                f"{st['n']} CounterFact records (sample seed {st['sample_seed']})")
