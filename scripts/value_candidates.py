@@ -40,7 +40,7 @@ from rome_jax.editors.delta import apply_edit
 from rome_jax.editors.rome import rank_one_update
 from rome_jax.evaluation import counterfact_metrics, counterfact_nlls, counterfact_prompts
 from rome_jax.models.transformer import residual_at, rome_weight
-from rome_jax.rome.edit import build_batch, solve
+from rome_jax.rome.edit import build_batch, prefixed_reference, solve
 from rome_jax.rome.request import EditRequest
 from rome_jax.rome.values import optimize_v
 
@@ -59,8 +59,7 @@ def solve_candidate(params, config, layer, steps, candidate, batch, keys, lr, we
     if candidate == "consistent values":
         v_init = mean
     else:
-        scale = jnp.linalg.norm(keys.all[1:] @ w + b, axis=-1).mean()
-        reference = plain * (scale / jnp.linalg.norm(plain))
+        reference = prefixed_reference(keys, w, b, plain)
     return optimize_v(params, config, layer, batch, residual, v_init, steps=steps, lr=lr,
                       weight_decay=weight_decay, kl_factor=kl_factor,
                       clamp_norm_factor=clamp_norm_factor, early_stop_loss=early_stop_loss,

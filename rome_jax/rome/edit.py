@@ -264,6 +264,15 @@ def solve_core(params: Params, config: ModelConfig, layer: int, steps: int, batc
     return Solved(keys, values)
 
 
+def prefixed_reference(keys, w: jax.Array, b: jax.Array, v_init: jax.Array) -> jax.Array:
+    """``v_init`` (d_out,) rescaled to mean_i ‖W k_i + b‖ over the prefixed rows of ``keys.all``
+    (i ≥ 1; row 0 when it is the only one): the reference against which k2-rome's v*₀ is
+    clamped and decayed, a normal-sized value where position 0's own output is tiny."""
+    prefixed = keys.all[1:] if keys.all.shape[0] > 1 else keys.all
+    scale = jnp.linalg.norm(prefixed @ w + b, axis=-1).mean()
+    return v_init * (scale / jnp.linalg.norm(v_init))
+
+
 def solve_plain_core(params: Params, config: ModelConfig, layer: int, steps: int,
                      batch: VBatch, factor: jax.Array, solved: Solved, lr, weight_decay,
                      kl_factor, clamp_norm_factor, early_stop_loss,
@@ -289,13 +298,10 @@ def solve_plain_core(params: Params, config: ModelConfig, layer: int, steps: int
                                 "c-rome", layer)
     edited = apply_edit(params, c_rome)
     v_init = keys.plain @ rome_weight(edited, layer)[0] + b
-    prefixed = keys.all[1:] if keys.all.shape[0] > 1 else keys.all
-    scale = jnp.linalg.norm(prefixed @ w + b, axis=-1).mean()
-    reference = v_init * (scale / jnp.linalg.norm(v_init))
     values = optimize_v(edited, config, layer, plain, residual, v_init, steps=steps, lr=lr,
                         weight_decay=weight_decay, kl_factor=kl_factor,
                         clamp_norm_factor=clamp_norm_factor, early_stop_loss=early_stop_loss,
-                        norm_reference=reference)
+                        norm_reference=prefixed_reference(keys, w, b, v_init))
     first = batch.lookup[0] == 0
     values = values._replace(v_star=jnp.where(first, values.v_star, v_init),
                              delta=jnp.where(first, values.delta, 0.0))
