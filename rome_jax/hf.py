@@ -63,19 +63,24 @@ def local_source(path_or_id: str | os.PathLike | None) -> Path | None:
     if path_or_id is None:
         path_or_id = os.environ.get("ROME_JAX_DEFAULT_MODEL", DEFAULT_MODEL)
     path = Path(path_or_id).expanduser()
+    if str(path_or_id) == DEFAULT_MODEL.name and not path.exists():
+        return DEFAULT_MODEL
     return path if str(path_or_id) not in GGUF_ALIASES and path.exists() else None
 
 
 def resolve(path_or_id: str | os.PathLike | None) -> Path:
-    """A local directory, or a hub id downloaded to the HF cache (its config, tokenizer and
-    safetensors weights; its Flax msgpack weights where it has no safetensors). ``None``: the
-    default model."""
+    """A local directory, the embedded default model by its name "gpt2-cf-tiny" (where no
+    local directory has that name), or a hub id downloaded to the HF cache (its config,
+    tokenizer and safetensors weights; its Flax msgpack weights where it has no safetensors).
+    ``None``: the default model ($ROME_JAX_DEFAULT_MODEL, else the embedded one)."""
     if path_or_id is None:
         path_or_id = os.environ.get("ROME_JAX_DEFAULT_MODEL", DEFAULT_MODEL)
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
     text = str(path_or_id)
+    if text == DEFAULT_MODEL.name:
+        return DEFAULT_MODEL
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise FileNotFoundError(f"{text}: no such model directory")
     from huggingface_hub import snapshot_download
@@ -208,7 +213,8 @@ def _get(handle, name: str, file: Path):
 def load_model(path_or_id: str | os.PathLike | None = None, dtype=jnp.float32,
                mesh: str | Mesh | dict | None = None) -> Model:
     """Load an HF GPT-2 / GPT-J / Llama directory or hub id (``None``: the embedded default
-    model), or a ``*.gguf`` file / GGUF alias (``GGUF_ALIASES``: "smollm2-135m", "gemma3-270m").
+    model, also named "gpt2-cf-tiny"), or a ``*.gguf`` file / GGUF alias (``GGUF_ALIASES``:
+    "smollm2-135m", "gemma3-270m").
 
     Computation is in ``dtype``; the dtype the floating weights are stored in is kept as
     ``Model.source_dtype`` (the widest when they differ), which ``save_hf`` exports by default.

@@ -2,6 +2,7 @@
 of a CounterFact record rewrites the fact without touching the original params."""
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -37,6 +38,24 @@ def test_default_model_is_the_committed_checkpoint(model):
     assert model.name == str(DEFAULT_MODEL)
     size = sum(f.stat().st_size for f in DEFAULT_MODEL.iterdir() if f.is_file())
     assert size <= 40 * 2**20
+
+
+def test_the_default_model_answers_to_its_name(model, tmp_path, monkeypatch):
+    """"gpt2-cf-tiny" names the embedded model, as "smollm2-135m" names its GGUF, unless a
+    local directory of that name is where the user stands."""
+    from conftest import tiny_gpt2
+
+    from rome_jax import save_hf
+    from rome_jax.hf import local_source
+    from rome_jax.models.model import params_digest
+
+    monkeypatch.chdir(tmp_path)
+    named = load_model("gpt2-cf-tiny")
+    assert params_digest(named.params) == params_digest(model.params)
+    assert local_source("gpt2-cf-tiny") == DEFAULT_MODEL  # an --out inside it is refused
+    save_hf(tiny_gpt2(n_layer=1, d_model=32, n_head=2, seq_len=16, seed=0), "gpt2-cf-tiny")
+    assert load_model("gpt2-cf-tiny").config.n_layer == 1
+    assert local_source("gpt2-cf-tiny") == Path("gpt2-cf-tiny")
 
 
 def test_training_split_is_recorded(model, records):

