@@ -771,8 +771,8 @@ def figure(summary: Mapping, title: str):
 def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
     st = header["settings"]
     summary = summarize(header, rows)
-    base = Path(st["baseline"]).name if st.get("baseline") else f"collapse-l{st['layer']}"
-    records = (f"{st['n']} normal cases of the collapse run {base}, its collapse cases "
+    records = (f"{st['n']} normal cases of the collapse run "
+               f"{collapse.baseline_dir(header, st.get('bos')).name}, its collapse cases "
                "inserted at evenly spaced positions, and the normal cases alone (control)"
                if st.get("collapse_cases") else
                f"{st['n']} CounterFact records (sample seed {st['sample_seed']})")
