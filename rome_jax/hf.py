@@ -57,15 +57,23 @@ EXPORT_FORMATS = ("safetensors", "flax")  # save_hf's format, edit's --format
 GGUF_ALIASES = {"smollm2-135m": gguf.smollm2_path, "gemma3-270m": gguf.gemma3_path}
 
 
+def _named(path_or_id: str | os.PathLike | None) -> tuple[str, Path]:
+    """A model argument as text (``None``: $ROME_JAX_DEFAULT_MODEL, else the embedded default
+    model) and the local path it names: itself, or the embedded default model for its name
+    "gpt2-cf-tiny" where no local path has that name. The path need not exist (a hub id)."""
+    if path_or_id is None:
+        path_or_id = os.environ.get("ROME_JAX_DEFAULT_MODEL", DEFAULT_MODEL)
+    text, path = str(path_or_id), Path(path_or_id).expanduser()
+    if text == DEFAULT_MODEL.name and not path.exists():
+        path = DEFAULT_MODEL
+    return text, path
+
+
 def local_source(path_or_id: str | os.PathLike | None) -> Path | None:
     """The local folder or file a model argument names (``None``: the default model), or None
     for a hub id or alias (nothing local to protect)."""
-    if path_or_id is None:
-        path_or_id = os.environ.get("ROME_JAX_DEFAULT_MODEL", DEFAULT_MODEL)
-    path = Path(path_or_id).expanduser()
-    if str(path_or_id) == DEFAULT_MODEL.name and not path.exists():
-        return DEFAULT_MODEL
-    return path if str(path_or_id) not in GGUF_ALIASES and path.exists() else None
+    text, path = _named(path_or_id)
+    return path if text not in GGUF_ALIASES and path.exists() else None
 
 
 def resolve(path_or_id: str | os.PathLike | None) -> Path:
@@ -73,14 +81,9 @@ def resolve(path_or_id: str | os.PathLike | None) -> Path:
     local directory has that name), or a hub id downloaded to the HF cache (its config,
     tokenizer and safetensors weights; its Flax msgpack weights where it has no safetensors).
     ``None``: the default model ($ROME_JAX_DEFAULT_MODEL, else the embedded one)."""
-    if path_or_id is None:
-        path_or_id = os.environ.get("ROME_JAX_DEFAULT_MODEL", DEFAULT_MODEL)
-    path = Path(path_or_id).expanduser()
+    text, path = _named(path_or_id)
     if path.is_dir():
         return path
-    text = str(path_or_id)
-    if text == DEFAULT_MODEL.name:
-        return DEFAULT_MODEL
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise FileNotFoundError(f"{text}: no such model directory")
     from huggingface_hub import snapshot_download
