@@ -66,6 +66,19 @@ def test_other_settings_experiments_and_files_are_refused(tmp_path):
     assert other.read_text() == "hello\n"  # nothing lost
 
 
+def test_a_rome_setting_the_journal_predates_counts_as_its_default(tmp_path):
+    """A journal written before ``clamp_reference`` existed resumes with its default and
+    refuses another value."""
+    path = tmp_path / "rows.jsonl"
+    with Journal(path, "x", {**SETTINGS, "hparams": {"layer": 1}}) as journal:
+        journal.append({"key": 1})
+    now = {**SETTINGS, "hparams": {"layer": 1, "clamp_reference": "mlp_output"}}
+    with Journal(path, "x", now) as journal:
+        assert [r["key"] for r in journal.rows] == [1]
+    with pytest.raises(ValueError, match=r"other settings \(hparams differ\)"):
+        Journal(path, "x", {**now, "hparams": {"layer": 1, "clamp_reference": "residual"}})
+
+
 def test_one_writer_at_a_time(tmp_path):
     path = tmp_path / "rows.jsonl"
     with Journal(path, "x", SETTINGS):

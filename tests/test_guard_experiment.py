@@ -104,11 +104,6 @@ def test_scores_at_the_defaults_and_along_the_roc():
         (3, "rome", "passed"), (4, "rome", "refused"), (7, "c-rome", "refused")]
 
 
-def test_same_hparams_fills_missing_fields_with_defaults():
-    assert experiment.same_hparams({"layer": 1}, {"layer": 1, "clamp_reference": "mlp_output"})
-    assert not experiment.same_hparams({"layer": 1}, {"layer": 1, "clamp_reference": "residual"})
-
-
 def test_command_scores_a_collapse_run_with_a_profile_that_leaves_it_out(tiny_model, tmp_path,
                                                                         capsys):
     from rome_jax.data import load_counterfact, tokenizer_dir

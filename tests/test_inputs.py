@@ -326,6 +326,13 @@ def test_settings_mismatch_names_the_flags():
         'eval.json: was made with other settings (--layer: 1 in the file, 2 now; --methods: '
         '["rome"] in the file, ["c-rome"] now; hparams.kl_factor: 0.0625 in the file, 0.5 now)')
     assert resumed_records(old, {**old["settings"], "model": "b"}, Path("x")) == []
+    # a ROME setting the file predates counts as its default
+    now = {**old["settings"], "hparams": {**old["settings"]["hparams"],
+                                          "clamp_reference": "mlp_output"}}
+    assert resumed_records(old, now, Path("x")) == []
+    now["hparams"]["clamp_reference"] = "residual"
+    with pytest.raises(ValueError, match='hparams.clamp_reference: "mlp_output" in the file'):
+        resumed_records(old, now, Path("x"))
 
 
 @pytest.mark.parametrize("command", ["evaluate", "demo"])

@@ -173,7 +173,12 @@ def resumed_records(previous: dict | None, settings: dict, path: Path) -> list[d
     differ, with both values."""
     if previous is None:
         return []
-    differ = _setting_differences(previous["settings"], settings)
+    from rome_jax.rome.hparams import filled
+
+    saved = previous["settings"]
+    if isinstance(saved.get("hparams"), dict):  # a file from before a ROME setting existed
+        saved = {**saved, "hparams": filled(saved["hparams"])}
+    differ = _setting_differences(saved, settings)
     if differ:
         raise ValueError(f"{path}: was made with other settings ("
                          + "; ".join(f"{k}: {v}" for k, v in differ.items())

@@ -32,6 +32,7 @@ from rome_jax.experiments import collapse
 from rome_jax.experiments.journal import NUMBER, require
 from rome_jax.experiments.report import (Report, fmt, markdown_table, pyplot, run_label,
                                          save_figure)
+from rome_jax.rome.hparams import filled
 
 NAME = "guard"
 HELP = "the collapse guard scored on a collapse run's edits: TPR/FPR, ROC curves"
@@ -88,7 +89,7 @@ def source(header: Mapping) -> tuple[dict, list[dict]]:
                          "collapse or bos run")
     st, base = header["settings"], base_header["settings"]
     differ = [k for k in ("digest", "layer", "bos") if base.get(k) != st[k]]
-    differ += [] if same_hparams(base.get("hparams", {}), st["hparams"]) else ["hparams"]
+    differ += [] if filled(base.get("hparams", {})) == filled(st["hparams"]) else ["hparams"]
     if differ:
         raise ValueError(f"--baseline {path.parent}: made with another "
                          + ", ".join(differ) + "; it must be a run of this model, layer, "
@@ -103,17 +104,6 @@ def check_source_row(row: Mapping) -> None:
     if "error" not in row:
         require(row, {m: {"denominator": NUMBER, "delta_abs": NUMBER}
                       for m in collapse.METHODS})
-
-
-def same_hparams(a: Mapping, b: Mapping) -> bool:
-    """Two runs' ROME settings agree, a field missing from one (a run made before the field
-    existed) standing for its default."""
-    import dataclasses
-
-    from rome_jax.rome.hparams import RomeHParams
-
-    default = {f.name: f.default for f in dataclasses.fields(RomeHParams)}
-    return all(a.get(k, default.get(k)) == b.get(k, default.get(k)) for k in {*a, *b})
 
 
 def run(s, args, journal, header: Mapping) -> None:

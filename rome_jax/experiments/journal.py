@@ -3,11 +3,12 @@
 The first line is the header ``{"experiment": NAME, "settings": {...}}``; every later line is a
 row with a ``"key"`` (a case id, an edit step...). A rerun with the same settings reads the
 finished rows and skips their keys; a rerun with other settings is refused, naming what
-differs (``model``, a path, may differ: ``digest`` names the weights). Each row is written with
-one ``write`` of a whole line, then flushed and fsynced, so an interrupted run loses at most the
-row it was computing: a torn last line (no newline, opening with ``{``) is cut off when the
-journal is reopened. Anything else that is not a journal (no complete line, a header or row of
-another shape, a row its experiment cannot read) is refused and left as it is.
+differs (``model``, a path, may differ: ``digest`` names the weights; a ROME setting the
+journal predates counts as its default). Each row is written with one ``write`` of a whole
+line, then flushed and fsynced, so an interrupted run loses at most the row it was computing:
+a torn last line (no newline, opening with ``{``) is cut off when the journal is reopened.
+Anything else that is not a journal (no complete line, a header or row of another shape, a row
+its experiment cannot read) is refused and left as it is.
 One process at a time writes a journal (an exclusive ``flock`` held while it is open); a second
 one is refused at once instead of interleaving rows. Nothing is written before the first row
 or a run that ends without an exception: a refused run leaves no header-only journal, and a
@@ -22,6 +23,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from rome_jax.rome.hparams import filled
+
 NUMBER = (int, float)
 NEWLINE = b"\n"
 
@@ -31,6 +34,15 @@ CheckRow = Callable[[dict], None]
 def _normal(value: Any) -> Any:
     """``value`` as it reads back from JSON (tuples become lists, ...)."""
     return json.loads(json.dumps(value))
+
+
+def _filled(settings: Mapping[str, Any]) -> dict:
+    """``settings`` with their ROME settings (``"hparams"``) given the fields a journal
+    written before those existed lacks, at their defaults (``rome.hparams.filled``)."""
+    hparams = settings.get("hparams")
+    if not isinstance(hparams, Mapping):
+        return dict(settings)
+    return {**settings, "hparams": filled(hparams)}
 
 
 def require(obj: Mapping, spec: Mapping[str, Any], where: str = "") -> None:
@@ -141,9 +153,9 @@ class Journal:
             header, rows, end = parse(data, self.path, self.experiment, self.check_row)
         except ValueError as err:
             raise ValueError(f"{err}; use another --out, or --overwrite to start over") from None
-        old = header["settings"]
-        differ = sorted(k for k in set(old) | set(self.settings)
-                        if k != "model" and old.get(k) != self.settings.get(k))
+        old, new = (_filled(header["settings"]), _filled(self.settings))
+        differ = sorted(k for k in set(old) | set(new)
+                        if k != "model" and old.get(k) != new.get(k))
         if differ:
             raise ValueError(f"{self.path}: was made with other settings ({', '.join(differ)} "
                              "differ); use the same settings, another --out, or --overwrite "

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
+
+from typing import Mapping
 
 from rome_jax.models.config import ModelConfig
 from rome_jax.rome.request import FACT_TOKENS
@@ -92,6 +95,16 @@ class RomeHParams:
 
     def replace(self, **changes) -> "RomeHParams":
         return dataclasses.replace(self, **changes)
+
+
+def filled(saved: Mapping) -> dict:
+    """The ROME settings a results file saved (``RomeHParams`` as JSON: journals, screens,
+    evaluations), the fields it lacks set to their defaults as JSON reads them back: a file
+    written before a field existed was made with the field's default, so two files' settings
+    agree when their filled dicts are equal."""
+    defaults = {f.name: f.default for f in dataclasses.fields(RomeHParams)
+                if f.default is not dataclasses.MISSING}
+    return {**json.loads(json.dumps(defaults)), **saved}
 
 
 def check_numbers(hparams, fields) -> None:
