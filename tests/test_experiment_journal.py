@@ -81,11 +81,17 @@ def test_a_rome_setting_the_journal_predates_counts_as_its_default(tmp_path):
 
 def test_one_writer_at_a_time(tmp_path):
     path = tmp_path / "rows.jsonl"
-    with Journal(path, "x", SETTINGS):
+    with Journal(path, "x", SETTINGS) as writer:
+        writer.append({"key": 1})
         with pytest.raises(ValueError, match="another process is writing"):
             Journal(path, "x", SETTINGS)
+        with Journal(path, "x", SETTINGS, read_only=True) as reader:  # a report meanwhile
+            assert reader.being_written and [r["key"] for r in reader.rows] == [1]
+        writer.append({"key": 2})
     with Journal(path, "x", SETTINGS) as journal:  # released on close
-        assert journal.rows == []
+        assert [r["key"] for r in journal.rows] == [1, 2]
+    with Journal(path, "x", SETTINGS, read_only=True) as reader:
+        assert not reader.being_written
 
 
 def test_report_helpers(tmp_path):

@@ -29,7 +29,8 @@ def add_parser(sub) -> None:
         q.add_argument("--overwrite", action="store_true",
                        help="start over: discard the rows of an earlier run in --out")
         q.add_argument("--report-only", action="store_true",
-                       help="compute nothing: rewrite summary, table and figure from the rows")
+                       help="compute nothing: rewrite summary, table and figure from the rows "
+                            "(while a run writes them, from its rows so far)")
         q.add_argument("--batch", type=positive_int, metavar="B",
                        help="records whose keys and v* are solved together, as one program "
                             "split over the --mesh's data axis (default: its size, the device "
@@ -73,6 +74,9 @@ def run(args) -> int:
                  check_row=module.check_row, read_only=args.report_only) as journal:
         if journal.rows and not args.report_only:
             log(f"{PROG}: resuming {out}: {len(journal.rows)} rows done")
+        if journal.being_written:
+            log(f"{PROG}: {out}: a run is writing it; reporting its {len(journal.rows)} rows "
+                "so far")
         header = {"experiment": module.NAME, "settings": journal.settings, "out": str(out)}
         if not args.report_only:
             module.run(s, args, journal, header)

@@ -10,7 +10,8 @@ a torn last line (no newline, opening with ``{``) is cut off when the journal is
 Anything else that is not a journal (no complete line, a header or row of another shape, a row
 its experiment cannot read) is refused and left as it is.
 One process at a time writes a journal (an exclusive ``flock`` held while it is open); a second
-one is refused at once instead of interleaving rows. Nothing is written before the first row
+one is refused at once instead of interleaving rows, while a reader (``read_only``, a report of
+a run under way) reads the rows written so far. Nothing is written before the first row
 or a run that ends without an exception: a refused run leaves no header-only journal, and a
 refused ``--overwrite`` run keeps the old rows.
 """
@@ -110,8 +111,9 @@ def parse(data: bytes, path: Path, experiment: str | None = None,
 class Journal:
     """The rows of ``path`` (started with ``experiment`` / ``settings`` when missing or when
     ``overwrite``). ``check_row(row)`` raises ValueError for a row the experiment cannot read;
-    ``read_only``: the file must exist and is never changed (no row can be appended). Use as
-    a context manager, or call ``close``."""
+    ``read_only``: the file must exist and is never changed (no row can be appended); while
+    another process writes it, the rows written so far are read (``being_written``). Use as a
+    context manager, or call ``close``."""
 
     def __init__(self, path: str | os.PathLike, experiment: str, settings: Mapping[str, Any],
                  overwrite: bool = False, check_row: CheckRow | None = None,
@@ -127,13 +129,16 @@ class Journal:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._created = not self.path.exists()
         self._handle = open(self.path, "rb" if self.read_only else "a+b")
+        self.being_written = False
         try:
             fcntl.flock(self._handle, (fcntl.LOCK_SH if self.read_only else fcntl.LOCK_EX)
                         | fcntl.LOCK_NB)
         except BlockingIOError:
-            self._handle.close()
-            raise ValueError(f"{self.path}: another process is writing this experiment; wait "
-                             "for it or use another --out") from None
+            if not self.read_only:
+                self._handle.close()
+                raise ValueError(f"{self.path}: another process is writing this experiment; "
+                                 "wait for it or use another --out") from None
+            self.being_written = True  # read its whole lines so far (each is one write)
         self._started = not overwrite  # an old file is replaced at the first write
         self._torn_at = None
         try:
