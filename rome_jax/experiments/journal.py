@@ -38,8 +38,8 @@ def _normal(value: Any) -> Any:
 
 
 def _filled(settings: Mapping[str, Any]) -> dict:
-    """``settings`` with their ROME settings (``"hparams"``) given the fields a journal
-    written before those existed lacks, at their defaults (``rome.hparams.filled``)."""
+    """``settings`` with the ROME settings (``"hparams"``) that a journal written before they
+    existed lacks set to their defaults (``rome.hparams.filled``)."""
     hparams = settings.get("hparams")
     if not isinstance(hparams, Mapping):
         return dict(settings)

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import numbers
-
 from typing import Mapping
 
 from rome_jax.models.config import ModelConfig
