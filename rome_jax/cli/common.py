@@ -173,12 +173,9 @@ def resumed_records(previous: dict | None, settings: dict, path: Path) -> list[d
     differ, with both values."""
     if previous is None:
         return []
-    from rome_jax.rome.hparams import filled
+    from rome_jax.experiments.journal import filled_settings
 
-    saved = previous["settings"]
-    if isinstance(saved.get("hparams"), dict):  # a file from before a ROME setting existed
-        saved = {**saved, "hparams": filled(saved["hparams"])}
-    differ = _setting_differences(saved, settings)
+    differ = _setting_differences(filled_settings(previous["settings"]), settings)
     if differ:
         raise ValueError(f"{path}: was made with other settings ("
                          + "; ".join(f"{k}: {v}" for k, v in differ.items())

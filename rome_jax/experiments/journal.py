@@ -37,9 +37,10 @@ def _normal(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _filled(settings: Mapping[str, Any]) -> dict:
-    """``settings`` with the ROME settings (``"hparams"``) that a journal written before they
-    existed lacks set to their defaults (``rome.hparams.filled``)."""
+def filled_settings(settings: Mapping[str, Any]) -> dict:
+    """Results ``settings`` (a journal's, a screen's or an evaluation's) with the ROME settings
+    (``"hparams"``) that a file written before they existed lacks set to their defaults
+    (``rome.hparams.filled``)."""
     hparams = settings.get("hparams")
     if not isinstance(hparams, Mapping):
         return dict(settings)
@@ -158,7 +159,7 @@ class Journal:
             header, rows, end = parse(data, self.path, self.experiment, self.check_row)
         except ValueError as err:
             raise ValueError(f"{err}; use another --out, or --overwrite to start over") from None
-        old, new = (_filled(header["settings"]), _filled(self.settings))
+        old, new = filled_settings(header["settings"]), filled_settings(self.settings)
         differ = sorted(k for k in set(old) | set(new)
                         if k != "model" and old.get(k) != new.get(k))
         if differ:
