@@ -4,6 +4,8 @@ the reports from the rows, and resuming without recomputing."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from conftest import in_process_env
@@ -107,12 +109,25 @@ def test_sequential_batch_folds_and_resumes(env):
     from rome_jax.experiments.sequential import accuracy_cell, downstream_columns
 
     _, rows = read_rows(out / "rows.jsonl", "sequential-batch")
-    # batch by batch, every method in turn: a stopped run has every method equally far
-    assert [r["key"] for r in rows] == [[m, b] for b in range(3) for m in ("alphaedit", "memit")]
+    # batch by batch, every method in turn: a stopped run has every method equally far; the
+    # unedited outcome of every drawn fact before the first batch
+    from rome_jax.experiments.sequential_batch import UNEDITED_FACTS, unedited_es_so_far
+
+    assert [r["key"] for r in rows] == [["alphaedit", 0], ["memit", 0], UNEDITED_FACTS] + [
+        [m, b] for b in (1, 2) for m in ("alphaedit", "memit")]
+    facts = rows[2]
+    assert len(facts["case_ids"]) == len(facts["beats_true"]) == 4
+    assert all(b in (True, False, None) for b in facts["beats_true"])
+    summary = json.loads((out / "summary.json").read_text())
     first = next(r["downstream"] for r in rows if r["key"] == ["alphaedit", 0])
     table = (out / "table.md").read_text()
     for method in ("alphaedit", "memit"):
-        trace = sorted((r for r in rows if r["method"] == method), key=lambda r: r["batches"])
+        trace = sorted((r for r in rows if r.get("method") == method),
+                       key=lambda r: r["batches"])
+        # beside every ES so far, the unedited model's ES of the same facts
+        assert [r["es_so_far_unedited"] for r in summary["traces"][method]] == [
+            None, unedited_es_so_far(facts["beats_true"], 2),
+            unedited_es_so_far(facts["beats_true"], 4)]
         assert [r["batches"] for r in trace] == [0, 1, 2]
         assert [r["edited"] for r in trace] == [0, 2, 4]
         for r in trace[1:]:
@@ -135,6 +150,20 @@ def test_sequential_batch_folds_and_resumes(env):
     assert read_rows(out / "rows.jsonl", "sequential-batch")[1] == rows
     assert sorted(p.name for p in (out / "vstar").iterdir()) == [
         f"{m}-{b:05d}.npz" for m in ("alphaedit", "memit") for b in (1, 2)]
+
+
+def test_unedited_es_so_far_counts_as_efficacy_does():
+    """Facts without a true object (None) are left out, as ``evaluation.efficacy`` leaves out
+    NaN; a facts row whose lists differ in length is refused, naming the field."""
+    from rome_jax.experiments.sequential_batch import (UNEDITED_FACTS, check_row,
+                                                       unedited_es_so_far)
+
+    assert unedited_es_so_far([True, None, False, True], 3) == 0.5
+    assert unedited_es_so_far([True, None, False, True], 4) == 2 / 3
+    assert unedited_es_so_far([None, True], 1) is None
+    check_row({"key": UNEDITED_FACTS, "case_ids": [1, 2], "beats_true": [True, None]})
+    with pytest.raises(ValueError, match="^beats_true: "):
+        check_row({"key": UNEDITED_FACTS, "case_ids": [1, 2], "beats_true": [True]})
 
 
 def test_sequential_batch_replays_from_its_vstar_journal(env, monkeypatch, capsys):

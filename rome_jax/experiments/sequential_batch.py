@@ -9,7 +9,10 @@ row per (method, batches done), the first one unedited (evaluated once, shared b
 methods): ME-PPL_1k perplexity, downstream accuracy (``sequential.Evaluators``: after an edit,
 only on the tasks where the unedited model is above chance), the efficacy ES (P(new) > P(true)
 on the rewrite prompt) of every fact edited so far and of the last batch alone, and each
-layer's ‖Δw‖_F of the batch's update.
+layer's ‖Δw‖_F of the batch's update. One more row (key ``UNEDITED_FACTS``) holds each drawn
+fact's outcome on the unedited model, so every ES so far has beside it the unedited model's ES
+of the same facts (a small model already prefers some new objects: ES so far means nothing
+without it).
 
 Resumable: after every row the window's weights (the only ones that change) and AlphaEdit's
 ``preserved`` are saved as ``state-METHOD.npz`` with the batch count (``experiments.state``, the
@@ -26,12 +29,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Mapping, Sequence
 
+import numpy as np
+
 from rome_jax.experiments.report import Report, markdown_table, pyplot, run_label, save_figure
 
 NAME = "sequential-batch"
 HELP = ("sequential batch edits (MEMIT, EMMET, AlphaEdit): ME-PPL_1k, downstream accuracy and "
         "the efficacy of all facts edited so far after every batch")
 METHODS = ("memit", "emmet", "alphaedit")
+UNEDITED_FACTS = ["unedited", "facts"]  # the row of the draw's per-fact unedited outcomes
 
 
 def add_args(p) -> None:
@@ -56,19 +62,45 @@ def settings(args) -> dict:
             "batch_size": args.batch_size, "keys": args.keys, **evaluation_settings(args)}
 
 
-def _efficacy(model, records: Sequence[Mapping], params) -> float:
-    """Share of ``records`` whose rewrite prompt gives P(new) > P(true) on ``params``."""
-    from rome_jax.evaluation import efficacy, request_probabilities
+def _probabilities(model, records: Sequence[Mapping], params):
+    """P(new), P(true) [N] on each record's rewrite prompt on ``params`` (NaN: no true)."""
+    from rome_jax.evaluation import request_probabilities
     from rome_jax.rome.request import EditRequest
 
-    return efficacy(*request_probabilities(
-        model, [EditRequest.from_dict(r) for r in records], params))
+    return request_probabilities(model, [EditRequest.from_dict(r) for r in records], params)
+
+
+def _efficacy(model, records: Sequence[Mapping], params) -> float:
+    """Share of ``records`` whose rewrite prompt gives P(new) > P(true) on ``params``."""
+    from rome_jax.evaluation import efficacy
+
+    return efficacy(*_probabilities(model, records, params))
+
+
+def _beats_true(model, records: Sequence[Mapping], params) -> list[bool | None]:
+    """Per record, P(new) > P(true) on its rewrite prompt (None where it has no true object):
+    the terms of ``_efficacy``."""
+    p_new, p_true = _probabilities(model, records, params)
+    return [None if np.isnan(t) else bool(n > t) for n, t in zip(p_new, p_true)]
+
+
+def unedited_es_so_far(beats_true: Sequence[bool | None], edited: int) -> float | None:
+    """The unedited model's ES of the first ``edited`` facts of the draw (``UNEDITED_FACTS``'s
+    ``beats_true``), as ``evaluation.efficacy`` counts it: None where none has a true object."""
+    known = [b for b in beats_true[:edited] if b is not None]
+    return sum(known) / len(known) if known else None
 
 
 def check_row(row: Mapping) -> None:
     """ValueError naming the first field a row lacks."""
     from rome_jax.experiments.journal import NUMBER, require
 
+    if row.get("key") == UNEDITED_FACTS:
+        require(row, {"case_ids": list, "beats_true": list})
+        if len(row["case_ids"]) != len(row["beats_true"]):
+            raise ValueError("beats_true: one per case_ids entry expected, got "
+                             f"{len(row['beats_true'])} for {len(row['case_ids'])}")
+        return
     require(row, {"key": list, "method": str, "batches": int, "edited": int, "ppl1k": NUMBER,
                   "downstream": dict})
     if row["batches"] > 0:
@@ -104,13 +136,16 @@ def run(s, args, journal, header: Mapping) -> None:
             drop_journal(out, method)
             journal.append({"key": [method, 0], "method": method, "batches": 0, "edited": 0,
                             **evaluate.unedited()})
-        written = max(r["batches"] for r in journal.rows if r["method"] == method)
+        written = max(r["batches"] for r in journal.rows if r.get("method") == method)
         done, params, preserved = resume(out, method, s.model.params, hparams.layers, written,
                                          journal.path)
         context = (prepare_batch(s.model, method, hparams, jax.random.key(st.get("seed", 0)))
                    if done < n_batches else None)
         runs[method] = SimpleNamespace(hparams=hparams, evaluate=evaluate, done=done,
                                        params=params, preserved=preserved, context=context)
+    if UNEDITED_FACTS not in journal:
+        journal.append({"key": UNEDITED_FACTS, "case_ids": [int(x["case_id"]) for x in records],
+                        "beats_true": _beats_true(s.model, records, s.model.params)})
     first = min(r.done for r in runs.values())
     for b in tqdm(range(first + 1, n_batches + 1), initial=first, total=n_batches,
                   desc="batches", unit="batch"):
@@ -146,9 +181,15 @@ def run(s, args, journal, header: Mapping) -> None:
 
 
 def _traces(rows: Sequence[Mapping]) -> dict[str, list[Mapping]]:
+    """Each method's rows in batch order, with ``es_so_far_unedited`` (the unedited model's ES
+    of the same facts; None in a run journaled before ``UNEDITED_FACTS`` was)."""
+    facts = next((r["beats_true"] for r in rows if r["key"] == UNEDITED_FACTS), None)
     out: dict[str, list[Mapping]] = {}
     for r in rows:
-        out.setdefault(r["method"], []).append(r)
+        if r["key"] != UNEDITED_FACTS:
+            out.setdefault(r["method"], []).append(
+                {**r, "es_so_far_unedited": None if facts is None or not r["edited"]
+                 else unedited_es_so_far(facts, r["edited"])})
     return {m: sorted(rs, key=lambda r: r["batches"]) for m, rs in out.items()}
 
 
@@ -164,14 +205,15 @@ def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
         for r in trace:
             acc = r.get("downstream", {})
             table_rows.append([method, r["batches"], f"{r['edited']:,}", r.get("es_so_far"),
-                               r.get("es_batch"), r["ppl1k"],
+                               r["es_so_far_unedited"], r.get("es_batch"), r["ppl1k"],
                                *(accuracy_cell(acc[t]) if t in acc else None for t in tasks)])
     markdown = (f"# Sequential batch editing ({run_label(st)}; {st['n']} facts in batches of "
                 f"{st['batch_size']}; keys {st['keys']}; downstream {st['downstream_n']} "
                 f"examples per task at most, {shots_text(st['shots'])}, accuracy [95% "
                 "interval])\n\n"
-                + markdown_table(["method", "batches", "edited", "ES so far", "ES last batch",
-                                  "ME-PPL_1k", *tasks], table_rows)
+                + markdown_table(["method", "batches", "edited", "ES so far",
+                                  "ES so far, unedited", "ES last batch", "ME-PPL_1k", *tasks],
+                                 table_rows)
                 + ("\n\nMajority-class rates: "
                    + ", ".join(f"{t} {unedited[t]['chance']:.3g}" for t in tasks) if tasks
                    else "") + (f"\n\n{dropped}" if dropped else "") + "\n")
@@ -179,17 +221,37 @@ def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
                                                for r in t] for m, t in traces.items()}}
 
     def figure(path) -> None:
+        from rome_jax.downstream import wilson_interval
+
         plt = pyplot()
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        fig, axes = plt.subplots(1, 2 + len(tasks), figsize=(4.2 * (2 + len(tasks)), 3.6))
         for method, trace in traces.items():
             edited = [r["edited"] for r in trace]
-            axes[0].plot(edited, [r["ppl1k"] for r in trace], "o-", label=method)
-            axes[1].plot(edited[1:], [r["es_so_far"] for r in trace[1:]], "o-", label=method)
-        axes[0].set_title("ME-PPL_1k perplexity", fontsize=9)
-        axes[1].set_title("ES of all facts edited so far", fontsize=9)
+            line, = axes[0].plot(edited, [r["ppl1k"] for r in trace], "o-", ms=3, label=method)
+            axes[1].plot(edited[1:], [r["es_so_far"] for r in trace[1:]], "o-", ms=3,
+                         color=line.get_color(), label=method)
+            for ax, t in zip(axes[2:], tasks):
+                acc = [r["downstream"][t] for r in trace]
+                ax.plot(edited, [a["accuracy"] for a in acc], "o-", ms=3,
+                        color=line.get_color(), label=method)
+                lo, hi = zip(*(wilson_interval(a["accuracy"], a["n"]) for a in acc))
+                ax.fill_between(edited, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+        longest = max(traces.values(), key=len, default=[])
+        base = [(r["edited"], r["es_so_far_unedited"]) for r in longest
+                if r["es_so_far_unedited"] is not None]
+        if base:
+            axes[1].plot(*zip(*base), "k--", lw=1, label="unedited, same facts")
+        ppl = [r["ppl1k"] for t in traces.values() for r in t]
+        wide = bool(ppl) and max(ppl) > 10 * min(ppl)  # a log axis labels < 1 decade badly
+        axes[0].set(yscale="log" if wide else "linear", title="ME-PPL_1k perplexity")
+        axes[1].set(title="ES of all facts edited so far", ylim=(-0.02, 1.02))
+        for ax, t in zip(axes[2:], tasks):
+            ax.axhline(unedited[t]["chance"], color="grey", lw=0.8, ls=":", label="chance")
+            ax.set(title=f"{t} accuracy", ylim=(-0.02, 1.02))
         for ax in axes:
             ax.set_xlabel("facts edited")
         axes[0].legend(fontsize=8)
+        axes[1].legend(fontsize=8)
         save_figure(fig, path, f"Sequential batch editing, {run_label(st)}")
 
     return Report(summary, markdown, figure)
