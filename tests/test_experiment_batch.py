@@ -116,8 +116,9 @@ def test_sequential_batch_folds_and_resumes(env):
     assert [r["key"] for r in rows] == [["alphaedit", 0], ["memit", 0], UNEDITED_FACTS] + [
         [m, b] for b in (1, 2) for m in ("alphaedit", "memit")]
     facts = rows[2]
-    assert len(facts["case_ids"]) == len(facts["beats_true"]) == 4
-    assert all(b in (True, False, None) for b in facts["beats_true"])
+    assert len(facts["case_ids"]) == len(facts["p_new"]) == len(facts["p_true"]) == 4
+    assert all(0 < p < 1 for p in facts["p_new"])
+    assert all(np.isnan(p) or 0 < p < 1 for p in facts["p_true"])
     summary = json.loads((out / "summary.json").read_text())
     first = next(r["downstream"] for r in rows if r["key"] == ["alphaedit", 0])
     table = (out / "table.md").read_text()
@@ -126,8 +127,7 @@ def test_sequential_batch_folds_and_resumes(env):
                        key=lambda r: r["batches"])
         # beside every ES so far, the unedited model's ES of the same facts
         assert [r["es_so_far_unedited"] for r in summary["traces"][method]] == [
-            None, unedited_es_so_far(facts["beats_true"], 2),
-            unedited_es_so_far(facts["beats_true"], 4)]
+            None, unedited_es_so_far(facts, 2), unedited_es_so_far(facts, 4)]
         assert [r["batches"] for r in trace] == [0, 1, 2]
         assert [r["edited"] for r in trace] == [0, 2, 4]
         for r in trace[1:]:
@@ -153,17 +153,24 @@ def test_sequential_batch_folds_and_resumes(env):
 
 
 def test_unedited_es_so_far_counts_as_efficacy_does():
-    """Facts without a true object (None) are left out, as ``evaluation.efficacy`` leaves out
-    NaN; a facts row whose lists differ in length is refused, naming the field."""
+    """The first ``edited`` facts only; facts without a true object (NaN P(true)) left out, as
+    ``evaluation.efficacy`` leaves them; a facts row whose lists differ in length is refused,
+    naming the field."""
     from rome_jax.experiments.sequential_batch import (UNEDITED_FACTS, check_row,
                                                        unedited_es_so_far)
 
-    assert unedited_es_so_far([True, None, False, True], 3) == 0.5
-    assert unedited_es_so_far([True, None, False, True], 4) == 2 / 3
-    assert unedited_es_so_far([None, True], 1) is None
-    check_row({"key": UNEDITED_FACTS, "case_ids": [1, 2], "beats_true": [True, None]})
-    with pytest.raises(ValueError, match="^beats_true: "):
-        check_row({"key": UNEDITED_FACTS, "case_ids": [1, 2], "beats_true": [True]})
+    nan = float("nan")
+    facts = {"key": UNEDITED_FACTS, "case_ids": [1, 2, 3, 4], "p_new": [0.3, 0.2, 0.1, 0.5],
+             "p_true": [0.1, nan, 0.4, 0.2]}
+    check_row(facts)
+    assert unedited_es_so_far(facts, 3) == 0.5
+    assert unedited_es_so_far(facts, 4) == 2 / 3
+    assert unedited_es_so_far({"p_new": [0.1, 0.9], "p_true": [nan, 0.1]}, 1) is None
+    for field in ("p_new", "p_true"):
+        with pytest.raises(ValueError, match=f"^{field}: "):
+            check_row({**facts, field: facts[field][:3]})
+    with pytest.raises(ValueError, match="p_true"):
+        check_row({k: v for k, v in facts.items() if k != "p_true"})
 
 
 def test_sequential_batch_replays_from_its_vstar_journal(env, monkeypatch, capsys):

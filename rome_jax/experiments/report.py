@@ -55,6 +55,33 @@ def save_figure(fig, path: Path, title: str, fontsize: float = 10, dpi: int = 11
     pyplot().close(fig)
 
 
+def perplexity_axis(ax, values: Sequence[float], **labels) -> None:
+    """Set ``ax``'s y scale for perplexities ``values``: logarithmic where they span more than a
+    decade (a collapse), linear otherwise (a log axis labels less than a decade badly);
+    ``labels`` go to ``ax.set`` (title, xlabel, ...)."""
+    wide = bool(values) and max(values) > 10 * min(values)
+    ax.set(yscale="log" if wide else "linear", **labels)
+
+
+def accuracy_trace(ax, x: Sequence[float], results: Sequence[Mapping], **plot) -> None:
+    """Downstream accuracy of ``results`` (``downstream.evaluate``'s per-task dicts: accuracy,
+    n) against ``x`` on ``ax``, with its 95% Wilson band in the line's colour; ``plot`` goes to
+    ``ax.plot`` (label, color, ...)."""
+    from rome_jax.downstream import wilson_interval
+
+    line, = ax.plot(x, [r["accuracy"] for r in results], marker="o", ms=3, **plot)
+    lo, hi = zip(*(wilson_interval(r["accuracy"], r["n"]) for r in results))
+    ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+
+
+def accuracy_axis(ax, task: str, chance: float | None) -> None:
+    """Title ``task``, the [0, 1] accuracy range and (given) the majority-class rate as a grey
+    line labelled "chance"."""
+    if chance is not None:
+        ax.axhline(chance, color="grey", lw=0.8, ls="--", label="chance")
+    ax.set(xlabel="edits", ylabel="accuracy", title=task, ylim=(-0.02, 1.02))
+
+
 def run_label(settings: Mapping[str, Any]) -> str:
     """"MODEL, layer L[, start token id B]" of a journal's settings, for titles."""
     bos = f", start token id {settings['bos']}" if settings.get("bos") is not None else ""

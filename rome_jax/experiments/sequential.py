@@ -70,7 +70,8 @@ import numpy as np
 from rome_jax.experiments import collapse
 from rome_jax.experiments.state import (drop_journal, load_update, resume, save_state,
                                         save_update, state_path)
-from rome_jax.experiments.report import (Report, fmt, markdown_table, pyplot, run_label,
+from rome_jax.experiments.report import (Report, accuracy_axis, accuracy_trace, fmt,
+                                         markdown_table, perplexity_axis, pyplot, run_label,
                                          save_figure)
 
 NAME = "sequential"
@@ -724,8 +725,6 @@ def tables(summary: Mapping, title: str) -> str:
 
 def figure(summary: Mapping, title: str):
     def draw(path: Path) -> None:
-        from rome_jax.downstream import wilson_interval
-
         plt = pyplot()
 
         tasks = summary["tasks"]
@@ -742,24 +741,16 @@ def figure(summary: Mapping, title: str):
             x = [e["step"] for e in ev]
             axes[1].plot(x, [e["ppl1k"] for e in ev], marker="o", ms=3, label=label(method))
             for ax, t in zip(axes[2:], tasks):
-                line, = ax.plot(x, [e["downstream"][t]["accuracy"] for e in ev], marker="o",
-                                ms=3, label=label(method))
-                lo, hi = zip(*(wilson_interval(e["downstream"][t]["accuracy"],
-                                               e["downstream"][t]["n"]) for e in ev))
-                ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+                accuracy_trace(ax, x, [e["downstream"][t] for e in ev], label=label(method))
         axes[0].set(yscale="log", xlabel="edit", ylabel="‖Δ‖_F (a batch editor's largest layer)",
                     title="update norm")
-        ppl = [e["ppl1k"] for v in summary["methods"].values() for e in v["evaluated"]]
-        wide = bool(ppl) and max(ppl) > 10 * min(ppl)  # a log axis labels < 1 decade badly
-        axes[1].set(yscale="log" if wide else "linear", xlabel="edits", ylabel="perplexity",
-                    title="ME-PPL_1k")
+        perplexity_axis(axes[1], [e["ppl1k"] for v in summary["methods"].values()
+                                  for e in v["evaluated"]],
+                        xlabel="edits", ylabel="perplexity", title="ME-PPL_1k")
         first = next((v["evaluated"][0] for v in summary["methods"].values()
                       if v["evaluated"]), None)
         for ax, t in zip(axes[2:], tasks):
-            if first is not None:
-                ax.axhline(first["downstream"][t]["chance"], color="grey", lw=0.8, ls="--",
-                           label="chance")
-            ax.set(xlabel="edits", ylabel="accuracy", title=t, ylim=(-0.02, 1.02))
+            accuracy_axis(ax, t, None if first is None else first["downstream"][t]["chance"])
         for ax in axes[cols:]:
             ax.axis("off")
         axes[0].legend(fontsize=7)

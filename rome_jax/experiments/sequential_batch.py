@@ -10,9 +10,9 @@ methods): ME-PPL_1k perplexity, downstream accuracy (``sequential.Evaluators``: 
 only on the tasks where the unedited model is above chance), the efficacy ES (P(new) > P(true)
 on the rewrite prompt) of every fact edited so far and of the last batch alone, and each
 layer's ‖Δw‖_F of the batch's update. One more row (key ``UNEDITED_FACTS``) holds each drawn
-fact's outcome on the unedited model, so every ES so far has beside it the unedited model's ES
-of the same facts (a small model already prefers some new objects: ES so far means nothing
-without it).
+fact's P(new) and P(true) on the unedited model (NaN without a true object), so every ES so far
+has beside it the unedited model's ES of the same facts, by the same ``evaluation.efficacy`` (a
+small model already prefers some new objects: ES so far means nothing without it).
 
 Resumable: after every row the window's weights (the only ones that change) and AlphaEdit's
 ``preserved`` are saved as ``state-METHOD.npz`` with the batch count (``experiments.state``, the
@@ -31,13 +31,14 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from rome_jax.experiments.report import Report, markdown_table, pyplot, run_label, save_figure
+from rome_jax.experiments.report import (Report, accuracy_axis, accuracy_trace, markdown_table,
+                                         perplexity_axis, pyplot, run_label, save_figure)
 
 NAME = "sequential-batch"
 HELP = ("sequential batch edits (MEMIT, EMMET, AlphaEdit): ME-PPL_1k, downstream accuracy and "
         "the efficacy of all facts edited so far after every batch")
 METHODS = ("memit", "emmet", "alphaedit")
-UNEDITED_FACTS = ["unedited", "facts"]  # the row of the draw's per-fact unedited outcomes
+UNEDITED_FACTS = ["unedited", "facts"]  # the row of the draw's per-fact unedited P(new), P(true)
 
 
 def add_args(p) -> None:
@@ -77,18 +78,12 @@ def _efficacy(model, records: Sequence[Mapping], params) -> float:
     return efficacy(*_probabilities(model, records, params))
 
 
-def _beats_true(model, records: Sequence[Mapping], params) -> list[bool | None]:
-    """Per record, P(new) > P(true) on its rewrite prompt (None where it has no true object):
-    the terms of ``_efficacy``."""
-    p_new, p_true = _probabilities(model, records, params)
-    return [None if np.isnan(t) else bool(n > t) for n, t in zip(p_new, p_true)]
+def unedited_es_so_far(facts: Mapping, edited: int) -> float | None:
+    """The unedited model's ES of the draw's first ``edited`` facts, from the ``UNEDITED_FACTS``
+    row ``facts`` (``evaluation.efficacy``: None where none has a true object)."""
+    from rome_jax.evaluation import efficacy
 
-
-def unedited_es_so_far(beats_true: Sequence[bool | None], edited: int) -> float | None:
-    """The unedited model's ES of the first ``edited`` facts of the draw (``UNEDITED_FACTS``'s
-    ``beats_true``), as ``evaluation.efficacy`` counts it: None where none has a true object."""
-    known = [b for b in beats_true[:edited] if b is not None]
-    return sum(known) / len(known) if known else None
+    return efficacy(*(np.asarray(facts[k][:edited], dtype=float) for k in ("p_new", "p_true")))
 
 
 def check_row(row: Mapping) -> None:
@@ -96,10 +91,11 @@ def check_row(row: Mapping) -> None:
     from rome_jax.experiments.journal import NUMBER, require
 
     if row.get("key") == UNEDITED_FACTS:
-        require(row, {"case_ids": list, "beats_true": list})
-        if len(row["case_ids"]) != len(row["beats_true"]):
-            raise ValueError("beats_true: one per case_ids entry expected, got "
-                             f"{len(row['beats_true'])} for {len(row['case_ids'])}")
+        require(row, {"case_ids": list, "p_new": list, "p_true": list})
+        for k in ("p_new", "p_true"):
+            if len(row[k]) != len(row["case_ids"]):
+                raise ValueError(f"{k}: one per case_ids entry expected, got {len(row[k])} "
+                                 f"for {len(row['case_ids'])}")
         return
     require(row, {"key": list, "method": str, "batches": int, "edited": int, "ppl1k": NUMBER,
                   "downstream": dict})
@@ -144,8 +140,9 @@ def run(s, args, journal, header: Mapping) -> None:
         runs[method] = SimpleNamespace(hparams=hparams, evaluate=evaluate, done=done,
                                        params=params, preserved=preserved, context=context)
     if UNEDITED_FACTS not in journal:
+        p_new, p_true = _probabilities(s.model, records, s.model.params)
         journal.append({"key": UNEDITED_FACTS, "case_ids": [int(x["case_id"]) for x in records],
-                        "beats_true": _beats_true(s.model, records, s.model.params)})
+                        "p_new": p_new.tolist(), "p_true": p_true.tolist()})
     first = min(r.done for r in runs.values())
     for b in tqdm(range(first + 1, n_batches + 1), initial=first, total=n_batches,
                   desc="batches", unit="batch"):
@@ -183,7 +180,7 @@ def run(s, args, journal, header: Mapping) -> None:
 def _traces(rows: Sequence[Mapping]) -> dict[str, list[Mapping]]:
     """Each method's rows in batch order, with ``es_so_far_unedited`` (the unedited model's ES
     of the same facts; None in a run journaled before ``UNEDITED_FACTS`` was)."""
-    facts = next((r["beats_true"] for r in rows if r["key"] == UNEDITED_FACTS), None)
+    facts = next((r for r in rows if r["key"] == UNEDITED_FACTS), None)
     out: dict[str, list[Mapping]] = {}
     for r in rows:
         if r["key"] != UNEDITED_FACTS:
@@ -221,8 +218,6 @@ def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
                                                for r in t] for m, t in traces.items()}}
 
     def figure(path) -> None:
-        from rome_jax.downstream import wilson_interval
-
         plt = pyplot()
         fig, axes = plt.subplots(1, 2 + len(tasks), figsize=(4.2 * (2 + len(tasks)), 3.6))
         for method, trace in traces.items():
@@ -231,23 +226,18 @@ def report(header: Mapping, rows: Sequence[Mapping]) -> Report:
             axes[1].plot(edited[1:], [r["es_so_far"] for r in trace[1:]], "o-", ms=3,
                          color=line.get_color(), label=method)
             for ax, t in zip(axes[2:], tasks):
-                acc = [r["downstream"][t] for r in trace]
-                ax.plot(edited, [a["accuracy"] for a in acc], "o-", ms=3,
-                        color=line.get_color(), label=method)
-                lo, hi = zip(*(wilson_interval(a["accuracy"], a["n"]) for a in acc))
-                ax.fill_between(edited, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+                accuracy_trace(ax, edited, [r["downstream"][t] for r in trace],
+                               color=line.get_color(), label=method)
         longest = max(traces.values(), key=len, default=[])
         base = [(r["edited"], r["es_so_far_unedited"]) for r in longest
                 if r["es_so_far_unedited"] is not None]
         if base:
             axes[1].plot(*zip(*base), "k--", lw=1, label="unedited, same facts")
-        ppl = [r["ppl1k"] for t in traces.values() for r in t]
-        wide = bool(ppl) and max(ppl) > 10 * min(ppl)  # a log axis labels < 1 decade badly
-        axes[0].set(yscale="log" if wide else "linear", title="ME-PPL_1k perplexity")
+        perplexity_axis(axes[0], [r["ppl1k"] for t in traces.values() for r in t],
+                        title="ME-PPL_1k perplexity")
         axes[1].set(title="ES of all facts edited so far", ylim=(-0.02, 1.02))
         for ax, t in zip(axes[2:], tasks):
-            ax.axhline(unedited[t]["chance"], color="grey", lw=0.8, ls=":", label="chance")
-            ax.set(title=f"{t} accuracy", ylim=(-0.02, 1.02))
+            accuracy_axis(ax, t, unedited[t]["chance"])
         for ax in axes:
             ax.set_xlabel("facts edited")
         axes[0].legend(fontsize=8)
